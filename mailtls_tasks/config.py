@@ -1,0 +1,354 @@
+"""The host-local targets file: the only place paths and commands come from.
+
+A deploy message names a target; everything the worker does to that target (which
+files it writes, which commands it runs, which endpoint it probes) comes from here.
+Someone who can write to Redis therefore cannot make a worker run anything.
+
+Field names and defaults follow the connector contract in DESIGN.md exactly; extras
+(modes, owner, timeouts, retention, verify protocol) all default to that contract.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import socket
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError, UnknownTarget
+
+DEFAULT_CONFIG_PATH = "/etc/mailtls/targets.toml"
+CONFIG_ENV = "MAILTLS_CONFIG"
+
+Mode = Literal["postfix", "dovecot"]
+Protocol = Literal["auto", "smtp", "smtps", "imap", "imaps", "pop3", "pop3s", "tls"]
+
+MODE_DEFAULTS: dict[str, dict[str, str]] = {
+    "postfix": {
+        "cert_path": "/etc/postfix/certs/cert.pem",
+        "key_path": "/etc/postfix/certs/key.pem",
+        "chain_path": "",
+        "reload_command": "postfix reload",
+        "validate_command": "postfix check",
+    },
+    "dovecot": {
+        "cert_path": "/etc/dovecot/certs/cert.pem",
+        "key_path": "/etc/dovecot/certs/key.pem",
+        "chain_path": "",
+        "reload_command": "doveadm reload",
+        "validate_command": "doveconf -n",
+    },
+}
+
+# Rejected anywhere in a command string: the shell would give them meaning, and we
+# never run a shell -- refusing them makes a mistaken config fail loudly at load time
+# instead of running something the operator did not mean.
+SHELL_METACHARACTERS = frozenset(";|&$`(){}<>\\\"'\n\r\x00")
+
+TARGET_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+HOST_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m)?\s*$")
+
+
+def parse_duration(value: Any, field: str) -> float:
+    """Seconds from a number or a string such as ``"30s"``, ``"500ms"``, ``"2m"``."""
+    if isinstance(value, bool):
+        raise ValueError(f"{field}: expected seconds, got a boolean")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str):
+        m = _DURATION_RE.match(value)
+        if not m:
+            raise ValueError(f"{field}: {value!r} is not a duration (e.g. 30, '30s', '500ms')")
+        seconds = float(m.group(1)) * {"ms": 0.001, "s": 1.0, "m": 60.0, None: 1.0}[m.group(2)]
+    else:
+        raise ValueError(f"{field}: expected seconds, got {type(value).__name__}")
+    if seconds <= 0:
+        raise ValueError(f"{field}: must be positive")
+    return seconds
+
+
+def check_command(value: str, field: str) -> str:
+    """Reject shell metacharacters and unparsable strings; return the string as given."""
+    bad = sorted({c for c in value if c in SHELL_METACHARACTERS})
+    if bad:
+        shown = ", ".join(repr(c) for c in bad)
+        raise ValueError(f"{field}: shell metacharacter(s) {shown} are not allowed (no shell is used)")
+    if value.strip() and not shlex.split(value):
+        raise ValueError(f"{field}: empty command")
+    return value
+
+
+def _check_abs_path(value: str, field: str, *, allow_empty: bool = False) -> str:
+    if value == "" and allow_empty:
+        return value
+    if "\x00" in value or "\n" in value:
+        raise ValueError(f"{field}: path contains a control character")
+    if not os.path.isabs(value):
+        raise ValueError(f"{field}: {value!r} is not an absolute path")
+    return os.path.normpath(value)
+
+
+def _parse_mode_bits(value: Any, field: str) -> int:
+    if isinstance(value, bool):
+        raise ValueError(f"{field}: expected a file mode such as '0600'")
+    if isinstance(value, str):
+        try:
+            value = int(value, 8)
+        except ValueError:
+            raise ValueError(f"{field}: {value!r} is not an octal mode such as '0600'") from None
+    if not isinstance(value, int) or not 0 <= value <= 0o777:
+        raise ValueError(f"{field}: expected a mode between 0000 and 0777")
+    return value
+
+
+class VerifySettings(BaseModel):
+    """``post_deploy_verify``: probe the daemon after reload until it serves the new leaf."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = False
+    endpoint: str = ""
+    timeout: float = 30.0
+    protocol: Protocol = "auto"
+    server_name: str | None = None
+    interval: float = 0.25
+    connect_timeout: float = 5.0
+
+    @field_validator("timeout", "interval", "connect_timeout", mode="before")
+    @classmethod
+    def _duration(cls, v: Any, info: Any) -> float:
+        return parse_duration(v, info.field_name)
+
+    @model_validator(mode="after")
+    def _endpoint_needed(self) -> VerifySettings:
+        if self.enabled:
+            host, port = split_endpoint(self.endpoint)  # raises ValueError with a message
+            del host, port
+        return self
+
+    @property
+    def host(self) -> str:
+        return split_endpoint(self.endpoint)[0]
+
+    @property
+    def port(self) -> int:
+        return split_endpoint(self.endpoint)[1]
+
+
+def split_endpoint(endpoint: str) -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port`` -> (host, port)."""
+    if not endpoint:
+        raise ValueError("endpoint: required when verify is enabled (\"host:port\")")
+    if endpoint.startswith("["):
+        host, sep, rest = endpoint[1:].partition("]:")
+    else:
+        host, sep, rest = endpoint.rpartition(":")
+    if not sep or not host or not rest.isdigit() or not 0 < int(rest) < 65536:
+        raise ValueError(f"endpoint: {endpoint!r} is not \"host:port\"")
+    return host, int(rest)
+
+
+class Target(BaseModel):
+    """One daemon's certificate files and commands on this host."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    mode: Mode = "postfix"
+    cert_path: str
+    key_path: str
+    chain_path: str = ""
+    reload_command: str
+    validate_command: str = ""
+    post_deploy_verify: VerifySettings = Field(default_factory=VerifySettings)
+    command_timeout: float = 60.0
+    # None: keep an existing file's mode; new files get 0600 (key) / 0644 (cert, chain).
+    key_mode: int | None = None
+    cert_mode: int | None = None
+    owner: str | None = None
+    group: str | None = None
+    backup_retention: int = Field(default=5, ge=1, le=1000)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _mode_defaults(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        mode = data.get("mode") or "postfix"
+        if mode not in MODE_DEFAULTS:
+            raise ValueError(f"mode: unknown mode {mode!r} (expected 'postfix' or 'dovecot')")
+        merged = dict(MODE_DEFAULTS[mode])
+        merged.update({k: v for k, v in data.items() if v is not None})
+        merged["mode"] = mode
+        return merged
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not TARGET_NAME_RE.match(v):
+            raise ValueError(
+                f"name: {v!r} is not a valid target name (letters, digits, '.', '_', '-'; "
+                "no path characters)"
+            )
+        return v
+
+    @field_validator("cert_path", "key_path")
+    @classmethod
+    def _paths(cls, v: str, info: Any) -> str:
+        return _check_abs_path(v, info.field_name)
+
+    @field_validator("chain_path")
+    @classmethod
+    def _chain(cls, v: str, info: Any) -> str:
+        return _check_abs_path(v, info.field_name, allow_empty=True)
+
+    @field_validator("reload_command")
+    @classmethod
+    def _reload(cls, v: str, info: Any) -> str:
+        if not v.strip():
+            raise ValueError("reload_command: must not be empty")
+        return check_command(v, info.field_name)
+
+    @field_validator("validate_command")
+    @classmethod
+    def _validate(cls, v: str, info: Any) -> str:
+        return check_command(v, info.field_name)
+
+    @field_validator("command_timeout", mode="before")
+    @classmethod
+    def _timeout(cls, v: Any, info: Any) -> float:
+        return parse_duration(v, info.field_name)
+
+    @field_validator("key_mode", "cert_mode", mode="before")
+    @classmethod
+    def _modes(cls, v: Any, info: Any) -> int | None:
+        return None if v is None else _parse_mode_bits(v, info.field_name)
+
+    @model_validator(mode="after")
+    def _distinct_paths(self) -> Target:
+        paths = [p for p in (self.cert_path, self.key_path, self.chain_path) if p]
+        if len(set(paths)) != len(paths):
+            raise ValueError("cert_path, key_path and chain_path must be different files")
+        return self
+
+    def files(self) -> list[tuple[str, str]]:
+        """(role, path) in the fixed order files are committed and restored."""
+        out = [("key", self.key_path), ("cert", self.cert_path)]
+        if self.chain_path:
+            out.insert(0, ("chain", self.chain_path))
+        return out
+
+    def public_view(self) -> dict[str, Any]:
+        """What ``check-config`` prints and the registry publishes (no secrets here anyway)."""
+        d = self.model_dump()
+        d["key_mode"] = f"{self.key_mode:04o}" if self.key_mode is not None else "keep (new: 0600)"
+        d["cert_mode"] = f"{self.cert_mode:04o}" if self.cert_mode is not None else "keep (new: 0644)"
+        return d
+
+
+def _default_host() -> str:
+    return socket.gethostname().split(".")[0] or "localhost"
+
+
+class HostConfig(BaseModel):
+    """The whole targets file of one mail host."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    host: str = Field(default_factory=_default_host)
+    state_dir: str = "/var/lib/mailtls"
+    targets: dict[str, Target] = Field(default_factory=dict)
+    source: str = ""
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, v: str) -> str:
+        if not HOST_NAME_RE.match(v):
+            raise ValueError(f"host: {v!r} is not a valid routing name")
+        return v
+
+    @field_validator("state_dir")
+    @classmethod
+    def _state(cls, v: str, info: Any) -> str:
+        return _check_abs_path(v, info.field_name)
+
+    def target(self, name: str) -> Target:
+        try:
+            return self.targets[name]
+        except KeyError:
+            known = ", ".join(sorted(self.targets)) or "none"
+            raise UnknownTarget(
+                f"unknown target {name!r} on host {self.host!r} (configured: {known})"
+            ) from None
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        msg = str(e["msg"]).removeprefix("Value error, ")
+        lines.append(f"{loc}: {msg}" if loc else msg)
+    return "; ".join(lines)
+
+
+def parse_config(raw: dict[str, Any], source: str = "<config>") -> HostConfig:
+    """Validate a parsed targets file; errors name the target and the field."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: top level must be a table/object")
+    raw = dict(raw)
+    targets_raw = raw.pop("targets", {}) or {}
+    if not isinstance(targets_raw, dict):
+        raise ConfigError(f"{source}: 'targets' must be a table of NAME -> target")
+    targets: dict[str, Target] = {}
+    problems: list[str] = []
+    for name, body in targets_raw.items():
+        if not isinstance(body, dict):
+            problems.append(f"targets.{name}: must be a table")
+            continue
+        if "name" in body:
+            problems.append(f"targets.{name}.name: the name is the table's key; remove 'name'")
+            continue
+        try:
+            targets[name] = Target(name=name, **body)
+        except ValidationError as err:
+            for e in err.errors():
+                loc = ".".join(str(p) for p in e["loc"])
+                msg = str(e["msg"]).removeprefix("Value error, ")
+                where = f"targets.{name}.{loc}" if loc else f"targets.{name}"
+                problems.append(f"{where}: {msg}")
+        except TypeError as err:  # e.g. non-string keys
+            problems.append(f"targets.{name}: {err}")
+    try:
+        host = HostConfig(targets={}, source=source, **raw)
+    except ValidationError as err:
+        problems.append(_format_validation_error(err))
+        host = None
+    if problems:
+        raise ConfigError(f"{source}: " + "; ".join(problems))
+    assert host is not None
+    return host.model_copy(update={"targets": targets})
+
+
+def config_path(explicit: str | None = None) -> str:
+    return explicit or os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG_PATH
+
+
+def load_config(path: str | None = None) -> HostConfig:
+    """Load TOML or JSON (by extension; anything but ``.json`` is read as TOML)."""
+    p = Path(config_path(path))
+    try:
+        data = p.read_bytes()
+    except OSError as err:
+        raise ConfigError(f"cannot read config {p}: {err.strerror or err}") from None
+    try:
+        raw = json.loads(data) if p.suffix == ".json" else tomllib.loads(data.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{p}: not valid {'JSON' if p.suffix == '.json' else 'TOML'}: {err}") from None
+    return parse_config(raw, str(p))

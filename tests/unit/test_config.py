@@ -1,0 +1,115 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mailtls_tasks.config import MODE_DEFAULTS, SHELL_METACHARACTERS, load_config, parse_config
+from mailtls_tasks.errors import ConfigError, UnknownTarget
+
+
+def cfg(**target: object) -> dict[str, object]:
+    return {"host": "mx1", "state_dir": "/var/lib/mailtls", "targets": {"t": target}}
+
+
+def test_unset_mode_is_postfix_with_contract_defaults() -> None:
+    t = parse_config(cfg()).target("t")
+    assert t.mode == "postfix"
+    assert t.cert_path == "/etc/postfix/certs/cert.pem"
+    assert t.key_path == "/etc/postfix/certs/key.pem"
+    assert t.chain_path == ""
+    assert t.reload_command == "postfix reload"
+    assert t.validate_command == "postfix check"
+    assert t.post_deploy_verify.enabled is False
+
+
+def test_dovecot_defaults() -> None:
+    t = parse_config(cfg(mode="dovecot")).target("t")
+    for k, v in MODE_DEFAULTS["dovecot"].items():
+        assert getattr(t, k) == v
+    assert t.reload_command == "doveadm reload" and t.validate_command == "doveconf -n"
+
+
+@pytest.mark.parametrize("ch", sorted(SHELL_METACHARACTERS))
+def test_each_shell_metacharacter_rejected_naming_target_and_field(ch: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config(cfg(reload_command=f"postfix reload {ch} rm -rf /"))
+    assert "targets.t.reload_command" in str(err.value)
+    assert "metacharacter" in str(err.value)
+
+
+def test_metacharacter_in_validate_command_rejected() -> None:
+    with pytest.raises(ConfigError, match=r"targets\.t\.validate_command"):
+        parse_config(cfg(validate_command="postfix check && true"))
+
+
+@pytest.mark.parametrize("field", ["cert_path", "key_path", "chain_path"])
+def test_relative_path_rejected(field: str) -> None:
+    with pytest.raises(ConfigError, match=rf"targets\.t\.{field}.*not an absolute path"):
+        parse_config(cfg(**{field: "certs/x.pem"}))
+
+
+def test_unknown_mode_rejected() -> None:
+    with pytest.raises(ConfigError, match=r"targets\.t.*unknown mode 'exim'"):
+        parse_config(cfg(mode="exim"))
+
+
+def test_unknown_field_rejected() -> None:
+    with pytest.raises(ConfigError, match=r"targets\.t\.reload_cmd"):
+        parse_config(cfg(reload_cmd="x"))
+
+
+def test_target_names_with_path_characters_rejected() -> None:
+    with pytest.raises(ConfigError, match="not a valid target name"):
+        parse_config({"targets": {"../etc": {}}})
+
+
+def test_verify_timeout_as_string_and_protocol() -> None:
+    t = parse_config(cfg(post_deploy_verify={"enabled": True, "endpoint": "mail.example:587",
+                                             "timeout": "30s", "protocol": "auto"})).target("t")
+    v = t.post_deploy_verify
+    assert v.timeout == 30.0 and v.host == "mail.example" and v.port == 587
+    assert parse_config(cfg(post_deploy_verify={"timeout": "500ms"})).target("t").post_deploy_verify.timeout == 0.5
+
+
+def test_verify_enabled_needs_endpoint() -> None:
+    with pytest.raises(ConfigError, match="endpoint"):
+        parse_config(cfg(post_deploy_verify={"enabled": True}))
+    with pytest.raises(ConfigError, match="protocol"):
+        parse_config(cfg(post_deploy_verify={"protocol": "gopher"}))
+
+
+def test_same_file_twice_rejected() -> None:
+    with pytest.raises(ConfigError, match="different files"):
+        parse_config(cfg(cert_path="/a/x.pem", key_path="/a/x.pem"))
+
+
+def test_unknown_target_is_rejected_error() -> None:
+    with pytest.raises(UnknownTarget, match="unknown target 'nope'"):
+        parse_config(cfg()).target("nope")
+    assert UnknownTarget.exit_code == 2
+
+
+def test_load_toml_and_json(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    toml = tmp_path / "t.toml"
+    toml.write_text('host = "mx9"\nstate_dir = "/tmp/s"\n[targets.smtp]\nmode = "postfix"\n'
+                    '[targets.imap]\nmode = "dovecot"\npost_deploy_verify = { enabled = true, '
+                    'endpoint = "127.0.0.1:993" }\n')
+    c = load_config(str(toml))
+    assert c.host == "mx9" and set(c.targets) == {"smtp", "imap"}
+    js = tmp_path / "t.json"
+    js.write_text(json.dumps({"targets": {"a": {"mode": "dovecot"}}}))
+    assert load_config(str(js)).target("a").mode == "dovecot"
+    bad = tmp_path / "bad.toml"
+    bad.write_text("targets = [")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(str(bad))
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load_config(str(tmp_path / "missing.toml"))
+
+
+def test_config_path_from_env(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    js = tmp_path / "t.json"
+    js.write_text(json.dumps({"host": "fromenv"}))
+    monkeypatch.setenv("MAILTLS_CONFIG", str(js))
+    assert load_config().host == "fromenv"
