@@ -48,6 +48,8 @@ def _emit(result: DeployResult, as_json: bool) -> NoReturn:
     sys.exit(result.exit_code)
 
 
+broker_option = click.option("--broker", metavar="URL", envvar="MAILTLS_BROKER_URL",
+                             help="Redis URL (default: $MAILTLS_BROKER_URL or redis://127.0.0.1:6379/0)")
 config_option = click.option("--config", "config_path", metavar="FILE",
                              help="targets file (default: $MAILTLS_CONFIG or /etc/mailtls/targets.toml)")
 
@@ -70,20 +72,38 @@ def cli(verbose: bool) -> None:
 @click.option("--force", is_flag=True, help="allow a leaf older than the deployed one")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 @click.option("--deploy-id", metavar="ID", help="idempotency key (default: generated)")
+@broker_option
+@click.option("--wait", "wait_s", default=600.0, show_default=True, metavar="SECONDS",
+              help="how long to wait for the outcome (distributed mode)")
+@click.option("--no-wait", is_flag=True, help="enqueue, print the deploy id and exit (distributed mode)")
 def deploy(target: str, cert_file: str, key_file: str, chain_file: str | None, config_path: str | None,
-           local: bool, force: bool, as_json: bool, deploy_id: str | None) -> None:
-    """Deploy a certificate, key and chain to TARGET."""
+           local: bool, force: bool, as_json: bool, deploy_id: str | None, broker: str | None,
+           wait_s: float, no_wait: bool) -> None:
+    """Deploy a certificate, key and chain to TARGET.
+
+    With --local, in-process on this host; otherwise enqueued to the target's worker
+    through Redis, waiting for the outcome. Exit: 0 deployed/unchanged, 2 rejected,
+    3 rolled back, 4 failed (operator needed), 1 usage/infrastructure error.
+    """
     try:
         cert = _read_input(cert_file, "cert")
         key = _read_input(key_file, "key")
         chain = _read_input(chain_file, "chain")
         assert cert is not None and key is not None
-        if not local:
-            _fail("distributed mode needs the Celery workflow; use --local on the mail host", 1, as_json)
-        from .local import run_local
+        if local:
+            from .local import run_local
 
-        cfg = load_config(config_path)
-        result = run_local(cfg, target, cert, key, chain, force=force, deploy_id=deploy_id)
+            cfg = load_config(config_path)
+            result = run_local(cfg, target, cert, key, chain, force=force, deploy_id=deploy_id)
+        else:
+            from .workflow import deploy as enqueue
+
+            handle = enqueue(target, cert, key, chain, force=force, broker_url=broker, deploy_id=deploy_id)
+            if no_wait:
+                click.echo(json.dumps({"deploy_id": handle.deploy_id, "target": target, "host": handle.host})
+                           if as_json else handle.deploy_id)
+                return
+            result = handle.get(timeout=wait_s)
     except (UnknownTarget, Rejected) as err:
         _fail(str(err), 2, as_json, outcome="rejected", target=target)
     except MailTLSError as err:
@@ -128,6 +148,104 @@ def recover(config_path: str | None) -> None:
         click.echo(f"{rec.target}: deploy {rec.deploy_id} -> {rec.outcome} ({rec.reason})")
     if not done:
         click.echo("nothing to recover")
+
+
+def _coordinator(broker: str | None) -> Any:
+    from .app import use_broker
+    from .coordination import Coordinator
+
+    co = Coordinator(str(use_broker(broker).conf.broker_url))
+    co.ping()
+    return co
+
+
+@cli.command()
+@click.argument("deploy_id")
+@broker_option
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+@click.option("--wait", "wait_s", default=0.0, metavar="SECONDS", help="wait this long for an outcome")
+def status(deploy_id: str, broker: str | None, as_json: bool, wait_s: float) -> None:
+    """Show a deploy's record (exit code as for deploy once it has ended)."""
+    try:
+        co = _coordinator(broker)
+        rec = co.wait_record(deploy_id, wait_s) if wait_s else co.get_record(deploy_id)
+    except MailTLSError as err:
+        _fail(str(err), err.exit_code, as_json)
+    if rec is None:
+        _fail(f"no record of deploy {deploy_id}", 1, as_json)
+    if rec.get("outcome"):
+        _emit(DeployResult.from_public(rec), as_json)
+    click.echo(json.dumps(rec) if as_json else f"{rec.get('target')}: {rec.get('phase')} (not finished)")
+
+
+@cli.command()
+@click.argument("target")
+@broker_option
+@click.option("--limit", default=20, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+def history(target: str, broker: str | None, limit: int, as_json: bool) -> None:
+    """The last deploys of TARGET, newest first."""
+    try:
+        rows = _coordinator(broker).history(target, limit)
+    except MailTLSError as err:
+        _fail(str(err), err.exit_code, as_json)
+    if as_json:
+        click.echo(json.dumps(rows))
+        return
+    for r in rows:
+        fp = (r.get("fingerprint") or "-")[:16]
+        click.echo(f"{r.get('created', '?'):<30} {r['deploy_id']:<28} {r.get('outcome') or r.get('phase'):<12} {fp}"
+                   + (f"  {r['error']}" if r.get("error") else ""))
+
+
+@cli.command()
+@broker_option
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+def targets(broker: str | None, as_json: bool) -> None:
+    """The fleet: every registered target, its host, what it serves and whether its worker is alive."""
+    try:
+        rows = _coordinator(broker).fleet()
+    except MailTLSError as err:
+        _fail(str(err), err.exit_code, as_json)
+    if as_json:
+        click.echo(json.dumps(rows))
+        return
+    click.echo(f"{'TARGET':<16} {'HOST':<12} {'MODE':<8} {'FINGERPRINT':<18} {'NOT AFTER':<26} {'LAST':<12} WORKER")
+    for r in rows:
+        click.echo(f"{r['target']:<16} {r['host']:<12} {r['mode']:<8} {(r.get('fingerprint_sha256') or '-')[:16]:<18} "
+                   f"{r.get('not_after') or '-':<26} {r.get('last_outcome') or '-':<12} "
+                   f"{'alive' if r['worker_alive'] else 'DOWN'}")
+
+
+@cli.command()
+@config_option
+@broker_option
+@click.option("--loglevel", default="INFO", show_default=True)
+def worker(config_path: str | None, broker: str | None, loglevel: str) -> None:
+    """Run this mail host's worker: recovers interrupted deploys, then consumes mailtls.<host>."""
+    from .worker import run_worker
+
+    try:
+        run_worker(config_path, broker, loglevel)
+    except MailTLSError as err:
+        _fail(str(err), err.exit_code)
+
+
+@cli.command(context_settings={"ignore_unknown_options": True})
+@broker_option
+@click.option("--address", default="127.0.0.1", show_default=True)
+@click.option("--port", default=5555, show_default=True)
+@click.argument("flower_args", nargs=-1, type=click.UNPROCESSED)
+def flower(broker: str | None, address: str, port: int, flower_args: tuple[str, ...]) -> None:
+    """Start Flower for the fleet (extra arguments are passed to Flower, e.g. --basic-auth)."""
+    import subprocess
+
+    from .app import broker_url
+
+    url = broker_url(broker)
+    argv = [sys.executable, "-m", "celery", "-A", "mailtls_tasks.app", "--broker", url, "flower",
+            f"--address={address}", f"--port={port}", *flower_args]
+    sys.exit(subprocess.call(argv))
 
 
 def main() -> None:

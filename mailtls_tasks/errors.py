@@ -98,11 +98,8 @@ class DeployFailed(MailTLSError):
     exit_code = 4
 
 
-class Superseded(MailTLSError):
-    """A newer deploy of the same target has started; this (stale) message must not act."""
-
-    outcome = "rejected"
-    exit_code = 1
+class Superseded(Rejected):
+    """A newer deploy of the same target already ran; this (stale) message must not act."""
 
 
 class BrokerError(MailTLSError):

@@ -175,6 +175,19 @@ class Journal:
         for rec in finished[: max(0, len(finished) - keep)]:
             shutil.rmtree(self.deploy_dir(target, rec.deploy_id), ignore_errors=True)
 
+    # -- fencing ----------------------------------------------------------
+    def highest_fence(self, target: str) -> int:
+        """The largest fence token this host has staged for ``target`` (0 if none)."""
+        data = files.read_bytes(os.path.join(self.target_dir(target), "fence"))
+        try:
+            return int(data or b"0")
+        except ValueError:
+            return 0
+
+    def record_fence(self, target: str, fence: int) -> None:
+        self._ensure_dir(self.target_dir(target))
+        files.atomic_write(os.path.join(self.target_dir(target), "fence"), str(fence).encode(), 0o600)
+
     # -- locking ----------------------------------------------------------
     @contextlib.contextmanager
     def lock(self, target: str, timeout: float = 0.0) -> Iterator[None]:

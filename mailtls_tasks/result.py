@@ -59,6 +59,25 @@ class DeployResult(BaseModel):
             error=rec.error,
         )
 
+    @classmethod
+    def from_public(cls, d: dict[str, Any]) -> DeployResult:
+        """From the deploy record a worker published to Redis."""
+        raw_steps = d.get("steps") or {}
+        steps = {n: StepResult(status=raw_steps[n]["status"], ms=raw_steps[n].get("ms", 0))
+                 for n in STEP_NAMES if n in raw_steps}
+        return cls(
+            deploy_id=d["deploy_id"],
+            target=d.get("target", ""),
+            host=d.get("host") or "",
+            outcome=d["outcome"],
+            reason=d.get("reason"),
+            fingerprint_sha256=d.get("fingerprint"),
+            previous_fingerprint_sha256=d.get("previous_fingerprint"),
+            served_fingerprint_sha256=d.get("served_fingerprint"),
+            steps=steps,
+            error=d.get("error"),
+        )
+
     def human(self) -> str:
         """A few lines for a terminal."""
         lines = [f"{self.target}: {self.outcome.upper()}" + (f" ({self.reason})" if self.reason else "")

@@ -33,6 +33,7 @@ from .errors import (
     MaterialError,
     Rejected,
     StepFailed,
+    Superseded,
     ValidationFailed,
     VerifyFailed,
 )
@@ -126,13 +127,24 @@ def stage(ctx: StepContext, deploy_id: str, cert_pem: bytes, key_pem: bytes,
     rec = DeployRecord(deploy_id=deploy_id, target=t.name, host=ctx.host, fence=fence)
     with _timed(ctx, rec, "stage"):
         try:
+            if fence is not None:
+                _check_fence(ctx, fence)
             _stage(ctx, rec, cert_pem, key_pem, chain_pem, force=force, now=now)
-        except Rejected as err:
+        except (Rejected, Superseded) as err:
             _remove_temps(rec)
             rec.steps["stage"] = StepRecord(status="failed", detail=str(err))
-            _finish(ctx, rec, "rejected", str(err))
+            _finish(ctx, rec, "rejected", str(err), "superseded" if isinstance(err, Superseded) else None)
             raise
     return rec
+
+
+def _check_fence(ctx: StepContext, fence: int) -> None:
+    """A stale, redelivered or overtaken message must not overwrite a newer deploy."""
+    highest = ctx.journal.highest_fence(ctx.target.name)
+    if fence < highest:
+        raise Superseded(f"superseded: a newer deploy of {ctx.target.name!r} (fence {highest}) already ran "
+                         f"on this host; this one has fence {fence}")
+    ctx.journal.record_fence(ctx.target.name, fence)
 
 
 def _stage(ctx: StepContext, rec: DeployRecord, cert_pem: bytes, key_pem: bytes,
@@ -382,7 +394,8 @@ def rollback(ctx: StepContext, deploy_id: str, error: str | None = None,
     rec = ctx.load(deploy_id)
     if rec.finished:
         return rec
-    original_error = rec.error or error
+    failed_steps = [s.detail for s in rec.steps.values() if s.status == "failed" and s.detail]
+    original_error = rec.error or error or (failed_steps[-1] if failed_steps else "the deploy failed")
     touched = ORDER[rec.phase] >= ORDER["committing"]
     rec.error = original_error
     rec.phase = "rolling_back"

@@ -16,9 +16,8 @@ from mailtls_tasks.result import DeployResult
 
 from .commands import FakeCommand
 from .pki import Issued
+from .services import REPO  # noqa: F401
 from .tlsserver import TLSServer
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 class MailHost:

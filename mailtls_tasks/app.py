@@ -1,0 +1,92 @@
+"""The Celery application: broker/backend, reliability settings, routing, events.
+
+Every setting here is a decision about failure:
+
+* ``acks_late`` + prefetch 1: a message is acknowledged only after its step ran, and
+  a worker never hoards deploys it might die holding;
+* ``task_reject_on_worker_lost``: a pool child killed mid-step puts the message back
+  (bounded: tasks count their redeliveries and give up into the rollback);
+* ``visibility_timeout`` above every task time limit plus retry backoff, so Redis
+  never hands a running step to another consumer; kombu only sweeps for unacked
+  messages every ``unacked_restore_interval`` x ``unacked_restore_throttle`` seconds,
+  set together with it. A *whole* worker killed is healed by its recovery on
+  restart, long before redelivery (see ``worker.py``);
+* events on (``-E`` and sent events) so Flower shows every step by name.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from celery import Celery
+
+BROKER_ENV = "MAILTLS_BROKER_URL"
+DEFAULT_BROKER = "redis://127.0.0.1:6379/0"
+
+TASK_TIME_LIMIT = 600          # hard limit of any step, seconds
+TASK_SOFT_TIME_LIMIT = 540
+MAX_RETRY_BACKOFF = 30
+VISIBILITY_TIMEOUT = 2 * 3600  # > TASK_TIME_LIMIT + all retries' backoff
+
+
+def broker_url(explicit: str | None = None) -> str:
+    return explicit or os.environ.get(BROKER_ENV) or DEFAULT_BROKER
+
+
+def queue_for(host: str) -> str:
+    return f"mailtls.{host}"
+
+
+def route_task(name: str, args: Any, kwargs: Any, options: Any, task: Any = None, **kw: Any) -> dict[str, str] | None:
+    """Send every mailtls step, and the rollback errback, to its host's queue.
+
+    The host travels as a keyword argument on every signature (resolved from the
+    fleet registry once, at enqueue), so it survives chaining and errbacks alike.
+    """
+    if name.startswith("mailtls.") and isinstance(kwargs, dict) and kwargs.get("host"):
+        q = queue_for(str(kwargs["host"]))
+        return {"queue": q, "routing_key": q}
+    return None
+
+
+def configure(app: Celery, url: str) -> None:
+    transport = {
+        "visibility_timeout": VISIBILITY_TIMEOUT,
+        "unacked_restore_interval": 60,
+        "unacked_restore_throttle": 1,
+    }
+    app.conf.update(
+        broker_url=url,
+        result_backend=url,
+        broker_transport_options=transport,
+        result_backend_transport_options={"retry_policy": {"timeout": 5.0}},
+        broker_connection_retry_on_startup=True,
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_time_limit=TASK_TIME_LIMIT,
+        task_soft_time_limit=TASK_SOFT_TIME_LIMIT,
+        task_track_started=True,
+        task_send_sent_event=True,
+        worker_send_task_events=True,
+        # Never True: extended results store the task's kwargs -- the stage bundle.
+        result_extended=False,
+        result_expires=7 * 24 * 3600,
+        task_routes=(route_task,),
+        task_default_queue="mailtls.unrouted",
+    )
+
+
+app = Celery("mailtls", include=["mailtls_tasks.tasks"])
+configure(app, broker_url())
+
+
+def use_broker(url: str | None) -> Celery:
+    """Point the (module) app at ``url`` before anything connected."""
+    if url:
+        configure(app, url)
+    return app

@@ -1,0 +1,88 @@
+"""One mail host's side of a distributed deploy: steps under the host lock.
+
+The Celery tasks call this and nothing below it, so the Celery layer never touches
+a file: it passes names (target, deploy id, step) and gets journal records back.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from . import files, material, steps
+from .config import HostConfig
+from .journal import DeployRecord, Journal, check_deploy_id
+from .steps import StepContext
+
+STEP_FUNCTIONS = {
+    "validate": steps.validate,
+    "commit": steps.commit,
+    "reload": steps.reload,
+    "verify": steps.verify,
+}
+
+
+class HostRuntime:
+    """The worker host's config, journal and step contexts."""
+
+    def __init__(self, cfg: HostConfig, lock_wait: float = 30.0) -> None:
+        self.cfg = cfg
+        self.journal = Journal(cfg.state_dir)
+        self.contexts = {n: StepContext(t, self.journal, cfg.host) for n, t in cfg.targets.items()}
+        self.lock_wait = lock_wait
+
+    @property
+    def host(self) -> str:
+        return self.cfg.host
+
+    def context(self, target: str) -> StepContext:
+        self.cfg.target(target)  # UnknownTarget with a clear message
+        return self.contexts[target]
+
+    def record(self, target: str, deploy_id: str) -> DeployRecord | None:
+        self.context(target)
+        return self.journal.load(target, check_deploy_id(deploy_id))
+
+    def stage(self, target: str, deploy_id: str, cert_pem: bytes, key_pem: bytes, chain_pem: bytes | None,
+              *, force: bool, fence: int | None) -> DeployRecord:
+        ctx = self.context(target)
+        with self.journal.lock(target, timeout=self.lock_wait):
+            return steps.stage(ctx, deploy_id, cert_pem, key_pem, chain_pem, force=force, fence=fence)
+
+    def step(self, name: str, target: str, deploy_id: str) -> DeployRecord:
+        ctx = self.context(target)
+        with self.journal.lock(target, timeout=self.lock_wait):
+            return STEP_FUNCTIONS[name](ctx, deploy_id)
+
+    def rollback(self, target: str, deploy_id: str, error: str | None = None,
+                 reason: str | None = None) -> DeployRecord:
+        ctx = self.context(target)
+        with self.journal.lock(target, timeout=self.lock_wait):
+            return steps.rollback(ctx, deploy_id, error=error, reason=reason)
+
+    def recover(self) -> list[DeployRecord]:
+        return steps.recover(self.contexts, self.journal)
+
+    def inventory(self) -> dict[str, Any]:
+        """What this host serves, for the fleet registry: no secrets, only public facts."""
+        out: dict[str, Any] = {}
+        for name, t in self.cfg.targets.items():
+            cert = files.read_bytes(files.real_path(t.cert_path))
+            leaf = material.leaf_of_file(cert) if cert else None
+            finished = [r for r in self.journal.records(name) if r.finished]
+            last = finished[-1] if finished else None
+            out[name] = {
+                "target": name,
+                "host": self.host,
+                "mode": t.mode,
+                "cert_path": t.cert_path,
+                "key_path": t.key_path,
+                "chain_path": t.chain_path,
+                "verify_endpoint": t.post_deploy_verify.endpoint if t.post_deploy_verify.enabled else None,
+                "fingerprint_sha256": material.fingerprint(leaf) if leaf else None,
+                "not_after": leaf.not_valid_after_utc.isoformat() if leaf else None,
+                "last_outcome": last.outcome if last else None,
+                "last_deploy_id": last.deploy_id if last else None,
+                "checked_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            }
+        return out

@@ -1,0 +1,121 @@
+"""Enqueueing a deploy from a pipeline, and waiting for how it ended.
+
+    handle = mailtls_tasks.deploy("mx1-smtp", cert_pem, key_pem, chain_pem)
+    result = handle.get(timeout=600)      # the same DeployResult as a local run
+    if not result.ok: ...
+
+The client waits on the deploy *record* in Redis, not only on Celery's result: when
+a worker is killed outright, its host's recovery ends the deploy (and writes the
+record) long before Redis would redeliver the unacked message.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+from typing import Any
+
+import redis
+from celery import chain
+
+from . import tasks
+from .app import use_broker
+from .config import TARGET_NAME_RE
+from .coordination import Coordinator
+from .errors import BrokerError, MailTLSError, Rejected, UnknownTarget
+from .journal import check_deploy_id
+from .local import new_deploy_id
+from .material import MAX_INPUT_BYTES
+from .result import DeployResult
+
+REDACTED = "<redacted: certificate bundle>"
+
+
+class DeployTimeout(MailTLSError):
+    """The client's wait budget ran out (exit 1). Says whether anything was touched."""
+
+    exit_code = 1
+
+
+class DeployHandle:
+    """A deploy in flight. ``get()`` blocks until it ends and returns its result."""
+
+    def __init__(self, coordinator: Coordinator, deploy_id: str, target: str, host: str) -> None:
+        self.coordinator = coordinator
+        self.deploy_id = deploy_id
+        self.target = target
+        self.host = host
+
+    def __repr__(self) -> str:
+        return f"<DeployHandle {self.deploy_id} target={self.target} host={self.host}>"
+
+    def status(self) -> dict[str, Any] | None:
+        return self.coordinator.get_record(self.deploy_id)
+
+    def get(self, timeout: float = 600.0, poll: float = 0.2) -> DeployResult:
+        """Wait for the outcome. On timeout: a deploy that had not started is cancelled
+        (nothing touched) and DeployTimeout says so; one already running is left to
+        finish and DeployTimeout says how to follow it."""
+        try:
+            rec = self.coordinator.wait_record(self.deploy_id, timeout, poll)
+            if rec and rec.get("outcome"):
+                return DeployResult.from_public(rec)
+            if self.coordinator.claim(self.deploy_id, "cancelled") == "cancelled":
+                self.coordinator.finish_unstarted(self.deploy_id, "rejected",
+                                                  "cancelled: the target stayed busy past the client's wait budget")
+                alive = self.coordinator.host_alive(self.host)
+                why = "target busy" if alive else f"no live worker for host {self.host!r}"
+                raise DeployTimeout(f"{why}: deploy {self.deploy_id} did not start within {timeout:g}s and was "
+                                    "cancelled; nothing was touched")
+            phase = (rec or {}).get("phase", "?")
+            raise DeployTimeout(f"deploy {self.deploy_id} is still running (phase {phase}) after {timeout:g}s; "
+                                f"follow it with: mailtls status {self.deploy_id}")
+        except redis.RedisError as err:
+            raise BrokerError(f"lost Redis while waiting for deploy {self.deploy_id}: {err}") from None
+
+
+def _b64(data: bytes | None) -> str | None:
+    return None if data is None else base64.b64encode(data).decode()
+
+
+def deploy(target: str, cert_pem: bytes, key_pem: bytes, chain_pem: bytes | None = None, *,
+           force: bool = False, broker_url: str | None = None, host: str | None = None,
+           deploy_id: str | None = None) -> DeployHandle:
+    """Enqueue a deploy of ``target`` and return a handle to wait on.
+
+    The target's host comes from the fleet registry (workers publish what they serve).
+    Raises UnknownTarget if no worker has ever registered it, BrokerError if Redis is
+    unreachable. The material is checked again on the host; here only its size.
+    """
+    if not TARGET_NAME_RE.match(target):
+        raise UnknownTarget(f"{target!r} is not a valid target name")
+    for what, data in (("cert", cert_pem), ("key", key_pem), ("chain", chain_pem)):
+        if data is not None and len(data) > MAX_INPUT_BYTES:
+            raise Rejected(f"{what}: over the {MAX_INPUT_BYTES}-byte limit")
+    app = use_broker(broker_url)
+    co = Coordinator(str(app.conf.broker_url))
+    deploy_id = check_deploy_id(deploy_id or new_deploy_id())
+    try:
+        host = host or co.target_host(target)
+        if not host:
+            raise UnknownTarget(f"unknown target {target!r}: no worker has registered it (is its worker running "
+                                "with a config that defines it?)")
+        fence = co.next_fence(target)
+        co.put_record({"deploy_id": deploy_id, "target": target, "host": host, "phase": "queued",
+                       "outcome": None, "fence": fence, "steps": {}, "error": None,
+                       "created": dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")})
+        co.push_history(target, deploy_id)
+        refs = {"target": target, "host": host, "deploy_id": deploy_id}
+        bundle = {"cert": _b64(cert_pem), "key": _b64(key_pem), "chain": _b64(chain_pem)}
+        first = tasks.stage.signature(kwargs={**refs, "fence": fence, "bundle": bundle, "force": force}).set(
+            argsrepr="()",
+            kwargsrepr=repr({**refs, "fence": fence, "force": force, "bundle": REDACTED}),
+        )
+        flow = chain(first, tasks.validate.si(**refs), tasks.commit.si(**refs), tasks.reload.si(**refs),
+                     tasks.verify.si(**refs))
+        flow.apply_async(link_error=tasks.rollback.si(**refs), task_id=None)
+    except redis.RedisError as err:
+        raise BrokerError(f"cannot enqueue deploy: Redis error: {err}") from None
+    except (OSError, ConnectionError) as err:
+        raise BrokerError(f"cannot enqueue deploy: broker unreachable: {err}") from None
+    return DeployHandle(co, deploy_id, target, host)

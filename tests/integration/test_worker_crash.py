@@ -1,0 +1,84 @@
+"""A worker killed with SIGKILL in the middle of a deploy: its restart converges."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from mailtls_tasks.app import use_broker
+from mailtls_tasks.journal import Journal
+from mailtls_tasks.material import key_matches_cert
+from mailtls_tasks.workflow import deploy
+from tests.support.host import MailHost
+from tests.support.pki import PKI
+from tests.support.services import RedisServer, Worker
+
+pytestmark = pytest.mark.integration
+
+
+def _kill_hanging_reload(host: MailHost) -> None:
+    # The reload command runs in its own session (so its timeout can kill its group);
+    # the test kills it here like the OOM killer or a reboot would.
+    subprocess.run(["pkill", "-KILL", "-f", str(host.reload.path)], check=False)
+
+
+def test_kill9_during_reload_converges_after_restart(tmp_path: Path, redis_server: RedisServer, pki: PKI) -> None:
+    host = MailHost(tmp_path / "mx3", host="mx3")
+    host.add_target("smtp3")
+    old, new = pki.leaf(), pki.leaf()
+    host.install("smtp3", old)
+    worker = Worker(host.config_path, redis_server.url, tmp_path / "worker.log")
+    try:
+        deadline = time.monotonic() + 15
+        handle = None
+        while handle is None:
+            try:
+                handle = deploy("smtp3", new.fullchain_pem, new.key_pem, broker_url=redis_server.url)
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        host.reload.hang_once(60)
+        deadline = time.monotonic() + 30
+        while not host.reload.calls and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert host.reload.calls, "the reload step never started"
+        worker.kill9()
+        _kill_hanging_reload(host)
+        # the new set is committed and nothing is left alive to finish or undo it
+        assert host.path("smtp3", "key").read_bytes() == new.key_pem
+        assert handle.status()["outcome"] is None  # type: ignore[index]
+
+        worker.start()  # recovery runs before it consumes anything
+        res = handle.get(timeout=30)
+
+        assert res.outcome == "rolled_back" and res.reason == "interrupted", res
+        cert, key = host.path("smtp3", "cert").read_bytes(), host.path("smtp3", "key").read_bytes()
+        assert (cert, key) == (old.fullchain_pem, old.key_pem)
+        assert key_matches_cert(key, cert)
+        assert host.stray_temps() == []
+        rec = Journal(str(host.state)).load("smtp3", handle.deploy_id)
+        assert rec is not None and rec.outcome == "rolled_back"
+
+        # Much later Redis redelivers the unacked reload message: it must change nothing.
+        reloads = len(host.reload.calls)
+        from mailtls_tasks import tasks
+
+        use_broker(redis_server.url)
+        refs = {"target": "smtp3", "host": "mx3", "deploy_id": handle.deploy_id}
+        redelivered = tasks.reload.apply_async(kwargs=refs).get(timeout=30)
+        again = tasks.commit.apply_async(kwargs=refs).get(timeout=30)
+        assert redelivered["note"] == again["note"] == "deploy already ended"
+        assert len(host.reload.calls) == reloads
+        assert host.path("smtp3", "cert").read_bytes() == old.fullchain_pem
+
+        # and the target is free for the next deploy
+        later = pki.leaf()
+        assert deploy("smtp3", later.fullchain_pem, later.key_pem,
+                      broker_url=redis_server.url).get(timeout=60).outcome == "deployed"
+    finally:
+        worker.stop()
+        host.close()
