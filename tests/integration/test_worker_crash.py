@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -79,6 +80,39 @@ def test_kill9_during_reload_converges_after_restart(tmp_path: Path, redis_serve
         later = pki.leaf()
         assert deploy("smtp3", later.fullchain_pem, later.key_pem,
                       broker_url=redis_server.url).get(timeout=60).outcome == "deployed"
+    finally:
+        worker.stop()
+        host.close()
+
+
+def test_pool_child_killed_mid_reload_is_redelivered_and_finishes(tmp_path: Path, redis_server: RedisServer,
+                                                                   pki: PKI) -> None:
+    """task_reject_on_worker_lost: the message comes back at once and the step reruns."""
+    host = MailHost(tmp_path / "mx4", host="mx4")
+    host.add_target("smtp4")
+    host.install("smtp4", pki.leaf())
+    new = pki.leaf()
+    worker = Worker(host.config_path, redis_server.url, tmp_path / "worker.log")
+    try:
+        host.reload.hang_once(60)
+        handle = deploy("smtp4", new.fullchain_pem, new.key_pem, broker_url=redis_server.url)
+        deadline = time.monotonic() + 30
+        while not host.reload.calls and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert host.reload.calls
+        children = subprocess.run(["pgrep", "-P", str(worker.proc.pid)], capture_output=True, text=True)  # type: ignore[union-attr]
+        pids = [int(p) for p in children.stdout.split()]
+        assert pids, "no pool child found"
+        for pid in pids:
+            os.kill(pid, 9)
+        _kill_hanging_reload(host)
+
+        res = handle.get(timeout=60)
+
+        assert res.outcome == "deployed", res
+        assert len(host.reload.calls) == 2
+        assert host.path("smtp4", "key").read_bytes() == new.key_pem
+        assert "WorkerLostError" in worker.log() or "Process" in worker.log()
     finally:
         worker.stop()
         host.close()

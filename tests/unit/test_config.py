@@ -113,3 +113,11 @@ def test_config_path_from_env(tmp_path, monkeypatch) -> None:  # type: ignore[no
     js.write_text(json.dumps({"host": "fromenv"}))
     monkeypatch.setenv("MAILTLS_CONFIG", str(js))
     assert load_config().host == "fromenv"
+
+
+def test_shipped_example_targets_file_loads() -> None:
+    from pathlib import Path
+
+    c = load_config(str(Path(__file__).resolve().parents[2] / "workers" / "targets.example.toml"))
+    assert c.host == "mx1"
+    assert c.target("mx1-imap").mode == "dovecot" and c.target("mx1-smtp").post_deploy_verify.enabled
