@@ -175,7 +175,11 @@ def probe(host: str, port: int, protocol: str = "auto", server_name: str | None 
         try:
             tls = _client_context().wrap_socket(sock, server_hostname=_sni(host, server_name))
         except (ssl.SSLError, OSError) as err:
-            raise ProbeError(f"TLS handshake with {host}:{port} ({proto}) failed: {err}") from None
+            hint = ""
+            if protocol == "auto" and port not in PORT_PROTOCOLS and "WRONG_VERSION_NUMBER" in str(err):
+                hint = (" -- the server answered in plaintext; on a non-standard port set "
+                        "post_deploy_verify.protocol to smtp, imap or pop3")
+            raise ProbeError(f"TLS handshake with {host}:{port} ({proto}) failed: {err}{hint}") from None
         der = tls.getpeercert(binary_form=True)
         version = tls.version()
         tls.close()

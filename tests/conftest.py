@@ -7,6 +7,7 @@ import pytest
 
 from tests.support.host import MailHost
 from tests.support.pki import PKI, make_pki
+from tests.support.services import RedisServer
 
 
 @pytest.fixture(scope="session")
@@ -19,3 +20,11 @@ def host(tmp_path: Path) -> Iterator[MailHost]:
     h = MailHost(tmp_path)
     yield h
     h.close()
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One real redis-server per test session, on a free loopback port."""
+    srv = RedisServer(tmp_path_factory.mktemp("redis"))
+    yield srv
+    srv.stop()

@@ -395,3 +395,11 @@ def test_cli_check_config(host: MailHost) -> None:
     host.write_config()
     p = host.cli("check-config")
     assert p.returncode == 1 and "targets.bad.reload_command" in p.stderr
+
+
+def test_auto_protocol_on_odd_port_explains_itself(host: MailHost, pki: PKI) -> None:
+    host.add_target("mx")
+    host.install("mx", pki.leaf())
+    srv = host.server("mx", "smtp")
+    with pytest.raises(probe.ProbeError, match=r"set post_deploy_verify\.protocol"):
+        probe.probe("127.0.0.1", srv.port, "auto")

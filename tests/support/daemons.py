@@ -1,0 +1,244 @@
+"""Private Postfix and Dovecot instances on loopback high ports, from temp dirs.
+
+Never touches /etc/postfix, /etc/dovecot or port 25: each instance has its own
+config directory, queue, logs and sockets, listens on 127.0.0.1 only, and is stopped
+(with every process it started) by ``stop()``. Shared by the e2e tests and the demo.
+See shared/notes/real-daemons.md for why each line below is there.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from .services import free_port, require, wait_port
+
+POSTFIX_SERVICES = """\
+pickup    unix  n       -       n       60      1       pickup
+cleanup   unix  n       -       n       -       0       cleanup
+qmgr      unix  n       -       n       300     1       qmgr
+tlsmgr    unix  -       -       n       1000?   1       tlsmgr
+rewrite   unix  -       -       n       -       -       trivial-rewrite
+bounce    unix  -       -       n       -       0       bounce
+defer     unix  -       -       n       -       0       bounce
+trace     unix  -       -       n       -       0       bounce
+verify    unix  -       -       n       -       1       verify
+flush     unix  n       -       n       1000?   0       flush
+proxymap  unix  -       -       n       -       -       proxymap
+proxywrite unix -       -       n       -       1       proxymap
+smtp      unix  -       -       n       -       -       smtp
+relay     unix  -       -       n       -       -       smtp
+showq     unix  n       -       n       -       -       showq
+error     unix  -       -       n       -       -       error
+retry     unix  -       -       n       -       -       error
+discard   unix  -       -       n       -       -       discard
+local     unix  -       n       n       -       -       local
+virtual   unix  -       n       n       -       -       virtual
+lmtp      unix  -       -       n       -       -       lmtp
+anvil     unix  -       -       n       -       1       anvil
+scache    unix  -       -       n       -       1       scache
+postlog   unix-dgram n  -       n       -       1       postlogd
+"""
+
+
+def _traversable(path: Path) -> None:
+    """mkdtemp makes 0700 dirs; the postfix/dovecot users must traverse every parent."""
+    for p in [path, *path.parents]:
+        if str(p) in ("/", "/tmp"):
+            break
+        mode = p.stat().st_mode & 0o777
+        if mode & 0o055 != 0o055:
+            os.chmod(p, mode | 0o755)
+
+
+def _run(argv: list[str], log: Path, timeout: float = 60) -> subprocess.CompletedProcess[bytes]:
+    # never pipes: a daemon started here would inherit them and we would wait forever
+    with log.open("ab") as out:
+        return subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                              timeout=timeout, check=False)
+
+
+class Postfix:
+    """``postfix -c DIR``: SMTP (STARTTLS) and SMTPS on two free loopback ports."""
+
+    def __init__(self, root: Path, cert: Path, key: Path) -> None:
+        self.bin = require("postfix")
+        self.root = root
+        self.dir = root / "postfix"
+        self.cert, self.key = cert, key
+        self.smtp_port, self.smtps_port = free_port(), free_port()
+        self.log = root / "postfix-commands.log"
+        self._write_config()
+
+    def _write_config(self) -> None:
+        d = self.dir
+        for sub in ("queue", "data"):
+            (d / sub).mkdir(parents=True, exist_ok=True)
+        shutil.chown(d / "data", "postfix")
+        (d / "main.cf").write_text(f"""\
+compatibility_level = 3.6
+queue_directory = {d}/queue
+data_directory = {d}/data
+mail_owner = postfix
+setgid_group = postdrop
+inet_interfaces = loopback-only
+inet_protocols = ipv4
+myhostname = mx.mailtls.test
+mydestination =
+relayhost =
+maillog_file = {d}/maillog
+maillog_file_prefixes = {d}
+smtpd_tls_cert_file = {self.cert}
+smtpd_tls_key_file = {self.key}
+smtpd_tls_security_level = may
+smtpd_tls_loglevel = 1
+smtpd_relay_restrictions = permit_mynetworks, reject_unauth_destination
+alias_maps =
+alias_database =
+""")
+        (d / "master.cf").write_text(
+            f"127.0.0.1:{self.smtp_port} inet n - n - - smtpd\n"
+            f"127.0.0.1:{self.smtps_port} inet n - n - - smtpd\n"
+            "  -o smtpd_tls_wrappermode=yes\n  -o smtpd_tls_security_level=encrypt\n"
+            + POSTFIX_SERVICES)
+        _traversable(d)
+
+    def command(self, verb: str) -> str:
+        """The command line a targets file would use for this instance."""
+        return f"{self.bin} -c {self.dir} {verb}"
+
+    def start(self) -> None:
+        res = _run([self.bin, "-c", str(self.dir), "start"], self.log)
+        if res.returncode != 0:
+            raise RuntimeError(f"postfix start failed:\n{self.debug()}")
+        wait_port(self.smtp_port, 20)
+        wait_port(self.smtps_port, 20)
+
+    def stop(self) -> None:
+        _run([self.bin, "-c", str(self.dir), "stop"], self.log)
+        _wait_gone(self.smtp_port)
+
+    def debug(self) -> str:
+        out = []
+        for f in (self.log, self.dir / "maillog"):
+            if f.exists():
+                out.append(f"--- {f}\n" + f.read_text(errors="replace")[-4000:])
+        return "\n".join(out)
+
+
+class Dovecot:
+    """``dovecot -c CONF``: IMAP (STARTTLS), IMAPS, POP3 (STLS), POP3S on free loopback ports."""
+
+    def __init__(self, root: Path, cert: Path, key: Path) -> None:
+        self.bin = require("dovecot")
+        self.doveadm = require("doveadm")
+        self.doveconf = require("doveconf")
+        self.root = root
+        self.dir = root / "dovecot"
+        self.cert, self.key = cert, key
+        self.ports = {p: free_port() for p in ("imap", "imaps", "pop3", "pop3s")}
+        self.log = root / "dovecot-commands.log"
+        self._write_config()
+
+    @property
+    def conf(self) -> Path:
+        return self.dir / "dovecot.conf"
+
+    def _write_config(self) -> None:
+        d = self.dir
+        (d / "run").mkdir(parents=True, exist_ok=True)
+        (d / "mail").mkdir(exist_ok=True)
+        p = self.ports
+        self.conf.write_text(f"""\
+base_dir = {d}/run
+state_dir = {d}/state
+log_path = {d}/dovecot.log
+instance_name = mailtls-test-{p['imap']}
+protocols = imap pop3
+listen = 127.0.0.1
+ssl = yes
+ssl_cert = <{self.cert}
+ssl_key = <{self.key}
+disable_plaintext_auth = yes
+auth_mechanisms = plain
+mail_location = maildir:{d}/mail/%u
+passdb {{
+  driver = static
+  args = password=test
+}}
+userdb {{
+  driver = static
+  args = uid=nobody gid=nogroup home={d}/mail/%u
+}}
+service imap-login {{
+  inet_listener imap {{
+    address = 127.0.0.1
+    port = {p['imap']}
+  }}
+  inet_listener imaps {{
+    address = 127.0.0.1
+    port = {p['imaps']}
+    ssl = yes
+  }}
+}}
+service pop3-login {{
+  inet_listener pop3 {{
+    address = 127.0.0.1
+    port = {p['pop3']}
+  }}
+  inet_listener pop3s {{
+    address = 127.0.0.1
+    port = {p['pop3s']}
+    ssl = yes
+  }}
+}}
+service stats {{
+  unix_listener stats-reader {{
+    mode = 0600
+  }}
+  unix_listener stats-writer {{
+    mode = 0600
+  }}
+}}
+""")
+        (d / "state").mkdir(exist_ok=True)
+        _traversable(d)
+
+    def reload_command(self) -> str:
+        return f"{self.doveadm} -c {self.conf} reload"
+
+    def validate_command(self) -> str:
+        return f"{self.doveconf} -c {self.conf} -n"
+
+    def start(self) -> None:
+        res = _run([self.bin, "-c", str(self.conf)], self.log)
+        if res.returncode != 0:
+            raise RuntimeError(f"dovecot start failed:\n{self.debug()}")
+        for port in self.ports.values():
+            wait_port(port, 20)
+
+    def stop(self) -> None:
+        _run([self.doveadm, "-c", str(self.conf), "stop"], self.log)
+        _wait_gone(self.ports["imap"])
+
+    def debug(self) -> str:
+        out = []
+        for f in (self.log, self.dir / "dovecot.log"):
+            if f.exists():
+                out.append(f"--- {f}\n" + f.read_text(errors="replace")[-4000:])
+        return "\n".join(out)
+
+
+def _wait_gone(port: int, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.3):
+                pass
+        except OSError:
+            return
+        time.sleep(0.1)
