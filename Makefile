@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 deps: bootstrap $(STAMP)
 
 lint: deps
-	$(BIN)/ruff check mailtls_tasks tests bench workers
+	$(BIN)/ruff check mailtls_tasks tests bench workers demo
 
 typecheck: deps
 	$(BIN)/mypy mailtls_tasks

@@ -210,9 +210,9 @@ def targets(broker: str | None, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(rows))
         return
-    click.echo(f"{'TARGET':<16} {'HOST':<12} {'MODE':<8} {'FINGERPRINT':<18} {'NOT AFTER':<26} {'LAST':<12} WORKER")
+    click.echo(f"{'TARGET':<20} {'HOST':<12} {'MODE':<8} {'FINGERPRINT':<18} {'NOT AFTER':<26} {'LAST':<12} WORKER")
     for r in rows:
-        click.echo(f"{r['target']:<16} {r['host']:<12} {r['mode']:<8} {(r.get('fingerprint_sha256') or '-')[:16]:<18} "
+        click.echo(f"{r['target']:<20} {r['host']:<12} {r['mode']:<8} {(r.get('fingerprint_sha256') or '-')[:16]:<18} "
                    f"{r.get('not_after') or '-':<26} {r.get('last_outcome') or '-':<12} "
                    f"{'alive' if r['worker_alive'] else 'DOWN'}")
 

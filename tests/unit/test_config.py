@@ -121,3 +121,16 @@ def test_shipped_example_targets_file_loads() -> None:
     c = load_config(str(Path(__file__).resolve().parents[2] / "workers" / "targets.example.toml"))
     assert c.host == "mx1"
     assert c.target("mx1-imap").mode == "dovecot" and c.target("mx1-smtp").post_deploy_verify.enabled
+
+
+def test_compose_targets_file_loads_and_core_does_not_import_celery() -> None:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    assert set(load_config(str(root / "compose" / "targets.toml")).targets) == {"smtp", "imap"}
+    code = "import sys, mailtls_tasks, mailtls_tasks.local; print('celery' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, check=True)
+    assert out.stdout.strip() == "False"
+    assert callable(__import__("mailtls_tasks").deploy)

@@ -1,0 +1,24 @@
+#!/bin/sh
+# Start Postfix and Dovecot with a throwaway self-signed certificate, then the worker.
+set -eu
+mkdir -p /etc/postfix/certs /etc/dovecot/certs
+if [ ! -s /etc/postfix/certs/cert.pem ]; then
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 7 \
+        -subj "/CN=mx1.compose.test" -keyout /etc/postfix/certs/key.pem -out /etc/postfix/certs/cert.pem 2>/dev/null
+    chmod 0600 /etc/postfix/certs/key.pem
+fi
+ln -sf /etc/postfix/certs/cert.pem /etc/dovecot/certs/cert.pem
+ln -sf /etc/postfix/certs/key.pem /etc/dovecot/certs/key.pem
+postconf -e "smtpd_tls_cert_file=/etc/postfix/certs/cert.pem" "smtpd_tls_key_file=/etc/postfix/certs/key.pem" \
+    "smtpd_tls_security_level=may" "maillog_file=/dev/stdout" "mydestination=" \
+    "inet_interfaces=all"
+postconf -M "submissions/inet=submissions inet n - y - - smtpd -o smtpd_tls_wrappermode=yes"
+cat > /etc/dovecot/conf.d/99-mailtls.conf <<CONF
+ssl = yes
+ssl_cert = </etc/dovecot/certs/cert.pem
+ssl_key = </etc/dovecot/certs/key.pem
+protocols = imap pop3
+CONF
+postfix start
+dovecot
+exec "$@"
