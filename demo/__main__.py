@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from mailtls_tasks import probe
+from tests.support.keys import Pipeline
 from tests.support.pki import make_pki
 from tests.support.services import REPO, Flower, RedisServer, Worker
 from tests.support.stack import MailStack
@@ -71,7 +72,8 @@ def main() -> int:
         first = pki.leaf("mail.demo.test")
         redis = RedisServer(root / "redis")
         started.append(redis)
-        stack = MailStack(root / "mailhost", first, host="demo-mx")
+        pipeline = Pipeline(root / "pipeline")  # signing key + pinned host keys, as `mailtls keys` makes them
+        stack = MailStack(root / "mailhost", first, host="demo-mx", pipeline=pipeline)
         misdir = stack.root / "certs" / "misconfigured"
         misdir.mkdir()
         stack.add("smtp-misconfigured", "postfix", verify_port=stack.postfix.smtp_port, protocol="smtp",
@@ -87,7 +89,10 @@ def main() -> int:
         flower = Flower(redis.url, root / "flower.log", auth="demo:demo")
         started.append(flower)
         print(f"  flower    {flower.url}  (user demo, password demo)")
-        env = {**os.environ, "MAILTLS_BROKER_URL": redis.url, "PYTHONPATH": str(REPO)}
+        env = {**os.environ, "MAILTLS_BROKER_URL": redis.url, "MAILTLS_PIPELINE": str(pipeline.path),
+               "PYTHONPATH": str(REPO)}
+        print(f"  keys      pipeline signer {pipeline.public[:28]}…, host key pinned in {pipeline.path.name};"
+              " bundles travel sealed and signed")
 
         names = {first.fingerprint: "(initial cert)"}
         say("What the daemons serve before anything happens")
@@ -133,7 +138,7 @@ def main() -> int:
 
         if args.keep:
             say("Everything keeps running. Try:")
-            print(f"  export MAILTLS_BROKER_URL={redis.url}")
+            print(f"  export MAILTLS_BROKER_URL={redis.url} MAILTLS_PIPELINE={pipeline.path}")
             print("  .venv/bin/mailtls history smtp")
             print(f"  swaks -tls -s 127.0.0.1 -p {stack.postfix.smtp_port} --quit-after TLS")
             print(f"  open {flower.url} (demo/demo)")

@@ -73,12 +73,14 @@ def cli(verbose: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 @click.option("--deploy-id", metavar="ID", help="idempotency key (default: generated)")
 @broker_option
+@click.option("--pipeline", "pipeline_path", metavar="FILE", envvar="MAILTLS_PIPELINE",
+              help="pipeline keys (default: $MAILTLS_PIPELINE or /etc/mailtls/pipeline.toml)")
 @click.option("--wait", "wait_s", default=600.0, show_default=True, metavar="SECONDS",
               help="how long to wait for the outcome (distributed mode)")
 @click.option("--no-wait", is_flag=True, help="enqueue, print the deploy id and exit (distributed mode)")
 def deploy(target: str, cert_file: str, key_file: str, chain_file: str | None, config_path: str | None,
            local: bool, force: bool, as_json: bool, deploy_id: str | None, broker: str | None,
-           wait_s: float, no_wait: bool) -> None:
+           pipeline_path: str | None, wait_s: float, no_wait: bool) -> None:
     """Deploy a certificate, key and chain to TARGET.
 
     With --local, in-process on this host; otherwise enqueued to the target's worker
@@ -98,7 +100,8 @@ def deploy(target: str, cert_file: str, key_file: str, chain_file: str | None, c
         else:
             from .workflow import deploy as enqueue
 
-            handle = enqueue(target, cert, key, chain, force=force, broker_url=broker, deploy_id=deploy_id)
+            handle = enqueue(target, cert, key, chain, force=force, broker_url=broker, deploy_id=deploy_id,
+                             pipeline=pipeline_path)
             if no_wait:
                 click.echo(json.dumps({"deploy_id": handle.deploy_id, "target": target, "host": handle.host})
                            if as_json else handle.deploy_id)
@@ -246,6 +249,76 @@ def flower(broker: str | None, address: str, port: int, flower_args: tuple[str, 
     argv = [sys.executable, "-m", "celery", "-A", "mailtls_tasks.app", "--broker", url, "flower",
             f"--address={address}", f"--port={port}", *flower_args]
     sys.exit(subprocess.call(argv))
+
+
+@cli.group()
+def keys() -> None:
+    """Create and show the host and pipeline keys of distributed mode."""
+
+
+@keys.command("init-host")
+@click.option("--out", default="/etc/mailtls/host.key", show_default=True, metavar="FILE")
+def keys_init_host(out: str) -> None:
+    """Create this mail host's X25519 key (0600); prints the public half for the pipeline."""
+    from .keys import create_host_key
+
+    try:
+        pub = create_host_key(out)
+    except MailTLSError as err:
+        _fail(str(err), err.exit_code)
+    click.echo(f"created {out} (0600)\npublic: {pub}\n\nOn this host, in the targets file:\n"
+               f"  [security]\n  host_keys = [\"{out}\"]\n\nIn the pipeline's pipeline.toml, under [hosts]:\n"
+               f"  <host> = \"{pub}\"")
+
+
+@keys.command("init-pipeline")
+@click.option("--out", default="/etc/mailtls/pipeline.key", show_default=True, metavar="FILE")
+def keys_init_pipeline(out: str) -> None:
+    """Create the pipeline's Ed25519 signing key (0600); prints the public half for workers."""
+    from .keys import create_signing_key
+
+    try:
+        pub = create_signing_key(out)
+    except MailTLSError as err:
+        _fail(str(err), err.exit_code)
+    click.echo(f"created {out} (0600)\npublic: {pub}\n\nIn the pipeline's pipeline.toml:\n"
+               f"  signing_key = \"{out}\"\n\nOn every worker host, in the targets file's [security]:\n"
+               f"  trusted_signers = [\"{pub}\"]")
+
+
+@keys.command("public")
+@click.argument("key_file")
+def keys_public(key_file: str) -> None:
+    """Print the public half of a host or pipeline key file."""
+    from .keys import public_of
+
+    try:
+        click.echo(public_of(key_file))
+    except MailTLSError as err:
+        _fail(str(err), err.exit_code)
+
+
+@keys.command("trusted")
+@config_option
+def keys_trusted(config_path: str | None) -> None:
+    """What this worker trusts: its host keys and the pipeline keys it accepts."""
+    from .keys import key_id, public_of
+
+    try:
+        cfg = load_config(config_path)
+    except MailTLSError as err:
+        _fail(str(err), err.exit_code)
+    if cfg.security is None:
+        _fail(f"{cfg.source}: no [security] section: this host accepts no distributed deploys", 1)
+    for path in cfg.security.host_keys:
+        try:
+            pub = public_of(path)
+            click.echo(f"host key         {pub}  id {key_id(pub)}  ({path})")
+        except MailTLSError as err:
+            click.echo(f"host key         UNUSABLE: {err}")
+    for signer in cfg.security.trusted_signers:
+        click.echo(f"trusted signer   {signer}  id {key_id(signer)}")
+    click.echo(f"max envelope age {cfg.security.max_envelope_age:g}s")
 
 
 def main() -> None:

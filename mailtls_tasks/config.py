@@ -253,6 +253,43 @@ class Target(BaseModel):
         return d
 
 
+class SecuritySettings(BaseModel):
+    """``[security]``: what a worker needs to accept distributed deploys.
+
+    ``host_keys``: this host's X25519 private keys (first = current; keep the previous
+    one listed while rotating). ``trusted_signers``: Ed25519 public keys of pipelines
+    allowed to deploy here. ``max_envelope_age``: older envelopes are refused.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    host_keys: list[str] = Field(min_length=1)
+    trusted_signers: list[str] = Field(min_length=1)
+    max_envelope_age: float = 3600.0
+
+    @field_validator("host_keys")
+    @classmethod
+    def _keys(cls, v: list[str]) -> list[str]:
+        return [_check_abs_path(p, "host_keys") for p in v]
+
+    @field_validator("trusted_signers")
+    @classmethod
+    def _signers(cls, v: list[str]) -> list[str]:
+        from .keys import parse_ed25519_public
+
+        for i, s in enumerate(v):
+            try:
+                parse_ed25519_public(s, f"trusted_signers[{i}]")
+            except ConfigError as err:
+                raise ValueError(str(err)) from None
+        return v
+
+    @field_validator("max_envelope_age", mode="before")
+    @classmethod
+    def _age(cls, v: Any, info: Any) -> float:
+        return parse_duration(v, info.field_name)
+
+
 def _default_host() -> str:
     return socket.gethostname().split(".")[0] or "localhost"
 
@@ -265,6 +302,7 @@ class HostConfig(BaseModel):
     host: str = Field(default_factory=_default_host)
     state_dir: str = "/var/lib/mailtls"
     targets: dict[str, Target] = Field(default_factory=dict)
+    security: SecuritySettings | None = None
     source: str = ""
 
     @field_validator("host")

@@ -11,7 +11,10 @@ from typing import Any
 
 from . import files, material, steps
 from .config import HostConfig
+from .envelope import open_envelope
+from .errors import ConfigError
 from .journal import DeployRecord, Journal, check_deploy_id
+from .keys import load_host_key, parse_ed25519_public
 from .steps import StepContext
 
 STEP_FUNCTIONS = {
@@ -34,6 +37,38 @@ class HostRuntime:
     @property
     def host(self) -> str:
         return self.cfg.host
+
+    def check_security(self) -> None:
+        """Distributed mode refuses to start without keys; say how to create them."""
+        sec = self.cfg.security
+        if sec is None:
+            raise ConfigError(
+                f"{self.cfg.source}: no [security] section. Distributed deploys are encrypted for this host and "
+                "signed by your pipeline. Create a host key with `mailtls keys init-host --out "
+                "/etc/mailtls/host.key`, the pipeline's with `mailtls keys init-pipeline`, then add\n"
+                "  [security]\n  host_keys = [\"/etc/mailtls/host.key\"]\n"
+                "  trusted_signers = [\"ed25519:…\"]   # from `mailtls keys public pipeline.key`\n"
+                "(--local deploys need none of this)")
+        for path in sec.host_keys:
+            load_host_key(path)
+
+    def stage_envelope(self, target: str, deploy_id: str, envelope: Any, *, fence: int | None) -> DeployRecord:
+        """Open the sealed bundle (refusing anything not signed by a trusted pipeline for
+        exactly this target, host, deploy and fence) and stage it."""
+        self.context(target)
+        sec = self.cfg.security
+        if sec is None:
+            self.check_security()
+            raise AssertionError("unreachable")
+        existing = self.record(target, deploy_id)
+        if existing is not None and existing.finished:
+            return existing  # a redelivered stage of a deploy that already ended
+        opened = open_envelope(
+            envelope, target=target, host=self.host, deploy_id=deploy_id, fence=fence,
+            host_keys=[load_host_key(p) for p in sec.host_keys],
+            trusted=[parse_ed25519_public(s, "trusted_signers") for s in sec.trusted_signers],
+            max_age=sec.max_envelope_age)
+        return self.stage(target, deploy_id, opened.cert, opened.key, opened.chain, force=opened.force, fence=fence)
 
     def context(self, target: str) -> StepContext:
         self.cfg.target(target)  # UnknownTarget with a clear message

@@ -9,7 +9,6 @@ backoff and jitter, permanent ones fail the task so the chain's ``link_error`` s
 
 from __future__ import annotations
 
-import base64
 import logging
 import os
 import threading
@@ -23,6 +22,7 @@ from celery.signals import worker_init, worker_shutdown
 from .app import app
 from .config import load_config
 from .coordination import Coordinator
+from .envelope import EnvelopeError
 from .errors import MailTLSError, Rejected, StepFailed, Transient, UnknownTarget
 from .host import HostRuntime
 from .journal import DeployRecord
@@ -36,10 +36,12 @@ _state: dict[str, Any] = {}
 
 
 def runtime() -> HostRuntime:
-    """The worker host's runtime, loaded once from its own config file."""
+    """The worker host's runtime, loaded once from its own config file (keys required)."""
     rt = _state.get("runtime")
     if rt is None:
-        rt = _state["runtime"] = HostRuntime(load_config(os.environ.get("MAILTLS_CONFIG")))
+        rt = HostRuntime(load_config(os.environ.get("MAILTLS_CONFIG")))
+        rt.check_security()
+        _state["runtime"] = rt
     return rt
 
 
@@ -120,20 +122,21 @@ def _run(task: Task, step: str, target: str, host: str, deploy_id: str,
     return _summary(rec, step)
 
 
-def _pem(data: str | None) -> bytes | None:
-    return None if data is None else base64.b64decode(data)
-
-
 @app.task(bind=True, base=StepTask, name="mailtls.stage")
 def stage(self: Task, *, target: str, host: str, deploy_id: str, fence: int | None = None,
-          bundle: dict[str, str | None], force: bool = False) -> dict[str, Any]:
-    """Check the material and stage it next to the live files (the only step given bytes)."""
+          envelope: dict[str, Any]) -> dict[str, Any]:
+    """Open the sealed, signed envelope on this host and stage its bundle.
+
+    The only task given material, and only as ciphertext for this host's key."""
     if coordinator().claim(deploy_id, "started") != "started":
         return {"step": "stage", "deploy_id": deploy_id, "note": "cancelled by the client before it started"}
-    cert, key, chain = _pem(bundle.get("cert")), _pem(bundle.get("key")), _pem(bundle.get("chain"))
-    assert cert is not None and key is not None
-    return _run(self, "stage", target, host, deploy_id,
-                lambda rt: rt.stage(target, deploy_id, cert, key, chain, force=force, fence=fence))
+    try:
+        return _run(self, "stage", target, host, deploy_id,
+                    lambda rt: rt.stage_envelope(target, deploy_id, envelope, fence=fence))
+    except EnvelopeError as err:
+        log.warning("deploy %s of %s: envelope refused: %s", deploy_id, target, err)
+        coordinator().finish_unstarted(deploy_id, "rejected", str(err))
+        return {"step": "stage", "deploy_id": deploy_id, "outcome": "rejected", "note": str(err)}
 
 
 def _step_task(step: str) -> Any:

@@ -23,6 +23,9 @@ def worker_argv(host: str, loglevel: str = "INFO", concurrency: int = 1) -> list
 def run_worker(config: str | None = None, broker: str | None = None, loglevel: str = "INFO",
                concurrency: int = 1) -> None:
     cfg = load_config(config)  # fail fast, with the config's own message
+    from .host import HostRuntime
+
+    HostRuntime(cfg).check_security()  # no keys, no distributed mode: say how to make them
     os.environ[CONFIG_ENV] = config_path(config)
     app = use_broker(broker)
     os.environ[BROKER_ENV] = str(app.conf.broker_url)

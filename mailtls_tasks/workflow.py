@@ -11,7 +11,6 @@ record) long before Redis would redeliver the unacked message.
 
 from __future__ import annotations
 
-import base64
 import datetime as dt
 from typing import Any
 
@@ -22,13 +21,15 @@ from . import tasks
 from .app import use_broker
 from .config import TARGET_NAME_RE
 from .coordination import Coordinator
+from .envelope import seal
 from .errors import BrokerError, MailTLSError, Rejected, UnknownTarget
 from .journal import check_deploy_id
+from .keys import PipelineKeys, load_pipeline
 from .local import new_deploy_id
 from .material import MAX_INPUT_BYTES
 from .result import DeployResult
 
-REDACTED = "<redacted: certificate bundle>"
+REDACTED = "<sealed envelope>"
 
 
 class DeployTimeout(MailTLSError):
@@ -74,19 +75,19 @@ class DeployHandle:
             raise BrokerError(f"lost Redis while waiting for deploy {self.deploy_id}: {err}") from None
 
 
-def _b64(data: bytes | None) -> str | None:
-    return None if data is None else base64.b64encode(data).decode()
-
-
 def deploy(target: str, cert_pem: bytes, key_pem: bytes, chain_pem: bytes | None = None, *,
            force: bool = False, broker_url: str | None = None, host: str | None = None,
-           deploy_id: str | None = None) -> DeployHandle:
+           deploy_id: str | None = None, pipeline: PipelineKeys | str | None = None) -> DeployHandle:
     """Enqueue a deploy of ``target`` and return a handle to wait on.
 
-    The target's host comes from the fleet registry (workers publish what they serve).
-    Raises UnknownTarget if no worker has ever registered it, BrokerError if Redis is
-    unreachable. The material is checked again on the host; here only its size.
+    The bundle is sealed for the target host's pinned public key and signed with the
+    pipeline's key (``pipeline``: loaded keys, or the path of a pipeline file; default
+    ``$MAILTLS_PIPELINE`` or /etc/mailtls/pipeline.toml), so Redis only ever holds
+    ciphertext. The target's host comes from the fleet registry. Raises UnknownTarget
+    if no worker has registered it, ConfigError without pipeline keys, BrokerError if
+    Redis is unreachable. The material itself is checked on the host.
     """
+    keys = pipeline if isinstance(pipeline, PipelineKeys) else load_pipeline(pipeline)
     if not TARGET_NAME_RE.match(target):
         raise UnknownTarget(f"{target!r} is not a valid target name")
     for what, data in (("cert", cert_pem), ("key", key_pem), ("chain", chain_pem)):
@@ -100,16 +101,18 @@ def deploy(target: str, cert_pem: bytes, key_pem: bytes, chain_pem: bytes | None
         if not host:
             raise UnknownTarget(f"unknown target {target!r}: no worker has registered it (is its worker running "
                                 "with a config that defines it?)")
+        recipient = keys.host_key(host)  # pinned here, never taken from Redis
         fence = co.next_fence(target)
         co.put_record({"deploy_id": deploy_id, "target": target, "host": host, "phase": "queued",
                        "outcome": None, "fence": fence, "steps": {}, "error": None,
                        "created": dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")})
         co.push_history(target, deploy_id)
         refs = {"target": target, "host": host, "deploy_id": deploy_id}
-        bundle = {"cert": _b64(cert_pem), "key": _b64(key_pem), "chain": _b64(chain_pem)}
-        first = tasks.stage.signature(kwargs={**refs, "fence": fence, "bundle": bundle, "force": force}).set(
+        envelope = seal(target=target, host=host, deploy_id=deploy_id, fence=fence, cert=cert_pem, key=key_pem,
+                        chain=chain_pem, force=force, signing_key=keys.signing_key, recipient=recipient)
+        first = tasks.stage.signature(kwargs={**refs, "fence": fence, "envelope": envelope}).set(
             argsrepr="()",
-            kwargsrepr=repr({**refs, "fence": fence, "force": force, "bundle": REDACTED}),
+            kwargsrepr=repr({**refs, "fence": fence, "envelope": REDACTED}),
         )
         flow = chain(first, tasks.validate.si(**refs), tasks.commit.si(**refs), tasks.reload.si(**refs),
                      tasks.verify.si(**refs))

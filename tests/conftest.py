@@ -1,11 +1,13 @@
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.support.host import MailHost
+from tests.support.keys import Pipeline
 from tests.support.pki import PKI, make_pki
 from tests.support.services import RedisServer
 
@@ -28,3 +30,17 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     srv = RedisServer(tmp_path_factory.mktemp("redis"))
     yield srv
     srv.stop()
+
+
+@pytest.fixture(scope="session")
+def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pipeline]:
+    """The pipeline's signing key and pinned host keys; deploy() and the CLI find it
+    through $MAILTLS_PIPELINE, as an operator's pipeline would."""
+    p = Pipeline(tmp_path_factory.mktemp("pipeline"))
+    old = os.environ.get("MAILTLS_PIPELINE")
+    os.environ["MAILTLS_PIPELINE"] = str(p.path)
+    yield p
+    if old is None:
+        os.environ.pop("MAILTLS_PIPELINE", None)
+    else:
+        os.environ["MAILTLS_PIPELINE"] = old

@@ -17,6 +17,7 @@ from mailtls_tasks.local import run_local
 from mailtls_tasks.material import fingerprint
 from mailtls_tasks.result import DeployResult
 from mailtls_tasks.workflow import deploy
+from tests.support.keys import Pipeline
 from tests.support.pki import PKI, Issued, make_pki
 from tests.support.services import RedisServer, Worker
 from tests.support.stack import MailStack
@@ -27,10 +28,10 @@ Deploy = Callable[..., DeployResult]
 
 
 class E2E:
-    def __init__(self, root: Path, pki: PKI, redis_server: RedisServer) -> None:
+    def __init__(self, root: Path, pki: PKI, redis_server: RedisServer, pipeline: Pipeline) -> None:
         self.pki = pki
         self.current = pki.leaf()
-        self.stack = MailStack(root, self.current)
+        self.stack = MailStack(root, self.current, pipeline=pipeline)
         self.stale_dir = root / "certs" / "stale"
         self.stale_dir.mkdir()
         # a target whose files the daemon does not read: verify can never see its new leaf
@@ -47,8 +48,9 @@ class E2E:
 
 
 @pytest.fixture(scope="module")
-def e2e(tmp_path_factory: pytest.TempPathFactory, pki: PKI, redis_server: RedisServer) -> Iterator[E2E]:
-    env = E2E(tmp_path_factory.mktemp("e2e"), pki, redis_server)
+def e2e(tmp_path_factory: pytest.TempPathFactory, pki: PKI, redis_server: RedisServer,
+        pipeline: Pipeline) -> Iterator[E2E]:
+    env = E2E(tmp_path_factory.mktemp("e2e"), pki, redis_server, pipeline)
     try:
         yield env
     finally:

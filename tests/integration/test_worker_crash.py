@@ -14,6 +14,7 @@ from mailtls_tasks.journal import Journal
 from mailtls_tasks.material import key_matches_cert
 from mailtls_tasks.workflow import deploy
 from tests.support.host import MailHost
+from tests.support.keys import Pipeline
 from tests.support.pki import PKI
 from tests.support.services import RedisServer, Worker
 
@@ -26,8 +27,10 @@ def _kill_hanging_reload(host: MailHost) -> None:
     subprocess.run(["pkill", "-KILL", "-f", str(host.reload.path)], check=False)
 
 
-def test_kill9_during_reload_converges_after_restart(tmp_path: Path, redis_server: RedisServer, pki: PKI) -> None:
+def test_kill9_during_reload_converges_after_restart(tmp_path: Path, redis_server: RedisServer, pki: PKI,
+                                                    pipeline: Pipeline) -> None:
     host = MailHost(tmp_path / "mx3", host="mx3")
+    host.enroll(pipeline)
     host.add_target("smtp3")
     old, new = pki.leaf(), pki.leaf()
     host.install("smtp3", old)
@@ -86,9 +89,10 @@ def test_kill9_during_reload_converges_after_restart(tmp_path: Path, redis_serve
 
 
 def test_pool_child_killed_mid_reload_is_redelivered_and_finishes(tmp_path: Path, redis_server: RedisServer,
-                                                                   pki: PKI) -> None:
+                                                                   pki: PKI, pipeline: Pipeline) -> None:
     """task_reject_on_worker_lost: the message comes back at once and the step reruns."""
     host = MailHost(tmp_path / "mx4", host="mx4")
+    host.enroll(pipeline)
     host.add_target("smtp4")
     host.install("smtp4", pki.leaf())
     new = pki.leaf()

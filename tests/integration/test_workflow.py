@@ -21,6 +21,7 @@ from mailtls_tasks.journal import Journal
 from mailtls_tasks.material import key_matches_cert
 from mailtls_tasks.workflow import deploy
 from tests.support.host import MailHost
+from tests.support.keys import Pipeline
 from tests.support.pki import PKI, Issued
 from tests.support.services import REPO, Flower, RedisServer, Worker
 from tests.support.tlsserver import TLSServer
@@ -31,10 +32,11 @@ pytestmark = pytest.mark.integration
 class Fleet:
     """Two mail hosts, each with its own worker and targets, sharing one Redis."""
 
-    def __init__(self, root: Path, redis_server: RedisServer, pki: PKI) -> None:
+    def __init__(self, root: Path, redis_server: RedisServer, pki: PKI, pipeline: Pipeline) -> None:
         self.redis = redis_server
         self.pki = pki
         self.mx1 = MailHost(root / "mx1", host="mx1")
+        self.mx1.enroll(pipeline)
         self.mx1.add_target("smtp")
         self.mx1.add_target("plain")
         self.mx1.add_target("slow", command_timeout=1)
@@ -54,6 +56,7 @@ class Fleet:
         self.mx1.enable_verify("stale", self.stale_server.endpoint, timeout=0.8, protocol="imap")
 
         self.mx2 = MailHost(root / "mx2", host="mx2")
+        self.mx2.enroll(pipeline)
         self.mx2.add_target("imap2", mode="dovecot")
 
         self.w1 = Worker(self.mx1.config_path, redis_server.url, root / "worker-mx1.log")
@@ -82,8 +85,9 @@ class Fleet:
 
 
 @pytest.fixture(scope="module")
-def fleet(tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer, pki: PKI) -> Iterator[Fleet]:
-    f = Fleet(tmp_path_factory.mktemp("fleet"), redis_server, pki)
+def fleet(tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer, pki: PKI,
+          pipeline: Pipeline) -> Iterator[Fleet]:
+    f = Fleet(tmp_path_factory.mktemp("fleet"), redis_server, pki, pipeline)
     yield f
     f.close()
 
@@ -275,7 +279,7 @@ def test_flower_lists_deploy_tasks_without_key_material(fleet: Fleet, tmp_path: 
         stage = next(t for t in json.loads(pages[0]).values()
                      if t["name"] == "mailtls.stage" and res.deploy_id in json.dumps(t))
         pages.append(flower.get(f"/api/task/info/{stage['uuid']}"))
-        assert "redacted" in pages[-1]
+        assert "sealed envelope" in pages[-1]
         text = "\n".join(pages)
         leaked = [n[:20] for n in _secret_needles(fleet.keys) if n in text]
         assert not leaked, f"Flower shows key material: {leaked[:3]}"

@@ -34,6 +34,7 @@ class MailHost:
         self.trigger = root / "reload-trigger"
         self.reload.touches(self.trigger)
         self.targets: dict[str, dict[str, Any]] = {}
+        self.security: dict[str, Any] | None = None
         self.servers: list[TLSServer] = []
         self.config_path = root / "targets.json"
 
@@ -51,9 +52,16 @@ class MailHost:
         return t
 
     def write_config(self) -> Path:
-        self.config_path.write_text(json.dumps(
-            {"host": self.host, "state_dir": str(self.state), "targets": self.targets}, indent=1))
+        cfg: dict[str, Any] = {"host": self.host, "state_dir": str(self.state), "targets": self.targets}
+        if self.security:
+            cfg["security"] = self.security
+        self.config_path.write_text(json.dumps(cfg, indent=1))
         return self.config_path
+
+    def enroll(self, pipeline: Any) -> None:
+        """Give this host a key pair and trust the pipeline, as `mailtls keys` instructs."""
+        self.security = pipeline.enroll(self.host, self.root / "keys")
+        self.write_config()
 
     @property
     def config(self) -> HostConfig:

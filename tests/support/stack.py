@@ -50,9 +50,10 @@ class Wrapper:
 
 
 class MailStack:
-    def __init__(self, root: Path, initial: Issued, host: str = "mx-e2e") -> None:
+    def __init__(self, root: Path, initial: Issued, host: str = "mx-e2e", pipeline: Any = None) -> None:
         self.root = root
         self.host = host
+        self.security = pipeline.enroll(host, root / "keys") if pipeline is not None else None
         certs = root / "certs"
         self.shared = certs / "shared"
         self.shared.mkdir(parents=True)
@@ -96,8 +97,10 @@ class MailStack:
         self.write_config()
 
     def write_config(self) -> None:
-        self.config_path.write_text(json.dumps({"host": self.host, "state_dir": str(self.state),
-                                                "targets": self.targets}, indent=1))
+        cfg: dict[str, Any] = {"host": self.host, "state_dir": str(self.state), "targets": self.targets}
+        if self.security:
+            cfg["security"] = self.security
+        self.config_path.write_text(json.dumps(cfg, indent=1))
 
     def endpoints(self) -> dict[str, int]:
         """protocol name -> port, for every listener of both daemons."""
