@@ -18,8 +18,11 @@ from __future__ import annotations
 
 import os
 from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from celery import Celery
+
+from .errors import ConfigError
 
 BROKER_ENV = "MAILTLS_BROKER_URL"
 DEFAULT_BROKER = "redis://127.0.0.1:6379/0"
@@ -31,7 +34,27 @@ VISIBILITY_TIMEOUT = 2 * 3600  # > TASK_TIME_LIMIT + all retries' backoff
 
 
 def broker_url(explicit: str | None = None) -> str:
-    return explicit or os.environ.get(BROKER_ENV) or DEFAULT_BROKER
+    return normalize_url(explicit or os.environ.get(BROKER_ENV) or DEFAULT_BROKER)
+
+
+def normalize_url(url: str) -> str:
+    """``rediss://`` always verifies the server certificate.
+
+    Accepts ``?ssl_ca_certs=/path/ca.pem`` (and client ``ssl_certfile``/``ssl_keyfile``);
+    adds ``ssl_cert_reqs=required`` when absent and refuses anything weaker, because a
+    broker connection that can be intercepted carries every deploy's metadata.
+    """
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        raise ConfigError(f"broker URL scheme {parts.scheme!r} is not supported (redis://, rediss://, unix://)")
+    if parts.scheme != "rediss":
+        return url
+    query = dict(parse_qsl(parts.query))
+    reqs = query.get("ssl_cert_reqs", "required").lower()
+    if reqs not in ("required", "cert_required"):
+        raise ConfigError("broker URL: ssl_cert_reqs must be 'required' (certificate verification cannot be off)")
+    query["ssl_cert_reqs"] = "required"
+    return urlunsplit(parts._replace(query=urlencode(query, safe="/")))
 
 
 def queue_for(host: str) -> str:
@@ -85,8 +108,27 @@ app = Celery("mailtls", include=["mailtls_tasks.tasks"])
 configure(app, broker_url())
 
 
+_clients: dict[str, Celery] = {}
+
+
+def client_app(url: str | None = None) -> Celery:
+    """A sending-only app for ``url``, one per broker URL.
+
+    Celery caches its connection and producer pools on first use, so re-pointing one
+    app at another broker silently keeps sending to the first. A pipeline process
+    may talk to several fleets: each URL gets its own app. Tasks are sent by name.
+    """
+    norm = broker_url(url)
+    client = _clients.get(norm)
+    if client is None:
+        client = Celery("mailtls-client", set_as_current=False)
+        configure(client, norm)
+        _clients[norm] = client
+    return client
+
+
 def use_broker(url: str | None) -> Celery:
-    """Point the (module) app at ``url`` before anything connected."""
+    """Point the module app (the worker's, and the CLI's one-shot) at ``url``, before it connects."""
     if url:
-        configure(app, url)
+        configure(app, normalize_url(url))
     return app

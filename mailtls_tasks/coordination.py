@@ -58,6 +58,7 @@ def public_record(rec: DeployRecord) -> dict[str, Any]:
 
 class Coordinator:
     def __init__(self, url_or_client: str | redis.Redis) -> None:  # type: ignore[type-arg]
+        self.url = url_or_client if isinstance(url_or_client, str) else None
         if isinstance(url_or_client, str):
             self.r = redis.Redis.from_url(url_or_client, socket_timeout=10, socket_connect_timeout=5,
                                           health_check_interval=30, decode_responses=True)

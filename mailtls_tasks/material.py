@@ -168,7 +168,19 @@ def build_bundle(
     *,
     now: dt.datetime | None = None,
 ) -> Bundle:
-    """Parse and check the material; raise MaterialError naming what is wrong."""
+    """Parse and check the material; raise MaterialError naming what is wrong.
+
+    A certificate can parse lazily and still hold an unparsable public key or
+    extension; cryptography then raises ValueError deep inside a check. Those are
+    bad input too, never an internal error (found by the property-based tests).
+    """
+    try:
+        return _build_bundle(cert_pem, key_pem, chain_pem, now=now)
+    except (ValueError, TypeError, UnsupportedAlgorithm) as err:
+        raise MaterialError(f"cert: a certificate does not parse completely ({type(err).__name__}: {err})") from None
+
+
+def _build_bundle(cert_pem: bytes, key_pem: bytes, chain_pem: bytes | None, *, now: dt.datetime | None) -> Bundle:
     now = now or dt.datetime.now(dt.UTC)
     certs = parse_certs(cert_pem, "cert")
     leaf, embedded_chain = certs[0], certs[1:]

@@ -118,6 +118,14 @@ def _run(task: Task, step: str, target: str, host: str, deploy_id: str,
     except MailTLSError:
         _after(rt.record(target, deploy_id))
         raise
+    except Exception as err:
+        after = rt.record(target, deploy_id)
+        if after is None:  # died before the journal knew it: nothing was touched, end it visibly
+            co.finish_unstarted(deploy_id, "rejected", f"internal error in {step}: {type(err).__name__}: {err}")
+            co.release(target, deploy_id)
+        else:
+            _after(after)
+        raise
     _after(rec)
     return _summary(rec, step)
 

@@ -15,10 +15,9 @@ import datetime as dt
 from typing import Any
 
 import redis
-from celery import chain
+from celery import Celery, Signature, chain
 
-from . import tasks
-from .app import use_broker
+from .app import client_app
 from .config import TARGET_NAME_RE
 from .coordination import Coordinator
 from .envelope import seal
@@ -93,7 +92,7 @@ def deploy(target: str, cert_pem: bytes, key_pem: bytes, chain_pem: bytes | None
     for what, data in (("cert", cert_pem), ("key", key_pem), ("chain", chain_pem)):
         if data is not None and len(data) > MAX_INPUT_BYTES:
             raise Rejected(f"{what}: over the {MAX_INPUT_BYTES}-byte limit")
-    app = use_broker(broker_url)
+    app = client_app(broker_url)
     co = Coordinator(str(app.conf.broker_url))
     deploy_id = check_deploy_id(deploy_id or new_deploy_id())
     try:
@@ -103,22 +102,39 @@ def deploy(target: str, cert_pem: bytes, key_pem: bytes, chain_pem: bytes | None
                                 "with a config that defines it?)")
         recipient = keys.host_key(host)  # pinned here, never taken from Redis
         fence = co.next_fence(target)
-        co.put_record({"deploy_id": deploy_id, "target": target, "host": host, "phase": "queued",
-                       "outcome": None, "fence": fence, "steps": {}, "error": None,
-                       "created": dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")})
-        co.push_history(target, deploy_id)
-        refs = {"target": target, "host": host, "deploy_id": deploy_id}
         envelope = seal(target=target, host=host, deploy_id=deploy_id, fence=fence, cert=cert_pem, key=key_pem,
                         chain=chain_pem, force=force, signing_key=keys.signing_key, recipient=recipient)
-        first = tasks.stage.signature(kwargs={**refs, "fence": fence, "envelope": envelope}).set(
-            argsrepr="()",
-            kwargsrepr=repr({**refs, "fence": fence, "envelope": REDACTED}),
-        )
-        flow = chain(first, tasks.validate.si(**refs), tasks.commit.si(**refs), tasks.reload.si(**refs),
-                     tasks.verify.si(**refs))
-        flow.apply_async(link_error=tasks.rollback.si(**refs), task_id=None)
+        return enqueue_sealed(co, envelope, app)
     except redis.RedisError as err:
         raise BrokerError(f"cannot enqueue deploy: Redis error: {err}") from None
     except (OSError, ConnectionError) as err:
         raise BrokerError(f"cannot enqueue deploy: broker unreachable: {err}") from None
+
+
+def enqueue_sealed(co: Coordinator, envelope: dict[str, Any], app: Celery | None = None) -> DeployHandle:
+    """Enqueue an envelope sealed and signed elsewhere (e.g. by a signer holding the
+    pipeline key in an HSM): records the deploy and sends the step chain.
+
+    Target, host, deploy id and fence are taken from the envelope's signed header; the
+    worker refuses it unless they match the message, so nothing here is trusted.
+    """
+    try:
+        target, host, deploy_id, fence = (envelope["target"], envelope["host"], envelope["deploy_id"],
+                                          envelope["fence"])
+    except (KeyError, TypeError):
+        raise Rejected("envelope: missing target, host, deploy_id or fence") from None
+    co.put_record({"deploy_id": deploy_id, "target": target, "host": host, "phase": "queued",
+                   "outcome": None, "fence": fence, "steps": {}, "error": None,
+                   "created": dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")})
+    co.push_history(target, deploy_id)
+    app = app or client_app(co.url)
+    refs = {"target": target, "host": host, "deploy_id": deploy_id}
+
+    def step(name: str) -> Signature:
+        return app.signature(f"mailtls.{name}", kwargs=refs, immutable=True)
+
+    first = app.signature("mailtls.stage", kwargs={**refs, "fence": fence, "envelope": envelope}).set(
+        argsrepr="()", kwargsrepr=repr({**refs, "fence": fence, "envelope": REDACTED}))
+    flow = chain(first, step("validate"), step("commit"), step("reload"), step("verify"), app=app)
+    flow.apply_async(link_error=step("rollback"))
     return DeployHandle(co, deploy_id, target, host)

@@ -59,6 +59,8 @@ class Fleet:
         self.mx2.enroll(pipeline)
         self.mx2.add_target("imap2", mode="dovecot")
 
+        # Flower watches from the start, so it sees every deploy, retry and rollback below
+        self.flower = Flower(redis_server.url, root / "flower.log")
         self.w1 = Worker(self.mx1.config_path, redis_server.url, root / "worker-mx1.log")
         self.w2 = Worker(self.mx2.config_path, redis_server.url, root / "worker-mx2.log")
         self.keys: list[bytes] = []
@@ -78,6 +80,7 @@ class Fleet:
         return deploy(target, leaf.fullchain_pem, leaf.key_pem, broker_url=self.redis.url, **kw).get(timeout)  # type: ignore[arg-type]
 
     def close(self) -> None:
+        self.flower.stop()
         self.w1.stop()
         self.w2.stop()
         self.mx1.close()
@@ -225,11 +228,13 @@ def test_cli_distributed_deploy_status_and_targets(fleet: Fleet, tmp_path: Path)
 
 
 def _secret_needles(keys: list[bytes]) -> list[str]:
+    """Every form a private key could leak in: PEM lines, DER as hex and as base64."""
     needles = []
     for pem in keys:
         body = [ln for ln in pem.decode().splitlines() if ln and "-----" not in ln]
         der = base64.b64decode("".join(body))
-        needles += [*body, der.hex(), base64.b64encode(pem).decode()[:60], base64.b64encode(der).decode()[:60]]
+        needles += [*body, der.hex(), der.hex()[:64], base64.b64encode(der).decode()[:60],
+                    base64.b64encode(pem).decode()[:60]]
     return needles
 
 
@@ -246,42 +251,44 @@ def _redis_value(r: redis.Redis, k: bytes) -> object:  # type: ignore[type-arg]
     return r.zrange(k, 0, -1)
 
 
-def test_nothing_in_redis_or_worker_logs_contains_key_material(fleet: Fleet) -> None:
-    """Runs after the deploys above (module order): every key and value is scanned."""
-    assert fleet.keys, "no deploys ran before the scan"
-    needles = _secret_needles(fleet.keys)
-    r = redis.Redis.from_url(fleet.redis.url)
-    dump = []
-    for k in r.scan_iter(count=500):
-        dump.append(repr(k) + repr(_redis_value(r, k)))
-    text = "\n".join(dump) + fleet.w1.log() + fleet.w2.log()
+def redis_dump(url: str) -> list[str]:
+    r = redis.Redis.from_url(url)
+    return [repr(k) + repr(_redis_value(r, k)) for k in r.scan_iter(count=500)]
+
+
+def test_flower_lists_deploy_tasks_by_name(fleet: Fleet) -> None:
+    res = fleet.deploy("plain", fleet.pki.leaf())
+    assert res.outcome == "deployed"
+    deadline = time.monotonic() + 20
+    names: set[str] = set()
+    while time.monotonic() < deadline:
+        tasks = json.loads(fleet.flower.get("/api/tasks"))
+        names = {t["name"] for t in tasks.values() if res.deploy_id in json.dumps(t)}
+        if {"mailtls.stage", "mailtls.verify"} <= names:
+            break
+        time.sleep(0.5)
+    assert names >= {"mailtls.stage", "mailtls.validate", "mailtls.commit", "mailtls.reload", "mailtls.verify"}
+    stage = next(t for t in json.loads(fleet.flower.get("/api/tasks")).values()
+                 if t["name"] == "mailtls.stage" and res.deploy_id in json.dumps(t))
+    assert "sealed envelope" in fleet.flower.get(f"/api/task/info/{stage['uuid']}")
+    all_names = {t["name"] for t in json.loads(fleet.flower.get("/api/tasks")).values()}
+    assert "mailtls.rollback" in all_names  # Flower saw the compensations of the tests above
+
+
+def test_zz_nothing_anywhere_contains_key_material(fleet: Fleet) -> None:
+    """Last in the module: after deploys, retries, rollbacks and ten concurrent deploys,
+    scan every Redis key and value, every worker log line, every Flower API response."""
+    assert len(fleet.keys) >= 15, "the scan needs the deploys above to have run"
+    tasks = json.loads(fleet.flower.get("/api/tasks"))
+    assert len(tasks) >= 50
+    pages = [fleet.flower.get("/api/tasks"), fleet.flower.get("/api/workers?refresh=1"),
+             fleet.flower.get("/api/task/types"), fleet.flower.get("/api/queues/length")]
+    pages += [fleet.flower.get(f"/api/task/info/{uuid}") for uuid in tasks]
+    dump = redis_dump(fleet.redis.url)
     assert len(dump) > 10
-    leaked = [n[:20] for n in needles if n in text]
-    assert not leaked, f"key material found: {leaked[:3]}"
-
-
-def test_flower_lists_deploy_tasks_without_key_material(fleet: Fleet, tmp_path: Path) -> None:
-    flower = Flower(fleet.redis.url, tmp_path / "flower.log")
-    try:
-        time.sleep(2)  # Flower subscribes to events; deploys before that are invisible to it
-        res = fleet.deploy("plain", fleet.pki.leaf())
-        assert res.outcome == "deployed"
-        deadline = time.monotonic() + 20
-        names: set[str] = set()
-        while time.monotonic() < deadline:
-            tasks = json.loads(flower.get("/api/tasks"))
-            names = {t["name"] for t in tasks.values() if res.deploy_id in json.dumps(t)}
-            if {"mailtls.stage", "mailtls.verify"} <= names:
-                break
-            time.sleep(0.5)
-        assert names >= {"mailtls.stage", "mailtls.validate", "mailtls.commit", "mailtls.reload", "mailtls.verify"}
-        pages = [flower.get("/api/tasks"), flower.get("/api/workers?refresh=1")]
-        stage = next(t for t in json.loads(pages[0]).values()
-                     if t["name"] == "mailtls.stage" and res.deploy_id in json.dumps(t))
-        pages.append(flower.get(f"/api/task/info/{stage['uuid']}"))
-        assert "sealed envelope" in pages[-1]
-        text = "\n".join(pages)
-        leaked = [n[:20] for n in _secret_needles(fleet.keys) if n in text]
-        assert not leaked, f"Flower shows key material: {leaked[:3]}"
-    finally:
-        flower.stop()
+    sources = {"redis": "\n".join(dump), "worker mx1 log": fleet.w1.log(), "worker mx2 log": fleet.w2.log(),
+               "flower": "\n".join(pages)}
+    needles = _secret_needles(fleet.keys)
+    for name, text in sources.items():
+        leaked = [n[:20] for n in needles if n in text]
+        assert not leaked, f"key material found in {name}: {leaked[:3]}"

@@ -74,6 +74,7 @@ def issue(
     days: int = 30,
     eku: list[x509.ObjectIdentifier] | None = None,
     sans: list[str] | None = None,
+    ips: list[str] | None = None,
     key: PrivateKey | None = None,
 ) -> Issued:
     key = key or new_key(kind, bits)
@@ -98,8 +99,11 @@ def issue(
     else:
         builder = builder.add_extension(
             x509.ExtendedKeyUsage(eku if eku is not None else [ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        builder = builder.add_extension(
-            x509.SubjectAlternativeName([x509.DNSName(s) for s in (sans or [cn])]), critical=False)
+        import ipaddress
+
+        names: list[x509.GeneralName] = [x509.DNSName(s) for s in (sans or [cn])]
+        names += [x509.IPAddress(ipaddress.ip_address(i)) for i in (ips or [])]
+        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
     cert = builder.sign(signer_key, hashes.SHA256())
     return Issued(cert, key, [])  # callers that want a chain set it (servers stop before the root)
 

@@ -63,20 +63,36 @@ def _kill_group(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeou
 
 
 class RedisServer:
-    def __init__(self, workdir: Path) -> None:
+    """redis-server on a free loopback port; with ``tls`` (cert, key, ca paths) it speaks
+    only TLS, and with ``user``/``password`` the default user is off (ACL AUTH required)."""
+
+    def __init__(self, workdir: Path, tls: tuple[Path, Path, Path] | None = None, user: str | None = None,
+                 password: str | None = None) -> None:
         binary = require("redis-server")
         self.port = free_port()
+        self.tls = tls
+        self.user, self.password = user, password
         workdir.mkdir(parents=True, exist_ok=True)
         self.log = workdir / "redis.log"
-        self.proc = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(workdir)],
-            stdin=subprocess.DEVNULL, stdout=self.log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
+        argv = [binary, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(workdir)]
+        if tls:
+            cert, key, ca = tls
+            argv += ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(cert), "--tls-key-file",
+                     str(key), "--tls-ca-cert-file", str(ca), "--tls-auth-clients", "no"]
+        else:
+            argv += ["--port", str(self.port)]
+        if user:
+            argv += ["--user", "default", "off", "--user", user, "on", f">{password}", "~*", "&*", "+@all"]
+        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self.log.open("wb"),
+                                     stderr=subprocess.STDOUT, start_new_session=True)
         wait_port(self.port)
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f"{self.user}:{self.password}@" if self.user else ""
+        if self.tls:
+            return f"rediss://{auth}127.0.0.1:{self.port}/0?ssl_ca_certs={self.tls[2]}"
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def stop(self) -> None:
         _kill_group(self.proc)
