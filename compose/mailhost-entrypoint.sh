@@ -19,6 +19,18 @@ ssl_cert = </etc/dovecot/certs/cert.pem
 ssl_key = </etc/dovecot/certs/key.pem
 protocols = imap pop3
 CONF
+# Keys of distributed mode: this host's key, and (for the demo) a pipeline key in the
+# shared /keys volume, pinned to this host. Real pipelines keep their key elsewhere.
+mkdir -p /keys
+[ -s /etc/mailtls/host.key ] || mailtls keys init-host --out /etc/mailtls/host.key >/dev/null
+[ -s /keys/pipeline.key ] || mailtls keys init-pipeline --out /keys/pipeline.key >/dev/null
+HOST_PUB=$(mailtls keys public /etc/mailtls/host.key)
+SIGNER=$(mailtls keys public /keys/pipeline.key)
+printf 'signing_key = "/keys/pipeline.key"\n[hosts]\nmx1 = "%s"\n' "$HOST_PUB" > /keys/pipeline.toml
+if ! grep -q '^\[security\]' /etc/mailtls/targets.toml; then
+    printf '\n[security]\nhost_keys = ["/etc/mailtls/host.key"]\ntrusted_signers = ["%s"]\n' "$SIGNER" \
+        >> /etc/mailtls/targets.toml
+fi
 postfix start
 dovecot
 exec "$@"

@@ -256,19 +256,22 @@ def keys() -> None:
     """Create and show the host and pipeline keys of distributed mode."""
 
 
+def _create_key(create: Any, out: str, where: str) -> None:
+    try:
+        pub = create(out)
+    except MailTLSError as err:
+        _fail(str(err), err.exit_code)
+    click.echo(f"created {out} (0600)\npublic: {pub}\n\n" + where.format(out=out, pub=pub))
+
+
 @keys.command("init-host")
 @click.option("--out", default="/etc/mailtls/host.key", show_default=True, metavar="FILE")
 def keys_init_host(out: str) -> None:
     """Create this mail host's X25519 key (0600); prints the public half for the pipeline."""
     from .keys import create_host_key
 
-    try:
-        pub = create_host_key(out)
-    except MailTLSError as err:
-        _fail(str(err), err.exit_code)
-    click.echo(f"created {out} (0600)\npublic: {pub}\n\nOn this host, in the targets file:\n"
-               f"  [security]\n  host_keys = [\"{out}\"]\n\nIn the pipeline's pipeline.toml, under [hosts]:\n"
-               f"  <host> = \"{pub}\"")
+    _create_key(create_host_key, out, 'On this host, in the targets file:\n  [security]\n  host_keys = ["{out}"]\n\n'
+                'In the pipeline\'s pipeline.toml, under [hosts]:\n  <host> = "{pub}"')
 
 
 @keys.command("init-pipeline")
@@ -277,13 +280,8 @@ def keys_init_pipeline(out: str) -> None:
     """Create the pipeline's Ed25519 signing key (0600); prints the public half for workers."""
     from .keys import create_signing_key
 
-    try:
-        pub = create_signing_key(out)
-    except MailTLSError as err:
-        _fail(str(err), err.exit_code)
-    click.echo(f"created {out} (0600)\npublic: {pub}\n\nIn the pipeline's pipeline.toml:\n"
-               f"  signing_key = \"{out}\"\n\nOn every worker host, in the targets file's [security]:\n"
-               f"  trusted_signers = [\"{pub}\"]")
+    _create_key(create_signing_key, out, 'In the pipeline\'s pipeline.toml:\n  signing_key = "{out}"\n\n'
+                'On every worker host, in the targets file\'s [security]:\n  trusted_signers = ["{pub}"]')
 
 
 @keys.command("public")

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
-import time
 from pathlib import Path
 
 from .services import free_port, require, wait_port
@@ -123,11 +121,7 @@ alias_database =
         _wait_gone(self.smtp_port)
 
     def debug(self) -> str:
-        out = []
-        for f in (self.log, self.dir / "maillog"):
-            if f.exists():
-                out.append(f"--- {f}\n" + f.read_text(errors="replace")[-4000:])
-        return "\n".join(out)
+        return _tails(self.log, self.dir / "maillog")
 
 
 class Dovecot:
@@ -226,19 +220,13 @@ service stats {{
         _wait_gone(self.ports["imap"])
 
     def debug(self) -> str:
-        out = []
-        for f in (self.log, self.dir / "dovecot.log"):
-            if f.exists():
-                out.append(f"--- {f}\n" + f.read_text(errors="replace")[-4000:])
-        return "\n".join(out)
+        return _tails(self.log, self.dir / "dovecot.log")
+
+
+def _tails(*logs: Path) -> str:
+    """The end of each log that exists: what to show when a daemon will not start."""
+    return "\n".join(f"--- {f}\n" + f.read_text(errors="replace")[-4000:] for f in logs if f.exists())
 
 
 def _wait_gone(port: int, timeout: float = 15) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.3):
-                pass
-        except OSError:
-            return
-        time.sleep(0.1)
+    wait_port(port, timeout, gone=True)

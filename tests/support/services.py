@@ -37,15 +37,20 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_port(port: int, timeout: float = 10.0) -> None:
+def wait_port(port: int, timeout: float = 10.0, gone: bool = False) -> None:
+    """Until something listens on 127.0.0.1:port (or, with ``gone``, nothing does)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
+                listening = True
         except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
+            listening = False
+        if listening != gone:
+            return
+        time.sleep(0.05)
+    state = "still listening" if gone else "nothing listening"
+    raise TimeoutError(f"{state} on 127.0.0.1:{port} after {timeout}s")
 
 
 def _kill_group(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
