@@ -7,7 +7,11 @@ a file: it passes names (target, deploy id, step) and gets journal records back.
 from __future__ import annotations
 
 import datetime as dt
+from dataclasses import dataclass
 from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from . import files, material, steps
 from .config import HostConfig
@@ -16,6 +20,17 @@ from .errors import ConfigError
 from .journal import DeployRecord, Journal, check_deploy_id
 from .keys import load_host_key, parse_ed25519_public
 from .steps import StepContext
+
+
+@dataclass(frozen=True, repr=False)
+class HostKeys:
+    host_keys: list[X25519PrivateKey]
+    trusted: list[Ed25519PublicKey]
+    max_age: float
+
+    def __repr__(self) -> str:
+        return f"<HostKeys {len(self.host_keys)} host key(s), {len(self.trusted)} trusted signer(s)>"
+
 
 STEP_FUNCTIONS = {
     "validate": steps.validate,
@@ -33,13 +48,18 @@ class HostRuntime:
         self.journal = Journal(cfg.state_dir)
         self.contexts = {n: StepContext(t, self.journal, cfg.host) for n, t in cfg.targets.items()}
         self.lock_wait = lock_wait
+        self._keys: HostKeys | None = None
 
     @property
     def host(self) -> str:
         return self.cfg.host
 
-    def check_security(self) -> None:
-        """Distributed mode refuses to start without keys; say how to create them."""
+    def security(self) -> HostKeys:
+        """This host's keys and trusted signers, loaded once (the worker loads them at
+        start; rotating them means a restart, as the README says). Distributed mode
+        refuses to start without them, saying how to create them."""
+        if self._keys is not None:
+            return self._keys
         sec = self.cfg.security
         if sec is None:
             raise ConfigError(
@@ -49,25 +69,20 @@ class HostRuntime:
                 "  [security]\n  host_keys = [\"/etc/mailtls/host.key\"]\n"
                 "  trusted_signers = [\"ed25519:…\"]   # from `mailtls keys public pipeline.key`\n"
                 "(--local deploys need none of this)")
-        for path in sec.host_keys:
-            load_host_key(path)
+        self._keys = HostKeys([load_host_key(p) for p in sec.host_keys],
+                              [parse_ed25519_public(s, "trusted_signers") for s in sec.trusted_signers],
+                              sec.max_envelope_age)
+        return self._keys
 
     def stage_envelope(self, target: str, deploy_id: str, envelope: Any, *, fence: int | None) -> DeployRecord:
         """Open the sealed bundle (refusing anything not signed by a trusted pipeline for
         exactly this target, host, deploy and fence) and stage it."""
-        self.context(target)
-        sec = self.cfg.security
-        if sec is None:
-            self.check_security()
-            raise AssertionError("unreachable")
+        keys = self.security()
         existing = self.record(target, deploy_id)
-        if existing is not None and existing.finished:
-            return existing  # a redelivered stage of a deploy that already ended
-        opened = open_envelope(
-            envelope, target=target, host=self.host, deploy_id=deploy_id, fence=fence,
-            host_keys=[load_host_key(p) for p in sec.host_keys],
-            trusted=[parse_ed25519_public(s, "trusted_signers") for s in sec.trusted_signers],
-            max_age=sec.max_envelope_age)
+        if steps.already_staged(existing):
+            return existing  # redelivered: its envelope may be past max age by now, and that is fine
+        opened = open_envelope(envelope, target=target, host=self.host, deploy_id=deploy_id, fence=fence,
+                               host_keys=keys.host_keys, trusted=keys.trusted, max_age=keys.max_age)
         return self.stage(target, deploy_id, opened.cert, opened.key, opened.chain, force=opened.force, fence=fence)
 
     def context(self, target: str) -> StepContext:

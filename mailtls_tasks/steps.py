@@ -20,6 +20,7 @@ import ssl
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TypeGuard
 
 from . import files, material, probe
 from .commands import run_command
@@ -84,6 +85,12 @@ def _skip(rec: DeployRecord, name: str, detail: str) -> None:
     rec.steps[name] = StepRecord(status="skipped", ms=0, detail=detail)
 
 
+def already_staged(rec: DeployRecord | None) -> TypeGuard[DeployRecord]:
+    """Stage ran to the end for this deploy (or the deploy is over): a redelivered
+    stage must return the record, never stage again or re-judge its input."""
+    return rec is not None and _done(rec, "staged")
+
+
 def _done(rec: DeployRecord, phase_at_least: Phase) -> bool:
     return rec.finished or ORDER[rec.phase] >= ORDER[phase_at_least]
 
@@ -120,7 +127,7 @@ def stage(ctx: StepContext, deploy_id: str, cert_pem: bytes, key_pem: bytes,
     """
     t = ctx.target
     rec = ctx.journal.load(t.name, check_deploy_id(deploy_id))
-    if rec is not None and _done(rec, "staged"):
+    if already_staged(rec):
         return rec
     if rec is not None:  # a previous attempt died mid-stage: nothing live was touched
         _remove_temps(rec)
@@ -130,7 +137,7 @@ def stage(ctx: StepContext, deploy_id: str, cert_pem: bytes, key_pem: bytes,
             if fence is not None:
                 _check_fence(ctx, fence)
             _stage(ctx, rec, cert_pem, key_pem, chain_pem, force=force, now=now)
-        except (Rejected, Superseded) as err:
+        except Rejected as err:  # Superseded included
             _remove_temps(rec)
             rec.steps["stage"] = StepRecord(status="failed", detail=str(err))
             _finish(ctx, rec, "rejected", str(err), "superseded" if isinstance(err, Superseded) else None)

@@ -19,7 +19,7 @@ import redis
 from celery import Task
 from celery.signals import worker_init, worker_shutdown
 
-from .app import app
+from .app import MAX_RETRY_BACKOFF, app
 from .config import load_config
 from .coordination import Coordinator
 from .envelope import EnvelopeError
@@ -40,8 +40,16 @@ def runtime() -> HostRuntime:
     rt = _state.get("runtime")
     if rt is None:
         rt = HostRuntime(load_config(os.environ.get("MAILTLS_CONFIG")))
-        rt.check_security()
+        rt.security()
         _state["runtime"] = rt
+    return rt
+
+
+def _runtime_for(host: str) -> HostRuntime:
+    rt = runtime()
+    if host != rt.host:
+        # Routing sent it here by mistake; acting on another host's target is never right.
+        raise Rejected(f"message for host {host!r} reached worker of host {rt.host!r}")
     return rt
 
 
@@ -83,17 +91,14 @@ class StepTask(Task):  # type: ignore[misc]
     autoretry_for = (Transient, redis.ConnectionError, redis.TimeoutError)
     max_retries = 10
     retry_backoff = 1
-    retry_backoff_max = 30
+    retry_backoff_max = MAX_RETRY_BACKOFF
     retry_jitter = True
     typing = True
 
 
 def _run(task: Task, step: str, target: str, host: str, deploy_id: str,
          call: Callable[[HostRuntime], DeployRecord]) -> dict[str, Any]:
-    rt = runtime()
-    if host != rt.host:
-        # Routing sent it here by mistake; acting on another host's target is never right.
-        raise Rejected(f"message for host {host!r} reached worker of host {rt.host!r}")
+    rt = _runtime_for(host)
     co = coordinator()
     try:
         rec = rt.record(target, deploy_id)
@@ -169,9 +174,7 @@ def rollback(self: Task, *, target: str, host: str, deploy_id: str) -> dict[str,
     Restores the old files only if something was committed; a no-op for a deploy
     that already ended (e.g. rejected before commit).
     """
-    rt = runtime()
-    if host != rt.host:
-        raise Rejected(f"rollback for host {host!r} reached worker of host {rt.host!r}")
+    rt = _runtime_for(host)
     rec = rt.record(target, deploy_id)
     if rec is None or rec.finished:
         _after(rec)
@@ -196,7 +199,7 @@ def _heartbeat(stop: threading.Event) -> None:
 @worker_init.connect
 def _on_worker_init(**_: Any) -> None:
     """Before consuming: recover interrupted deploys, then announce this host."""
-    rt, co = runtime(), coordinator()
+    rt = runtime()
     for rec in rt.recover():
         log.warning("recovered interrupted deploy %s of %s: %s", rec.deploy_id, rec.target, rec.outcome)
         try:
@@ -207,7 +210,6 @@ def _on_worker_init(**_: Any) -> None:
     _state["heartbeat_stop"] = stop
     threading.Thread(target=_heartbeat, args=(stop,), name="mailtls-heartbeat", daemon=True).start()
     log.info("mailtls worker for host %s serving targets: %s", rt.host, ", ".join(rt.cfg.targets) or "none")
-    del co
 
 
 @worker_shutdown.connect

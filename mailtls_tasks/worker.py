@@ -12,7 +12,7 @@ import os
 import sys
 
 from .app import BROKER_ENV, queue_for, use_broker
-from .config import CONFIG_ENV, config_path, load_config
+from .config import CONFIG_ENV, config_path
 
 
 def worker_argv(host: str, loglevel: str = "INFO", concurrency: int = 1) -> list[str]:
@@ -22,17 +22,15 @@ def worker_argv(host: str, loglevel: str = "INFO", concurrency: int = 1) -> list
 
 def run_worker(config: str | None = None, broker: str | None = None, loglevel: str = "INFO",
                concurrency: int = 1) -> None:
-    cfg = load_config(config)  # fail fast, with the config's own message
-    from .host import HostRuntime
-
-    HostRuntime(cfg).check_security()  # no keys, no distributed mode: say how to make them
     os.environ[CONFIG_ENV] = config_path(config)
     app = use_broker(broker)
     os.environ[BROKER_ENV] = str(app.conf.broker_url)
     from . import tasks
 
-    tasks.runtime()  # loaded now, inherited by the pool's children
-    app.worker_main(worker_argv(cfg.host, loglevel, concurrency))
+    # Config and keys, loaded once and inherited by the pool's children; fails fast with
+    # the config's own message, or says how to create keys.
+    rt = tasks.runtime()
+    app.worker_main(worker_argv(rt.host, loglevel, concurrency))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,37 @@
+"""The worker host's runtime opening envelopes, against real files and keys."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from mailtls_tasks.envelope import seal
+from mailtls_tasks.host import HostRuntime
+from mailtls_tasks.keys import load_pipeline
+from tests.support.host import MailHost
+from tests.support.keys import Pipeline
+from tests.support.pki import PKI
+
+
+def test_redelivered_stage_after_staging_returns_the_record_even_if_its_envelope_expired(
+        host: MailHost, pki: PKI, tmp_path: Path) -> None:
+    """Redis redelivers unacked messages after the visibility timeout (2 h), which is past
+    max_envelope_age (1 h): a stage that already ran must not be re-judged and rejected."""
+    pipeline = Pipeline(tmp_path / "pipeline")
+    host.enroll(pipeline)
+    host.add_target("mx")
+    keys = load_pipeline(str(pipeline.path))
+    leaf = pki.leaf()
+
+    def envelope(issued_at: float) -> dict[str, object]:
+        return seal(target="mx", host=host.host, deploy_id="d-1", fence=1, cert=leaf.fullchain_pem,
+                    key=leaf.key_pem, chain=None, force=False, signing_key=keys.signing_key,
+                    recipient=keys.host_key(host.host), issued_at=issued_at)
+
+    rt = HostRuntime(host.config)
+    staged = rt.stage_envelope("mx", "d-1", envelope(time.time()), fence=1)
+    assert staged.phase == "staged" and not staged.finished
+
+    again = rt.stage_envelope("mx", "d-1", envelope(time.time() - 7200), fence=1)
+
+    assert again.phase == "staged" and again.fingerprint == leaf.fingerprint
