@@ -154,10 +154,10 @@ def recover(config_path: str | None) -> None:
 
 
 def _coordinator(broker: str | None) -> Any:
-    from .app import use_broker
+    from .app import broker_url
     from .coordination import Coordinator
 
-    co = Coordinator(str(use_broker(broker).conf.broker_url))
+    co = Coordinator(broker_url(broker))
     co.ping()
     return co
 

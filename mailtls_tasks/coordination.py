@@ -51,9 +51,7 @@ return 0
 
 def public_record(rec: DeployRecord) -> dict[str, Any]:
     """The Redis view of a journal record: everything but per-file hashes and paths."""
-    d = rec.model_dump(mode="json", exclude={"files"})
-    d["files_already_live"] = rec.files_already_live
-    return d
+    return rec.model_dump(mode="json", exclude={"files"})
 
 
 class Coordinator:

@@ -17,8 +17,9 @@ import pytest
 
 from mailtls_tasks.journal import Journal
 from mailtls_tasks.material import key_matches_cert
-from tests.support.host import REPO, MailHost
+from tests.support.host import MailHost
 from tests.support.pki import PKI
+from tests.support.services import REPO
 
 CHILD = r"""
 import os, sys

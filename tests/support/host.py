@@ -16,7 +16,6 @@ from mailtls_tasks.result import DeployResult
 
 from .commands import FakeCommand
 from .pki import Issued
-from .services import REPO  # noqa: F401
 from .tlsserver import TLSServer
 
 
