@@ -22,13 +22,14 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from celery import Celery
 
+from .config import STEP_SOFT_TIME_LIMIT, STEP_TIME_LIMIT
 from .errors import ConfigError
 
 BROKER_ENV = "MAILTLS_BROKER_URL"
 DEFAULT_BROKER = "redis://127.0.0.1:6379/0"
 
-TASK_TIME_LIMIT = 600          # hard limit of any step, seconds
-TASK_SOFT_TIME_LIMIT = 540
+TASK_TIME_LIMIT = int(STEP_TIME_LIMIT)          # hard limit of any step, seconds (config checks
+TASK_SOFT_TIME_LIMIT = int(STEP_SOFT_TIME_LIMIT)  # that every target's timeouts fit inside)
 MAX_RETRY_BACKOFF = 30
 VISIBILITY_TIMEOUT = 2 * 3600  # > TASK_TIME_LIMIT + all retries' backoff
 

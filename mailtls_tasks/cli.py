@@ -139,18 +139,27 @@ def check_config(config_path: str | None, as_json: bool) -> None:
 
 @cli.command()
 @config_option
-def recover(config_path: str | None) -> None:
-    """Roll back deploys on this host that were interrupted (e.g. by a crash)."""
+@click.option("--force", is_flag=True,
+              help="also finish deploys that still look alive (their worker is gone for good): rolls them back")
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+def recover(config_path: str | None, force: bool, as_json: bool) -> None:
+    """Finish deploys on this host whose owner died (roll forward if provably served,
+    else back). Exit 4 if any ended `failed` (operator needed), else 0."""
     from .local import recover_host
 
     try:
-        done = recover_host(load_config(config_path))
+        done = recover_host(load_config(config_path), force=force)
     except MailTLSError as err:
-        _fail(str(err), err.exit_code)
-    for rec in done:
-        click.echo(f"{rec.target}: deploy {rec.deploy_id} -> {rec.outcome} ({rec.reason})")
-    if not done:
-        click.echo("nothing to recover")
+        _fail(str(err), err.exit_code, as_json)
+    if as_json:
+        click.echo(json.dumps([DeployResult.from_record(r).as_json() for r in done]))
+    else:
+        for rec in done:
+            click.echo(f"{rec.target}: deploy {rec.deploy_id} -> {rec.outcome} ({rec.reason})"
+                       + (f"\n  {rec.error}" if rec.outcome == "failed" and rec.error else ""))
+        if not done:
+            click.echo("nothing to recover")
+    sys.exit(4 if any(r.outcome == "failed" for r in done) else 0)
 
 
 def _coordinator(broker: str | None) -> Any:
@@ -241,14 +250,17 @@ def worker(config_path: str | None, broker: str | None, loglevel: str) -> None:
 @click.argument("flower_args", nargs=-1, type=click.UNPROCESSED)
 def flower(broker: str | None, address: str, port: int, flower_args: tuple[str, ...]) -> None:
     """Start Flower for the fleet (extra arguments are passed to Flower, e.g. --basic-auth)."""
+    import os
     import subprocess
 
     from .app import broker_url
 
-    url = broker_url(broker)
-    argv = [sys.executable, "-m", "celery", "-A", "mailtls_tasks.app", "--broker", url, "flower",
+    # The broker URL (it may carry a password) travels in the environment, never on a
+    # command line that `ps` shows to every user of the host.
+    env = {**os.environ, "MAILTLS_BROKER_URL": broker_url(broker)}
+    argv = [sys.executable, "-m", "celery", "-A", "mailtls_tasks.app", "flower",
             f"--address={address}", f"--port={port}", *flower_args]
-    sys.exit(subprocess.call(argv))
+    sys.exit(subprocess.call(argv, env=env))
 
 
 @cli.group()

@@ -10,8 +10,12 @@ Field names and defaults follow the connector contract in DESIGN.md exactly; ext
 
 from __future__ import annotations
 
+import grp
+import ipaddress
 import json
+import math
 import os
+import pwd
 import re
 import shlex
 import socket
@@ -51,6 +55,12 @@ MODE_DEFAULTS: dict[str, dict[str, str]] = {
 # instead of running something the operator did not mean.
 SHELL_METACHARACTERS = frozenset(";|&$`(){}<>\\\"'\n\r\x00")
 
+# The hard and soft time limits of one step, whoever runs it (the Celery adapter uses
+# them as task limits). A target's timeouts must fit inside, checked at load time.
+STEP_TIME_LIMIT = 600.0
+STEP_SOFT_TIME_LIMIT = 540.0
+STEP_MARGIN = 20.0
+
 TARGET_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 HOST_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m)?\s*$")
@@ -69,6 +79,8 @@ def parse_duration(value: Any, field: str) -> float:
         seconds = float(m.group(1)) * {"ms": 0.001, "s": 1.0, "m": 60.0, None: 1.0}[m.group(2)]
     else:
         raise ValueError(f"{field}: expected seconds, got {type(value).__name__}")
+    if not math.isfinite(seconds):
+        raise ValueError(f"{field}: {value!r} is not a finite duration")
     if seconds <= 0:
         raise ValueError(f"{field}: must be positive")
     return seconds
@@ -126,6 +138,11 @@ class VerifySettings(BaseModel):
     def _duration(cls, v: Any, info: Any) -> float:
         return parse_duration(v, info.field_name)
 
+    @field_validator("server_name")
+    @classmethod
+    def _server_name(cls, v: str | None) -> str | None:
+        return None if v is None else check_server_name(v)
+
     @model_validator(mode="after")
     def _endpoint_needed(self) -> VerifySettings:
         if self.enabled:
@@ -140,6 +157,24 @@ class VerifySettings(BaseModel):
     @property
     def port(self) -> int:
         return split_endpoint(self.endpoint)[1]
+
+
+_LABEL_RE = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
+
+
+def check_server_name(value: str, field: str = "server_name") -> str:
+    """A DNS name fit for SNI: ASCII labels (IDNA-encode others), no IP, no wildcard."""
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        pass
+    else:
+        raise ValueError(f"{field}: {value!r} is an IP address; SNI carries a DNS name (leave it unset)")
+    name = value[:-1] if value.endswith(".") else value
+    if not name or len(name) > 253 or not all(_LABEL_RE.match(label) for label in name.split(".")):
+        raise ValueError(f"{field}: {value!r} is not a valid DNS name (letters, digits, '-', dots; "
+                         "IDNA-encode other characters)")
+    return name.lower()
 
 
 def split_endpoint(endpoint: str) -> tuple[str, int]:
@@ -231,11 +266,47 @@ class Target(BaseModel):
     def _modes(cls, v: Any, info: Any) -> int | None:
         return None if v is None else _parse_mode_bits(v, info.field_name)
 
+    @field_validator("owner")
+    @classmethod
+    def _owner(cls, v: str | None) -> str | None:
+        if v is not None and not v.isdigit():
+            try:
+                pwd.getpwnam(v)
+            except KeyError:
+                raise ValueError(f"owner: no user {v!r} on this host") from None
+        return v
+
+    @field_validator("group")
+    @classmethod
+    def _group(cls, v: str | None) -> str | None:
+        if v is not None and not v.isdigit():
+            try:
+                grp.getgrnam(v)
+            except KeyError:
+                raise ValueError(f"group: no group {v!r} on this host") from None
+        return v
+
     @model_validator(mode="after")
     def _distinct_paths(self) -> Target:
         paths = [p for p in (self.cert_path, self.key_path, self.chain_path) if p]
         if len(set(paths)) != len(paths):
             raise ValueError("cert_path, key_path and chain_path must be different files")
+        reals = [os.path.realpath(p) for p in paths]
+        if len(set(reals)) != len(reals):
+            raise ValueError("cert_path, key_path and chain_path resolve (through symlinks) to the same file")
+        return self
+
+    @model_validator(mode="after")
+    def _fits_step_limits(self) -> Target:
+        """The longest step is a rollback: two reload attempts and a verify poll."""
+        v = self.post_deploy_verify
+        verify = (v.timeout + v.connect_timeout) if v.enabled else 0.0
+        longest = 2 * self.command_timeout + verify + STEP_MARGIN
+        if longest > STEP_SOFT_TIME_LIMIT:
+            raise ValueError(
+                f"command_timeout ({self.command_timeout:g}s) x2 + post_deploy_verify timeout and connect_timeout "
+                f"({verify:g}s) + {STEP_MARGIN:g}s margin = {longest:g}s does not fit inside a step's time limit "
+                f"({STEP_SOFT_TIME_LIMIT:g}s): a step would be killed mid-way")
         return self
 
     def files(self) -> list[tuple[str, str]]:
@@ -301,9 +372,19 @@ class HostConfig(BaseModel):
 
     host: str = Field(default_factory=_default_host)
     state_dir: str = "/var/lib/mailtls"
+    # How long a distributed deploy stays alive between two of its steps (its next
+    # message may wait behind others in the host's queue); past it, recovery ends it.
+    deploy_lease: float = 600.0
+    # How often a worker looks for dead deploys to finish and endings to publish.
+    recovery_interval: float = 30.0
     targets: dict[str, Target] = Field(default_factory=dict)
     security: SecuritySettings | None = None
     source: str = ""
+
+    @field_validator("deploy_lease", "recovery_interval", mode="before")
+    @classmethod
+    def _durations(cls, v: Any, info: Any) -> float:
+        return parse_duration(v, info.field_name)
 
     @field_validator("host")
     @classmethod
@@ -368,10 +449,44 @@ def parse_config(raw: dict[str, Any], source: str = "<config>") -> HostConfig:
     except ValidationError as err:
         problems.append(_format_validation_error(err))
         host = None
+    problems += _shared_file_roles(targets)
+    if host is not None:
+        problems += _unsafe_paths(host, targets)
     if problems:
         raise ConfigError(f"{source}: " + "; ".join(problems))
     assert host is not None
     return host.model_copy(update={"targets": targets})
+
+
+def _shared_file_roles(targets: dict[str, Target]) -> list[str]:
+    """Two targets may share a file (Postfix and Dovecot reading one cert), but only in
+    the same role: one target's key must never be another's certificate."""
+    seen: dict[str, tuple[str, str]] = {}
+    problems = []
+    for name, t in targets.items():
+        for role, path in t.files():
+            real = os.path.realpath(path)
+            other = seen.setdefault(real, (name, role))
+            if other[1] != role:
+                problems.append(f"targets.{name}.{role}_path: {path} is the same file ({real}) as "
+                                f"targets.{other[0]}.{other[1]}_path; a shared file must have the same role")
+    return problems
+
+
+def _unsafe_paths(host: HostConfig, targets: dict[str, Target]) -> list[str]:
+    from .files import unsafe_component
+
+    checks = [("state_dir", host.state_dir)]
+    checks += [(f"targets.{n}.{role}_path", p) for n, t in targets.items() for role, p in t.files()]
+    if host.security:
+        checks += [("security.host_keys", p) for p in host.security.host_keys]
+    problems = []
+    for field, path in checks:
+        why = unsafe_component(path)
+        if why:
+            problems.append(f"{field}: {path} is not safe to write as root: {why} (fix the ownership or "
+                            "permissions, as sshd's StrictModes would ask)")
+    return problems
 
 
 def config_path(explicit: str | None = None) -> str:
@@ -380,11 +495,20 @@ def config_path(explicit: str | None = None) -> str:
 
 def load_config(path: str | None = None) -> HostConfig:
     """Load TOML or JSON (by extension; anything but ``.json`` is read as TOML)."""
+    from .files import unsafe_component
+
     p = Path(config_path(path))
     try:
         data = p.read_bytes()
+        st = p.stat()
     except OSError as err:
         raise ConfigError(f"cannot read config {p}: {err.strerror or err}") from None
+    why = unsafe_component(str(p))
+    if why is None and st.st_mode & 0o022:
+        why = f"the file is writable by group or others (mode {st.st_mode & 0o777:04o})"
+    if why:
+        raise ConfigError(f"{p}: refusing a targets file others could change (it names the commands run as "
+                          f"root): {why}")
     try:
         raw = json.loads(data) if p.suffix == ".json" else tomllib.loads(data.decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as err:

@@ -1,15 +1,17 @@
-"""Redis coordination: target locks, fencing, deploy records, history, fleet registry.
+"""Redis coordination: fences, claims, envelopes, deploy records, history, registry.
 
-Redis is shared state for *coordination and visibility*; the host journal stays the
-source of truth for what is on disk (Redis may lose data). Nothing stored here ever
-contains key material: records are built from journal records without file hashes.
+Redis is a messenger and a view; the host journal is the authority over files (see
+docs/protocol.md). Nothing here guards a file: a lost key costs visibility or a
+retry, never a wrong file. Nothing stored here contains key material: records are
+built from journal records without file hashes, envelopes are sealed for one host.
 
 Keys (prefix ``mailtls:``)::
 
-    lock:<target>        deploy_id holding the target (SET NX PX, compare-and-delete)
-    fence:<target>       INCR'd per enqueued deploy: the deploy's fencing token
+    fence:<target>       tie-break counter for fences (fence = signed ms x 1000 + counter mod 1000)
     claim:<deploy_id>    "started" (a worker began) or "cancelled" (the client gave up first)
+    envelope:<deploy_id> the sealed envelope, until the host has staged it
     deploy:<deploy_id>   JSON deploy record (outcome, steps, fingerprints, error)
+    ended:<deploy_id>    pub/sub channel: a message when the record gets its outcome
     history:<target>     list of deploy ids, newest first
     deliveries:<id>:<step>:<retry>   redeliveries of one message (worker-lost bound)
     host:<host>          JSON inventory of a worker host, with a heartbeat TTL
@@ -25,33 +27,21 @@ from typing import Any, cast
 
 import redis
 
-from .errors import BrokerError, TargetBusy
+from .errors import BrokerError
 from .journal import DeployRecord
 
 PREFIX = "mailtls:"
 RECORD_TTL = 30 * 24 * 3600
+ENVELOPE_TTL = 24 * 3600
 HISTORY_LEN = 200
-LOCK_TTL_MS = 15 * 60 * 1000
 HEARTBEAT_TTL = 45
-
-_EXTEND = """
-local v = redis.call('GET', KEYS[1])
-if v == ARGV[1] then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1
-elseif not v then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 2
-end
-return 0
-"""
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
+FENCE_TIE_BREAK = 1000
+WAIT_RECHECK = 5.0
 
 
 def public_record(rec: DeployRecord) -> dict[str, Any]:
-    """The Redis view of a journal record: everything but per-file hashes and paths."""
-    return rec.model_dump(mode="json", exclude={"files"})
+    """The Redis view of a journal record: no per-file hashes, paths or process ids."""
+    return rec.model_dump(mode="json", exclude={"files", "claimed", "runner"})
 
 
 class Coordinator:
@@ -62,8 +52,6 @@ class Coordinator:
                                           health_check_interval=30, decode_responses=True)
         else:
             self.r = url_or_client
-        self._extend = self.r.register_script(_EXTEND)
-        self._release = self.r.register_script(_RELEASE)
 
     def _k(self, *parts: str) -> str:
         return PREFIX + ":".join(parts)
@@ -74,22 +62,12 @@ class Coordinator:
         except redis.RedisError as err:
             raise BrokerError(f"cannot reach Redis: {err}") from None
 
-    # -- locks --------------------------------------------------------------
-    def acquire(self, target: str, deploy_id: str, ttl_ms: int = LOCK_TTL_MS) -> None:
-        """Take (or keep) the target's lock for ``deploy_id``; TargetBusy if another holds it."""
-        got = int(self._extend(keys=[self._k("lock", target)], args=[deploy_id, ttl_ms]))
-        if got == 0:
-            raise TargetBusy(f"target {target!r} is busy with deploy {self.holder(target)}")
-
-    def holder(self, target: str) -> str | None:
-        return self.r.get(self._k("lock", target))
-
-    def release(self, target: str, deploy_id: str) -> bool:
-        return bool(self._release(keys=[self._k("lock", target)], args=[deploy_id]))
-
-    # -- fencing and claims ---------------------------------------------------
-    def next_fence(self, target: str) -> int:
-        return int(self.r.incr(self._k("fence", target)))
+    # -- fencing, claims and envelopes ------------------------------------------
+    def next_fence(self, target: str, now: float | None = None) -> int:
+        """A fence that grows with the pipeline's clock, so Redis losing every key
+        cannot make it go backwards; the counter only breaks ties within a millisecond."""
+        ms = int((time.time() if now is None else now) * 1000)
+        return ms * FENCE_TIE_BREAK + int(self.r.incr(self._k("fence", target))) % FENCE_TIE_BREAK
 
     def claim(self, deploy_id: str, who: str) -> str:
         """First writer wins: 'started' (worker) or 'cancelled' (client). Returns the winner."""
@@ -97,31 +75,45 @@ class Coordinator:
         self.r.set(key, who, nx=True, ex=RECORD_TTL)
         return self.r.get(key) or who
 
+    def put_envelope(self, deploy_id: str, envelope: dict[str, Any]) -> None:
+        self.r.set(self._k("envelope", deploy_id), json.dumps(envelope), ex=ENVELOPE_TTL)
+
+    def get_envelope(self, deploy_id: str) -> dict[str, Any] | None:
+        raw = self.r.get(self._k("envelope", deploy_id))
+        return cast(dict[str, Any], json.loads(raw)) if raw else None
+
+    def drop_envelope(self, deploy_id: str) -> None:
+        self.r.delete(self._k("envelope", deploy_id))
+
     def deliveries(self, deploy_id: str, step: str, retry: int) -> int:
         key = self._k("deliveries", deploy_id, step, str(retry))
-        n = int(self.r.incr(key))
-        self.r.expire(key, 24 * 3600)
-        return n
+        pipe = self.r.pipeline()
+        pipe.incr(key)
+        pipe.expire(key, 24 * 3600)
+        return int(pipe.execute()[0])
 
     # -- records and history ---------------------------------------------------
     def put_record(self, data: dict[str, Any]) -> None:
         self.r.set(self._k("deploy", data["deploy_id"]), json.dumps(data), ex=RECORD_TTL)
 
     def publish(self, rec: DeployRecord) -> dict[str, Any]:
-        """Store the journal record's public view, merged over what the client created."""
-        data = self.get_record(rec.deploy_id) or {}
+        """Store the journal record's public view, merged over what the client created;
+        wake whoever waits when it has ended."""
+        data = self.get_record(rec.deploy_id) or {"created": rec.created}
         data.update(public_record(rec))
         self.put_record(data)
+        if rec.finished:
+            self.r.publish(self._k("ended", rec.deploy_id), rec.outcome or "")
         return data
 
-    def finish_unstarted(self, deploy_id: str, outcome: str, error: str) -> None:
-        """End a deploy that never reached a host journal (unknown target, cancelled)."""
+    def finish_unstarted(self, deploy_id: str, outcome: str, error: str, reason: str | None = None) -> None:
+        """End a deploy that never reached a host journal (unknown target, cancelled,
+        busy past its budget, envelope refused): nothing was touched."""
         data = self.get_record(deploy_id) or {"deploy_id": deploy_id}
         if not data.get("outcome"):
-            data.update(outcome=outcome, error=error, phase="done")
+            data.update(outcome=outcome, error=error, reason=reason, phase="done")
             self.put_record(data)
-            if data.get("target"):
-                self.release(data["target"], deploy_id)
+            self.r.publish(self._k("ended", deploy_id), outcome)
 
     def get_record(self, deploy_id: str) -> dict[str, Any] | None:
         raw = self.r.get(self._k("deploy", deploy_id))
@@ -138,16 +130,26 @@ class Coordinator:
         ids = self.r.lrange(self._k("history", target), 0, limit - 1)
         return [r for r in (self.get_record(i) for i in ids) if r]
 
-    def wait_record(self, deploy_id: str, timeout: float, poll: float = 0.2) -> dict[str, Any] | None:
-        """Poll until the record has an outcome, or return the last one seen at the deadline."""
+    def wait_record(self, deploy_id: str, timeout: float) -> dict[str, Any] | None:
+        """Block until the record has an outcome (woken by its ``ended`` message, and
+        re-reading at least every few seconds), or return the last one seen at the
+        deadline. Survives Redis restarting underneath: it resubscribes."""
         deadline = time.monotonic() + timeout
+        channel = self._k("ended", deploy_id)
         while True:
-            rec = self.get_record(deploy_id)
-            if rec and rec.get("outcome"):
-                return rec
-            if time.monotonic() >= deadline:
-                return rec
-            time.sleep(poll)
+            try:
+                with self.r.pubsub(ignore_subscribe_messages=True) as ps:
+                    ps.subscribe(channel)  # before reading: an ending between the two is not missed
+                    while True:
+                        rec = self.get_record(deploy_id)
+                        left = deadline - time.monotonic()
+                        if (rec and rec.get("outcome")) or left <= 0:
+                            return rec
+                        ps.get_message(timeout=min(left, WAIT_RECHECK))
+            except (redis.ConnectionError, redis.TimeoutError):
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.5)
 
     # -- fleet registry ------------------------------------------------------------
     def publish_host(self, host: str, inventory: dict[str, Any], ttl: int = HEARTBEAT_TTL) -> None:

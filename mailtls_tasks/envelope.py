@@ -11,7 +11,9 @@ signer trusted -> signature valid -> header matches the message (target, host, d
 id, fence: an envelope cannot be replayed to another target or under another deploy)
 -> issued within ``max_age`` (an old envelope cannot be used later to roll a target
 back) -> recipient is one of our host keys -> decrypts -> a well-formed bundle.
-Fence and deploy id replays are then stopped by the host journal (steps.stage).
+Fence and deploy id replays are then stopped by the host journal (steps.stage), which
+uses the fence from this signed header only: a message's own ``fence`` field, if any,
+must agree with it and is otherwise ignored.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ class OpenedBundle:
     key: bytes
     chain: bytes | None
     force: bool
+    fence: int  # from the signed header: the only fence a host acts on
 
     def __repr__(self) -> str:
         return "<OpenedBundle key=<redacted>>"
@@ -98,7 +101,7 @@ def seal(*, target: str, host: str, deploy_id: str, fence: int, cert: bytes, key
     return {**header, "nonce": _b64(nonce), "ct": _b64(ct), "sig": _b64(sig)}
 
 
-def open_envelope(env: Any, *, target: str, host: str, deploy_id: str, fence: int | None,
+def open_envelope(env: Any, *, target: str, host: str, deploy_id: str, fence: int | None = None,
                   host_keys: list[X25519PrivateKey], trusted: list[Ed25519PublicKey], max_age: float,
                   now: float | None = None) -> OpenedBundle:
     if not isinstance(env, dict):
@@ -129,6 +132,8 @@ def open_envelope(env: Any, *, target: str, host: str, deploy_id: str, fence: in
     for name, want in (("target", target), ("host", host), ("deploy_id", deploy_id)):
         if env[name] != want:
             raise EnvelopeError(f"envelope: made for {name} {env[name]!r}, but the message is for {want!r}")
+    if isinstance(env["fence"], bool) or not isinstance(env["fence"], int) or env["fence"] < 0:
+        raise EnvelopeError("envelope: fence is not a non-negative integer")
     if fence is not None and env["fence"] != fence:
         raise EnvelopeError(f"envelope: made for fence {env['fence']!r}, but the message carries {fence!r}")
     if not isinstance(env["issued_at"], int | float):
@@ -156,4 +161,5 @@ def open_envelope(env: Any, *, target: str, host: str, deploy_id: str, fence: in
         raise EnvelopeError("envelope: malformed bundle")
     chain = body.get("chain")
     return OpenedBundle(cert=_unb64(body.get("cert"), "bundle cert"), key=_unb64(body.get("key"), "bundle key"),
-                        chain=None if chain is None else _unb64(chain, "bundle chain"), force=bool(env["force"]))
+                        chain=None if chain is None else _unb64(chain, "bundle chain"), force=bool(env["force"]),
+                        fence=int(env["fence"]))

@@ -102,6 +102,20 @@ class Superseded(Rejected):
     """A newer deploy of the same target already ran; this (stale) message must not act."""
 
 
+class Conflict(MailTLSError):
+    """The live files are not what this deploy expects (changed by hand, by another
+    tool, or by a newer deploy): the step stopped without overwriting them."""
+
+
+class JournalError(MailTLSError):
+    """The host journal could not be read or written (disk full, I/O error).
+
+    The message names the file and the errno. Exit 1: the host needs attention, the
+    bundle was not judged."""
+
+    exit_code = 1
+
+
 class BrokerError(MailTLSError):
     """Redis or Celery could not be reached or answered unexpectedly (exit 1)."""
 

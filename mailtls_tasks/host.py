@@ -17,8 +17,10 @@ from . import files, material, steps
 from .config import HostConfig
 from .envelope import open_envelope
 from .errors import ConfigError
-from .journal import DeployRecord, Journal, check_deploy_id
+from .journal import DeployRecord, Journal, Owner, check_deploy_id
 from .keys import load_host_key, parse_ed25519_public
+from .ownership import busy_message, holding
+from .recovery import recover, recover_deploy
 from .steps import StepContext
 
 
@@ -43,10 +45,10 @@ STEP_FUNCTIONS = {
 class HostRuntime:
     """The worker host's config, journal and step contexts."""
 
-    def __init__(self, cfg: HostConfig, lock_wait: float = 30.0) -> None:
+    def __init__(self, cfg: HostConfig, lock_wait: float = 30.0, journal: Journal | None = None) -> None:
         self.cfg = cfg
-        self.journal = Journal(cfg.state_dir)
-        self.contexts = {n: StepContext(t, self.journal, cfg.host) for n, t in cfg.targets.items()}
+        self.journal = journal or Journal(cfg.state_dir)
+        self.contexts = {n: StepContext(t, self.journal, cfg.host, cfg.deploy_lease) for n, t in cfg.targets.items()}
         self.lock_wait = lock_wait
         self._keys: HostKeys | None = None
 
@@ -74,16 +76,20 @@ class HostRuntime:
                               sec.max_envelope_age)
         return self._keys
 
-    def stage_envelope(self, target: str, deploy_id: str, envelope: Any, *, fence: int | None) -> DeployRecord:
+    def stage_envelope(self, target: str, deploy_id: str, envelope: Any,
+                       *, fence: int | None = None) -> DeployRecord:
         """Open the sealed bundle (refusing anything not signed by a trusted pipeline for
-        exactly this target, host, deploy and fence) and stage it."""
+        exactly this target, host and deploy) and stage it under the fence from its
+        signed header. ``fence``: what the message claimed, if anything; it must agree
+        with the header and is never used otherwise."""
         keys = self.security()
         existing = self.record(target, deploy_id)
         if steps.already_staged(existing):
             return existing  # redelivered: its envelope may be past max age by now, and that is fine
         opened = open_envelope(envelope, target=target, host=self.host, deploy_id=deploy_id, fence=fence,
                                host_keys=keys.host_keys, trusted=keys.trusted, max_age=keys.max_age)
-        return self.stage(target, deploy_id, opened.cert, opened.key, opened.chain, force=opened.force, fence=fence)
+        return self.stage(target, deploy_id, opened.cert, opened.key, opened.chain, force=opened.force,
+                          fence=opened.fence)
 
     def context(self, target: str) -> StepContext:
         self.cfg.target(target)  # UnknownTarget with a clear message
@@ -93,25 +99,34 @@ class HostRuntime:
         self.context(target)
         return self.journal.load(target, check_deploy_id(deploy_id))
 
+    def _take_over(self, owner: Owner) -> None:
+        recover_deploy(self.contexts, self.journal, owner.target, owner.deploy_id)
+
     def stage(self, target: str, deploy_id: str, cert_pem: bytes, key_pem: bytes, chain_pem: bytes | None,
               *, force: bool, fence: int | None) -> DeployRecord:
         ctx = self.context(target)
-        with self.journal.lock(target, timeout=self.lock_wait):
-            return steps.stage(ctx, deploy_id, cert_pem, key_pem, chain_pem, force=force, fence=fence)
+        with holding(self.journal, steps.target_reals(ctx.target), deploy_id, timeout=self.lock_wait,
+                     recover=self._take_over):
+            return steps.stage(ctx, deploy_id, cert_pem, key_pem, chain_pem, force=force, fence=fence,
+                               origin="distributed")
+
+    def _locked(self, target: str, deploy_id: str) -> tuple[StepContext, DeployRecord]:
+        ctx = self.context(target)
+        return ctx, ctx.load(deploy_id)
 
     def step(self, name: str, target: str, deploy_id: str) -> DeployRecord:
-        ctx = self.context(target)
-        with self.journal.lock(target, timeout=self.lock_wait):
+        ctx, rec = self._locked(target, deploy_id)
+        with self.journal.lock_files(rec.reals, self.lock_wait, busy=lambda r: busy_message(self.journal, r)):
             return STEP_FUNCTIONS[name](ctx, deploy_id)
 
     def rollback(self, target: str, deploy_id: str, error: str | None = None,
                  reason: str | None = None) -> DeployRecord:
-        ctx = self.context(target)
-        with self.journal.lock(target, timeout=self.lock_wait):
+        ctx, rec = self._locked(target, deploy_id)
+        with self.journal.lock_files(rec.reals, self.lock_wait, busy=lambda r: busy_message(self.journal, r)):
             return steps.rollback(ctx, deploy_id, error=error, reason=reason)
 
-    def recover(self) -> list[DeployRecord]:
-        return steps.recover(self.contexts, self.journal)
+    def recover(self, *, full_scan: bool = False) -> list[DeployRecord]:
+        return recover(self.contexts, self.journal, full_scan=full_scan)
 
     def inventory(self) -> dict[str, Any]:
         """What this host serves, for the fleet registry: no secrets, only public facts."""
@@ -119,8 +134,7 @@ class HostRuntime:
         for name, t in self.cfg.targets.items():
             cert = files.read_bytes(files.real_path(t.cert_path))
             leaf = material.leaf_of_file(cert) if cert else None
-            finished = [r for r in self.journal.records(name) if r.finished]
-            last = finished[-1] if finished else None
+            last = self.journal.last_finished(name)
             out[name] = {
                 "target": name,
                 "host": self.host,

@@ -1,16 +1,19 @@
-"""Host-local deploy journal, durable backups and the per-target host lock.
+"""Host-local deploy journal: records, backups, per-file locks and owners, fences.
 
 The journal is the source of truth for recovery: Redis may lose data, the host's
 disk is what the daemon reads. Layout under ``state_dir`` (directories 0700, files
 0600 -- backups hold private keys)::
 
-    targets/<target>/lock                         flock held by whoever runs a step
     targets/<target>/deploys/<deploy_id>/record.json
     targets/<target>/deploys/<deploy_id>/backup/<role>   old bytes, before commit
+    targets/<target>/fence                              highest fence staged, and by whom
+    files/<K>.lock        flock held by whoever runs a step touching real file K
+    files/<K>.owner       the unfinished deploy that owns real file K
+    outbox/<target>~<deploy_id>   a distributed deploy ended here; Redis may not know yet
 
-"Is the deploy that wrote this entry still alive?" is answered by the lock, not by
-the clock: a step holds ``flock`` on its target while it runs, and the kernel drops
-it when the process dies, so an unfinished entry whose lock is free was abandoned.
+K is the SHA-256 of the file's real path (symlinks resolved): two targets reaching
+one file through different links share its lock and its owner. See docs/protocol.md
+for who may take, hold and judge them.
 """
 
 from __future__ import annotations
@@ -19,32 +22,79 @@ import contextlib
 import datetime as dt
 import errno
 import fcntl
+import hashlib
+import json
 import os
 import re
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
 from . import files
-from .errors import ConfigError, TargetBusy
+from .errors import ConfigError, JournalError, TargetBusy
 
 Phase = Literal[
     "staging", "staged", "validated", "committing", "committed", "reloaded", "verified",
     "rolling_back", "done",
 ]
 Outcome = Literal["deployed", "unchanged", "rejected", "rolled_back", "failed"]
+Origin = Literal["local", "distributed"]
 STEP_NAMES = ("stage", "validate", "commit", "reload", "verify", "rollback")
 
 DEPLOY_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+_OUTBOX_SEP = "~"
 
 
 def now_iso() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
 
 
+# ----------------------------------------------------------------- process tokens
+def _boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return "unknown-boot"
+
+
+def _start_time(pid: int) -> str | None:
+    """Field 22 of /proc/PID/stat (start time in clock ticks since boot), or None if gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    # the command name (field 2) may contain spaces and parentheses: split after the last ')'
+    rest = stat[stat.rfind(b")") + 2:].split()
+    return rest[19].decode() if len(rest) > 19 else None
+
+
+_BOOT_ID = _boot_id()
+
+
+def process_token(pid: int | None = None) -> str:
+    """``boot_id:pid:start_time``: names one process, never a later one with its pid."""
+    pid = os.getpid() if pid is None else pid
+    return f"{_BOOT_ID}:{pid}:{_start_time(pid) or '?'}"
+
+
+def process_alive(token: str | None) -> bool:
+    """True while the process named by ``token`` runs (same boot, same pid, same start)."""
+    if not token:
+        return False
+    boot, _, rest = token.partition(":")
+    pid_s, _, start = rest.partition(":")
+    if boot != _BOOT_ID or not pid_s.isdigit():
+        return False
+    return _start_time(int(pid_s)) == start
+
+
+# ------------------------------------------------------------------------ records
 class FileEntry(BaseModel):
     """One live file of the target and what this deploy does to it."""
 
@@ -75,9 +125,14 @@ class DeployRecord(BaseModel):
     deploy_id: str
     target: str
     host: str = ""
+    origin: Origin = "local"
     created: str = Field(default_factory=now_iso)
     updated: str = Field(default_factory=now_iso)
     phase: Phase = "staging"
+    rollback_from: Phase | None = None
+    in_step: str | None = None
+    runner: str | None = None
+    lease_until: float | None = None
     outcome: Outcome | None = None
     reason: str | None = None
     error: str | None = None
@@ -85,6 +140,7 @@ class DeployRecord(BaseModel):
     previous_fingerprint: str | None = None
     served_fingerprint: str | None = None
     not_after: str | None = None
+    claimed: list[str] = Field(default_factory=list)
     files: list[FileEntry] = Field(default_factory=list)
     files_already_live: bool = False
     steps: dict[str, StepRecord] = Field(default_factory=dict)
@@ -94,6 +150,20 @@ class DeployRecord(BaseModel):
     def finished(self) -> bool:
         return self.outcome is not None
 
+    @property
+    def reals(self) -> list[str]:
+        """The real files this deploy owns (and must lock for each of its steps)."""
+        return list(dict.fromkeys([*self.claimed, *(f.real for f in self.files)]))
+
+
+@dataclass(frozen=True)
+class Owner:
+    """What ``files/K.owner`` says: which deploy owns the real file ``path``."""
+
+    path: str
+    target: str
+    deploy_id: str
+
 
 def check_deploy_id(deploy_id: str) -> str:
     if not DEPLOY_ID_RE.match(deploy_id):
@@ -101,11 +171,34 @@ def check_deploy_id(deploy_id: str) -> str:
     return deploy_id
 
 
-class Journal:
-    """The deploy journal of one host, rooted at ``state_dir``."""
+def file_key(real: str) -> str:
+    return hashlib.sha256(real.encode()).hexdigest()[:32]
 
-    def __init__(self, state_dir: str) -> None:
+
+@contextlib.contextmanager
+def _io(what: str, path: str) -> Iterator[None]:
+    """Turn an OSError on the journal into a JournalError naming the file and errno."""
+    try:
+        yield
+    except OSError as err:
+        code = errno.errorcode.get(err.errno or 0, str(err.errno))
+        raise JournalError(f"journal: cannot {what} {path}: [{code}] {err.strerror or err}") from None
+
+
+class Journal:
+    """The deploy journal of one host, rooted at ``state_dir``.
+
+    ``clock`` and ``alive`` are the two facts about the world the protocol depends on
+    (what time it is, whether a process still runs); the model test gives its own.
+    """
+
+    def __init__(self, state_dir: str, *, clock: Callable[[], float] = time.time,
+                 alive: Callable[[str | None], bool] = process_alive,
+                 token: Callable[[], str] = process_token) -> None:
         self.root = os.path.abspath(state_dir)
+        self.clock = clock
+        self.alive = alive
+        self.token = token
 
     # -- paths ------------------------------------------------------------
     def target_dir(self, target: str) -> str:
@@ -117,32 +210,45 @@ class Journal:
     def backup_path(self, target: str, deploy_id: str, role: str) -> str:
         return os.path.join(self.deploy_dir(target, deploy_id), "backup", role)
 
+    def _record_path(self, target: str, deploy_id: str) -> str:
+        return os.path.join(self.deploy_dir(target, deploy_id), "record.json")
+
     def _ensure_dir(self, path: str) -> None:
-        os.makedirs(path, mode=0o700, exist_ok=True)
+        with _io("create directory", path):
+            os.makedirs(path, mode=0o700, exist_ok=True)
 
     # -- records ----------------------------------------------------------
     def load(self, target: str, deploy_id: str) -> DeployRecord | None:
-        path = os.path.join(self.deploy_dir(target, deploy_id), "record.json")
-        data = files.read_bytes(path)
+        path = self._record_path(target, deploy_id)
+        with _io("read", path):
+            data = files.read_bytes(path)
         if data is None:
             return None
-        return DeployRecord.model_validate_json(data)
+        try:
+            return DeployRecord.model_validate_json(data)
+        except ValidationError:
+            raise JournalError(f"journal: {path} is corrupt (not a deploy record)") from None
 
     def save(self, record: DeployRecord) -> DeployRecord:
         record.updated = now_iso()
         d = self.deploy_dir(record.target, record.deploy_id)
         self._ensure_dir(d)
-        files.atomic_write(os.path.join(d, "record.json"), record.model_dump_json(indent=1).encode(), 0o600)
+        path = os.path.join(d, "record.json")
+        with _io("write", path):
+            files.atomic_write(path, record.model_dump_json(indent=1).encode(), 0o600)
         return record
 
     def write_backup(self, target: str, deploy_id: str, role: str, data: bytes) -> str:
         path = self.backup_path(target, deploy_id, role)
         self._ensure_dir(os.path.dirname(path))
-        files.atomic_write(path, data, 0o600)
+        with _io("write backup", path):
+            files.atomic_write(path, data, 0o600)
         return path
 
     def read_backup(self, target: str, deploy_id: str, role: str) -> bytes | None:
-        return files.read_bytes(self.backup_path(target, deploy_id, role))
+        path = self.backup_path(target, deploy_id, role)
+        with _io("read backup", path):
+            return files.read_bytes(path)
 
     def records(self, target: str) -> list[DeployRecord]:
         base = os.path.join(self.target_dir(target), "deploys")
@@ -154,20 +260,16 @@ class Journal:
         for name in names:
             if not DEPLOY_ID_RE.match(name):
                 continue
-            rec = self.load(target, name)
-            if rec is not None:
-                out.append(rec)
+            with contextlib.suppress(JournalError):
+                rec = self.load(target, name)
+                if rec is not None:
+                    out.append(rec)
         out.sort(key=lambda r: r.created)
         return out
 
-    def targets(self) -> list[str]:
-        try:
-            return sorted(os.listdir(os.path.join(self.root, "targets")))
-        except FileNotFoundError:
-            return []
-
-    def unfinished(self, target: str) -> list[DeployRecord]:
-        return [r for r in self.records(target) if not r.finished]
+    def last_finished(self, target: str) -> DeployRecord | None:
+        finished = [r for r in self.records(target) if r.finished]
+        return finished[-1] if finished else None
 
     def prune(self, target: str, keep: int) -> None:
         """Keep the last ``keep`` finished deploys' backups; never touch unfinished ones."""
@@ -176,37 +278,134 @@ class Journal:
             shutil.rmtree(self.deploy_dir(target, rec.deploy_id), ignore_errors=True)
 
     # -- fencing ----------------------------------------------------------
-    def highest_fence(self, target: str) -> int:
-        """The largest fence token this host has staged for ``target`` (0 if none)."""
-        data = files.read_bytes(os.path.join(self.target_dir(target), "fence"))
+    def fence_state(self, target: str) -> tuple[int, str | None]:
+        """(highest fence staged for ``target``, the deploy that staged it)."""
+        path = os.path.join(self.target_dir(target), "fence")
+        with _io("read", path):
+            data = files.read_bytes(path)
+        if not data:
+            return 0, None
         try:
-            return int(data or b"0")
-        except ValueError:
-            return 0
+            d = json.loads(data)
+            return int(d["fence"]), d.get("deploy_id")
+        except (ValueError, KeyError, TypeError):
+            try:  # the format before fences named their deploy
+                return int(data), None
+            except ValueError:
+                return 0, None
 
-    def record_fence(self, target: str, fence: int) -> None:
+    def record_fence(self, target: str, fence: int, deploy_id: str) -> None:
         self._ensure_dir(self.target_dir(target))
-        files.atomic_write(os.path.join(self.target_dir(target), "fence"), str(fence).encode(), 0o600)
+        path = os.path.join(self.target_dir(target), "fence")
+        with _io("write", path):
+            files.atomic_write(path, json.dumps({"fence": fence, "deploy_id": deploy_id}).encode(), 0o600)
 
-    # -- locking ----------------------------------------------------------
+    # -- per-file locks ----------------------------------------------------
+    def _files_dir(self) -> str:
+        return os.path.join(self.root, "files")
+
     @contextlib.contextmanager
-    def lock(self, target: str, timeout: float = 0.0) -> Iterator[None]:
-        """Hold the target's host lock; TargetBusy if not free within ``timeout`` s."""
-        d = self.target_dir(target)
+    def lock_files(self, reals: Iterable[str], timeout: float = 0.0,
+                   busy: Callable[[str], str] | None = None) -> Iterator[None]:
+        """Hold the flocks of these real files (sorted: no deadlock); TargetBusy if one
+        is not free within ``timeout`` s. ``busy(real)`` words the error."""
+        d = self._files_dir()
         self._ensure_dir(d)
-        fd = os.open(os.path.join(d, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fds: list[int] = []
+        deadline = time.monotonic() + timeout
         try:
-            deadline = time.monotonic() + timeout
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except OSError as err:
-                    if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-                        raise
-                    if time.monotonic() >= deadline:
-                        raise TargetBusy(f"target {target!r} is busy with another deploy on this host") from None
-                    time.sleep(0.05)
+            for real in sorted(set(reals), key=file_key):
+                path = os.path.join(d, file_key(real) + ".lock")
+                with _io("open lock", path):
+                    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                fds.append(fd)
+                while True:
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        break
+                    except OSError as err:
+                        if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                            raise
+                        if time.monotonic() >= deadline:
+                            raise TargetBusy(busy(real) if busy else f"{real} is busy with another deploy") from None
+                        time.sleep(0.02)
             yield
         finally:
-            os.close(fd)  # closing drops the flock
+            for fd in fds:
+                os.close(fd)  # closing drops the flock
+
+    # -- owners -------------------------------------------------------------
+    def _owner_path(self, real: str) -> str:
+        return os.path.join(self._files_dir(), file_key(real) + ".owner")
+
+    def owner_of(self, real: str) -> Owner | None:
+        path = self._owner_path(real)
+        with _io("read", path):
+            data = files.read_bytes(path)
+        return self._parse_owner(data)
+
+    @staticmethod
+    def _parse_owner(data: bytes | None) -> Owner | None:
+        if not data:
+            return None
+        try:
+            d = json.loads(data)
+            return Owner(path=d["path"], target=d["target"], deploy_id=d["deploy_id"])
+        except (ValueError, KeyError, TypeError):
+            return None
+
+    def set_owner(self, real: str, rec: DeployRecord) -> None:
+        """Caller holds the file's lock and has checked no other live deploy owns it."""
+        self._ensure_dir(self._files_dir())
+        path = self._owner_path(real)
+        body = json.dumps({"path": real, "target": rec.target, "deploy_id": rec.deploy_id}).encode()
+        with _io("write", path):
+            files.atomic_write(path, body, 0o600)
+
+    def clear_owner(self, real: str, deploy_id: str) -> None:
+        """Remove the owner entry if (and only if) it names ``deploy_id``."""
+        owner = self.owner_of(real)
+        if owner is not None and owner.deploy_id == deploy_id:
+            with _io("remove", self._owner_path(real)):
+                files.remove(self._owner_path(real))
+
+    def owners(self) -> list[Owner]:
+        """Every owner entry on the host: the deploys in flight (cheap: not per target)."""
+        d = self._files_dir()
+        try:
+            names = os.listdir(d)
+        except FileNotFoundError:
+            return []
+        out = []
+        for name in names:
+            if name.endswith(".owner"):
+                owner = self._parse_owner(files.read_bytes(os.path.join(d, name)))
+                if owner is not None:
+                    out.append(owner)
+        return out
+
+    # -- outbox: endings Redis may not have heard of ----------------------------
+    def _outbox_dir(self) -> str:
+        return os.path.join(self.root, "outbox")
+
+    def outbox_add(self, target: str, deploy_id: str) -> None:
+        self._ensure_dir(self._outbox_dir())
+        path = os.path.join(self._outbox_dir(), f"{target}{_OUTBOX_SEP}{deploy_id}")
+        with _io("write", path):
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+
+    def outbox(self) -> list[tuple[str, str]]:
+        try:
+            names = os.listdir(self._outbox_dir())
+        except FileNotFoundError:
+            return []
+        out = []
+        for name in sorted(names):
+            target, sep, deploy_id = name.rpartition(_OUTBOX_SEP)
+            if sep and DEPLOY_ID_RE.match(deploy_id):
+                out.append((target, deploy_id))
+        return out
+
+    def outbox_done(self, target: str, deploy_id: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(self._outbox_dir(), f"{target}{_OUTBOX_SEP}{deploy_id}"))

@@ -1,27 +1,39 @@
-"""The embedded runner: the very same steps in-process, under the host lock, no broker.
+"""The embedded runner: the very same steps in-process, no broker.
 
-Meant for a certbot/acme.sh deploy hook on the mail host itself. Recovery runs
-first, so a previous run that was killed mid-deploy is rolled back before anything
-new is attempted.
+Meant for a certbot/acme.sh deploy hook on the mail host itself. It holds the locks
+of the target's real files for the whole run, so recovery (which runs first and
+finishes any dead deploy on the host) and every other runner can tell it is alive.
+SIGTERM and Ctrl-C roll the deploy back before the process exits; SIGKILL leaves it
+to the next recovery.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import secrets
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from types import FrameType
 
 from .config import HostConfig
-from .errors import MailTLSError, Rejected
-from .journal import DeployRecord, Journal, check_deploy_id
+from .errors import MailTLSError
+from .journal import DeployRecord, Journal, Owner, check_deploy_id
+from .ownership import holding
+from .recovery import recover, recover_deploy
 from .result import DeployResult
-from .steps import StepContext, commit, recover, reload, rollback, stage, validate, verify
+from .steps import StepContext, commit, reload, rollback, stage, target_reals, validate, verify
 
 log = logging.getLogger("mailtls.local")
 
 TRANSIENT_ATTEMPTS = 3
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived during a local run (a BaseException, like KeyboardInterrupt)."""
 
 
 def new_deploy_id() -> str:
@@ -29,18 +41,17 @@ def new_deploy_id() -> str:
     return f"{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S}-{secrets.token_hex(5)}"
 
 
-def contexts_for(cfg: HostConfig) -> dict[str, StepContext]:
-    journal = Journal(cfg.state_dir)
-    return {name: StepContext(t, journal, cfg.host) for name, t in cfg.targets.items()}
+def contexts_for(cfg: HostConfig, journal: Journal | None = None) -> dict[str, StepContext]:
+    journal = journal or Journal(cfg.state_dir)
+    return {name: StepContext(t, journal, cfg.host, cfg.deploy_lease) for name, t in cfg.targets.items()}
 
 
-def recover_host(cfg: HostConfig) -> list[DeployRecord]:
-    """Roll back every interrupted deploy on this host whose owner is gone."""
-    journal = Journal(cfg.state_dir)
-    finished = recover(contexts_for(cfg), journal)
-    for rec in finished:
-        log.warning("recovered interrupted deploy %s of %s: %s", rec.deploy_id, rec.target, rec.outcome)
-    return finished
+def recover_host(cfg: HostConfig, *, journal: Journal | None = None, full_scan: bool = True,
+                 force: bool = False) -> list[DeployRecord]:
+    """Finish every dead deploy on this host (``force``: every unfinished one)."""
+    contexts = contexts_for(cfg, journal)
+    j = next(iter(contexts.values())).journal if contexts else (journal or Journal(cfg.state_dir))
+    return recover(contexts, j, full_scan=full_scan, force=force)
 
 
 def _retrying(step: Callable[[StepContext, str], DeployRecord], ctx: StepContext, deploy_id: str) -> DeployRecord:
@@ -55,33 +66,76 @@ def _retrying(step: Callable[[StepContext, str], DeployRecord], ctx: StepContext
     raise AssertionError("unreachable")
 
 
+@contextlib.contextmanager
+def _signals_as_exceptions() -> Iterator[None]:
+    """SIGTERM raises Terminated (SIGINT already raises KeyboardInterrupt), so the
+    run can compensate before exiting. Only possible in the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_term(signum: int, frame: FrameType | None) -> None:
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def _shielded() -> Iterator[None]:
+    """While compensating, a second SIGTERM or Ctrl-C must not abort the rollback half-way
+    (SIGKILL still can: recovery finishes it)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old_term = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old_term)
+        signal.signal(signal.SIGINT, old_int)
+
+
 def run_local(cfg: HostConfig, target: str, cert_pem: bytes, key_pem: bytes,
               chain_pem: bytes | None = None, *, force: bool = False,
-              deploy_id: str | None = None, lock_timeout: float = 300.0) -> DeployResult:
-    """Deploy in-process and return the result; never raises for a deploy that ran."""
+              deploy_id: str | None = None, lock_timeout: float = 300.0,
+              journal: Journal | None = None) -> DeployResult:
+    """Deploy in-process and return the result; never raises for a deploy that ran.
+
+    Raises TargetBusy (exit 1, nothing touched) when another live deploy owns one
+    of the target's files past ``lock_timeout``."""
     t = cfg.target(target)
     deploy_id = check_deploy_id(deploy_id or new_deploy_id())
-    contexts = contexts_for(cfg)
+    contexts = contexts_for(cfg, journal)
     ctx = contexts[t.name]
     recover(contexts, ctx.journal)
-    with ctx.journal.lock(t.name, timeout=lock_timeout):
+
+    def take_over(owner: Owner) -> None:
+        recover_deploy(contexts, ctx.journal, owner.target, owner.deploy_id)
+
+    with _signals_as_exceptions(), holding(ctx.journal, target_reals(t), deploy_id, timeout=lock_timeout,
+                                           recover=take_over):
         try:
             rec = stage(ctx, deploy_id, cert_pem, key_pem, chain_pem, force=force)
             for step in (validate, commit, reload, verify):
                 if rec.finished:
                     break
                 rec = _retrying(step, ctx, deploy_id)
-        except Rejected:
-            rec = ctx.load(deploy_id)
-            if not rec.finished:
-                rec = rollback(ctx, deploy_id, error=rec.error)
         except MailTLSError as err:
-            rec = rollback(ctx, deploy_id, error=str(err))
+            existing = ctx.journal.load(t.name, deploy_id)
+            if existing is None:
+                raise  # nothing was recorded, so nothing was touched: e.g. the journal's disk is full
+            rec = existing if existing.finished else rollback(ctx, deploy_id, error=str(err))
         except Exception as err:
             log.exception("deploy %s: unexpected error; rolling back", deploy_id)
             rec = rollback(ctx, deploy_id, error=f"internal error: {type(err).__name__}: {err}")
-        except BaseException:
-            # Ctrl-C / SIGTERM: compensate now rather than leave it for recovery.
-            rollback(ctx, deploy_id, error="interrupted by a signal", reason="interrupted")
+        except (KeyboardInterrupt, Terminated):
+            with _shielded():
+                if ctx.journal.load(t.name, deploy_id) is not None:
+                    rollback(ctx, deploy_id, error="interrupted by a signal", reason="interrupted")
             raise
     return DeployResult.from_record(rec)

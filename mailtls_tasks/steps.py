@@ -3,12 +3,18 @@
 stage -> validate -> commit -> reload -> verify, and rollback as compensation.
 No Celery here: the in-process runner and the Celery tasks call the same functions.
 
-Each step is keyed by ``deploy_id`` and recorded in the host journal, and each is
-safe to run again: a step that already finished for this deploy returns the record
-unchanged, a finished deploy is never touched again, and rollback converges from
-any phase (it is also what recovery runs after a crash).
+The protocol they implement is docs/protocol.md. In short:
 
-The caller must hold the target's host lock (``Journal.lock``) around each call.
+* each step is keyed by ``deploy_id`` and recorded in the host journal; running it
+  again returns the record (idempotent), a finished deploy is never touched again,
+  and forward steps never act on a deploy that is rolling back;
+* stage **claims** the deploy's real files (owner entries); the deploy owns them until
+  it finishes; the caller holds their flocks around every call (``ownership.holding``
+  for stage, ``Journal.lock_files(rec.claimed)`` after it);
+* commit and rollback are **compare-and-swap** on the files: they act only on files
+  that hold exactly the bytes they expect, and stop (reporting what is live) otherwise;
+* a step marks ``in_step`` while it runs and renews a distributed deploy's lease, so
+  recovery can tell a deploy that died from one that is waiting for its next message.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import ssl
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TypeGuard
+from typing import Literal, TypeGuard
 
 from . import files, material, probe
 from .commands import run_command
@@ -29,30 +35,37 @@ from .errors import (
     CommandFailed,
     CommandTimeout,
     CommitFailed,
+    Conflict,
     DeployFailed,
     MailTLSError,
     MaterialError,
     Rejected,
     StepFailed,
     Superseded,
+    TargetBusy,
     ValidationFailed,
     VerifyFailed,
 )
-from .journal import DeployRecord, FileEntry, Journal, Phase, StepRecord, check_deploy_id
+from .journal import DeployRecord, FileEntry, Journal, Origin, Phase, StepRecord, check_deploy_id
 
 ORDER: dict[Phase, int] = {
     "staging": 0, "staged": 1, "validated": 2, "committing": 3, "committed": 4,
     "reloaded": 5, "verified": 6, "rolling_back": 7, "done": 8,
 }
+DEFAULT_LEASE = 600.0
 
 
 @dataclass(frozen=True)
 class StepContext:
-    """What every step needs: the target's config, the host journal and host name."""
+    """What every step needs: the target's config, the host journal and host name.
+
+    ``lease``: how long a distributed deploy stays alive between two of its steps.
+    """
 
     target: Target
     journal: Journal
     host: str = ""
+    lease: float = DEFAULT_LEASE
 
     def load(self, deploy_id: str) -> DeployRecord:
         rec = self.journal.load(self.target.name, check_deploy_id(deploy_id))
@@ -65,19 +78,45 @@ class StepContext:
         return self.journal.save(rec)
 
 
+def target_reals(t: Target) -> list[str]:
+    """The real files a deploy of ``t`` writes (symlinks resolved): what it must own."""
+    return [files.real_path(path) for _, path in t.files()]
+
+
+def _begin(ctx: StepContext, rec: DeployRecord, name: str) -> None:
+    """Mark the step as running (and renew the lease) before doing anything to files."""
+    rec.in_step = name
+    rec.runner = ctx.journal.token()
+    if rec.origin == "distributed":
+        rec.lease_until = ctx.journal.clock() + ctx.lease
+    ctx.save(rec)
+
+
 @contextlib.contextmanager
 def _timed(ctx: StepContext, rec: DeployRecord, name: str) -> Iterator[None]:
-    """Record the step's status and duration in the journal, whatever happens."""
+    """Record the step's status and duration in the journal, whatever happens.
+
+    A process that dies inside leaves ``in_step`` set: that is how recovery knows it
+    died mid-step. An exception (the process lives on) clears it.
+    """
+    _begin(ctx, rec, name)
     t0 = time.monotonic()
     try:
         yield
-    except MailTLSError as err:
-        rec.steps[name] = StepRecord(status="failed", ms=int((time.monotonic() - t0) * 1000), detail=str(err))
-        ctx.save(rec)
+    except Exception as err:
+        if not rec.finished:
+            detail = str(err) if isinstance(err, MailTLSError) else f"internal error: {type(err).__name__}"
+            rec.steps[name] = StepRecord(status="failed", ms=int((time.monotonic() - t0) * 1000), detail=detail)
+            rec.in_step = None
+            ctx.save(rec)
         raise
     prior = rec.steps.get(name)
-    if prior is None or prior.status != "skipped":
-        rec.steps[name] = StepRecord(status="ok", ms=int((time.monotonic() - t0) * 1000))
+    if prior is None or prior.status not in ("skipped", "failed"):
+        status: Literal["ok", "failed"] = "failed" if rec.outcome == "failed" else "ok"
+        rec.steps[name] = StepRecord(status=status, ms=int((time.monotonic() - t0) * 1000))
+    rec.in_step = None
+    if rec.origin == "distributed" and not rec.finished:
+        rec.lease_until = ctx.journal.clock() + ctx.lease
     ctx.save(rec)
 
 
@@ -88,20 +127,32 @@ def _skip(rec: DeployRecord, name: str, detail: str) -> None:
 def already_staged(rec: DeployRecord | None) -> TypeGuard[DeployRecord]:
     """Stage ran to the end for this deploy (or the deploy is over): a redelivered
     stage must return the record, never stage again or re-judge its input."""
-    return rec is not None and _done(rec, "staged")
+    return rec is not None and (rec.finished or rec.phase != "staging")
+
+
+def moving_forward(rec: DeployRecord) -> bool:
+    """Forward steps may act: the deploy is neither finished nor rolling back."""
+    return not rec.finished and rec.phase != "rolling_back"
 
 
 def _done(rec: DeployRecord, phase_at_least: Phase) -> bool:
-    return rec.finished or ORDER[rec.phase] >= ORDER[phase_at_least]
+    return not moving_forward(rec) or ORDER[rec.phase] >= ORDER[phase_at_least]
 
 
 def _finish(ctx: StepContext, rec: DeployRecord, outcome: str, error: str | None = None,
             reason: str | None = None) -> DeployRecord:
+    """End the deploy: outcome recorded, files released, an outbox entry for Redis."""
     rec.outcome = outcome  # type: ignore[assignment]
     rec.phase = "done"
     rec.error = error
     rec.reason = reason
+    rec.in_step = None
+    rec.lease_until = None
+    if rec.origin == "distributed":
+        ctx.journal.outbox_add(rec.target, rec.deploy_id)
     ctx.save(rec)
+    for real in rec.reals:
+        ctx.journal.clear_owner(real, rec.deploy_id)
     ctx.journal.prune(ctx.target.name, ctx.target.backup_retention)
     return rec
 
@@ -116,14 +167,35 @@ def _remove_temps(rec: DeployRecord) -> None:
             files.remove(f.temp)
 
 
+LiveState = Literal["old", "new", "other"]
+
+
+def live_state(e: FileEntry) -> LiveState:
+    """What the live file holds now, compared with this deploy's snapshot and new bytes."""
+    _, data = files.inspect(e.real)
+    digest = material.sha256(data) if data is not None else None
+    if digest == e.old_sha256:  # both None: absent before, absent now
+        return "old"  # first: a file whose bytes do not change (often the chain) is "old"
+    if digest == e.new_sha256:
+        return "new"
+    return "other"
+
+
+def _describe_live(rec: DeployRecord, states: dict[str, LiveState]) -> str:
+    return ", ".join(f"{e.role} {e.real}: {states[e.real]}" for e in rec.files)
+
+
 # --------------------------------------------------------------------------- stage
 def stage(ctx: StepContext, deploy_id: str, cert_pem: bytes, key_pem: bytes,
           chain_pem: bytes | None = None, *, force: bool = False, fence: int | None = None,
-          now: dt.datetime | None = None) -> DeployRecord:
-    """Check the material, back up the live files, write the new ones as temps.
+          origin: Origin = "local", now: dt.datetime | None = None) -> DeployRecord:
+    """Claim the files, check the material, back up the live files, write the new
+    ones as temps.
 
     Ends the deploy as ``unchanged`` when the bytes are already live (and, with
-    verify on, already served), or ``rejected`` when the material is bad.
+    verify on, already served), or ``rejected`` when the material is bad or the
+    deploy is superseded. The caller holds the target's file locks and has made sure
+    no other live deploy owns them (``ownership.holding``).
     """
     t = ctx.target
     rec = ctx.journal.load(t.name, check_deploy_id(deploy_id))
@@ -131,11 +203,23 @@ def stage(ctx: StepContext, deploy_id: str, cert_pem: bytes, key_pem: bytes,
         return rec
     if rec is not None:  # a previous attempt died mid-stage: nothing live was touched
         _remove_temps(rec)
-    rec = DeployRecord(deploy_id=deploy_id, target=t.name, host=ctx.host, fence=fence)
+    reals = target_reals(t)
+    for real in reals:
+        owner = ctx.journal.owner_of(real)
+        if owner is not None and owner.deploy_id != deploy_id:
+            other = ctx.journal.load(owner.target, owner.deploy_id)
+            if other is not None and not other.finished:
+                raise TargetBusy(f"{real} is owned by deploy {owner.deploy_id} of target {owner.target!r}")
+    rec = DeployRecord(deploy_id=deploy_id, target=t.name, host=ctx.host, fence=fence, origin=origin,
+                       claimed=reals)
+    # Claim before the record exists: an owner entry without a record is stale and
+    # cleared, a record without its owner entries would be invisible to recovery.
+    for real in reals:
+        ctx.journal.set_owner(real, rec)
     with _timed(ctx, rec, "stage"):
         try:
             if fence is not None:
-                _check_fence(ctx, fence)
+                _check_fence(ctx, fence, deploy_id)
             _stage(ctx, rec, cert_pem, key_pem, chain_pem, force=force, now=now)
         except Rejected as err:  # Superseded included
             _remove_temps(rec)
@@ -145,13 +229,16 @@ def stage(ctx: StepContext, deploy_id: str, cert_pem: bytes, key_pem: bytes,
     return rec
 
 
-def _check_fence(ctx: StepContext, fence: int) -> None:
-    """A stale, redelivered or overtaken message must not overwrite a newer deploy."""
-    highest = ctx.journal.highest_fence(ctx.target.name)
-    if fence < highest:
-        raise Superseded(f"superseded: a newer deploy of {ctx.target.name!r} (fence {highest}) already ran "
-                         f"on this host; this one has fence {fence}")
-    ctx.journal.record_fence(ctx.target.name, fence)
+def _check_fence(ctx: StepContext, fence: int, deploy_id: str) -> None:
+    """A stale, replayed or overtaken envelope must not overwrite a newer deploy.
+
+    Strictly greater than the highest fence staged here; equal only for the very
+    deploy that recorded it (its stage crashed and runs again)."""
+    highest, by = ctx.journal.fence_state(ctx.target.name)
+    if fence < highest or (fence == highest and by != deploy_id):
+        raise Superseded(f"superseded: a deploy of {ctx.target.name!r} with fence {highest} already ran on this "
+                         f"host; this one has fence {fence}")
+    ctx.journal.record_fence(ctx.target.name, fence, deploy_id)
 
 
 def _stage(ctx: StepContext, rec: DeployRecord, cert_pem: bytes, key_pem: bytes,
@@ -209,7 +296,6 @@ def _stage(ctx: StepContext, rec: DeployRecord, cert_pem: bytes, key_pem: bytes,
         # Same bytes on disk, another leaf served (e.g. a second daemon sharing the
         # file was never reloaded): nothing to write, but reload and verify anyway.
         rec.phase = "staged"
-        ctx.save(rec)
         return
 
     ctx.save(rec)  # temps named in the journal before they exist: recovery can find them
@@ -233,8 +319,8 @@ def _stage(ctx: StepContext, rec: DeployRecord, cert_pem: bytes, key_pem: bytes,
 def _finish_unchanged(ctx: StepContext, rec: DeployRecord, detail: str) -> None:
     for name in ("validate", "commit", "reload", "verify"):
         _skip(rec, name, detail)
-    rec.outcome = "unchanged"
-    rec.phase = "done"
+    rec.steps["stage"] = StepRecord(status="ok")
+    _finish(ctx, rec, "unchanged")
 
 
 # ------------------------------------------------------------------------ validate
@@ -322,7 +408,12 @@ def _memory_handshake(client_ctx: ssl.SSLContext, server_ctx: ssl.SSLContext) ->
 
 # -------------------------------------------------------------------------- commit
 def commit(ctx: StepContext, deploy_id: str) -> DeployRecord:
-    """Rename each staged temp over its live file (fixed order), fsyncing the dir."""
+    """Rename each staged temp over its live file (fixed order), fsyncing the dir.
+
+    Compare-and-swap: a live file must still hold the bytes stage snapshotted (or,
+    when a commit runs again after dying half-way, this deploy's new bytes), and each
+    temp is re-hashed before its rename. A file changed behind our back ends the
+    deploy ``rejected`` (reason ``conflict``) if nothing of ours is live yet."""
     rec = ctx.load(deploy_id)
     if _done(rec, "committed"):
         return rec
@@ -332,16 +423,32 @@ def commit(ctx: StepContext, deploy_id: str) -> DeployRecord:
         if rec.files_already_live:
             _skip(rec, "commit", "bytes already live")
         else:
+            states = {e.real: live_state(e) for e in rec.files}
+            allowed = ("old",) if rec.phase == "validated" else ("old", "new")
+            if any(s not in allowed for s in states.values()):
+                what = _describe_live(rec, states)
+                if rec.phase == "validated":
+                    _remove_temps(rec)
+                    msg = (f"conflict: the live files changed since stage ({what}); "
+                           "nothing was replaced")
+                    rec.steps["commit"] = StepRecord(status="failed", detail=msg)
+                    _finish(ctx, rec, "rejected", msg, "conflict")
+                    raise Conflict(msg)
+                raise CommitFailed(f"conflict: a live file changed during the commit ({what})")
             rec.phase = "committing"
-            ctx.save(rec)  # from here on, recovery restores the backups
+            ctx.save(rec)  # from here on, a rollback restores the backups
             for e in rec.files:
+                if states[e.real] == "new":
+                    continue
                 try:
-                    if os.path.exists(e.temp):
-                        files.replace(e.temp, e.real)
-                    else:
-                        _, live = files.inspect(e.real)
-                        if live is None or material.sha256(live) != e.new_sha256:
-                            raise CommitFailed(f"{e.role}: staged file {e.temp} is missing")
+                    _, staged = files.inspect(e.temp)
+                    if staged is None and e.old_sha256 == e.new_sha256:
+                        continue  # same bytes, already renamed by a commit that died
+                    if staged is None:
+                        raise CommitFailed(f"{e.role}: staged file {e.temp} is missing")
+                    if material.sha256(staged) != e.new_sha256:
+                        raise CommitFailed(f"{e.role}: staged file {e.temp} changed since stage")
+                    files.replace(e.temp, e.real)
                 except OSError as err:
                     raise CommitFailed(f"{e.role}: cannot replace {e.real}: {err.strerror or err}") from None
         rec.phase = "committed"
@@ -367,9 +474,9 @@ def reload(ctx: StepContext, deploy_id: str) -> DeployRecord:
 # -------------------------------------------------------------------------- verify
 def verify(ctx: StepContext, deploy_id: str) -> DeployRecord:
     """Poll the endpoint until it serves the new leaf; the last step, so it finishes
-    the deploy as ``deployed``."""
+    the deploy as ``deployed``. Never runs on a deploy that is rolling back."""
     rec = ctx.load(deploy_id)
-    if rec.finished:
+    if not moving_forward(rec):
         return rec
     if ORDER[rec.phase] < ORDER["reloaded"]:
         raise StepFailed(f"deploy {deploy_id} cannot verify from phase {rec.phase!r}")
@@ -386,7 +493,36 @@ def verify(ctx: StepContext, deploy_id: str) -> DeployRecord:
                 raise
             rec.served_fingerprint = served.fingerprint
         rec.phase = "verified"
-    return _finish(ctx, rec, "deployed")
+        _finish(ctx, rec, "deployed")
+    return rec
+
+
+def finish_forward(ctx: StepContext, deploy_id: str) -> DeployRecord | None:
+    """Recovery's roll-forward: a dead deploy that had reloaded, whose new set is
+    wholly live and whose new leaf a fresh probe sees served, ends ``deployed``.
+    Returns None when that cannot be shown (the caller rolls back instead)."""
+    rec = ctx.load(deploy_id)
+    if not moving_forward(rec) or ORDER[rec.phase] < ORDER["reloaded"]:
+        return None
+    if any(live_state(e) != "new" for e in rec.files):
+        return None
+    v = ctx.target.post_deploy_verify
+    served: str | None = None
+    if v.enabled:
+        try:
+            served = probe.probe_settings(v).fingerprint
+        except probe.ProbeError:
+            return None
+        if served != rec.fingerprint:
+            return None
+    with _timed(ctx, rec, "verify"):
+        if served:
+            rec.served_fingerprint = served
+        else:
+            _skip(rec, "verify", "post_deploy_verify is off")
+        rec.phase = "verified"
+        _finish(ctx, rec, "deployed", reason="recovered")
+    return rec
 
 
 # ------------------------------------------------------------------------ rollback
@@ -394,30 +530,38 @@ def rollback(ctx: StepContext, deploy_id: str, error: str | None = None,
              reason: str | None = None) -> DeployRecord:
     """Compensate a failed deploy: restore the old bytes exactly, reload, check.
 
-    Converges from any phase and is safe to repeat (recovery runs it after a crash).
-    Ends ``rolled_back`` (old set live and, with verify on, served again), ``rejected``
-    (nothing was ever committed) or ``failed`` (an operator is needed).
+    Converges from any phase and after any number of crashes (recovery runs it
+    again): the phase it started from is kept in ``rollback_from``, and what to do
+    with each file is decided from what the file holds now. Ends ``rolled_back`` (old
+    set live and, with verify on, served again), ``rejected`` (nothing was ever
+    committed) or ``failed`` (an operator is needed; the error says what is live).
     """
     rec = ctx.load(deploy_id)
     if rec.finished:
         return rec
     failed_steps = [s.detail for s in rec.steps.values() if s.status == "failed" and s.detail]
     original_error = rec.error or error or (failed_steps[-1] if failed_steps else "the deploy failed")
-    touched = ORDER[rec.phase] >= ORDER["committing"]
+    if rec.phase != "rolling_back":
+        rec.rollback_from = rec.phase
+        rec.phase = "rolling_back"
+    started_from = rec.rollback_from or "staging"
     rec.error = original_error
-    rec.phase = "rolling_back"
-    ctx.save(rec)
     t = ctx.target
     with _timed(ctx, rec, "rollback"):
         _remove_temps(rec)
-        if not touched:
-            if reason == "interrupted":
-                return _finish(ctx, rec, "rolled_back", original_error, reason)
-            return _finish(ctx, rec, "rejected", original_error, reason)
+        if ORDER[started_from] < ORDER["committing"]:
+            outcome = "rolled_back" if reason == "interrupted" else "rejected"
+            return _finish(ctx, rec, outcome, original_error, reason)
         if rec.files_already_live:
             return _finish(ctx, rec, "failed", _no_older_set(ctx, rec, original_error), reason)
+        states = {e.real: live_state(e) for e in rec.files}
+        if any(s == "other" for s in states.values()):
+            return _finish(ctx, rec, "failed",
+                           f"{original_error}; conflict: a live file holds neither the old nor this deploy's new "
+                           f"bytes ({_describe_live(rec, states)}), so nothing was restored; "
+                           + _state_report(ctx, rec), "conflict")
         try:
-            _restore(ctx, rec)
+            _restore(ctx, rec, states)
         except (OSError, MailTLSError) as err:
             return _finish(ctx, rec, "failed", f"{original_error}; restoring the old files failed: {err}; "
                            + _state_report(ctx, rec), reason)
@@ -435,7 +579,8 @@ def rollback(ctx: StepContext, deploy_id: str, error: str | None = None,
                 rec.served_fingerprint = err.served
                 return _finish(ctx, rec, "failed", f"{original_error}; old files restored but not served: {err}",
                                reason)
-    return _finish(ctx, rec, "rolled_back", original_error, reason)
+        _finish(ctx, rec, "rolled_back", original_error, reason)
+    return rec
 
 
 def _reload_with_retry(t: Target, attempts: int = 2) -> None:
@@ -451,26 +596,30 @@ def _reload_with_retry(t: Target, attempts: int = 2) -> None:
         raise CommandFailed(res.summary())
 
 
-def _restore(ctx: StepContext, rec: DeployRecord) -> None:
-    """Put back every file exactly as it was (bytes, mode, owner), or remove the ones
-    that did not exist before. Each restore is its own atomic rename."""
+def _restore(ctx: StepContext, rec: DeployRecord, states: dict[str, LiveState]) -> None:
+    """Put back every file that holds this deploy's new bytes exactly as it was
+    (bytes, mode, owner), or remove it if it did not exist before. Each restore is
+    its own atomic rename, in the commit's order; a file already old is left alone
+    unless its mode or owner differ."""
     for e in rec.files:
-        if e.existed:
-            data = ctx.journal.read_backup(rec.target, rec.deploy_id, e.role)
-            if data is None or material.sha256(data) != e.old_sha256:
-                raise DeployFailed(f"{e.role}: backup of {e.real} is missing or corrupt")
-            _, live = files.inspect(e.real)
-            st, _ = files.inspect(e.real)
-            if live is not None and material.sha256(live) == e.old_sha256 and st.mode == e.old_mode \
-                    and st.uid == e.old_uid and st.gid == e.old_gid:
-                continue
-            assert e.old_mode is not None
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(e.temp)
-            files.write_new(e.temp, data, e.old_mode, e.old_uid, e.old_gid)
-            files.replace(e.temp, e.real)
-        else:
-            files.remove(e.real)
+        if not e.existed:
+            if states[e.real] == "new":
+                files.remove(e.real)
+            continue
+        st, _ = files.inspect(e.real)
+        if states[e.real] == "old" and st.mode == e.old_mode and st.uid == e.old_uid and st.gid == e.old_gid:
+            continue
+        data = ctx.journal.read_backup(rec.target, rec.deploy_id, e.role)
+        if data is None or material.sha256(data) != e.old_sha256:
+            raise DeployFailed(f"{e.role}: backup of {e.real} is missing or corrupt")
+        assert e.old_mode is not None
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(e.temp)
+        files.write_new(e.temp, data, e.old_mode, e.old_uid, e.old_gid)
+        _, written = files.inspect(e.temp)
+        if written is None or material.sha256(written) != e.old_sha256:
+            raise DeployFailed(f"{e.role}: the restored temp {e.temp} does not hold the backup's bytes")
+        files.replace(e.temp, e.real)
 
 
 def _state_report(ctx: StepContext, rec: DeployRecord) -> str:
@@ -495,29 +644,3 @@ def _state_report(ctx: StepContext, rec: DeployRecord) -> str:
 def _no_older_set(ctx: StepContext, rec: DeployRecord, error: str | None) -> str:
     return (f"{error}; the new files were already on disk before this deploy, so there is no older "
             f"set to return to; " + _state_report(ctx, rec))
-
-
-# ------------------------------------------------------------------------ recovery
-def recover(contexts: dict[str, StepContext], journal: Journal, skip_locked: bool = True) -> list[DeployRecord]:
-    """Roll back every unfinished deploy whose owner died (its target lock is free).
-
-    Called on worker start and before every local run. Returns what it finished.
-    """
-    done = []
-    for name in journal.targets():
-        pending = journal.unfinished(name)
-        if not pending:
-            continue
-        ctx = contexts.get(name)
-        if ctx is None:
-            continue  # target no longer configured: leave the journal for an operator
-        try:
-            with journal.lock(name, timeout=0.0):
-                for rec in pending:
-                    done.append(rollback(ctx, rec.deploy_id,
-                                         error="the deploy was interrupted before it finished",
-                                         reason="interrupted"))
-        except MailTLSError:
-            if not skip_locked:
-                raise
-    return done

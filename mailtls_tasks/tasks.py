@@ -1,10 +1,14 @@
 """The Celery tasks: one per step, plus the compensating ``mailtls.rollback``.
 
-Tasks are thin. They check the message belongs to this host, coordinate through
-Redis (target lock, claim, redelivery bound), call the host runtime, publish the
-journal record to Redis, and translate errors: transient ones are retried with
-backoff and jitter, permanent ones fail the task so the chain's ``link_error`` sends
-``mailtls.rollback`` to the same host as its own message. They never see a file.
+Tasks are thin. They check the message belongs to this host, call the host runtime,
+publish the journal record to Redis, and translate errors: transient ones are retried
+with backoff and jitter, permanent ones fail the task so the chain's ``link_error``
+sends ``mailtls.rollback`` to the same host as its own message. They never see a file.
+
+Every way a deploy can end is published (docs/protocol.md): a step, the rollback, a
+message that finds its deploy already ended, a deploy busy past its retry budget, a
+cancelled claim, and recovery (at start and every ``recovery_interval``, which also
+re-publishes the journal's outbox: endings Redis did not hear of when they happened).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from .app import MAX_RETRY_BACKOFF, app
 from .config import load_config
 from .coordination import Coordinator
 from .envelope import EnvelopeError
-from .errors import MailTLSError, Rejected, StepFailed, Transient, UnknownTarget
+from .errors import MailTLSError, Rejected, StepFailed, TargetBusy, Transient, UnknownTarget
 from .host import HostRuntime
 from .journal import DeployRecord
 
@@ -31,6 +35,7 @@ log = logging.getLogger("mailtls.tasks")
 
 MAX_DELIVERIES = 3          # the same message redelivered after a lost worker, at most
 HEARTBEAT_INTERVAL = 10.0
+MAX_RETRIES = 10
 
 _state: dict[str, Any] = {}
 
@@ -72,14 +77,15 @@ def _summary(rec: DeployRecord | None, step: str, note: str | None = None) -> di
 
 
 def _after(rec: DeployRecord | None) -> None:
-    """Publish the record; when the deploy has ended, free the target and refresh the registry."""
+    """Publish the record; once the deploy has ended, clear its outbox entry (Redis
+    has it now) and refresh the registry."""
     if rec is None:
         return
     co = coordinator()
     co.publish(rec)
     if rec.finished:
-        co.release(rec.target, rec.deploy_id)
         rt = runtime()
+        rt.journal.outbox_done(rec.target, rec.deploy_id)
         co.publish_host(rt.host, rt.inventory())
 
 
@@ -89,11 +95,15 @@ class StepTask(Task):  # type: ignore[misc]
     acks_late = True
     reject_on_worker_lost = True
     autoretry_for = (Transient, redis.ConnectionError, redis.TimeoutError)
-    max_retries = 10
+    max_retries = MAX_RETRIES
     retry_backoff = 1
     retry_backoff_max = MAX_RETRY_BACKOFF
     retry_jitter = True
     typing = True
+
+
+def _out_of_retries(task: Task) -> bool:
+    return int(task.request.retries or 0) >= int(task.max_retries or 0)
 
 
 def _run(task: Task, step: str, target: str, host: str, deploy_id: str,
@@ -104,30 +114,37 @@ def _run(task: Task, step: str, target: str, host: str, deploy_id: str,
         rec = rt.record(target, deploy_id)
     except UnknownTarget as err:
         co.finish_unstarted(deploy_id, "rejected", str(err))
-        return {"step": step, "deploy_id": deploy_id, "outcome": "rejected", "note": str(err)}
-    if step != "stage" and (rec is None or rec.finished):
-        return _summary(rec, step, "deploy already ended" if rec else "deploy unknown on this host")
+        raise
+    if step != "stage" and (rec is None or not _forward(rec)):
+        # A late or redelivered message: the deploy ended (or is being rolled back, or
+        # never reached this host). Say so in Redis, touch nothing.
+        if rec is None:
+            co.finish_unstarted(deploy_id, "rejected", f"deploy {deploy_id} is unknown on host {rt.host} "
+                                "(its stage never ran here)")
+        _after(rec)
+        return _summary(rec, step, "deploy already ended" if rec and rec.finished else
+                        "deploy is rolling back" if rec else "deploy unknown on this host")
     if co.deliveries(deploy_id, step, int(task.request.retries or 0)) > MAX_DELIVERIES:
         raise StepFailed(f"{step} was redelivered more than {MAX_DELIVERIES} times (its worker kept dying)")
-    co.acquire(target, deploy_id)  # TargetBusy -> retried later; never runs in parallel
     task.send_event("task-progress", deploy_id=deploy_id, target=target, step=step)
-    task.update_state(state="PROGRESS", meta={"deploy_id": deploy_id, "target": target, "step": step})
     try:
         rec = call(rt)
-    except Rejected:
-        rec = rt.record(target, deploy_id)
-        _after(rec)
-        if rec is not None and rec.finished:
-            return _summary(rec, step)  # the deploy ended (rejected); later steps are no-ops
+    except TargetBusy as err:
+        if step == "stage" and _out_of_retries(task) and rt.record(target, deploy_id) is None:
+            msg = f"cancelled: {err}, past the retry budget; nothing was touched"
+            co.finish_unstarted(deploy_id, "rejected", msg, reason="busy")
+            raise Rejected(msg) from None
         raise
     except MailTLSError:
-        _after(rt.record(target, deploy_id))
+        after = rt.record(target, deploy_id)
+        _after(after)
+        if after is not None and after.finished:
+            return _summary(after, step)  # ended (rejected, conflict): later steps are no-ops
         raise
     except Exception as err:
         after = rt.record(target, deploy_id)
         if after is None:  # died before the journal knew it: nothing was touched, end it visibly
             co.finish_unstarted(deploy_id, "rejected", f"internal error in {step}: {type(err).__name__}: {err}")
-            co.release(target, deploy_id)
         else:
             _after(after)
         raise
@@ -135,21 +152,38 @@ def _run(task: Task, step: str, target: str, host: str, deploy_id: str,
     return _summary(rec, step)
 
 
+def _forward(rec: DeployRecord) -> bool:
+    return not rec.finished and rec.phase != "rolling_back"
+
+
 @app.task(bind=True, base=StepTask, name="mailtls.stage")
-def stage(self: Task, *, target: str, host: str, deploy_id: str, fence: int | None = None,
-          envelope: dict[str, Any]) -> dict[str, Any]:
+def stage(self: Task, *, target: str, host: str, deploy_id: str, fence: int | None = None) -> dict[str, Any]:
     """Open the sealed, signed envelope on this host and stage its bundle.
 
-    The only task given material, and only as ciphertext for this host's key."""
-    if coordinator().claim(deploy_id, "started") != "started":
-        return {"step": "stage", "deploy_id": deploy_id, "note": "cancelled by the client before it started"}
+    The envelope waits in Redis beside the message (never in the task's arguments);
+    the fence used is the one inside its signed header. ``fence`` in a message, if
+    any, must agree with it."""
+    co = coordinator()
+    if co.claim(deploy_id, "started") != "started":
+        raise Rejected(f"deploy {deploy_id} was cancelled by its client before it started")
+    rt = _runtime_for(host)
+    existing = rt.record(target, deploy_id)
+    envelope = co.get_envelope(deploy_id)
+    if envelope is None and existing is None:
+        msg = (f"deploy {deploy_id}: its envelope is gone from Redis (expired, or Redis lost its data); "
+               "nothing was touched")
+        co.finish_unstarted(deploy_id, "rejected", msg, reason="envelope_missing")
+        raise Rejected(msg)
     try:
-        return _run(self, "stage", target, host, deploy_id,
-                    lambda rt: rt.stage_envelope(target, deploy_id, envelope, fence=fence))
+        out = _run(self, "stage", target, host, deploy_id,
+                   lambda rt: rt.stage_envelope(target, deploy_id, envelope, fence=fence))
     except EnvelopeError as err:
         log.warning("deploy %s of %s: envelope refused: %s", deploy_id, target, err)
-        coordinator().finish_unstarted(deploy_id, "rejected", str(err))
-        return {"step": "stage", "deploy_id": deploy_id, "outcome": "rejected", "note": str(err)}
+        co.finish_unstarted(deploy_id, "rejected", str(err))
+        co.drop_envelope(deploy_id)
+        raise
+    co.drop_envelope(deploy_id)
+    return out
 
 
 def _step_task(step: str) -> Any:
@@ -167,16 +201,25 @@ reload = _step_task("reload")
 verify = _step_task("verify")
 
 
-@app.task(bind=True, base=StepTask, name="mailtls.rollback", max_retries=10)
+@app.task(bind=True, base=StepTask, name="mailtls.rollback", max_retries=MAX_RETRIES)
 def rollback(self: Task, *, target: str, host: str, deploy_id: str) -> dict[str, Any]:
     """Compensation, sent by the chain's link_error when any step failed for good.
 
-    Restores the old files only if something was committed; a no-op for a deploy
-    that already ended (e.g. rejected before commit).
+    Restores the old files only if something was committed; for a deploy that never
+    reached this host's journal it makes sure Redis has an outcome.
     """
     rt = _runtime_for(host)
-    rec = rt.record(target, deploy_id)
-    if rec is None or rec.finished:
+    co = coordinator()
+    try:
+        rec = rt.record(target, deploy_id)
+    except UnknownTarget as err:
+        co.finish_unstarted(deploy_id, "rejected", str(err))
+        return _summary(None, "rollback", str(err))
+    if rec is None:
+        co.finish_unstarted(deploy_id, "rejected", f"deploy {deploy_id} failed before it reached host {rt.host}; "
+                            "nothing was touched")
+        return _summary(rec, "rollback", "nothing to roll back")
+    if rec.finished:
         _after(rec)
         return _summary(rec, "rollback", "nothing to roll back")
     self.send_event("task-progress", deploy_id=deploy_id, target=target, step="rollback")
@@ -186,34 +229,60 @@ def rollback(self: Task, *, target: str, host: str, deploy_id: str) -> dict[str,
 
 
 # ----------------------------------------------------------------- worker lifecycle
-def _heartbeat(stop: threading.Event) -> None:
+def sweep(rt: HostRuntime, co: Coordinator, *, full_scan: bool = False) -> list[DeployRecord]:
+    """Finish dead deploys, then publish every ending Redis has not heard of."""
+    done = rt.recover(full_scan=full_scan)
+    for target, deploy_id in rt.journal.outbox():
+        try:
+            rec = rt.journal.load(target, deploy_id)
+        except MailTLSError as err:
+            log.warning("outbox entry %s/%s unreadable: %s", target, deploy_id, err)
+            continue
+        if rec is None or not rec.finished:
+            rt.journal.outbox_done(target, deploy_id)
+            continue
+        co.publish(rec)
+        rt.journal.outbox_done(target, deploy_id)
+    if done:
+        co.publish_host(rt.host, rt.inventory())
+    return done
+
+
+def _background(stop: threading.Event) -> None:
     rt, co = runtime(), coordinator()
+    next_sweep = 0.0
+    clock = rt.journal.clock
     while not stop.is_set():
         try:
             co.publish_host(rt.host, rt.inventory())
         except (redis.RedisError, OSError) as err:
             log.warning("registry heartbeat failed: %s", err)
-        stop.wait(HEARTBEAT_INTERVAL)
+        if clock() >= next_sweep:
+            try:
+                sweep(rt, co)
+            except (redis.RedisError, OSError, MailTLSError) as err:
+                log.warning("recovery sweep failed (will retry): %s", err)
+            next_sweep = clock() + rt.cfg.recovery_interval
+        stop.wait(min(HEARTBEAT_INTERVAL, rt.cfg.recovery_interval))
 
 
 @worker_init.connect
 def _on_worker_init(**_: Any) -> None:
-    """Before consuming: recover interrupted deploys, then announce this host."""
-    rt = runtime()
-    for rec in rt.recover():
-        log.warning("recovered interrupted deploy %s of %s: %s", rec.deploy_id, rec.target, rec.outcome)
-        try:
-            _after(rec)
-        except redis.RedisError as err:
-            log.warning("could not publish recovered deploy %s: %s", rec.deploy_id, err)
+    """Before consuming: finish dead deploys and publish endings, then announce this host."""
+    rt, co = runtime(), coordinator()
+    try:
+        sweep(rt, co, full_scan=True)
+    except redis.RedisError as err:
+        log.warning("could not publish recovered deploys yet (the sweep retries): %s", err)
+        rt.recover(full_scan=True)
     stop = threading.Event()
-    _state["heartbeat_stop"] = stop
-    threading.Thread(target=_heartbeat, args=(stop,), name="mailtls-heartbeat", daemon=True).start()
+    _state["background_stop"] = stop
+    threading.Thread(target=_background, args=(stop,), name="mailtls-heartbeat", daemon=True).start()
     log.info("mailtls worker for host %s serving targets: %s", rt.host, ", ".join(rt.cfg.targets) or "none")
 
 
 @worker_shutdown.connect
 def _on_worker_shutdown(**_: Any) -> None:
-    stop = _state.get("heartbeat_stop")
+    stop = _state.get("background_stop")
     if stop is not None:
         stop.set()

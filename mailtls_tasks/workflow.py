@@ -12,6 +12,7 @@ record) long before Redis would redeliver the unacked message.
 from __future__ import annotations
 
 import datetime as dt
+import time
 from typing import Any
 
 import redis
@@ -27,8 +28,6 @@ from .keys import PipelineKeys, load_pipeline
 from .local import new_deploy_id
 from .material import MAX_INPUT_BYTES
 from .result import DeployResult
-
-REDACTED = "<sealed envelope>"
 
 
 class DeployTimeout(MailTLSError):
@@ -52,22 +51,30 @@ class DeployHandle:
     def status(self) -> dict[str, Any] | None:
         return self.coordinator.get_record(self.deploy_id)
 
-    def get(self, timeout: float = 600.0, poll: float = 0.2) -> DeployResult:
-        """Wait for the outcome. On timeout: a deploy that had not started is cancelled
-        (nothing touched) and DeployTimeout says so; one already running is left to
-        finish and DeployTimeout says how to follow it."""
+    def get(self, timeout: float = 600.0) -> DeployResult:
+        """Wait for the outcome (blocking on the record's ``ended`` message, no polling).
+
+        On timeout: a deploy whose stage had not started is cancelled (nothing touched)
+        and DeployTimeout says so; one already running is left to finish (the host
+        ends it, if need be by recovery when its lease runs out) and DeployTimeout
+        says how to follow it."""
         try:
-            rec = self.coordinator.wait_record(self.deploy_id, timeout, poll)
+            rec = self.coordinator.wait_record(self.deploy_id, timeout)
             if rec and rec.get("outcome"):
                 return DeployResult.from_public(rec)
-            if self.coordinator.claim(self.deploy_id, "cancelled") == "cancelled":
-                self.coordinator.finish_unstarted(self.deploy_id, "rejected",
-                                                  "cancelled: the target stayed busy past the client's wait budget")
+            if rec is None:
+                raise DeployTimeout(
+                    f"deploy {self.deploy_id}: Redis has no record of it after {timeout:g}s (restarted and lost its "
+                    f"data?); its host finishes it either way; follow it with: mailtls status {self.deploy_id}")
+            if rec.get("phase") == "queued" and self.coordinator.claim(self.deploy_id, "cancelled") == "cancelled":
+                self.coordinator.finish_unstarted(
+                    self.deploy_id, "rejected", "cancelled: it did not start within the client's wait budget; "
+                    "nothing was touched", reason="cancelled")
                 alive = self.coordinator.host_alive(self.host)
                 why = "target busy" if alive else f"no live worker for host {self.host!r}"
                 raise DeployTimeout(f"{why}: deploy {self.deploy_id} did not start within {timeout:g}s and was "
                                     "cancelled; nothing was touched")
-            phase = (rec or {}).get("phase", "?")
+            phase = rec.get("phase", "?")
             raise DeployTimeout(f"deploy {self.deploy_id} is still running (phase {phase}) after {timeout:g}s; "
                                 f"follow it with: mailtls status {self.deploy_id}")
         except redis.RedisError as err:
@@ -101,9 +108,11 @@ def deploy(target: str, cert_pem: bytes, key_pem: bytes, chain_pem: bytes | None
             raise UnknownTarget(f"unknown target {target!r}: no worker has registered it (is its worker running "
                                 "with a config that defines it?)")
         recipient = keys.host_key(host)  # pinned here, never taken from Redis
-        fence = co.next_fence(target)
+        now = time.time()
+        fence = co.next_fence(target, now)  # from the time signed below; survives Redis losing its data
         envelope = seal(target=target, host=host, deploy_id=deploy_id, fence=fence, cert=cert_pem, key=key_pem,
-                        chain=chain_pem, force=force, signing_key=keys.signing_key, recipient=recipient)
+                        chain=chain_pem, force=force, signing_key=keys.signing_key, recipient=recipient,
+                        issued_at=now)
         return enqueue_sealed(co, envelope, app)
     except redis.RedisError as err:
         raise BrokerError(f"cannot enqueue deploy: Redis error: {err}") from None
@@ -127,14 +136,15 @@ def enqueue_sealed(co: Coordinator, envelope: dict[str, Any], app: Celery | None
                    "outcome": None, "fence": fence, "steps": {}, "error": None,
                    "created": dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")})
     co.push_history(target, deploy_id)
+    # The envelope travels beside the messages, not in them: every task's arguments are
+    # references only, whatever Celery does with them (a retry drops kwargsrepr).
+    co.put_envelope(deploy_id, envelope)
     app = app or client_app(co.url)
     refs = {"target": target, "host": host, "deploy_id": deploy_id}
 
     def step(name: str) -> Signature:
         return app.signature(f"mailtls.{name}", kwargs=refs, immutable=True)
 
-    first = app.signature("mailtls.stage", kwargs={**refs, "fence": fence, "envelope": envelope}).set(
-        argsrepr="()", kwargsrepr=repr({**refs, "fence": fence, "envelope": REDACTED}))
-    flow = chain(first, step("validate"), step("commit"), step("reload"), step("verify"), app=app)
+    flow = chain(step("stage"), step("validate"), step("commit"), step("reload"), step("verify"), app=app)
     flow.apply_async(link_error=step("rollback"))
     return DeployHandle(co, deploy_id, target, host)

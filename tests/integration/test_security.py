@@ -50,8 +50,8 @@ class Guarded:
         """Put a (possibly hostile) stage message on the host's queue, as a Redis writer could."""
         self.co.put_record({"deploy_id": deploy_id, "target": target, "host": "mx5", "phase": "queued",
                             "outcome": None})
-        tasks.stage.apply_async(kwargs={"target": target, "host": "mx5", "deploy_id": deploy_id, "fence": fence,
-                                        "envelope": envelope})
+        self.co.put_envelope(deploy_id, envelope)
+        tasks.stage.apply_async(kwargs={"target": target, "host": "mx5", "deploy_id": deploy_id, "fence": fence})
         rec = self.co.wait_record(deploy_id, 30)
         assert rec is not None and rec.get("outcome"), rec
         return rec
@@ -120,8 +120,9 @@ def test_replays_cannot_roll_a_target_back(guarded: Guarded) -> None:
     before, reloads = g.host.snapshot(), len(g.host.reload.calls)
 
     # 1. the very same message again: that deploy already ended, nothing happens
-    tasks.stage.apply_async(kwargs={"target": "sec", "host": "mx5", "deploy_id": f"legit-{f1}", "fence": f1,
-                                    "envelope": env1}).get(timeout=30)
+    g.co.put_envelope(f"legit-{f1}", env1)
+    tasks.stage.apply_async(kwargs={"target": "sec", "host": "mx5", "deploy_id": f"legit-{f1}",
+                                    "fence": f1}).get(timeout=30)
     assert g.host.snapshot() == before and len(g.host.reload.calls) == reloads
     # 2. the old envelope under a fresh deploy id and fence: the signature binds both
     f3 = g.co.next_fence("sec")

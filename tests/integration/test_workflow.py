@@ -108,7 +108,7 @@ def test_deploy_through_queue(fleet: Fleet) -> None:
     assert res.fingerprint_sha256 == res.served_fingerprint_sha256 == new.fingerprint
     assert probe.probe("127.0.0.1", fleet.smtp_server.port, "smtp").fingerprint == new.fingerprint
     assert [s for s, r in res.steps.items() if r.status == "ok"] == ["stage", "validate", "commit", "reload", "verify"]
-    ran = _task_lines(fleet.w1.log(), res.deploy_id)
+    ran = _task_lines(fleet.w1.wait_log("mailtls.verify[", "succeeded", res.deploy_id), res.deploy_id)
     assert [ln.split("Task ")[1].split("[")[0] for ln in ran] == [
         "mailtls.stage", "mailtls.validate", "mailtls.commit", "mailtls.reload", "mailtls.verify"]
     assert res.deploy_id not in fleet.w2.log()
@@ -138,7 +138,7 @@ def test_reload_failure_runs_rollback_task(fleet: Fleet) -> None:
     assert res.outcome == "rolled_back", res.error
     assert "reload_command failed" in (res.error or "")
     assert (fleet.mx1.path("plain", "cert").read_bytes(), fleet.mx1.path("plain", "key").read_bytes()) == before
-    log = fleet.w1.log()
+    log = fleet.w1.wait_log("mailtls.rollback[", "succeeded", res.deploy_id)
     assert any("mailtls.rollback[" in ln and "succeeded" in ln and res.deploy_id in ln for ln in log.splitlines())
     assert any("mailtls.reload[" in ln and "raised" in ln for ln in log.splitlines())
 
@@ -148,7 +148,8 @@ def test_verify_failure_runs_rollback_task_and_old_leaf_served(fleet: Fleet) -> 
     assert res.outcome == "rolled_back", res.error
     assert res.served_fingerprint_sha256 == fleet.stale_leaf.fingerprint
     assert fleet.mx1.path("stale", "cert").read_bytes() == fleet.stale_leaf.fullchain_pem
-    assert any("mailtls.rollback[" in ln and res.deploy_id in ln for ln in fleet.w1.log().splitlines())
+    assert any("mailtls.rollback[" in ln and res.deploy_id in ln
+               for ln in fleet.w1.wait_log("mailtls.rollback[", res.deploy_id).splitlines())
 
 
 def test_transient_command_timeout_is_retried(fleet: Fleet) -> None:
@@ -270,7 +271,10 @@ def test_flower_lists_deploy_tasks_by_name(fleet: Fleet) -> None:
     assert names >= {"mailtls.stage", "mailtls.validate", "mailtls.commit", "mailtls.reload", "mailtls.verify"}
     stage = next(t for t in json.loads(fleet.flower.get("/api/tasks")).values()
                  if t["name"] == "mailtls.stage" and res.deploy_id in json.dumps(t))
-    assert "sealed envelope" in fleet.flower.get(f"/api/task/info/{stage['uuid']}")
+    info = json.loads(fleet.flower.get(f"/api/task/info/{stage['uuid']}"))
+    # references only: the sealed envelope waits in Redis beside the message, never in it
+    assert "envelope" not in info["kwargs"] and '"ct"' not in json.dumps(info)
+    assert res.deploy_id in info["kwargs"] and "'host': 'mx1'" in info["kwargs"]
     all_names = {t["name"] for t in json.loads(fleet.flower.get("/api/tasks")).values()}
     assert "mailtls.rollback" in all_names  # Flower saw the compensations of the tests above
 

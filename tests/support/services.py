@@ -131,6 +131,16 @@ class Worker:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
+    def wait_log(self, *needles: str, timeout: float = 15.0) -> str:
+        """The log, once one line holds every needle. A client sees a deploy end the
+        moment its record is published, a little before the worker logs the task."""
+        deadline = time.monotonic() + timeout
+        while True:
+            log = self.log()
+            if any(all(n in ln for n in needles) for ln in log.splitlines()) or time.monotonic() > deadline:
+                return log
+            time.sleep(0.05)
+
     def kill9(self) -> None:
         assert self.proc is not None
         _kill_group(self.proc, signal.SIGKILL)

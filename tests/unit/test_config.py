@@ -92,7 +92,7 @@ def test_unknown_target_is_rejected_error() -> None:
 
 def test_load_toml_and_json(tmp_path) -> None:  # type: ignore[no-untyped-def]
     toml = tmp_path / "t.toml"
-    toml.write_text('host = "mx9"\nstate_dir = "/tmp/s"\n[targets.smtp]\nmode = "postfix"\n'
+    toml.write_text(f'host = "mx9"\nstate_dir = "{tmp_path}/s"\n[targets.smtp]\nmode = "postfix"\n'
                     '[targets.imap]\nmode = "dovecot"\npost_deploy_verify = { enabled = true, '
                     'endpoint = "127.0.0.1:993" }\n')
     c = load_config(str(toml))

@@ -1,0 +1,93 @@
+"""Who owns a target's real files, and whether that owner is still alive.
+
+docs/protocol.md, "Is the owner alive?": judged only by someone holding at least one
+of the owner's file locks, so the owner is certainly not inside a step right then.
+A local deploy is dead when its process is; a distributed one when it died inside a
+step (runner gone) or its lease ran out between steps. "The lock is free" alone
+never means dead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import time
+from collections.abc import Callable, Iterator
+
+from .errors import TargetBusy
+from .journal import DeployRecord, Journal, Owner
+
+MAX_TAKEOVERS = 8
+
+
+def is_dead(journal: Journal, rec: DeployRecord) -> bool:
+    """An unfinished deploy nobody will finish: its owner must be recovered."""
+    if rec.finished:
+        return False
+    if rec.origin == "local":
+        return not journal.alive(rec.runner)
+    if rec.in_step and not journal.alive(rec.runner):
+        return True
+    return rec.lease_until is None or journal.clock() >= rec.lease_until
+
+
+def describe(rec: DeployRecord, journal: Journal) -> str:
+    """How an operator reads "busy": who owns it, doing what, until when."""
+    if rec.origin == "local":
+        return f"deploy {rec.deploy_id} of target {rec.target!r} (a local run, phase {rec.phase})"
+    lease = "-"
+    if rec.lease_until is not None:
+        left = rec.lease_until - journal.clock()
+        until = dt.datetime.fromtimestamp(rec.lease_until, dt.UTC).isoformat(timespec="seconds")
+        lease = f"until {until} ({left:.0f}s left)" if left > 0 else f"expired {-left:.0f}s ago"
+    return (f"deploy {rec.deploy_id} of target {rec.target!r} (distributed, phase {rec.phase}, "
+            f"lease {lease})")
+
+
+def busy_message(journal: Journal, real: str) -> str:
+    """Worded for a flock that stayed held: a step is running right now."""
+    owner = journal.owner_of(real)
+    rec = journal.load(owner.target, owner.deploy_id) if owner else None
+    who = describe(rec, journal) if rec else "another deploy"
+    return f"{real} is busy: a step of {who} is running on it"
+
+
+def blockers(journal: Journal, reals: list[str], deploy_id: str) -> list[Owner]:
+    """Other deploys owning any of ``reals`` (caller holds their locks).
+
+    Clears stale entries (owner finished or gone); raises TargetBusy naming a live
+    owner; returns the dead ones, which the caller must recover before claiming."""
+    dead: dict[str, Owner] = {}
+    for real in reals:
+        owner = journal.owner_of(real)
+        if owner is None or owner.deploy_id == deploy_id:
+            continue
+        rec = journal.load(owner.target, owner.deploy_id)
+        if rec is None or rec.finished:
+            journal.clear_owner(real, owner.deploy_id)
+            continue
+        if not is_dead(journal, rec):
+            raise TargetBusy(f"{real} is owned by {describe(rec, journal)}; try again after it ends")
+        dead.setdefault(owner.deploy_id, owner)
+    return list(dead.values())
+
+
+@contextlib.contextmanager
+def holding(journal: Journal, reals: list[str], deploy_id: str, *, timeout: float,
+            recover: Callable[[Owner], object]) -> Iterator[None]:
+    """Hold the locks of ``reals`` with no other live deploy owning any of them.
+
+    A dead owner is recovered first (with its own locks: it may own more files than
+    ours), then we try again. TargetBusy if a live deploy owns one, or a lock stays
+    held past ``timeout``."""
+    deadline = time.monotonic() + timeout
+    for _ in range(MAX_TAKEOVERS):
+        left = max(0.0, deadline - time.monotonic())
+        with journal.lock_files(reals, left, busy=lambda real: busy_message(journal, real)):
+            dead = blockers(journal, reals, deploy_id)
+            if not dead:
+                yield
+                return
+        for owner in dead:
+            recover(owner)
+    raise TargetBusy(f"could not take over {', '.join(reals)}: dead owners kept coming back")

@@ -1,0 +1,75 @@
+"""Finishing deploys whose owner died: roll forward when provably served, else back.
+
+Runs on worker start, periodically in the worker, before every local run, and as
+``mailtls recover`` (a boot-time unit runs it before Postfix and Dovecot start). It
+reads the owner entries (the deploys in flight), not every target's history, so its
+cost does not grow with the number of targets. See docs/protocol.md, "Recovery".
+"""
+
+from __future__ import annotations
+
+import logging
+
+from .errors import MailTLSError, TargetBusy
+from .journal import DeployRecord, Journal
+from .ownership import is_dead
+from .steps import StepContext, finish_forward, rollback
+
+log = logging.getLogger("mailtls.recovery")
+
+INTERRUPTED = "the deploy was interrupted before it finished"
+
+
+def recover_deploy(contexts: dict[str, StepContext], journal: Journal, target: str,
+                   deploy_id: str, *, force: bool = False) -> DeployRecord | None:
+    """Finish one deploy if it is dead (or ``force``: the operator says so), holding
+    all its locks. Returns the finished record, or None if it was alive or gone."""
+    rec = journal.load(target, deploy_id)
+    if rec is None:
+        return None
+    ctx = contexts.get(target)
+    try:
+        with journal.lock_files(rec.reals, timeout=0.0):
+            rec = journal.load(target, deploy_id)
+            if rec is None:
+                return None
+            if rec.finished:
+                for real in rec.reals:  # a stale owner entry left by a crash after finishing
+                    journal.clear_owner(real, deploy_id)
+                return None
+            if not (force or is_dead(journal, rec)):
+                return None
+            if ctx is None:
+                log.error("deploy %s of %s is unfinished but target %r is no longer configured: "
+                          "left for an operator", deploy_id, target, target)
+                return None
+            done = finish_forward(ctx, deploy_id)
+            if done is None:
+                done = rollback(ctx, deploy_id, error=INTERRUPTED, reason="interrupted")
+            log.warning("recovered deploy %s of %s: %s (%s)", deploy_id, target, done.outcome, done.reason)
+            return done
+    except TargetBusy:
+        return None  # one of its steps is running: alive by definition
+
+
+def recover(contexts: dict[str, StepContext], journal: Journal, *, full_scan: bool = False,
+            force: bool = False) -> list[DeployRecord]:
+    """Finish every dead deploy on this host. Returns what it finished.
+
+    ``full_scan`` also reads every configured target's records: for journals written
+    before owner entries existed (once, at worker start and by ``mailtls recover``).
+    """
+    candidates = {(o.target, o.deploy_id) for o in journal.owners()}
+    if full_scan:
+        for name in contexts:
+            candidates.update((name, r.deploy_id) for r in journal.records(name) if not r.finished)
+    done = []
+    for target, deploy_id in sorted(candidates):
+        try:
+            rec = recover_deploy(contexts, journal, target, deploy_id, force=force)
+        except MailTLSError as err:
+            log.error("recovering deploy %s of %s failed: %s", deploy_id, target, err)
+            continue
+        if rec is not None:
+            done.append(rec)
+    return done
