@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import logging
 
-from .errors import MailTLSError, TargetBusy
-from .journal import DeployRecord, Journal
+from .errors import JournalError, MailTLSError, TargetBusy
+from .journal import DeployRecord, Journal, Owner
 from .ownership import is_dead
 from .steps import StepContext, finish_forward, rollback
 
@@ -52,6 +52,21 @@ def recover_deploy(contexts: dict[str, StepContext], journal: Journal, target: s
         return None  # one of its steps is running: alive by definition
 
 
+def _clear_if_stale(journal: Journal, owner: Owner) -> None:
+    """An owner entry whose deploy has no record (died while claiming) or has finished
+    (died before releasing) owns nothing: remove it, under the file's lock."""
+    try:
+        with journal.lock_files([owner.path], timeout=0.0):
+            current = journal.owner_of(owner.path)
+            if current is None or current.deploy_id != owner.deploy_id:
+                return
+            rec = journal.load(owner.target, owner.deploy_id)
+            if rec is None or rec.finished:
+                journal.clear_owner(owner.path, owner.deploy_id)
+    except (TargetBusy, JournalError):
+        return
+
+
 def recover(contexts: dict[str, StepContext], journal: Journal, *, full_scan: bool = False,
             force: bool = False) -> list[DeployRecord]:
     """Finish every dead deploy on this host. Returns what it finished.
@@ -59,7 +74,10 @@ def recover(contexts: dict[str, StepContext], journal: Journal, *, full_scan: bo
     ``full_scan`` also reads every configured target's records: for journals written
     before owner entries existed (once, at worker start and by ``mailtls recover``).
     """
-    candidates = {(o.target, o.deploy_id) for o in journal.owners()}
+    owners = journal.owners()
+    candidates = {(o.target, o.deploy_id) for o in owners}
+    for o in owners:
+        _clear_if_stale(journal, o)
     if full_scan:
         for name in contexts:
             candidates.update((name, r.deploy_id) for r in journal.records(name) if not r.finished)

@@ -1,0 +1,360 @@
+"""A stateful model of the deploy protocol (docs/protocol.md) over real files.
+
+Hypothesis drives the real step functions -- the worker's ``HostRuntime`` path and
+the ``--local`` runner -- against real temp files, interleaving deploys of targets
+that share real files (through symlinks, and with an extra chain file), redelivering
+and reordering their messages, crashing them mid-step (an exception that no code may
+catch, raised before the k-th file operation: what a SIGKILL leaves behind), letting
+time pass beyond leases and running recovery. Only the clock and "is this process
+still alive?" are the model's own: it owns the processes.
+
+After every rule: each live cert/key pair matches, unless a deploy is inside its
+commit or rollback window; it is byte-for-byte a set some deploy staged (or the set
+from before); a set reported deployed is never replaced by one staged before it; no
+deploy ever ends ``failed``; finished deploys leave no temps and have an outcome (and
+an outbox entry, distributed). At the end every process dies, time runs past every
+lease, recovery runs, and all of that must hold with nothing unfinished.
+
+``MAILTLS_MODEL_EXAMPLES`` raises the number of examples (``make model``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import itertools
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from mailtls_tasks import files
+from mailtls_tasks.config import parse_config
+from mailtls_tasks.errors import MailTLSError, TargetBusy
+from mailtls_tasks.host import HostRuntime
+from mailtls_tasks.journal import DeployRecord, Journal
+from mailtls_tasks.local import run_local
+from mailtls_tasks.material import key_matches_cert
+from mailtls_tasks.recovery import recover
+from mailtls_tasks.steps import ORDER
+from tests.support.pki import Issued, make_pki
+
+LEASE = 100.0
+EXAMPLES = int(os.environ.get("MAILTLS_MODEL_EXAMPLES", "40"))
+STEPS = int(os.environ.get("MAILTLS_MODEL_STEPS", "30"))
+NOT_BEFORE = dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)  # equal: no leaf is "older" than another
+
+_PKI = make_pki("ec")
+_LEAVES: list[Issued] = []
+
+
+def leaf(i: int) -> Issued:
+    while len(_LEAVES) <= i:
+        _LEAVES.append(_PKI.leaf(not_before=NOT_BEFORE))
+    return _LEAVES[i]
+
+
+class Crash(BaseException):
+    """A process death: nothing in the code under test may catch it."""
+
+
+@contextlib.contextmanager
+def crash_before_op(k: int) -> Iterator[None]:
+    """Raise Crash before the k-th durable file operation (write, rename, unlink, dir fsync)."""
+    names = ("write_new", "replace", "remove", "fsync_dir")
+    originals = {n: getattr(files, n) for n in names}
+    count = itertools.count(1)
+
+    def wrap(fn: Any) -> Any:
+        def wrapper(*a: Any, **kw: Any) -> Any:
+            if next(count) == k:
+                raise Crash()
+            return fn(*a, **kw)
+        return wrapper
+
+    for n in names:
+        setattr(files, n, wrap(originals[n]))
+    try:
+        yield
+    finally:
+        for n in names:
+            setattr(files, n, originals[n])
+
+
+@dataclass
+class Deploy:
+    deploy_id: str
+    target: str
+    leaf: Issued
+    origin: str
+    fence: int | None = None
+    seq: int | None = None  # order in which it got staged
+
+
+STEP_NAMES = ["validate", "commit", "reload", "verify"]
+
+
+class ProtocolModel(RuleBasedStateMachine):
+    @initialize()
+    def setup(self) -> None:
+        self.root = Path(tempfile.mkdtemp(prefix="mailtls-model-"))
+        certs = self.root / "certs"
+        certs.mkdir()
+        self.c1, self.k1, self.ch1 = certs / "c1.pem", certs / "k1.pem", certs / "ch1.pem"
+        self.c2, self.k2 = certs / "c2.pem", certs / "k2.pem"
+        (certs / "links").mkdir()
+        (certs / "links" / "c.pem").symlink_to(self.c1)
+        (certs / "links" / "k.pem").symlink_to(self.k1)
+        first, other = leaf(0), leaf(1)
+        self.c1.write_bytes(first.fullchain_pem)
+        self.k1.write_bytes(first.key_pem)
+        self.ch1.write_bytes(first.chain_pem)
+        self.c2.write_bytes(other.fullchain_pem)
+        self.k2.write_bytes(other.key_pem)
+        for k in (self.k1, self.k2):
+            os.chmod(k, 0o600)
+        common = {"reload_command": "/bin/true", "validate_command": ""}
+        self.cfg = parse_config({
+            "host": "model", "state_dir": str(self.root / "state"), "deploy_lease": LEASE,
+            "targets": {
+                "a": {"cert_path": str(self.c1), "key_path": str(self.k1), **common},
+                "b": {"cert_path": str(certs / "links" / "c.pem"), "key_path": str(certs / "links" / "k.pem"),
+                      **common},
+                "c": {"cert_path": str(self.c1), "key_path": str(self.k1), "chain_path": str(self.ch1), **common},
+                "d": {"cert_path": str(self.c2), "key_path": str(self.k2), **common},
+            }})
+        self.now = 1_000_000.0
+        self.live: set[str] = set()
+        self.pids = itertools.count(1)
+        self.token = self._new_token()
+        self.journal = Journal(self.cfg.state_dir, clock=lambda: self.now, alive=lambda t: t in self.live,
+                               token=lambda: self.token)
+        self.rt = HostRuntime(self.cfg, lock_wait=0.0, journal=self.journal)
+        self.worker_child = self._new_token()
+        self.deploys: list[Deploy] = []
+        self.ids = itertools.count(1)
+        self.leaves = itertools.count(2)
+        self.fences = itertools.count(1)
+        self.seqs = itertools.count(1)
+        # (cert bytes, key bytes) -> seq of the deploy that staged them (0: the set before any)
+        self.sets: dict[tuple[bytes, bytes], int] = {(first.fullchain_pem, first.key_pem): 0,
+                                                     (other.fullchain_pem, other.key_pem): 0}
+        self.floor = {"pair1": 0, "pair2": 0}
+        self.ended_seen: set[str] = set()
+
+    def teardown(self) -> None:
+        if hasattr(self, "root"):
+            shutil.rmtree(self.root, ignore_errors=True)
+
+    # -- processes ----------------------------------------------------------------
+    def _new_token(self) -> str:
+        tok = f"proc-{next(self.pids)}"
+        self.live.add(tok)
+        return tok
+
+    @contextlib.contextmanager
+    def _process(self, token: str, crash_at: int | None) -> Iterator[None]:
+        """Run as process ``token``; with ``crash_at``, that process dies at that op."""
+        self.token = token
+        try:
+            if crash_at is None:
+                yield
+            else:
+                with crash_before_op(crash_at):
+                    yield
+        except Crash:
+            self.live.discard(token)
+        except MailTLSError:
+            pass  # a failed step: Celery fails the task, link_error sends rollback (a rule below)
+
+    def _record(self, d: Deploy) -> DeployRecord | None:
+        return self.journal.load(d.target, d.deploy_id)
+
+    def _note_staged(self, d: Deploy) -> None:
+        rec = self._record(d)
+        stage = rec.steps.get("stage") if rec is not None else None
+        if d.seq is None and rec is not None and rec.files and stage is not None and stage.status == "ok":
+            d.seq = next(self.seqs)
+            cert = d.leaf.cert_pem if d.target == "c" else d.leaf.fullchain_pem
+            self.sets[(cert, d.leaf.key_pem)] = d.seq
+
+    def _new_deploy(self, target: str, origin: str) -> Deploy:
+        d = Deploy(f"m-{next(self.ids)}", target, leaf(next(self.leaves)), origin)
+        self.deploys.append(d)
+        return d
+
+    # -- distributed deploys: messages in any order, redelivered, late ----------------
+    @rule(name=st.sampled_from(["a", "b", "c", "d"]))
+    def enqueue(self, name: str) -> None:
+        d = self._new_deploy(name, "distributed")
+        d.fence = next(self.fences)  # taken at enqueue, in the signed envelope
+
+    def _distributed(self) -> list[Deploy]:
+        return [d for d in self.deploys if d.origin == "distributed"]
+
+    @precondition(lambda self: self._distributed())
+    @rule(data=st.data(), crash=st.none() | st.integers(1, 12))
+    def deliver_stage(self, data: st.DataObject, crash: int | None) -> None:
+        d = data.draw(st.sampled_from(self._distributed()))
+        with self._process(self.worker_child, crash):
+            try:
+                self.rt.stage(d.target, d.deploy_id, d.leaf.fullchain_pem, d.leaf.key_pem, None, force=False,
+                              fence=d.fence)
+            except TargetBusy:
+                self._assert_busy_is_real(d.target)
+        self._after_crash()
+        self._note_staged(d)
+
+    @precondition(lambda self: self._distributed())
+    @rule(data=st.data(), step=st.sampled_from(STEP_NAMES), crash=st.none() | st.integers(1, 8))
+    def deliver_step(self, data: st.DataObject, step: str, crash: int | None) -> None:
+        d = data.draw(st.sampled_from(self._distributed()))
+        if self._record(d) is None:
+            return  # the worker answers "unknown on this host" and touches nothing
+        with self._process(self.worker_child, crash):
+            self.rt.step(step, d.target, d.deploy_id)
+        self._after_crash()
+
+    @precondition(lambda self: self._distributed())
+    @rule(data=st.data(), crash=st.none() | st.integers(1, 10))
+    def deliver_rollback(self, data: st.DataObject, crash: int | None) -> None:
+        d = data.draw(st.sampled_from(self._distributed()))
+        if self._record(d) is None:
+            return
+        with self._process(self.worker_child, crash):
+            self.rt.rollback(d.target, d.deploy_id)
+        self._after_crash()
+
+    def _after_crash(self) -> None:
+        if self.worker_child not in self.live:
+            self.worker_child = self._new_token()  # the worker starts a new pool child
+
+    # -- local runs, recovery, time --------------------------------------------------
+    @rule(name=st.sampled_from(["a", "b", "c", "d"]), crash=st.none() | st.integers(1, 25))
+    def local_run(self, name: str, crash: int | None) -> None:
+        target = name
+        d = self._new_deploy(target, "local")
+        tok = self._new_token()
+        with self._process(tok, crash):
+            try:
+                run_local(self.cfg, target, d.leaf.fullchain_pem, d.leaf.key_pem, deploy_id=d.deploy_id,
+                          lock_timeout=0.0, journal=self.journal)
+            except TargetBusy:
+                self._assert_busy_is_real(target)
+        self.live.discard(tok)  # the local process exits either way
+        self._note_staged(d)
+
+    @rule(crash=st.none() | st.integers(1, 10))
+    def recovery(self, crash: int | None) -> None:
+        with self._process(self._new_token(), crash):
+            recover(self.rt.contexts, self.journal)
+
+    @rule(seconds=st.floats(1, LEASE * 1.5))
+    def time_passes(self, seconds: float) -> None:
+        self.now += seconds
+
+    @rule()
+    def worker_restarts(self) -> None:
+        """The whole worker dies (its pool child too) and comes back with a full scan."""
+        self.live.discard(self.worker_child)
+        self.worker_child = self._new_token()
+        with self._process(self._new_token(), None):
+            self.rt.recover(full_scan=True)
+
+    def _assert_busy_is_real(self, target: str) -> None:
+        """Refused as busy: some unfinished deploy that is not dead owns one of its files."""
+        from mailtls_tasks.ownership import is_dead
+        from mailtls_tasks.steps import target_reals
+
+        reals = set(target_reals(self.cfg.targets[target]))
+        owners = [self.journal.owner_of(r) for r in reals]
+        recs = [self.journal.load(o.target, o.deploy_id) for o in owners if o]
+        assert any(r is not None and not r.finished and not is_dead(self.journal, r) for r in recs), \
+            f"{target} refused as busy, but no live deploy owns its files"
+
+    # -- invariants ------------------------------------------------------------------------
+    def _window(self, reals: set[str]) -> bool:
+        """A deploy owning these files is inside its commit or rollback: the pair may be mixed."""
+        for d in self.deploys:
+            rec = self._record(d)
+            if rec is None or rec.finished or not reals & set(rec.reals):
+                continue
+            if rec.phase == "committing":
+                return True
+            if rec.phase == "rolling_back" and ORDER[rec.rollback_from or "staging"] >= ORDER["committing"]:
+                return True
+        return False
+
+    def _check_pair(self, name: str, cert_p: Path, key_p: Path) -> None:
+        if self._window({os.path.realpath(cert_p), os.path.realpath(key_p)}):
+            return
+        cert, key = cert_p.read_bytes(), key_p.read_bytes()
+        assert key_matches_cert(key, cert), f"{name}: live key does not match live cert"
+        assert (cert, key) in self.sets, f"{name}: the live pair is a set no deploy staged"
+        seq = self.sets[(cert, key)]
+        assert seq >= self.floor[name], \
+            f"{name}: a set staged at {seq} replaced one reported deployed at {self.floor[name]}"
+
+    @invariant()
+    def protocol_holds(self) -> None:
+        if not hasattr(self, "cfg"):
+            return
+        for d in self.deploys:
+            rec = self._record(d)
+            if rec is None:
+                continue
+            if rec.finished:
+                assert rec.phase == "done" and rec.outcome is not None
+                assert rec.outcome != "failed", f"{d.deploy_id} ended failed: {rec.error}"
+                assert rec.in_step is None
+                for e in rec.files:
+                    assert not os.path.exists(e.temp), f"{d.deploy_id} finished but left {e.temp}"
+                if d.origin == "distributed":
+                    assert (d.target, d.deploy_id) in self.journal.outbox()
+                if rec.outcome == "deployed" and d.deploy_id not in self.ended_seen:
+                    self.ended_seen.add(d.deploy_id)
+                    assert d.seq is not None, f"{d.deploy_id} deployed but was never seen staged"
+                    pair = "pair2" if d.target == "d" else "pair1"
+                    self.floor[pair] = max(self.floor[pair], d.seq)
+            else:
+                assert rec.phase != "done"
+        self._check_pair("pair1", self.c1, self.k1)
+        self._check_pair("pair2", self.c2, self.k2)
+        if not self._window({os.path.realpath(self.ch1)}):
+            assert self.ch1.read_bytes() == leaf(0).chain_pem
+
+    def check_end(self) -> None:
+        """Everyone dies, every lease runs out, recovery runs: nothing may stay unfinished."""
+        self.live.clear()
+        self.now += LEASE * 10
+        with self._process(self._new_token(), None):
+            recover(self.rt.contexts, self.journal, full_scan=True)
+        for d in self.deploys:
+            rec = self._record(d)
+            assert rec is None or rec.finished, f"{d.deploy_id} still unfinished after recovery: {rec.phase}"
+        assert self.journal.owners() == []
+        self.protocol_holds()
+        strays = [p for p in (self.root / "certs").rglob("*") if ".mailtls-" in p.name]
+        assert strays == []
+
+
+class _Final(ProtocolModel):
+    def teardown(self) -> None:
+        try:
+            if hasattr(self, "cfg"):
+                self.check_end()
+        finally:
+            super().teardown()
+
+
+TestProtocolModel = _Final.TestCase
+TestProtocolModel.settings = settings(max_examples=EXAMPLES, stateful_step_count=STEPS, deadline=None,
+                                      suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+
