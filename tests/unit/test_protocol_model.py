@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
@@ -96,6 +96,7 @@ class Deploy:
     origin: str
     fence: int | None = None
     seq: int | None = None  # order in which it got staged
+    next: str = "stage"     # the message Celery's chain would deliver next
 
 
 STEP_NAMES = ["validate", "commit", "reload", "verify"]
@@ -147,6 +148,7 @@ class ProtocolModel(RuleBasedStateMachine):
         self.sets: dict[tuple[bytes, bytes], int] = {(first.fullchain_pem, first.key_pem): 0,
                                                      (other.fullchain_pem, other.key_pem): 0}
         self.floor = {"pair1": 0, "pair2": 0}
+        self.hand_edited: set[str] = set()
         self.ended_seen: set[str] = set()
 
     def teardown(self) -> None:
@@ -199,42 +201,83 @@ class ProtocolModel(RuleBasedStateMachine):
     def _distributed(self) -> list[Deploy]:
         return [d for d in self.deploys if d.origin == "distributed"]
 
-    @precondition(lambda self: self._distributed())
-    @rule(data=st.data(), crash=st.none() | st.integers(1, 12))
-    def deliver_stage(self, data: st.DataObject, crash: int | None) -> None:
-        d = data.draw(st.sampled_from(self._distributed()))
-        with self._process(self.worker_child, crash):
-            try:
-                self.rt.stage(d.target, d.deploy_id, d.leaf.fullchain_pem, d.leaf.key_pem, None, force=False,
-                              fence=d.fence)
-            except TargetBusy:
-                self._assert_busy_is_real(d.target)
-        self._after_crash()
-        self._note_staged(d)
-
-    @precondition(lambda self: self._distributed())
-    @rule(data=st.data(), step=st.sampled_from(STEP_NAMES), crash=st.none() | st.integers(1, 8))
-    def deliver_step(self, data: st.DataObject, step: str, crash: int | None) -> None:
-        d = data.draw(st.sampled_from(self._distributed()))
-        if self._record(d) is None:
-            return  # the worker answers "unknown on this host" and touches nothing
-        with self._process(self.worker_child, crash):
-            self.rt.step(step, d.target, d.deploy_id)
-        self._after_crash()
-
-    @precondition(lambda self: self._distributed())
-    @rule(data=st.data(), crash=st.none() | st.integers(1, 10))
-    def deliver_rollback(self, data: st.DataObject, crash: int | None) -> None:
-        d = data.draw(st.sampled_from(self._distributed()))
-        if self._record(d) is None:
-            return
-        with self._process(self.worker_child, crash):
-            self.rt.rollback(d.target, d.deploy_id)
-        self._after_crash()
-
-    def _after_crash(self) -> None:
-        if self.worker_child not in self.live:
+    def _deliver(self, d: Deploy, step: str, crash: int | None) -> str:
+        """One message of ``d`` on the worker: 'ok', 'failed' (task failed: errback
+        next), 'busy' (retried later) or 'crashed' (unacked: redelivered later)."""
+        if step != "stage" and self._record(d) is None:
+            return "ok"  # the worker answers "unknown on this host" and touches nothing
+        child = self.worker_child
+        self.token = child
+        try:
+            with crash_before_op(crash) if crash else contextlib.nullcontext():
+                if step == "stage":
+                    self.rt.stage(d.target, d.deploy_id, d.leaf.fullchain_pem, d.leaf.key_pem, None, force=False,
+                                  fence=d.fence)
+                elif step == "rollback":
+                    self.rt.rollback(d.target, d.deploy_id)
+                else:
+                    self.rt.step(step, d.target, d.deploy_id)
+            result = "ok"
+        except Crash:
+            self.live.discard(child)
             self.worker_child = self._new_token()  # the worker starts a new pool child
+            result = "crashed"
+        except TargetBusy:
+            self._assert_busy_is_real(d.target)
+            result = "busy"
+        except MailTLSError:
+            result = "failed"
+        self._note_staged(d)
+        return result
+
+    def _in_flight(self) -> list[Deploy]:
+        return [d for d in self.deploys if d.origin == "distributed" and d.next != "end"]
+
+    @precondition(lambda self: self._in_flight())
+    @rule(data=st.data(), messages=st.integers(1, 6), crash=st.none() | st.integers(1, 12))
+    def deliver_next(self, data: st.DataObject, messages: int, crash: int | None) -> None:
+        """The next ``messages`` messages of one deploy's chain, in order (errback after
+        a failure); busy and crashed messages come back later. ``crash``: the last one dies."""
+        d = data.draw(st.sampled_from(self._in_flight()))
+        for i in range(messages):
+            if d.next == "end":
+                return
+            result = self._deliver_next(d, crash if i == messages - 1 else None)
+            if result in ("busy", "crashed"):
+                return
+
+    def _deliver_next(self, d: Deploy, crash: int | None) -> str:
+        with self._no_live_deploy_recovered():
+            result = self._deliver(d, d.next, crash)
+        chain = ["stage", *STEP_NAMES, "end"]
+        if result == "ok":
+            rec = self._record(d)
+            d.next = "end" if d.next == "rollback" or (rec is not None and rec.finished) \
+                else chain[chain.index(d.next) + 1]
+        elif result == "failed":
+            d.next = "end" if d.next == "rollback" else "rollback"
+        return result
+
+    @precondition(lambda self: self._distributed())
+    @rule(data=st.data(), step=st.sampled_from(["stage", *STEP_NAMES, "rollback"]),
+          crash=st.none() | st.integers(1, 10))
+    def redeliver(self, data: st.DataObject, step: str, crash: int | None) -> None:
+        """Any message of any deploy, again or out of order: late, duplicated, replayed."""
+        d = data.draw(st.sampled_from(self._distributed()))
+        with self._no_live_deploy_recovered():
+            self._deliver(d, step, crash)
+
+    @rule(pair=st.sampled_from(["pair1", "pair2"]))
+    def hand_edit(self, pair: str) -> None:
+        """An operator copies a certificate into place by hand, behind every deploy's back."""
+        new = leaf(next(self.leaves))
+        cert_p, key_p = (self.c1, self.k1) if pair == "pair1" else (self.c2, self.k2)
+        key_p.write_bytes(new.key_pem)
+        cert_p.write_bytes(new.fullchain_pem)
+        seq = next(self.seqs)
+        self.sets[(new.fullchain_pem, new.key_pem)] = seq
+        self.floor[pair] = seq  # the operator saw it live: nothing staged before may replace it
+        self.hand_edited.add(pair)
 
     # -- local runs, recovery, time --------------------------------------------------
     @rule(name=st.sampled_from(["a", "b", "c", "d"]), crash=st.none() | st.integers(1, 25))
@@ -242,7 +285,7 @@ class ProtocolModel(RuleBasedStateMachine):
         target = name
         d = self._new_deploy(target, "local")
         tok = self._new_token()
-        with self._process(tok, crash):
+        with self._no_live_deploy_recovered(), self._process(tok, crash):
             try:
                 run_local(self.cfg, target, d.leaf.fullchain_pem, d.leaf.key_pem, deploy_id=d.deploy_id,
                           lock_timeout=0.0, journal=self.journal)
@@ -253,7 +296,7 @@ class ProtocolModel(RuleBasedStateMachine):
 
     @rule(crash=st.none() | st.integers(1, 10))
     def recovery(self, crash: int | None) -> None:
-        with self._process(self._new_token(), crash):
+        with self._no_live_deploy_recovered(), self._process(self._new_token(), crash):
             recover(self.rt.contexts, self.journal)
 
     @rule(seconds=st.floats(1, LEASE * 1.5))
@@ -265,8 +308,35 @@ class ProtocolModel(RuleBasedStateMachine):
         """The whole worker dies (its pool child too) and comes back with a full scan."""
         self.live.discard(self.worker_child)
         self.worker_child = self._new_token()
-        with self._process(self._new_token(), None):
+        with self._no_live_deploy_recovered(), self._process(self._new_token(), None):
             self.rt.recover(full_scan=True)
+
+    def _alive_by_model(self) -> set[str]:
+        """Unfinished deploys the protocol says are alive: a local run whose process lives;
+        a distributed deploy inside its lease, unless it died inside a step."""
+        alive = set()
+        for d in self.deploys:
+            rec = self._record(d)
+            if rec is None or rec.finished:
+                continue
+            if rec.origin == "local":
+                ok = rec.runner in self.live
+            else:
+                ok = rec.lease_until is not None and self.now < rec.lease_until \
+                    and not (rec.in_step and rec.runner not in self.live)
+            if ok:
+                alive.add(d.deploy_id)
+        return alive
+
+    @contextlib.contextmanager
+    def _no_live_deploy_recovered(self) -> Iterator[None]:
+        alive = self._alive_by_model()
+        yield
+        for d in self.deploys:
+            rec = self._record(d)
+            if d.deploy_id in alive and rec is not None and rec.finished:
+                assert rec.reason not in ("interrupted", "recovered"), \
+                    f"recovery ended {d.deploy_id}, which was alive ({rec.outcome}, {rec.reason})"
 
     def _assert_busy_is_real(self, target: str) -> None:
         """Refused as busy: some unfinished deploy that is not dead owns one of its files."""
@@ -310,9 +380,14 @@ class ProtocolModel(RuleBasedStateMachine):
             rec = self._record(d)
             if rec is None:
                 continue
+            assert rec.rollback_from in (None, "staging", "staged", "validated", "committing", "committed",
+                                         "reloaded", "verified"), f"{d.deploy_id}: rollback_from {rec.rollback_from}"
             if rec.finished:
                 assert rec.phase == "done" and rec.outcome is not None
-                assert rec.outcome != "failed", f"{d.deploy_id} ended failed: {rec.error}"
+                pair = "pair2" if d.target == "d" else "pair1"
+                if rec.outcome == "failed":
+                    assert rec.reason == "conflict" and pair in self.hand_edited, \
+                        f"{d.deploy_id} ended failed: {rec.error}"
                 assert rec.in_step is None
                 for e in rec.files:
                     assert not os.path.exists(e.temp), f"{d.deploy_id} finished but left {e.temp}"
@@ -321,7 +396,6 @@ class ProtocolModel(RuleBasedStateMachine):
                 if rec.outcome == "deployed" and d.deploy_id not in self.ended_seen:
                     self.ended_seen.add(d.deploy_id)
                     assert d.seq is not None, f"{d.deploy_id} deployed but was never seen staged"
-                    pair = "pair2" if d.target == "d" else "pair1"
                     self.floor[pair] = max(self.floor[pair], d.seq)
             else:
                 assert rec.phase != "done"
@@ -339,6 +413,7 @@ class ProtocolModel(RuleBasedStateMachine):
         for d in self.deploys:
             rec = self._record(d)
             assert rec is None or rec.finished, f"{d.deploy_id} still unfinished after recovery: {rec.phase}"
+            event(f"{d.origin}: {rec.outcome if rec else 'never staged'} ({rec.reason if rec else '-'})")
         assert self.journal.owners() == []
         self.protocol_holds()
         strays = [p for p in (self.root / "certs").rglob("*") if ".mailtls-" in p.name]
