@@ -201,6 +201,7 @@ def stage(ctx: StepContext, deploy_id: str, cert_pem: bytes, key_pem: bytes,
     rec = ctx.journal.load(t.name, check_deploy_id(deploy_id))
     if already_staged(rec):
         return rec
+    rerun = rec is not None
     if rec is not None:  # a previous attempt died mid-stage: nothing live was touched
         _remove_temps(rec)
     reals = target_reals(t)
@@ -219,7 +220,7 @@ def stage(ctx: StepContext, deploy_id: str, cert_pem: bytes, key_pem: bytes,
     with _timed(ctx, rec, "stage"):
         try:
             if fence is not None:
-                _check_fence(ctx, fence, deploy_id)
+                _check_fence(ctx, fence, deploy_id, rerun=rerun)
             _stage(ctx, rec, cert_pem, key_pem, chain_pem, force=force, now=now)
         except Rejected as err:  # Superseded included
             _remove_temps(rec)
@@ -229,13 +230,15 @@ def stage(ctx: StepContext, deploy_id: str, cert_pem: bytes, key_pem: bytes,
     return rec
 
 
-def _check_fence(ctx: StepContext, fence: int, deploy_id: str) -> None:
+def _check_fence(ctx: StepContext, fence: int, deploy_id: str, *, rerun: bool) -> None:
     """A stale, replayed or overtaken envelope must not overwrite a newer deploy.
 
     Strictly greater than the highest fence staged here; equal only for the very
-    deploy that recorded it (its stage crashed and runs again)."""
+    deploy that recorded it when its record is still here in ``staging`` (its stage
+    died and runs again). The fence is recorded after the record is first saved, so
+    "fence recorded, no record" means the record was pruned: a replay."""
     highest, by = ctx.journal.fence_state(ctx.target.name)
-    if fence < highest or (fence == highest and by != deploy_id):
+    if fence < highest or (fence == highest and not (by == deploy_id and rerun)):
         raise Superseded(f"superseded: a deploy of {ctx.target.name!r} with fence {highest} already ran on this "
                          f"host; this one has fence {fence}")
     ctx.journal.record_fence(ctx.target.name, fence, deploy_id)

@@ -121,7 +121,8 @@ class ProtocolModel(RuleBasedStateMachine):
         self.k2.write_bytes(other.key_pem)
         for k in (self.k1, self.k2):
             os.chmod(k, 0o600)
-        common = {"reload_command": "/bin/true", "validate_command": ""}
+        # retention 1: records of finished deploys are pruned soon, so replays meet no record
+        common = {"reload_command": "/bin/true", "validate_command": "", "backup_retention": 1}
         self.cfg = parse_config({
             "host": "model", "state_dir": str(self.root / "state"), "deploy_lease": LEASE,
             "targets": {
