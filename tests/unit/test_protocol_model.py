@@ -268,6 +268,17 @@ class ProtocolModel(RuleBasedStateMachine):
         with self._no_live_deploy_recovered():
             self._deliver(d, step, crash)
 
+    @precondition(lambda self: any(d.next == "end" for d in self._distributed()))
+    @rule(data=st.data())
+    def replay_chain(self, data: st.DataObject) -> None:
+        """Every message of a deploy that already ended, again (Redis replays them, or
+        a writer re-sends them within the envelope's age): nothing may change."""
+        d = data.draw(st.sampled_from([d for d in self._distributed() if d.next == "end"]))
+        with self._no_live_deploy_recovered():
+            for step in ("stage", *STEP_NAMES):
+                if self._deliver(d, step, None) != "ok":
+                    break
+
     @rule(pair=st.sampled_from(["pair1", "pair2"]))
     def hand_edit(self, pair: str) -> None:
         """An operator copies a certificate into place by hand, behind every deploy's back."""
