@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: test demo lint typecheck deps bootstrap bench clean
+.PHONY: test demo lint typecheck deps bootstrap bench clean faults model
 
 bootstrap:
 	@sh scripts/bootstrap.sh
@@ -32,6 +32,13 @@ test: lint typecheck
 
 demo: deps
 	$(BIN)/python -m demo $(DEMO_ARGS)
+
+# The long sweeps (make test runs a representative slice of each):
+faults: deps   ## every N of every injected fault, both modes; writes faults-report.md
+	$(BIN)/python -m tests.faults --level full --out faults-report.md
+
+model: deps    ## the protocol model test with many more examples
+	MAILTLS_MODEL_EXAMPLES=2000 MAILTLS_MODEL_STEPS=50 $(BIN)/pytest -q -p no:logging tests/unit/test_protocol_model.py
 
 bench: deps
 	$(BIN)/python -m bench

@@ -111,8 +111,10 @@ class JournalError(MailTLSError):
     """The host journal could not be read or written (disk full, I/O error).
 
     The message names the file and the errno. Exit 1: the host needs attention, the
-    bundle was not judged."""
+    bundle was not judged. Transient: every step is idempotent, so trying again once
+    the disk has room (or the I/O error has passed) converges."""
 
+    transient = True
     exit_code = 1
 
 

@@ -63,7 +63,9 @@ def _boot_id() -> str:
 
 
 def _start_time(pid: int) -> str | None:
-    """Field 22 of /proc/PID/stat (start time in clock ticks since boot), or None if gone."""
+    """Field 22 of /proc/PID/stat (start time in clock ticks since boot), or None if the
+    process is gone -- or a zombie: killed, not yet reaped (its parent may have been
+    killed with it), it will never run again."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read()
@@ -71,7 +73,9 @@ def _start_time(pid: int) -> str | None:
         return None
     # the command name (field 2) may contain spaces and parentheses: split after the last ')'
     rest = stat[stat.rfind(b")") + 2:].split()
-    return rest[19].decode() if len(rest) > 19 else None
+    if len(rest) <= 19 or rest[0] in (b"Z", b"X"):
+        return None
+    return rest[19].decode()
 
 
 _BOOT_ID = _boot_id()
@@ -237,6 +241,41 @@ class Journal:
         with _io("write", path):
             files.atomic_write(path, record.model_dump_json(indent=1).encode(), 0o600)
         return record
+
+    def write_intent(self, target: str, deploy_id: str, origin: str) -> None:
+        """The first trace of a deploy on this host, before its record: a process killed
+        before the record's first save still leaves who it was (full-scan recovery ends
+        such a deploy ``rolled_back``/``interrupted`` instead of leaving it unknown)."""
+        d = self.deploy_dir(target, deploy_id)
+        self._ensure_dir(d)
+        path = os.path.join(d, "intent")
+        with _io("write", path):
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                os.write(fd, json.dumps({"origin": origin, "runner": self.token()}).encode())
+            finally:
+                os.close(fd)
+
+    def abandoned(self, target: str) -> list[tuple[str, str, str | None]]:
+        """(deploy_id, origin, runner) of deploys with an intent and no record yet."""
+        base = os.path.join(self.target_dir(target), "deploys")
+        try:
+            names = os.listdir(base)
+        except FileNotFoundError:
+            return []
+        out = []
+        for name in names:
+            d = os.path.join(base, name)
+            if not DEPLOY_ID_RE.match(name) or os.path.exists(os.path.join(d, "record.json")):
+                continue
+            raw = files.read_bytes(os.path.join(d, "intent"))
+            try:
+                intent = json.loads(raw or b"{}")
+            except ValueError:
+                intent = {}
+            if intent:
+                out.append((name, str(intent.get("origin", "local")), intent.get("runner")))
+        return out
 
     def write_backup(self, target: str, deploy_id: str, role: str, data: bytes) -> str:
         path = self.backup_path(target, deploy_id, role)

@@ -13,7 +13,7 @@ import logging
 from .errors import JournalError, MailTLSError, TargetBusy
 from .journal import DeployRecord, Journal, Owner
 from .ownership import is_dead
-from .steps import StepContext, finish_forward, rollback
+from .steps import StepContext, finish_forward, rollback, target_reals, tombstone
 
 log = logging.getLogger("mailtls.recovery")
 
@@ -67,6 +67,28 @@ def _clear_if_stale(journal: Journal, owner: Owner) -> None:
         return
 
 
+def _abandoned(contexts: dict[str, StepContext], journal: Journal, target: str) -> list[DeployRecord]:
+    """Deploys that died before their first record (only an intent left): end them,
+    under the target's locks (a stage still running holds them), if the runner is gone."""
+    ctx = contexts.get(target)
+    if ctx is None:
+        return []
+    out = []
+    for deploy_id, origin, runner in journal.abandoned(target):
+        if journal.alive(runner):
+            continue
+        try:
+            with journal.lock_files(target_reals(ctx.target), timeout=0.0):
+                if journal.load(target, deploy_id) is not None:
+                    continue
+                out.append(tombstone(ctx, deploy_id, "distributed" if origin == "distributed" else "local"))
+                log.warning("deploy %s of %s died before it was staged: ended rolled_back (interrupted)",
+                            deploy_id, target)
+        except TargetBusy:
+            continue
+    return out
+
+
 def recover(contexts: dict[str, StepContext], journal: Journal, *, full_scan: bool = False,
             force: bool = False) -> list[DeployRecord]:
     """Finish every dead deploy on this host. Returns what it finished.
@@ -81,7 +103,10 @@ def recover(contexts: dict[str, StepContext], journal: Journal, *, full_scan: bo
     if full_scan:
         for name in contexts:
             candidates.update((name, r.deploy_id) for r in journal.records(name) if not r.finished)
-    done = []
+    done: list[DeployRecord] = []
+    if full_scan:
+        for name in contexts:
+            done += _abandoned(contexts, journal, name)
     for target, deploy_id in sorted(candidates):
         try:
             rec = recover_deploy(contexts, journal, target, deploy_id, force=force)

@@ -53,6 +53,7 @@ ORDER: dict[Phase, int] = {
     "reloaded": 5, "verified": 6, "rolling_back": 7, "done": 8,
 }
 DEFAULT_LEASE = 600.0
+RESTORE_ATTEMPTS = 3
 
 
 @dataclass(frozen=True)
@@ -204,6 +205,8 @@ def stage(ctx: StepContext, deploy_id: str, cert_pem: bytes, key_pem: bytes,
     rerun = rec is not None
     if rec is not None:  # a previous attempt died mid-stage: nothing live was touched
         _remove_temps(rec)
+    else:
+        ctx.journal.write_intent(t.name, deploy_id, origin)
     reals = target_reals(t)
     for real in reals:
         owner = ctx.journal.owner_of(real)
@@ -228,6 +231,15 @@ def stage(ctx: StepContext, deploy_id: str, cert_pem: bytes, key_pem: bytes,
             _finish(ctx, rec, "rejected", str(err), "superseded" if isinstance(err, Superseded) else None)
             raise
     return rec
+
+
+def tombstone(ctx: StepContext, deploy_id: str, origin: Origin) -> DeployRecord:
+    """End a deploy that died before its first record was saved: nothing was touched.
+    A late stage message for it then finds it ended instead of starting it."""
+    rec = DeployRecord(deploy_id=deploy_id, target=ctx.target.name, host=ctx.host, origin=origin)
+    rec.steps["stage"] = StepRecord(status="failed", detail="interrupted before it was staged")
+    return _finish(ctx, rec, "rolled_back", "the deploy was interrupted before it was staged; nothing was touched",
+                   "interrupted")
 
 
 def _check_fence(ctx: StepContext, fence: int, deploy_id: str, *, rerun: bool) -> None:
@@ -615,14 +627,29 @@ def _restore(ctx: StepContext, rec: DeployRecord, states: dict[str, LiveState]) 
         data = ctx.journal.read_backup(rec.target, rec.deploy_id, e.role)
         if data is None or material.sha256(data) != e.old_sha256:
             raise DeployFailed(f"{e.role}: backup of {e.real} is missing or corrupt")
-        assert e.old_mode is not None
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(e.temp)
-        files.write_new(e.temp, data, e.old_mode, e.old_uid, e.old_gid)
-        _, written = files.inspect(e.temp)
-        if written is None or material.sha256(written) != e.old_sha256:
-            raise DeployFailed(f"{e.role}: the restored temp {e.temp} does not hold the backup's bytes")
-        files.replace(e.temp, e.real)
+        for attempt in range(1, RESTORE_ATTEMPTS + 1):
+            try:
+                _restore_one(e, data)
+                break
+            except OSError:
+                # A full disk or an I/O error may pass (a log rotated, a retry on another
+                # block): a restore is worth a second try before calling an operator.
+                with contextlib.suppress(OSError):
+                    os.unlink(e.temp)
+                if attempt == RESTORE_ATTEMPTS:
+                    raise
+                time.sleep(0.2 * attempt)
+
+
+def _restore_one(e: FileEntry, data: bytes) -> None:
+    assert e.old_mode is not None
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(e.temp)
+    files.write_new(e.temp, data, e.old_mode, e.old_uid, e.old_gid)
+    _, written = files.inspect(e.temp)
+    if written is None or material.sha256(written) != e.old_sha256:
+        raise DeployFailed(f"{e.role}: the restored temp {e.temp} does not hold the backup's bytes")
+    files.replace(e.temp, e.real)
 
 
 def _state_report(ctx: StepContext, rec: DeployRecord) -> str:
