@@ -377,6 +377,10 @@ class HostConfig(BaseModel):
     deploy_lease: float = 600.0
     # How often a worker looks for dead deploys to finish and endings to publish.
     recovery_interval: float = 30.0
+    # How many times a distributed step retries (1, 2, 4 ... 30 s apart, with jitter) a
+    # target whose files another live deploy owns, before its deploy ends ``rejected``
+    # (reason ``busy``, nothing touched). 10 is about four minutes.
+    busy_retries: int = Field(default=10, ge=0, le=100)
     targets: dict[str, Target] = Field(default_factory=dict)
     security: SecuritySettings | None = None
     source: str = ""

@@ -45,7 +45,10 @@ STEP_FUNCTIONS = {
 class HostRuntime:
     """The worker host's config, journal and step contexts."""
 
-    def __init__(self, cfg: HostConfig, lock_wait: float = 30.0, journal: Journal | None = None) -> None:
+    def __init__(self, cfg: HostConfig, lock_wait: float = 2.0, journal: Journal | None = None) -> None:
+        # lock_wait is short on purpose: a worker runs one message at a time, and a target
+        # held by a local run must not stall every other target's messages; the step is
+        # retried with backoff instead (within busy_retries).
         self.cfg = cfg
         self.journal = journal or Journal(cfg.state_dir)
         self.contexts = {n: StepContext(t, self.journal, cfg.host, cfg.deploy_lease) for n, t in cfg.targets.items()}

@@ -12,6 +12,9 @@ from pydantic import BaseModel
 
 from .journal import STEP_NAMES, DeployRecord, Outcome
 
+# Endings of deploys that never got to judge their bundle: busy past the retry budget,
+# cancelled by the client, envelope lost with Redis's data. Exit 1, like a busy target.
+NEVER_STARTED = frozenset({"busy", "cancelled", "envelope_missing"})
 EXIT_CODES: dict[str, int] = {"deployed": 0, "unchanged": 0, "rejected": 2, "rolled_back": 3, "failed": 4}
 
 
@@ -34,6 +37,8 @@ class DeployResult(BaseModel):
 
     @property
     def exit_code(self) -> int:
+        if self.outcome == "rejected" and self.reason in NEVER_STARTED:
+            return 1  # the target or the broker was the problem, not the bundle
         return EXIT_CODES[self.outcome]
 
     @property

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -94,7 +95,9 @@ class StepTask(Task):  # type: ignore[misc]
 
     acks_late = True
     reject_on_worker_lost = True
+    # TargetBusy is retried by _run itself, within the host's busy_retries budget.
     autoretry_for = (Transient, redis.ConnectionError, redis.TimeoutError)
+    dont_autoretry_for = (TargetBusy,)
     max_retries = MAX_RETRIES
     retry_backoff = 1
     retry_backoff_max = MAX_RETRY_BACKOFF
@@ -102,8 +105,9 @@ class StepTask(Task):  # type: ignore[misc]
     typing = True
 
 
-def _out_of_retries(task: Task) -> bool:
-    return int(task.request.retries or 0) >= int(task.max_retries or 0)
+def _backoff(retries: int) -> float:
+    """1, 2, 4 ... MAX_RETRY_BACKOFF seconds, with full jitter (as Celery's own)."""
+    return random.uniform(0, min(MAX_RETRY_BACKOFF, 2.0 ** retries))  # noqa: S311 -- jitter, not crypto
 
 
 def _run(task: Task, step: str, target: str, host: str, deploy_id: str,
@@ -130,11 +134,15 @@ def _run(task: Task, step: str, target: str, host: str, deploy_id: str,
     try:
         rec = call(rt)
     except TargetBusy as err:
-        if step == "stage" and _out_of_retries(task) and rt.record(target, deploy_id) is None:
-            msg = f"cancelled: {err}, past the retry budget; nothing was touched"
+        budget = rt.cfg.busy_retries
+        retries = int(task.request.retries or 0)
+        if retries < budget:
+            raise task.retry(exc=err, countdown=_backoff(retries), max_retries=budget) from None
+        if step == "stage" and rt.record(target, deploy_id) is None:
+            msg = f"cancelled: {err}; still busy after {budget} retries; nothing was touched"
             co.finish_unstarted(deploy_id, "rejected", msg, reason="busy")
             raise Rejected(msg) from None
-        raise
+        raise StepFailed(f"{step}: {err}; still busy after {budget} retries") from None
     except MailTLSError:
         after = rt.record(target, deploy_id)
         _after(after)
@@ -223,7 +231,10 @@ def rollback(self: Task, *, target: str, host: str, deploy_id: str) -> dict[str,
         _after(rec)
         return _summary(rec, "rollback", "nothing to roll back")
     self.send_event("task-progress", deploy_id=deploy_id, target=target, step="rollback")
-    rec = rt.rollback(target, deploy_id)
+    try:
+        rec = rt.rollback(target, deploy_id)
+    except TargetBusy as err:  # a step of an overlapping deploy is running: come back
+        raise self.retry(exc=err, countdown=_backoff(int(self.request.retries or 0))) from None
     _after(rec)
     return _summary(rec, "rollback")
 

@@ -34,6 +34,7 @@ class MailHost:
         self.reload.touches(self.trigger)
         self.targets: dict[str, dict[str, Any]] = {}
         self.security: dict[str, Any] | None = None
+        self.settings: dict[str, Any] = {}  # top-level extras: deploy_lease, recovery_interval, ...
         self.servers: list[TLSServer] = []
         self.config_path = root / "targets.json"
 
@@ -51,7 +52,8 @@ class MailHost:
         return t
 
     def write_config(self) -> Path:
-        cfg: dict[str, Any] = {"host": self.host, "state_dir": str(self.state), "targets": self.targets}
+        cfg: dict[str, Any] = {"host": self.host, "state_dir": str(self.state), "targets": self.targets,
+                               **self.settings}
         if self.security:
             cfg["security"] = self.security
         self.config_path.write_text(json.dumps(cfg, indent=1))

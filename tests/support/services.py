@@ -88,9 +88,20 @@ class RedisServer:
             argv += ["--port", str(self.port)]
         if user:
             argv += ["--user", "default", "off", "--user", user, "on", f">{password}", "~*", "&*", "+@all"]
-        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self.log.open("wb"),
+        self.argv = argv
+        self.start()
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=self.log.open("ab"),
                                      stderr=subprocess.STDOUT, start_new_session=True)
         wait_port(self.port)
+
+    def restart_empty(self) -> None:
+        """Kill it and start it again on the same port with no data: what a restart
+        without persistence, or a failover to an empty replica, looks like to clients."""
+        _kill_group(self.proc, signal.SIGKILL)
+        wait_port(self.port, gone=True)
+        self.start()
 
     @property
     def url(self) -> str:
