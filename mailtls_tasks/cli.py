@@ -93,10 +93,7 @@ def deploy(target: str, cert_file: str, key_file: str, chain_file: str | None, c
         chain = _read_input(chain_file, "chain")
         assert cert is not None and key is not None
         if local:
-            from .local import run_local
-
-            cfg = load_config(config_path)
-            result = run_local(cfg, target, cert, key, chain, force=force, deploy_id=deploy_id)
+            result = _deploy_local(load_config(config_path), target, cert, key, chain, force, deploy_id)
         else:
             from .workflow import deploy as enqueue
 
@@ -112,6 +109,22 @@ def deploy(target: str, cert_file: str, key_file: str, chain_file: str | None, c
     except MailTLSError as err:
         _fail(str(err), err.exit_code, as_json, target=target)
     _emit(result, as_json)
+
+
+def _deploy_local(cfg: Any, target: str, cert: bytes, key: bytes, chain: bytes | None, force: bool,
+                  deploy_id: str | None) -> DeployResult:
+    """Run in-process; on SIGTERM or Ctrl-C the run compensates, then we report that."""
+    from .journal import Journal
+    from .local import Terminated, new_deploy_id, run_local
+
+    deploy_id = deploy_id or new_deploy_id()
+    try:
+        return run_local(cfg, target, cert, key, chain, force=force, deploy_id=deploy_id)
+    except (KeyboardInterrupt, Terminated):
+        rec = Journal(cfg.state_dir).load(target, deploy_id)
+        if rec is None or not rec.finished:
+            _fail(f"deploy {deploy_id} interrupted; `mailtls recover` finishes it", 1)
+        return DeployResult.from_record(rec)
 
 
 @cli.command("check-config")

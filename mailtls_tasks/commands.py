@@ -80,6 +80,9 @@ def run_command(command: str, *, timeout: float, field: str = "command") -> Comm
                 f"{field}: `{' '.join(argv)}` did not finish within {timeout:g}s; "
                 "its process group was killed"
             ) from None
+        except BaseException:
+            _kill_group(proc)  # SIGTERM or Ctrl-C while waiting: never leave it running behind us
+            raise
         out.seek(0, os.SEEK_END)
         size = out.tell()
         out.seek(max(0, size - OUTPUT_CAP))

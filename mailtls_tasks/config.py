@@ -444,6 +444,8 @@ def parse_config(raw: dict[str, Any], source: str = "<config>") -> HostConfig:
             for e in err.errors():
                 loc = ".".join(str(p) for p in e["loc"])
                 msg = str(e["msg"]).removeprefix("Value error, ")
+                if loc:  # validators name their field too: say it once
+                    msg = msg.removeprefix(f"{loc.rsplit('.', 1)[-1]}: ")
                 where = f"targets.{name}.{loc}" if loc else f"targets.{name}"
                 problems.append(f"{where}: {msg}")
         except TypeError as err:  # e.g. non-string keys

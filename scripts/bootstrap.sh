@@ -11,6 +11,8 @@ command -v redis-server >/dev/null 2>&1 || need="$need redis-server"
 [ -x /usr/bin/doveadm ] || case "$need" in *dovecot-imapd*) ;; *) need="$need dovecot-imapd" ;; esac
 command -v openssl >/dev/null 2>&1 || need="$need openssl"
 command -v script >/dev/null 2>&1 || need="$need bsdutils"
+command -v strace >/dev/null 2>&1 || need="$need strace"      # the fault matrix injects with it
+command -v pgrep >/dev/null 2>&1 || need="$need procps"
 if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then need="$need python3-venv"; fi
 
 if [ -n "$need" ]; then

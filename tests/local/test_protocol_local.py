@@ -1,0 +1,161 @@
+"""The smaller holes of the protocol, on one host with real processes and files."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from mailtls_tasks.journal import Journal
+from mailtls_tasks.material import key_matches_cert
+from tests.support.host import MailHost
+from tests.support.pki import PKI, Issued
+from tests.support.services import REPO, require
+
+
+def _env(host: MailHost) -> dict[str, str]:
+    return {**os.environ, "MAILTLS_CONFIG": str(host.config_path), "PYTHONPATH": str(REPO)}
+
+
+def _start_local(host: MailHost, leaf: Issued, deploy_id: str) -> subprocess.Popen[str]:
+    (host.root / "new-cert.pem").write_bytes(leaf.fullchain_pem)
+    (host.root / "new-key.pem").write_bytes(leaf.key_pem)
+    return subprocess.Popen([sys.executable, "-m", "mailtls_tasks.cli", "deploy", "mx", "--local", "--deploy-id",
+                             deploy_id, "--cert", "new-cert.pem", "--key", "new-key.pem", "--json"],
+                            cwd=host.root, env=_env(host), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait(cond, timeout: float = 20) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_sigterm_during_a_local_deploy_rolls_it_back(host: MailHost, pki: PKI) -> None:
+    old, new = pki.leaf(), pki.leaf()
+    host.add_target("mx")
+    host.install("mx", old)
+    host.reload.hang_once(30)
+    proc = _start_local(host, new, "term-1")
+    _wait(lambda: host.reload.calls)
+    assert host.path("mx", "key").read_bytes() == new.key_pem  # committed; the reload hangs
+
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=30)
+
+    assert proc.returncode == 3, out + err
+    res = json.loads(out)
+    assert (res["outcome"], res["reason"]) == ("rolled_back", "interrupted")
+    assert (host.path("mx", "cert").read_bytes(), host.path("mx", "key").read_bytes()) == (old.fullchain_pem,
+                                                                                          old.key_pem)
+    assert len(host.reload.calls) == 2  # the hung one (killed with its group) and the rollback's
+    assert subprocess.run(["pgrep", "-f", str(host.reload.path)], capture_output=True).returncode == 1
+    assert Journal(str(host.state)).owners() == []
+
+
+def _kill_during_verify(host: MailHost, pki: PKI) -> tuple[Issued, Issued]:
+    """A deploy killed while verifying: the new set is committed and reloaded, but the
+    listener has not picked it up yet (its reload hook is not wired to ours)."""
+    old, new = pki.leaf(), pki.leaf()
+    host.add_target("mx")
+    host.install("mx", old)
+    srv = host.server("mx", "smtp")
+    srv.trigger = host.root / "daemon-reread"
+    host.enable_verify("mx", srv.endpoint, timeout=30, protocol="smtp")
+    proc = _start_local(host, new, "fwd-1")
+    def verifying() -> bool:
+        rec = Journal(str(host.state)).load("mx", "fwd-1")
+        return rec is not None and rec.in_step == "verify"
+
+    _wait(verifying)
+    proc.kill()
+    proc.communicate()
+    return old, new
+
+
+def test_recovery_rolls_forward_when_the_new_leaf_is_served(host: MailHost, pki: PKI) -> None:
+    old, new = _kill_during_verify(host, pki)
+    (host.root / "daemon-reread").touch()  # the daemon picks the new files up after all
+    r = host.cli("recover")
+    assert r.returncode == 0 and "fwd-1 -> deployed (recovered)" in r.stdout, r.stdout + r.stderr
+    assert host.path("mx", "key").read_bytes() == new.key_pem
+    rec = Journal(str(host.state)).load("mx", "fwd-1")
+    assert rec is not None and rec.served_fingerprint == new.fingerprint
+    del old
+
+
+def test_recovery_rolls_back_when_the_new_leaf_is_not_served(host: MailHost, pki: PKI) -> None:
+    old, new = _kill_during_verify(host, pki)
+    r = host.cli("recover")
+    assert r.returncode == 0 and "fwd-1 -> rolled_back (interrupted)" in r.stdout, r.stdout + r.stderr
+    assert host.path("mx", "key").read_bytes() == old.key_pem
+    del new
+
+
+def test_recover_exits_4_when_a_recovery_ends_failed(host: MailHost, pki: PKI) -> None:
+    old, new = pki.leaf(), pki.leaf()
+    host.add_target("mx")
+    host.install("mx", old)
+    host.reload.hang_once(30)
+    proc = _start_local(host, new, "dies-1")
+    _wait(lambda: host.reload.calls)
+    proc.kill()
+    proc.communicate()
+    subprocess.run(["pkill", "-KILL", "-f", str(host.reload.path)], check=False)
+    host.reload.fail()  # the daemon's reload is broken now: recovery cannot finish cleanly
+
+    r = host.cli("recover")
+
+    assert r.returncode == 4, r.stdout + r.stderr
+    assert "dies-1 -> failed" in r.stdout and "on disk:" in r.stdout
+    cert, key = host.path("mx", "cert").read_bytes(), host.path("mx", "key").read_bytes()
+    assert (cert, key) == (old.fullchain_pem, old.key_pem) and key_matches_cert(key, cert)
+
+
+def test_a_full_disk_on_the_first_journal_write_is_named(host: MailHost, pki: PKI) -> None:
+    """ENOSPC on the very first write of the journal: exit 1 naming the file and errno,
+    nothing touched (it used to read "deploy X is unknown on this host", exit 2)."""
+    strace = require("strace")
+    old, new = pki.leaf(), pki.leaf()
+    host.add_target("mx")
+    host.install("mx", old)
+    before = host.snapshot()
+    (host.root / "c.pem").write_bytes(new.fullchain_pem)
+    (host.root / "k.pem").write_bytes(new.key_pem)
+    # the first write of the deploy's journal: its intent file
+    intent = host.state / "targets" / "mx" / "deploys" / "full-1" / "intent"
+    p = subprocess.run([strace, "-f", "-qq", "-o", "/dev/null", "-P", str(intent), "-e", "trace=write", "-e",
+                        "inject=write:error=ENOSPC", sys.executable, "-m", "mailtls_tasks.cli", "deploy", "mx",
+                        "--local", "--deploy-id", "full-1", "--cert", "c.pem", "--key", "k.pem"], cwd=host.root,
+                       env=_env(host), capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1, p.stdout + p.stderr
+    assert f"journal: cannot write {intent}: [ENOSPC] No space left on device" in p.stderr, p.stderr
+    assert host.snapshot() == before
+
+
+@pytest.mark.integration
+def test_flower_never_gets_the_broker_password_on_a_command_line(tmp_path, redis_server) -> None:  # type: ignore[no-untyped-def]
+    from tests.support.services import free_port, wait_port
+
+    url = redis_server.url.replace("redis://", "redis://:pw-on-cmdline-NEVER@")
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "mailtls_tasks.cli", "flower", "--port", str(port)],
+                            env={**os.environ, "MAILTLS_BROKER_URL": url, "PYTHONPATH": str(REPO)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_port(port, timeout=30)
+        pids = subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        assert len(pids) >= 2  # `mailtls flower` and the Flower it started
+        for pid in pids:
+            cmdline = open(f"/proc/{pid}/cmdline", "rb").read()
+            assert b"pw-on-cmdline-NEVER" not in cmdline, cmdline
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(10)
+    del tmp_path
