@@ -75,8 +75,9 @@ def cli(verbose: bool) -> None:
 @broker_option
 @click.option("--pipeline", "pipeline_path", metavar="FILE", envvar="MAILTLS_PIPELINE",
               help="pipeline keys (default: $MAILTLS_PIPELINE or /etc/mailtls/pipeline.toml)")
-@click.option("--wait", "wait_s", default=600.0, show_default=True, metavar="SECONDS",
-              help="how long to wait for the outcome (distributed mode)")
+@click.option("--wait", "wait_s", default=None, type=float, metavar="SECONDS",
+              help="distributed: how long to wait for the outcome (default 600); --local: how long to wait "
+                   "for another deploy that owns the target's files (default 300)")
 @click.option("--no-wait", is_flag=True, help="enqueue, print the deploy id and exit (distributed mode)")
 def deploy(target: str, cert_file: str, key_file: str, chain_file: str | None, config_path: str | None,
            local: bool, force: bool, as_json: bool, deploy_id: str | None, broker: str | None,
@@ -93,7 +94,8 @@ def deploy(target: str, cert_file: str, key_file: str, chain_file: str | None, c
         chain = _read_input(chain_file, "chain")
         assert cert is not None and key is not None
         if local:
-            result = _deploy_local(load_config(config_path), target, cert, key, chain, force, deploy_id)
+            result = _deploy_local(load_config(config_path), target, cert, key, chain, force, deploy_id,
+                                   300.0 if wait_s is None else wait_s)
         else:
             from .workflow import deploy as enqueue
 
@@ -103,7 +105,7 @@ def deploy(target: str, cert_file: str, key_file: str, chain_file: str | None, c
                 click.echo(json.dumps({"deploy_id": handle.deploy_id, "target": target, "host": handle.host})
                            if as_json else handle.deploy_id)
                 return
-            result = handle.get(timeout=wait_s)
+            result = handle.get(timeout=600.0 if wait_s is None else wait_s)
     except (UnknownTarget, Rejected) as err:
         _fail(str(err), 2, as_json, outcome="rejected", target=target)
     except MailTLSError as err:
@@ -112,14 +114,14 @@ def deploy(target: str, cert_file: str, key_file: str, chain_file: str | None, c
 
 
 def _deploy_local(cfg: Any, target: str, cert: bytes, key: bytes, chain: bytes | None, force: bool,
-                  deploy_id: str | None) -> DeployResult:
+                  deploy_id: str | None, wait_s: float) -> DeployResult:
     """Run in-process; on SIGTERM or Ctrl-C the run compensates, then we report that."""
     from .journal import Journal
     from .local import Terminated, new_deploy_id, run_local
 
     deploy_id = deploy_id or new_deploy_id()
     try:
-        return run_local(cfg, target, cert, key, chain, force=force, deploy_id=deploy_id)
+        return run_local(cfg, target, cert, key, chain, force=force, deploy_id=deploy_id, lock_timeout=wait_s)
     except (KeyboardInterrupt, Terminated):
         rec = Journal(cfg.state_dir).load(target, deploy_id)
         if rec is None or not rec.finished:
@@ -158,10 +160,15 @@ def check_config(config_path: str | None, as_json: bool) -> None:
 def recover(config_path: str | None, force: bool, as_json: bool) -> None:
     """Finish deploys on this host whose owner died (roll forward if provably served,
     else back). Exit 4 if any ended `failed` (operator needed), else 0."""
+    from .journal import Journal
     from .local import recover_host
 
     try:
-        done = recover_host(load_config(config_path), force=force)
+        cfg = load_config(config_path)
+        done = recover_host(cfg, force=force)
+        # owned by deploys of targets this file no longer defines: nobody here can finish them
+        orphans = sorted({(o.target, o.deploy_id) for o in Journal(cfg.state_dir).owners()
+                          if o.target not in cfg.targets})
     except MailTLSError as err:
         _fail(str(err), err.exit_code, as_json)
     if as_json:
@@ -170,9 +177,13 @@ def recover(config_path: str | None, force: bool, as_json: bool) -> None:
         for rec in done:
             click.echo(f"{rec.target}: deploy {rec.deploy_id} -> {rec.outcome} ({rec.reason})"
                        + (f"\n  {rec.error}" if rec.outcome == "failed" and rec.error else ""))
-        if not done:
+        if not done and not orphans:
             click.echo("nothing to recover")
-    sys.exit(4 if any(r.outcome == "failed" for r in done) else 0)
+    for target, deploy_id in orphans:
+        click.echo(f"{target}: deploy {deploy_id} is unfinished, but target {target!r} is no longer in "
+                   f"{cfg.source}: restore its files by hand (state_dir/targets/{target}/deploys/{deploy_id}/backup)",
+                   err=True)
+    sys.exit(4 if orphans or any(r.outcome == "failed" for r in done) else 0)
 
 
 def _coordinator(broker: str | None) -> Any:

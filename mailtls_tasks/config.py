@@ -60,6 +60,7 @@ SHELL_METACHARACTERS = frozenset(";|&$`(){}<>\\\"'\n\r\x00")
 STEP_TIME_LIMIT = 600.0
 STEP_SOFT_TIME_LIMIT = 540.0
 STEP_MARGIN = 20.0
+MIN_LEASE = 2.0
 
 TARGET_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 HOST_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -264,7 +265,11 @@ class Target(BaseModel):
     @field_validator("key_mode", "cert_mode", mode="before")
     @classmethod
     def _modes(cls, v: Any, info: Any) -> int | None:
-        return None if v is None else _parse_mode_bits(v, info.field_name)
+        mode = None if v is None else _parse_mode_bits(v, info.field_name)
+        if info.field_name == "key_mode" and mode is not None and mode & 0o027:
+            raise ValueError(f"key_mode: {mode:04o} lets others read (or the group write) the private key; "
+                             "use 0600, or 0640 with a group such as ssl-cert")
+        return mode
 
     @field_validator("owner")
     @classmethod
@@ -388,7 +393,11 @@ class HostConfig(BaseModel):
     @field_validator("deploy_lease", "recovery_interval", mode="before")
     @classmethod
     def _durations(cls, v: Any, info: Any) -> float:
-        return parse_duration(v, info.field_name)
+        seconds = parse_duration(v, info.field_name)
+        if info.field_name == "deploy_lease" and seconds < MIN_LEASE:
+            raise ValueError(f"deploy_lease: {seconds:g}s is shorter than {MIN_LEASE:g}s: every deploy waiting "
+                             "for its next message would be taken for dead")
+        return seconds
 
     @field_validator("host")
     @classmethod

@@ -44,6 +44,18 @@ def public_record(rec: DeployRecord) -> dict[str, Any]:
     return rec.model_dump(mode="json", exclude={"files", "claimed", "runner"})
 
 
+def _loads(raw: str | None) -> dict[str, Any] | None:
+    """A JSON object from Redis, or None (absent, or not ours: whoever can write Redis
+    can write anything there, and that must not crash a worker)."""
+    if not raw:
+        return None
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
 class Coordinator:
     def __init__(self, url_or_client: str | redis.Redis) -> None:  # type: ignore[type-arg]
         self.url = url_or_client if isinstance(url_or_client, str) else None
@@ -98,26 +110,43 @@ class Coordinator:
 
     def publish(self, rec: DeployRecord) -> dict[str, Any]:
         """Store the journal record's public view, merged over what the client created;
-        wake whoever waits when it has ended."""
-        data = self.get_record(rec.deploy_id) or {"created": rec.created}
-        data.update(public_record(rec))
-        self.put_record(data)
-        if rec.finished:
-            self.r.publish(self._k("ended", rec.deploy_id), rec.outcome or "")
-        return data
+        wake whoever waits when it has ended. Atomic (WATCH), and never turns an ended
+        record back into a running one: a late writer cannot undo an outcome."""
+        key = self._k("deploy", rec.deploy_id)
+        view = public_record(rec)
+
+        def update(pipe: Any) -> dict[str, Any]:
+            data = _loads(pipe.get(key)) or {"created": rec.created}
+            if data.get("outcome") and not rec.finished:
+                return data
+            data.update(view)
+            pipe.multi()
+            pipe.set(key, json.dumps(data), ex=RECORD_TTL)
+            if rec.finished:
+                pipe.publish(self._k("ended", rec.deploy_id), rec.outcome or "")
+            return data
+
+        return cast(dict[str, Any], self.r.transaction(update, key, value_from_callable=True))  # type: ignore[no-untyped-call]
 
     def finish_unstarted(self, deploy_id: str, outcome: str, error: str, reason: str | None = None) -> None:
         """End a deploy that never reached a host journal (unknown target, cancelled,
-        busy past its budget, envelope refused): nothing was touched."""
-        data = self.get_record(deploy_id) or {"deploy_id": deploy_id}
-        if not data.get("outcome"):
+        busy past its budget, envelope refused): nothing was touched. Atomic, and only
+        if nothing has given it an outcome yet."""
+        key = self._k("deploy", deploy_id)
+
+        def update(pipe: Any) -> None:
+            data = _loads(pipe.get(key)) or {"deploy_id": deploy_id}
+            if data.get("outcome"):
+                return
             data.update(outcome=outcome, error=error, reason=reason, phase="done")
-            self.put_record(data)
-            self.r.publish(self._k("ended", deploy_id), outcome)
+            pipe.multi()
+            pipe.set(key, json.dumps(data), ex=RECORD_TTL)
+            pipe.publish(self._k("ended", deploy_id), outcome)
+
+        self.r.transaction(update, key)  # type: ignore[no-untyped-call]
 
     def get_record(self, deploy_id: str) -> dict[str, Any] | None:
-        raw = self.r.get(self._k("deploy", deploy_id))
-        return cast(dict[str, Any], json.loads(raw)) if raw else None
+        return _loads(self.r.get(self._k("deploy", deploy_id)))
 
     def push_history(self, target: str, deploy_id: str) -> None:
         key = self._k("history", target)

@@ -6,9 +6,9 @@ disk is what the daemon reads. Layout under ``state_dir`` (directories 0700, fil
 
     targets/<target>/deploys/<deploy_id>/record.json
     targets/<target>/deploys/<deploy_id>/backup/<role>   old bytes, before commit
-    targets/<target>/fence                              highest fence staged, and by whom
     files/<K>.lock        flock held by whoever runs a step touching real file K
     files/<K>.owner       the unfinished deploy that owns real file K
+    files/<K>.fence       the highest fence staged on real file K, and by which deploy
     outbox/<target>~<deploy_id>   a distributed deploy ended here; Redis may not know yet
 
 K is the SHA-256 of the file's real path (symlinks resolved): two targets reaching
@@ -314,30 +314,40 @@ class Journal:
         """Keep the last ``keep`` finished deploys' backups; never touch unfinished ones."""
         finished = [r for r in self.records(target) if r.finished]
         for rec in finished[: max(0, len(finished) - keep)]:
+            if self.has_outbox(target, rec.deploy_id):
+                continue  # Redis has not heard how it ended yet: keep the record to tell it
             shutil.rmtree(self.deploy_dir(target, rec.deploy_id), ignore_errors=True)
 
     # -- fencing ----------------------------------------------------------
-    def fence_state(self, target: str) -> tuple[int, str | None]:
-        """(highest fence staged for ``target``, the deploy that staged it)."""
-        path = os.path.join(self.target_dir(target), "fence")
-        with _io("read", path):
-            data = files.read_bytes(path)
-        if not data:
-            return 0, None
-        try:
-            d = json.loads(data)
-            return int(d["fence"]), d.get("deploy_id")
-        except (ValueError, KeyError, TypeError):
-            try:  # the format before fences named their deploy
-                return int(data), None
-            except ValueError:
-                return 0, None
+    # Kept per real file, like ownership: two targets sharing a file share its fence, so
+    # an envelope signed before a newer deploy through the other target cannot win.
+    def fence_state(self, reals: list[str], target: str | None = None) -> tuple[int, str | None]:
+        """(highest fence staged on any of these files, the deploy that staged it)."""
+        paths = [os.path.join(self._files_dir(), file_key(r) + ".fence") for r in reals]
+        if target is not None:  # where fences lived before they were kept per file
+            paths.append(os.path.join(self.target_dir(target), "fence"))
+        best: tuple[int, str | None] = (0, None)
+        for path in paths:
+            with _io("read", path):
+                data = files.read_bytes(path)
+            if not data:
+                continue
+            try:
+                d = json.loads(data)
+                state = (int(d["fence"]), d.get("deploy_id"))
+            except (ValueError, KeyError, TypeError):
+                continue
+            if state[0] > best[0]:
+                best = state
+        return best
 
-    def record_fence(self, target: str, fence: int, deploy_id: str) -> None:
-        self._ensure_dir(self.target_dir(target))
-        path = os.path.join(self.target_dir(target), "fence")
-        with _io("write", path):
-            files.atomic_write(path, json.dumps({"fence": fence, "deploy_id": deploy_id}).encode(), 0o600)
+    def record_fence(self, reals: list[str], fence: int, deploy_id: str) -> None:
+        self._ensure_dir(self._files_dir())
+        body = json.dumps({"fence": fence, "deploy_id": deploy_id}).encode()
+        for real in reals:
+            path = os.path.join(self._files_dir(), file_key(real) + ".fence")
+            with _io("write", path):
+                files.atomic_write(path, body, 0o600)
 
     # -- per-file locks ----------------------------------------------------
     def _files_dir(self) -> str:
@@ -401,10 +411,10 @@ class Journal:
         with _io("write", path):
             files.atomic_write(path, body, 0o600)
 
-    def clear_owner(self, real: str, deploy_id: str) -> None:
-        """Remove the owner entry if (and only if) it names ``deploy_id``."""
+    def clear_owner(self, real: str, deploy_id: str, target: str | None = None) -> None:
+        """Remove the owner entry if (and only if) it names this deploy (of ``target``)."""
         owner = self.owner_of(real)
-        if owner is not None and owner.deploy_id == deploy_id:
+        if owner is not None and owner.deploy_id == deploy_id and target in (None, owner.target):
             with _io("remove", self._owner_path(real)):
                 files.remove(self._owner_path(real))
 
@@ -444,6 +454,16 @@ class Journal:
             if sep and DEPLOY_ID_RE.match(deploy_id):
                 out.append((target, deploy_id))
         return out
+
+    def has_outbox(self, target: str, deploy_id: str) -> bool:
+        return os.path.exists(os.path.join(self._outbox_dir(), f"{target}{_OUTBOX_SEP}{deploy_id}"))
+
+    def outbox_age(self, target: str, deploy_id: str) -> float:
+        try:
+            mtime = os.stat(os.path.join(self._outbox_dir(), f"{target}{_OUTBOX_SEP}{deploy_id}")).st_mtime
+        except FileNotFoundError:
+            return 0.0
+        return time.time() - mtime
 
     def outbox_done(self, target: str, deploy_id: str) -> None:
         with contextlib.suppress(FileNotFoundError):

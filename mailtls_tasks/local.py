@@ -106,8 +106,8 @@ def run_local(cfg: HostConfig, target: str, cert_pem: bytes, key_pem: bytes,
               journal: Journal | None = None) -> DeployResult:
     """Deploy in-process and return the result; never raises for a deploy that ran.
 
-    Raises TargetBusy (exit 1, nothing touched) when another live deploy owns one
-    of the target's files past ``lock_timeout``."""
+    Waits up to ``lock_timeout`` for another live deploy owning one of the target's
+    files to end; then raises TargetBusy (exit 1, nothing touched), naming it."""
     t = cfg.target(target)
     deploy_id = check_deploy_id(deploy_id or new_deploy_id())
     contexts = contexts_for(cfg, journal)
@@ -117,8 +117,11 @@ def run_local(cfg: HostConfig, target: str, cert_pem: bytes, key_pem: bytes,
     def take_over(owner: Owner) -> None:
         recover_deploy(contexts, ctx.journal, owner.target, owner.deploy_id)
 
+    def waiting(why: str) -> None:
+        log.warning("waiting up to %gs: %s", lock_timeout, why)
+
     with _signals_as_exceptions(), holding(ctx.journal, target_reals(t), deploy_id, timeout=lock_timeout,
-                                           recover=take_over):
+                                           recover=take_over, on_wait=waiting, target=t.name):
         try:
             rec = stage(ctx, deploy_id, cert_pem, key_pem, chain_pem, force=force)
             for step in (validate, commit, reload, verify):
@@ -129,13 +132,29 @@ def run_local(cfg: HostConfig, target: str, cert_pem: bytes, key_pem: bytes,
             existing = ctx.journal.load(t.name, deploy_id)
             if existing is None:
                 raise  # nothing was recorded, so nothing was touched: e.g. the journal's disk is full
-            rec = existing if existing.finished else rollback(ctx, deploy_id, error=str(err))
+            rec = existing if existing.finished else _compensate(ctx, deploy_id, str(err))
         except Exception as err:
             log.exception("deploy %s: unexpected error; rolling back", deploy_id)
-            rec = rollback(ctx, deploy_id, error=f"internal error: {type(err).__name__}: {err}")
+            rec = _compensate(ctx, deploy_id, f"internal error: {type(err).__name__}: {err}")
         except (KeyboardInterrupt, Terminated):
-            with _shielded():
-                if ctx.journal.load(t.name, deploy_id) is not None:
-                    rollback(ctx, deploy_id, error="interrupted by a signal", reason="interrupted")
+            if ctx.journal.load(t.name, deploy_id) is not None:
+                _compensate(ctx, deploy_id, "interrupted by a signal", reason="interrupted")
             raise
     return DeployResult.from_record(rec)
+
+
+def _compensate(ctx: StepContext, deploy_id: str, error: str, reason: str | None = None) -> DeployRecord:
+    """Roll back, shielded from a second SIGTERM or Ctrl-C. If even that fails (a full
+    disk), hand the deploy over to recovery: without a runner it is dead at once, so
+    a long-lived caller of run_local does not keep its files owned."""
+    with _shielded():
+        try:
+            return rollback(ctx, deploy_id, error=error, reason=reason)
+        except BaseException:
+            rec = ctx.journal.load(ctx.target.name, deploy_id)
+            if rec is not None and not rec.finished:
+                rec.runner = None
+                rec.in_step = None
+                with contextlib.suppress(MailTLSError):
+                    ctx.save(rec)
+            raise

@@ -28,6 +28,11 @@ def is_dead(journal: Journal, rec: DeployRecord) -> bool:
         return not journal.alive(rec.runner)
     if rec.in_step and not journal.alive(rec.runner):
         return True
+    if not rec.in_step and rec.phase in ("committing", "rolling_back"):
+        # A commit or rollback that stopped half-way with an error (not a crash): the
+        # files may be mixed, and no forward message can move it. Finish it now rather
+        # than at the end of its lease (the errback, if it comes, then finds it done).
+        return True
     return rec.lease_until is None or journal.clock() >= rec.lease_until
 
 
@@ -52,7 +57,7 @@ def busy_message(journal: Journal, real: str) -> str:
     return f"{real} is busy: a step of {who} is running on it"
 
 
-def blockers(journal: Journal, reals: list[str], deploy_id: str) -> list[Owner]:
+def blockers(journal: Journal, reals: list[str], deploy_id: str, target: str | None = None) -> list[Owner]:
     """Other deploys owning any of ``reals`` (caller holds their locks).
 
     Clears stale entries (owner finished or gone); raises TargetBusy naming a live
@@ -60,11 +65,11 @@ def blockers(journal: Journal, reals: list[str], deploy_id: str) -> list[Owner]:
     dead: dict[str, Owner] = {}
     for real in reals:
         owner = journal.owner_of(real)
-        if owner is None or owner.deploy_id == deploy_id:
+        if owner is None or (owner.deploy_id == deploy_id and target in (None, owner.target)):
             continue
         rec = journal.load(owner.target, owner.deploy_id)
         if rec is None or rec.finished:
-            journal.clear_owner(real, owner.deploy_id)
+            journal.clear_owner(real, owner.deploy_id, owner.target)
             continue
         if not is_dead(journal, rec):
             raise TargetBusy(f"{real} is owned by {describe(rec, journal)}; try again after it ends")
@@ -74,20 +79,36 @@ def blockers(journal: Journal, reals: list[str], deploy_id: str) -> list[Owner]:
 
 @contextlib.contextmanager
 def holding(journal: Journal, reals: list[str], deploy_id: str, *, timeout: float,
-            recover: Callable[[Owner], object]) -> Iterator[None]:
+            recover: Callable[[Owner], object], on_wait: Callable[[str], None] | None = None,
+            target: str | None = None) -> Iterator[None]:
     """Hold the locks of ``reals`` with no other live deploy owning any of them.
 
-    A dead owner is recovered first (with its own locks: it may own more files than
-    ours), then we try again. TargetBusy if a live deploy owns one, or a lock stays
-    held past ``timeout``."""
+    Waits up to ``timeout`` for a live owner to finish (``on_wait`` is told why, once);
+    a dead owner is recovered first (with its own locks: it may own more files than
+    ours), then we try again. TargetBusy if still owned or locked at the deadline."""
     deadline = time.monotonic() + timeout
-    for _ in range(MAX_TAKEOVERS):
-        left = max(0.0, deadline - time.monotonic())
-        with journal.lock_files(reals, left, busy=lambda real: busy_message(journal, real)):
-            dead = blockers(journal, reals, deploy_id)
-            if not dead:
-                yield
-                return
+    takeovers = 0
+    told = False
+    while True:
+        acquired = False
+        try:
+            with journal.lock_files(reals, max(0.0, deadline - time.monotonic()),
+                                    busy=lambda real: busy_message(journal, real)):
+                dead = blockers(journal, reals, deploy_id, target)
+                if not dead:
+                    acquired = True
+                    yield
+                    return
+        except TargetBusy as err:
+            if acquired or time.monotonic() >= deadline:
+                raise
+            if on_wait is not None and not told:
+                on_wait(str(err))
+                told = True
+            time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+            continue
+        takeovers += 1
+        if takeovers > MAX_TAKEOVERS:
+            raise TargetBusy(f"could not take over {', '.join(reals)}: dead owners kept coming back")
         for owner in dead:
             recover(owner)
-    raise TargetBusy(f"could not take over {', '.join(reals)}: dead owners kept coming back")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 
-from .errors import JournalError, MailTLSError, TargetBusy
+from .errors import JournalError, TargetBusy
 from .journal import DeployRecord, Journal, Owner
 from .ownership import is_dead
 from .steps import StepContext, finish_forward, rollback, target_reals, tombstone
@@ -35,7 +35,7 @@ def recover_deploy(contexts: dict[str, StepContext], journal: Journal, target: s
                 return None
             if rec.finished:
                 for real in rec.reals:  # a stale owner entry left by a crash after finishing
-                    journal.clear_owner(real, deploy_id)
+                    journal.clear_owner(real, deploy_id, target)
                 return None
             if not (force or is_dead(journal, rec)):
                 return None
@@ -62,7 +62,7 @@ def _clear_if_stale(journal: Journal, owner: Owner) -> None:
                 return
             rec = journal.load(owner.target, owner.deploy_id)
             if rec is None or rec.finished:
-                journal.clear_owner(owner.path, owner.deploy_id)
+                journal.clear_owner(owner.path, owner.deploy_id, owner.target)
     except (TargetBusy, JournalError):
         return
 
@@ -106,11 +106,14 @@ def recover(contexts: dict[str, StepContext], journal: Journal, *, full_scan: bo
     done: list[DeployRecord] = []
     if full_scan:
         for name in contexts:
-            done += _abandoned(contexts, journal, name)
+            try:
+                done += _abandoned(contexts, journal, name)
+            except Exception as err:  # noqa: BLE001 -- as above
+                log.error("ending abandoned deploys of %s failed: %s", name, err)
     for target, deploy_id in sorted(candidates):
         try:
             rec = recover_deploy(contexts, journal, target, deploy_id, force=force)
-        except MailTLSError as err:
+        except Exception as err:  # noqa: BLE001 -- one deploy's trouble must not stop the others' recovery
             log.error("recovering deploy %s of %s failed: %s", deploy_id, target, err)
             continue
         if rec is not None:

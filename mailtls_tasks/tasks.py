@@ -37,6 +37,7 @@ log = logging.getLogger("mailtls.tasks")
 MAX_DELIVERIES = 3          # the same message redelivered after a lost worker, at most
 HEARTBEAT_INTERVAL = 10.0
 MAX_RETRIES = 10
+OUTBOX_ORPHAN_AGE = 24 * 3600.0
 
 _state: dict[str, Any] = {}
 
@@ -241,7 +242,10 @@ def rollback(self: Task, *, target: str, host: str, deploy_id: str) -> dict[str,
 
 # ----------------------------------------------------------------- worker lifecycle
 def sweep(rt: HostRuntime, co: Coordinator, *, full_scan: bool = False) -> list[DeployRecord]:
-    """Finish dead deploys, then publish every ending Redis has not heard of."""
+    """Finish dead deploys, then publish every ending Redis has not heard of.
+
+    An outbox entry goes only once Redis has its record: one whose record is not
+    (yet) finished stays (``_finish`` writes the entry just before the record)."""
     done = rt.recover(full_scan=full_scan)
     for target, deploy_id in rt.journal.outbox():
         try:
@@ -249,8 +253,9 @@ def sweep(rt: HostRuntime, co: Coordinator, *, full_scan: bool = False) -> list[
         except MailTLSError as err:
             log.warning("outbox entry %s/%s unreadable: %s", target, deploy_id, err)
             continue
+        if rec is None and rt.journal.outbox_age(target, deploy_id) > OUTBOX_ORPHAN_AGE:
+            rt.journal.outbox_done(target, deploy_id)  # its record is long gone: nothing to say
         if rec is None or not rec.finished:
-            rt.journal.outbox_done(target, deploy_id)
             continue
         co.publish(rec)
         rt.journal.outbox_done(target, deploy_id)
@@ -266,13 +271,13 @@ def _background(stop: threading.Event) -> None:
     while not stop.is_set():
         try:
             co.publish_host(rt.host, rt.inventory())
-        except (redis.RedisError, OSError) as err:
+        except Exception as err:  # noqa: BLE001 -- the heartbeat must outlive any error
             log.warning("registry heartbeat failed: %s", err)
         if clock() >= next_sweep:
             try:
                 sweep(rt, co)
-            except (redis.RedisError, OSError, MailTLSError) as err:
-                log.warning("recovery sweep failed (will retry): %s", err)
+            except Exception:  # this thread is the host's recovery: it must outlive any error
+                log.exception("recovery sweep failed (will retry)")
             next_sweep = clock() + rt.cfg.recovery_interval
         stop.wait(min(HEARTBEAT_INTERVAL, rt.cfg.recovery_interval))
 
@@ -283,9 +288,8 @@ def _on_worker_init(**_: Any) -> None:
     rt, co = runtime(), coordinator()
     try:
         sweep(rt, co, full_scan=True)
-    except redis.RedisError as err:
-        log.warning("could not publish recovered deploys yet (the sweep retries): %s", err)
-        rt.recover(full_scan=True)
+    except Exception:  # never start without the background recovery below
+        log.exception("start-up recovery incomplete (the periodic sweep retries)")
     stop = threading.Event()
     _state["background_stop"] = stop
     threading.Thread(target=_background, args=(stop,), name="mailtls-heartbeat", daemon=True).start()

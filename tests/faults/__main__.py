@@ -65,7 +65,7 @@ def main() -> int:
         os.environ["MAILTLS_PIPELINE"] = str(pipeline.path)
         rig = WorkerRig(root / "rig", pki, leaves, redis.url, pipeline)
         try:
-            wcounts = {s: worker_count(rig, s) for s in FAULTS}
+            wcounts = {(sc, s): worker_count(rig, s, sc) for sc in ("deploy", "rollback") for s in FAULTS}
             print(f"worker syscall counts: {wcounts}", flush=True)
             for case in worker_cases(args.level, wcounts):
                 record(case, lambda c=case: run_worker_case(rig, c, whole_worker=c.mode == "worker"))

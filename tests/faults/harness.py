@@ -391,9 +391,11 @@ class WorkerRig:
 _RUN = itertools.count(1)
 
 
-def worker_count(rig: WorkerRig, syscall: str) -> int:
+def worker_count(rig: WorkerRig, syscall: str, scenario: str = "deploy") -> int:
     rig.reset()
-    out = rig.host.root / f"wcount-{syscall}.txt"
+    if scenario == "rollback":
+        rig.host.fail_marker.touch()
+    out = rig.host.root / f"wcount-{scenario}-{syscall}.txt"
     tracer = rig.attach(["-c", "-o", str(out), "-e", f"trace={syscall}"])
     rig.enqueue(f"wprobe-{os.getpid()}-{next(_RUN)}").get(60)
     tracer.send_signal(signal.SIGINT)
@@ -409,6 +411,8 @@ def run_worker_case(rig: WorkerRig, case: Case, whole_worker: bool) -> Result:
     """``whole_worker``: when the pool child is killed, the whole worker goes with it
     (then restarts); else only the child dies and Celery redelivers its message."""
     rig.reset()
+    if case.scenario == "rollback":
+        rig.host.fail_marker.touch()  # the reload fails once: the rollback task runs, under the same faults
     notes = []
     did = f"wf-{os.getpid()}-{next(_RUN)}"
     tracer = rig.attach(["-o", "/dev/null", "-e", f"trace={case.syscall}", "-e",
@@ -444,20 +448,21 @@ def run_worker_case(rig: WorkerRig, case: Case, whole_worker: bool) -> Result:
     return Result(case, outcome, live, notes=notes)
 
 
-def worker_cases(level: str, counts: dict[str, int]) -> Iterator[Case]:
+def worker_cases(level: str, counts: dict[tuple[str, str], int]) -> Iterator[Case]:
     for mode in ("worker", "child"):
-        for syscall, actions in FAULTS.items():
-            if syscall == "write" and level != "full":
-                continue
-            total = counts[syscall]
-            for action, label in actions:
-                if level == "full":
-                    ns = list(range(1, total + 1))
-                elif label == "SIGKILL" and syscall == "rename":
-                    ns = [total // 3, (2 * total) // 3] if mode == "worker" else [1, total // 2, total]
-                elif mode == "child" and label in ("EIO", "EXDEV"):
-                    ns = [max(1, total // 2)]
-                else:
-                    ns = []
-                for n in ns:
-                    yield Case(mode, "deploy", syscall, action, label, max(1, n))
+        for scenario in ("deploy", "rollback"):
+            for syscall, actions in FAULTS.items():
+                total = counts[(scenario, syscall)]
+                for action, label in actions:
+                    if level == "full":
+                        ns = list(range(1, total + 1))
+                    elif scenario == "rollback":
+                        ns = [total - 2] if (label, syscall, mode) == ("SIGKILL", "rename", "worker") else []
+                    elif label == "SIGKILL" and syscall == "rename":
+                        ns = [total // 3, (2 * total) // 3] if mode == "worker" else [1, total // 2, total]
+                    elif mode == "child" and label in ("EIO", "EXDEV"):
+                        ns = [max(1, total // 2)]
+                    else:
+                        ns = []
+                    for n in ns:
+                        yield Case(mode, scenario, syscall, action, label, max(1, n))

@@ -33,13 +33,14 @@ def rig(tmp_path_factory: pytest.TempPathFactory, pki: PKI, redis_server: RedisS
 
 
 @pytest.fixture(scope="module")
-def counts(rig: WorkerRig) -> dict[str, int]:
-    return {syscall: worker_count(rig, syscall) for syscall in FAULTS}
+def counts(rig: WorkerRig) -> dict[tuple[str, str], int]:
+    return {(scenario, syscall): worker_count(rig, syscall, scenario)
+            for scenario in ("deploy", "rollback") for syscall in FAULTS}
 
 
 @pytest.mark.parametrize("mode", ["worker", "child"])
-def test_worker_fault_matrix(rig: WorkerRig, counts: dict[str, int], mode: str) -> None:
-    assert counts["rename"] >= 5, counts
+def test_worker_fault_matrix(rig: WorkerRig, counts: dict[tuple[str, str], int], mode: str) -> None:
+    assert counts[("deploy", "rename")] >= 5 and counts[("rollback", "rename")] > counts[("deploy", "rename")], counts
     broken, results = [], []
     cases = [c for c in worker_cases(LEVEL, counts) if c.mode == mode]
     assert cases

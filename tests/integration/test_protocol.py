@@ -112,7 +112,7 @@ def test_paused_worker_local_deploy_and_recover(rig: Rig) -> None:
         r = rig.host.cli("recover")
         assert r.returncode == 0 and "nothing to recover" in r.stdout, r.stdout + r.stderr
         mine = rig.pki.leaf()
-        r = rig.local(mine)
+        r = rig.local(mine, "--wait", "1")  # it waits for the owner that long, then says who
         assert r.returncode == 1, r.stdout + r.stderr
         said = json.loads(r.stdout)["error"]  # --json: the error is in the object
         assert x.deploy_id in said and "distributed" in said and "lease until" in said, said

@@ -150,6 +150,7 @@ class ProtocolModel(RuleBasedStateMachine):
                                                      (other.fullchain_pem, other.key_pem): 0}
         self.floor = {"pair1": 0, "pair2": 0}
         self.hand_edited: set[str] = set()
+        self.fences_staged = {"pair1": 0, "pair2": 0}
         self.ended_seen: set[str] = set()
 
     def teardown(self) -> None:
@@ -185,6 +186,11 @@ class ProtocolModel(RuleBasedStateMachine):
         stage = rec.steps.get("stage") if rec is not None else None
         if d.seq is None and rec is not None and rec.files and stage is not None and stage.status == "ok":
             d.seq = next(self.seqs)
+            if d.fence is not None:  # fences are per real file: targets sharing files share them
+                pair = "pair2" if d.target == "d" else "pair1"
+                assert d.fence > self.fences_staged[pair], \
+                    f"{d.deploy_id} staged with fence {d.fence} after fence {self.fences_staged[pair]}"
+                self.fences_staged[pair] = d.fence
             cert = d.leaf.cert_pem if d.target == "c" else d.leaf.fullchain_pem
             self.sets[(cert, d.leaf.key_pem)] = d.seq
 
