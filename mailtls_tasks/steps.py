@@ -153,7 +153,7 @@ def _finish(ctx: StepContext, rec: DeployRecord, outcome: str, error: str | None
         ctx.journal.outbox_add(rec.target, rec.deploy_id)
     ctx.save(rec)
     for real in rec.reals:
-        ctx.journal.clear_owner(real, rec.deploy_id)
+        ctx.journal.clear_owner(real, rec.deploy_id, rec.target)
     ctx.journal.prune(ctx.target.name, ctx.target.backup_retention)
     return rec
 
@@ -180,6 +180,12 @@ def live_state(e: FileEntry) -> LiveState:
     if digest == e.new_sha256:
         return "new"
     return "other"
+
+
+def holds_new(e: FileEntry) -> bool:
+    """The live file holds exactly this deploy's new bytes (whether or not they changed)."""
+    _, data = files.inspect(e.real)
+    return data is not None and material.sha256(data) == e.new_sha256
 
 
 def _describe_live(rec: DeployRecord, states: dict[str, LiveState]) -> str:
@@ -210,7 +216,7 @@ def stage(ctx: StepContext, deploy_id: str, cert_pem: bytes, key_pem: bytes,
     reals = target_reals(t)
     for real in reals:
         owner = ctx.journal.owner_of(real)
-        if owner is not None and owner.deploy_id != deploy_id:
+        if owner is not None and (owner.target, owner.deploy_id) != (t.name, deploy_id):
             other = ctx.journal.load(owner.target, owner.deploy_id)
             if other is not None and not other.finished:
                 raise TargetBusy(f"{real} is owned by deploy {owner.deploy_id} of target {owner.target!r}")
@@ -223,7 +229,7 @@ def stage(ctx: StepContext, deploy_id: str, cert_pem: bytes, key_pem: bytes,
     with _timed(ctx, rec, "stage"):
         try:
             if fence is not None:
-                _check_fence(ctx, fence, deploy_id, rerun=rerun)
+                _check_fence(ctx, fence, rec, rerun=rerun)
             _stage(ctx, rec, cert_pem, key_pem, chain_pem, force=force, now=now)
         except Rejected as err:  # Superseded included
             _remove_temps(rec)
@@ -242,18 +248,18 @@ def tombstone(ctx: StepContext, deploy_id: str, origin: Origin) -> DeployRecord:
                    "interrupted")
 
 
-def _check_fence(ctx: StepContext, fence: int, deploy_id: str, *, rerun: bool) -> None:
+def _check_fence(ctx: StepContext, fence: int, rec: DeployRecord, *, rerun: bool) -> None:
     """A stale, replayed or overtaken envelope must not overwrite a newer deploy.
 
-    Strictly greater than the highest fence staged here; equal only for the very
-    deploy that recorded it when its record is still here in ``staging`` (its stage
-    died and runs again). The fence is recorded after the record is first saved, so
-    "fence recorded, no record" means the record was pruned: a replay."""
-    highest, by = ctx.journal.fence_state(ctx.target.name)
-    if fence < highest or (fence == highest and not (by == deploy_id and rerun)):
-        raise Superseded(f"superseded: a deploy of {ctx.target.name!r} with fence {highest} already ran on this "
-                         f"host; this one has fence {fence}")
-    ctx.journal.record_fence(ctx.target.name, fence, deploy_id)
+    Strictly greater than the highest fence staged on any of its files; equal only
+    for the very deploy that recorded it when its record is still here in ``staging``
+    (its stage died and runs again). The fence is recorded after the record is first
+    saved, so "fence recorded, no record" means the record was pruned: a replay."""
+    highest, by = ctx.journal.fence_state(rec.reals, ctx.target.name)
+    if fence < highest or (fence == highest and not (by == rec.deploy_id and rerun)):
+        raise Superseded(f"superseded: a deploy with fence {highest} already ran on these files "
+                         f"({ctx.target.name!r} or a target sharing them); this one has fence {fence}")
+    ctx.journal.record_fence(rec.reals, fence, rec.deploy_id)
 
 
 def _stage(ctx: StepContext, rec: DeployRecord, cert_pem: bytes, key_pem: bytes,
@@ -519,7 +525,7 @@ def finish_forward(ctx: StepContext, deploy_id: str) -> DeployRecord | None:
     rec = ctx.load(deploy_id)
     if not moving_forward(rec) or ORDER[rec.phase] < ORDER["reloaded"]:
         return None
-    if any(live_state(e) != "new" for e in rec.files):
+    if not all(holds_new(e) for e in rec.files):
         return None
     v = ctx.target.post_deploy_verify
     served: str | None = None
@@ -555,7 +561,8 @@ def rollback(ctx: StepContext, deploy_id: str, error: str | None = None,
     if rec.finished:
         return rec
     failed_steps = [s.detail for s in rec.steps.values() if s.status == "failed" and s.detail]
-    original_error = rec.error or error or (failed_steps[-1] if failed_steps else "the deploy failed")
+    # the step that failed says more than "interrupted" (recovery's generic reason)
+    original_error = rec.error or (failed_steps[-1] if failed_steps else None) or error or "the deploy failed"
     if rec.phase != "rolling_back":
         rec.rollback_from = rec.phase
         rec.phase = "rolling_back"
