@@ -81,7 +81,10 @@ class Transient(MailTLSError):
 
 
 class TargetBusy(Transient):
-    """Another deploy holds the target's lock."""
+    """Another live deploy owns one of the target's files (``owned``), or a step of one
+    holds its lock right now."""
+
+    owned: bool = False
 
 
 class CommandTimeout(Transient):

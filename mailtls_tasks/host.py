@@ -109,7 +109,7 @@ class HostRuntime:
               *, force: bool, fence: int | None) -> DeployRecord:
         ctx = self.context(target)
         with holding(self.journal, steps.target_reals(ctx.target), deploy_id, timeout=self.lock_wait,
-                     recover=self._take_over, target=target):
+                     recover=self._take_over, target=target, wait_for_owner=False):
             return steps.stage(ctx, deploy_id, cert_pem, key_pem, chain_pem, force=force, fence=fence,
                                origin="distributed")
 

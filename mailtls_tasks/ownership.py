@@ -72,7 +72,9 @@ def blockers(journal: Journal, reals: list[str], deploy_id: str, target: str | N
             journal.clear_owner(real, owner.deploy_id, owner.target)
             continue
         if not is_dead(journal, rec):
-            raise TargetBusy(f"{real} is owned by {describe(rec, journal)}; try again after it ends")
+            busy = TargetBusy(f"{real} is owned by {describe(rec, journal)}; try again after it ends")
+            busy.owned = True
+            raise busy
         dead.setdefault(owner.deploy_id, owner)
     return list(dead.values())
 
@@ -80,12 +82,14 @@ def blockers(journal: Journal, reals: list[str], deploy_id: str, target: str | N
 @contextlib.contextmanager
 def holding(journal: Journal, reals: list[str], deploy_id: str, *, timeout: float,
             recover: Callable[[Owner], object], on_wait: Callable[[str], None] | None = None,
-            target: str | None = None) -> Iterator[None]:
+            target: str | None = None, wait_for_owner: bool = True) -> Iterator[None]:
     """Hold the locks of ``reals`` with no other live deploy owning any of them.
 
-    Waits up to ``timeout`` for a live owner to finish (``on_wait`` is told why, once);
-    a dead owner is recovered first (with its own locks: it may own more files than
-    ours), then we try again. TargetBusy if still owned or locked at the deadline."""
+    Waits up to ``timeout`` for the locks, and (``wait_for_owner``) for a live owner to
+    finish (``on_wait`` is told why, once); a dead owner is recovered first (with its
+    own locks: it may own more files than ours), then we try again. TargetBusy if
+    still owned or locked at the deadline. A worker does not wait for an owner: the
+    owner's next message may be queued behind the very message that would wait."""
     deadline = time.monotonic() + timeout
     takeovers = 0
     told = False
@@ -100,7 +104,7 @@ def holding(journal: Journal, reals: list[str], deploy_id: str, *, timeout: floa
                     yield
                     return
         except TargetBusy as err:
-            if acquired or time.monotonic() >= deadline:
+            if acquired or time.monotonic() >= deadline or (not wait_for_owner and err.owned):
                 raise
             if on_wait is not None and not told:
                 on_wait(str(err))
