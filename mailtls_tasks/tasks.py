@@ -13,6 +13,7 @@ re-publishes the journal's outbox: endings Redis did not hear of when they happe
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -24,7 +25,7 @@ import redis
 from celery import Task
 from celery.signals import worker_init, worker_shutdown
 
-from .app import MAX_RETRY_BACKOFF, app
+from .app import MAX_RETRY_BACKOFF, app, queue_for
 from .config import load_config
 from .coordination import Coordinator
 from .envelope import EnvelopeError
@@ -282,14 +283,48 @@ def _background(stop: threading.Event) -> None:
         stop.wait(min(HEARTBEAT_INTERVAL, rt.cfg.recovery_interval))
 
 
+def take_back_unacked(queue: str) -> int:
+    """Put back on ``queue`` every message a dead predecessor of this worker had taken.
+
+    Redis hands an unacknowledged message to another consumer only after the
+    visibility timeout (hours: longer than any step). But a host has one worker, so
+    at start every unacked message of its own queue belonged to a worker that is gone:
+    a step it was running when it was killed, or the next one it had prefetched. Taken
+    back now, a deploy caught between two steps continues at once instead of waiting
+    for its lease. If the predecessor was only paused, a step may run twice: steps are
+    idempotent, and the journal decides."""
+    with app.connection_for_write() as conn:
+        channel = conn.default_channel
+        client = channel.client
+        tags = []
+        for tag, raw in client.hgetall(channel.unacked_key).items():
+            try:
+                _, _, routing_key = json.loads(raw)
+            except (ValueError, TypeError):
+                continue
+            if routing_key == queue:
+                tags.append(tag.decode() if isinstance(tag, bytes) else tag)
+        for tag in tags:
+            channel.qos.restore_by_tag(tag, leftmost=True)
+    return len(tags)
+
+
 @worker_init.connect
 def _on_worker_init(**_: Any) -> None:
-    """Before consuming: finish dead deploys and publish endings, then announce this host."""
+    """Before consuming: finish dead deploys and publish endings, take back what a dead
+    predecessor held, then announce this host."""
     rt, co = runtime(), coordinator()
     try:
         sweep(rt, co, full_scan=True)
     except Exception:  # never start without the background recovery below
         log.exception("start-up recovery incomplete (the periodic sweep retries)")
+    try:
+        taken = take_back_unacked(queue_for(rt.host))
+        if taken:
+            log.warning("took back %d message(s) a previous worker of host %s had not finished", taken, rt.host)
+    except Exception:
+        log.exception("could not take back unacknowledged messages (Redis redelivers them after the "
+                      "visibility timeout)")
     stop = threading.Event()
     _state["background_stop"] = stop
     threading.Thread(target=_background, args=(stop,), name="mailtls-heartbeat", daemon=True).start()

@@ -345,11 +345,20 @@ class WorkerRig:
         self.broker, self.pipeline = broker, pipeline
         self.worker = Worker(self.host.config, broker, root / "worker.log")
 
-    def reset(self) -> None:
+    def reset(self, restart: bool = False) -> None:
+        """Back to the old set and an empty journal; ``restart``: with a fresh worker too
+        (after a broken case, so that one failure cannot cascade into the next cases)."""
         h = self.host
+        if restart:
+            assert self.worker.proc is not None
+            kill_group(self.worker.proc.pid)
+        for stray in h.certs.glob(".*.mailtls-*"):
+            stray.unlink()
         for path, data in ((h.chain, h.old.chain_pem), (h.key, h.old.key_pem), (h.cert, h.old.cert_pem)):
             path.write_bytes(data)
         shutil.rmtree(h.state, ignore_errors=True)
+        if restart:
+            self.worker.start()
         h.fail_marker.unlink(missing_ok=True)
         h.trigger.touch()
         probe.probe("127.0.0.1", h.server.port, "tls", timeout=3)  # the listener re-reads the old set
@@ -437,14 +446,18 @@ def run_worker_case(rig: WorkerRig, case: Case, whole_worker: bool) -> Result:
         if tracer.poll() is None:
             tracer.send_signal(signal.SIGINT)
             wait_gone(tracer, 10)
-    if not (rec and rec.get("outcome")):
-        raise InvariantBroken(f"the deploy never ended in Redis (last record: {rec})")
-    after = rig.host.cli("recover")
-    if after.returncode not in (0, 4):
-        raise InvariantBroken(f"recover exited {after.returncode}: {after.stdout}{after.stderr}")
-    outcome, live = rig.host.check(did)
-    if rec.get("outcome") != outcome:
-        raise InvariantBroken(f"Redis says {rec.get('outcome')}, the host's journal {outcome}")
+    try:
+        if not (rec and rec.get("outcome")):
+            raise InvariantBroken(f"the deploy never ended in Redis (last record: {rec})")
+        after = rig.host.cli("recover")
+        if after.returncode not in (0, 4):
+            raise InvariantBroken(f"recover exited {after.returncode}: {after.stdout}{after.stderr}")
+        outcome, live = rig.host.check(did)
+        if rec.get("outcome") != outcome:
+            raise InvariantBroken(f"Redis says {rec.get('outcome')}, the host's journal {outcome}")
+    except InvariantBroken:
+        rig.reset(restart=True)
+        raise
     return Result(case, outcome, live, notes=notes)
 
 
@@ -459,7 +472,8 @@ def worker_cases(level: str, counts: dict[tuple[str, str], int]) -> Iterator[Cas
                     elif scenario == "rollback":
                         ns = [total - 2] if (label, syscall, mode) == ("SIGKILL", "rename", "worker") else []
                     elif label == "SIGKILL" and syscall == "rename":
-                        ns = [total // 3, (2 * total) // 3] if mode == "worker" else [1, total // 2, total]
+                        # every third rename of a whole-worker kill: each step's first journal save among them
+                        ns = list(range(1, total + 1, 3)) if mode == "worker" else [1, total // 2, total]
                     elif mode == "child" and label in ("EIO", "EXDEV"):
                         ns = [max(1, total // 2)]
                     else:
