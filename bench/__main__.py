@@ -21,8 +21,8 @@ import time
 import tracemalloc
 from pathlib import Path
 
-from mailtls_tasks.config import parse_config
-from mailtls_tasks.local import run_local
+from mailtls_tasks.core.config import parse_config
+from mailtls_tasks.core.local import run_local
 from tests.support.pki import make_pki
 
 

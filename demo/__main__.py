@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from mailtls_tasks import probe
+from mailtls_tasks.core import probe
 from tests.support.keys import Pipeline
 from tests.support.pki import make_pki
 from tests.support.services import REPO, Flower, RedisServer, Worker

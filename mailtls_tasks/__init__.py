@@ -15,13 +15,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .config import HostConfig, Target, VerifySettings, load_config
+from .core.config import HostConfig, Target, VerifySettings, load_config
+from .core.local import run_local
 from .errors import MailTLSError
-from .local import run_local
 from .result import DeployResult
 
 if TYPE_CHECKING:
-    from .workflow import DeployHandle, deploy
+    from .distributed.workflow import DeployHandle, deploy
 
 __all__ = ["DeployHandle", "DeployResult", "HostConfig", "MailTLSError", "Target", "VerifySettings", "deploy",
            "load_config", "run_local"]
@@ -30,7 +30,7 @@ __version__ = "0.1.0"
 
 def __getattr__(name: str) -> Any:
     if name in ("deploy", "DeployHandle"):
-        from . import workflow
+        from .distributed import workflow
 
         return getattr(workflow, name)
     raise AttributeError(name)

@@ -13,9 +13,9 @@ from typing import Any, NoReturn
 
 import click
 
-from .config import load_config
+from .core.config import load_config
+from .core.material import MAX_INPUT_BYTES
 from .errors import MailTLSError, Rejected, UnknownTarget
-from .material import MAX_INPUT_BYTES
 from .result import DeployResult
 
 
@@ -97,7 +97,7 @@ def deploy(target: str, cert_file: str, key_file: str, chain_file: str | None, c
             result = _deploy_local(load_config(config_path), target, cert, key, chain, force, deploy_id,
                                    300.0 if wait_s is None else wait_s)
         else:
-            from .workflow import deploy as enqueue
+            from .distributed.workflow import deploy as enqueue
 
             handle = enqueue(target, cert, key, chain, force=force, broker_url=broker, deploy_id=deploy_id,
                              pipeline=pipeline_path)
@@ -116,8 +116,8 @@ def deploy(target: str, cert_file: str, key_file: str, chain_file: str | None, c
 def _deploy_local(cfg: Any, target: str, cert: bytes, key: bytes, chain: bytes | None, force: bool,
                   deploy_id: str | None, wait_s: float) -> DeployResult:
     """Run in-process; on SIGTERM or Ctrl-C the run compensates, then we report that."""
-    from .journal import Journal
-    from .local import Terminated, new_deploy_id, run_local
+    from .core.journal import Journal
+    from .core.local import Terminated, new_deploy_id, run_local
 
     deploy_id = deploy_id or new_deploy_id()
     try:
@@ -160,8 +160,8 @@ def check_config(config_path: str | None, as_json: bool) -> None:
 def recover(config_path: str | None, force: bool, as_json: bool) -> None:
     """Finish deploys on this host whose owner died (roll forward if provably served,
     else back). Exit 4 if any ended `failed` (operator needed), else 0."""
-    from .journal import Journal
-    from .local import recover_host
+    from .core.journal import Journal
+    from .core.local import recover_host
 
     try:
         cfg = load_config(config_path)
@@ -187,8 +187,8 @@ def recover(config_path: str | None, force: bool, as_json: bool) -> None:
 
 
 def _coordinator(broker: str | None) -> Any:
-    from .app import broker_url
-    from .coordination import Coordinator
+    from .distributed.app import broker_url
+    from .distributed.coordination import Coordinator
 
     co = Coordinator(broker_url(broker))
     co.ping()
@@ -259,7 +259,7 @@ def targets(broker: str | None, as_json: bool) -> None:
 @click.option("--loglevel", default="INFO", show_default=True)
 def worker(config_path: str | None, broker: str | None, loglevel: str) -> None:
     """Run this mail host's worker: recovers interrupted deploys, then consumes mailtls.<host>."""
-    from .worker import run_worker
+    from .distributed.worker import run_worker
 
     try:
         run_worker(config_path, broker, loglevel)
@@ -277,12 +277,12 @@ def flower(broker: str | None, address: str, port: int, flower_args: tuple[str, 
     import os
     import subprocess
 
-    from .app import broker_url
+    from .distributed.app import broker_url
 
     # The broker URL (it may carry a password) travels in the environment, never on a
     # command line that `ps` shows to every user of the host.
     env = {**os.environ, "MAILTLS_BROKER_URL": broker_url(broker)}
-    argv = [sys.executable, "-m", "celery", "-A", "mailtls_tasks.app", "flower",
+    argv = [sys.executable, "-m", "celery", "-A", "mailtls_tasks.distributed.app", "flower",
             f"--address={address}", f"--port={port}", *flower_args]
     sys.exit(subprocess.call(argv, env=env))
 
@@ -304,7 +304,7 @@ def _create_key(create: Any, out: str, where: str) -> None:
 @click.option("--out", default="/etc/mailtls/host.key", show_default=True, metavar="FILE")
 def keys_init_host(out: str) -> None:
     """Create this mail host's X25519 key (0600); prints the public half for the pipeline."""
-    from .keys import create_host_key
+    from .security.keys import create_host_key
 
     _create_key(create_host_key, out, 'On this host, in the targets file:\n  [security]\n  host_keys = ["{out}"]\n\n'
                 'In the pipeline\'s pipeline.toml, under [hosts]:\n  <host> = "{pub}"')
@@ -314,7 +314,7 @@ def keys_init_host(out: str) -> None:
 @click.option("--out", default="/etc/mailtls/pipeline.key", show_default=True, metavar="FILE")
 def keys_init_pipeline(out: str) -> None:
     """Create the pipeline's Ed25519 signing key (0600); prints the public half for workers."""
-    from .keys import create_signing_key
+    from .security.keys import create_signing_key
 
     _create_key(create_signing_key, out, 'In the pipeline\'s pipeline.toml:\n  signing_key = "{out}"\n\n'
                 'On every worker host, in the targets file\'s [security]:\n  trusted_signers = ["{pub}"]')
@@ -324,7 +324,7 @@ def keys_init_pipeline(out: str) -> None:
 @click.argument("key_file")
 def keys_public(key_file: str) -> None:
     """Print the public half of a host or pipeline key file."""
-    from .keys import public_of
+    from .security.keys import public_of
 
     try:
         click.echo(public_of(key_file))
@@ -336,7 +336,7 @@ def keys_public(key_file: str) -> None:
 @config_option
 def keys_trusted(config_path: str | None) -> None:
     """What this worker trusts: its host keys and the pipeline keys it accepts."""
-    from .keys import key_id, public_of
+    from .security.keys import key_id, public_of
 
     try:
         cfg = load_config(config_path)

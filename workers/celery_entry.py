@@ -7,7 +7,7 @@
 exists for operators who manage Celery workers with their own tooling.
 """
 
-from mailtls_tasks import tasks as _tasks  # noqa: F401  (registers the tasks and worker signals)
-from mailtls_tasks.app import app
+from mailtls_tasks.distributed import tasks as _tasks  # noqa: F401  (registers the tasks and worker signals)
+from mailtls_tasks.distributed.app import app
 
 __all__ = ["app"]

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from mailtls_tasks import probe
-from mailtls_tasks.local import run_local
-from mailtls_tasks.material import fingerprint
+from mailtls_tasks.core import probe
+from mailtls_tasks.core.local import run_local
+from mailtls_tasks.core.material import fingerprint
+from mailtls_tasks.distributed.workflow import deploy
 from mailtls_tasks.result import DeployResult
-from mailtls_tasks.workflow import deploy
 from tests.support.keys import Pipeline
 from tests.support.pki import PKI, Issued, make_pki
 from tests.support.services import RedisServer, Worker
@@ -59,7 +59,7 @@ def e2e(tmp_path_factory: pytest.TempPathFactory, pki: PKI, redis_server: RedisS
 
 @pytest.fixture(params=["local", "worker"])
 def run(request: pytest.FixtureRequest, e2e: E2E) -> Deploy:
-    from mailtls_tasks.config import load_config
+    from mailtls_tasks.core.config import load_config
 
     def via_local(target: str, leaf: Issued, **kw: object) -> DeployResult:
         return run_local(load_config(str(e2e.stack.config_path)), target, leaf.fullchain_pem, leaf.key_pem,

@@ -34,9 +34,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mailtls_tasks import probe
-from mailtls_tasks.journal import Journal
-from mailtls_tasks.material import key_matches_cert, leaf_of_file
+from mailtls_tasks.core import probe
+from mailtls_tasks.core.journal import Journal
+from mailtls_tasks.core.material import key_matches_cert, leaf_of_file
 from tests.support.pki import PKI, Issued
 from tests.support.services import REPO, require
 from tests.support.tlsserver import TLSServer
@@ -177,7 +177,7 @@ class FaultHost:
         served = probe.probe("127.0.0.1", self.server.port, "tls", timeout=3).fingerprint
         leaf = leaf_of_file(self.cert.read_bytes())
         assert leaf is not None
-        from mailtls_tasks.material import fingerprint
+        from mailtls_tasks.core.material import fingerprint
 
         if served != fingerprint(leaf) and outcome != "failed":
             raise InvariantBroken(f"the daemon serves {served[:12]}, not the {live} cert on disk")
@@ -387,7 +387,7 @@ class WorkerRig:
         raise RuntimeError("strace did not attach")
 
     def enqueue(self, deploy_id: str) -> Any:
-        from mailtls_tasks.workflow import deploy
+        from mailtls_tasks.distributed.workflow import deploy
 
         return deploy("mx", self.host.new.fullchain_pem, self.host.new.key_pem, broker_url=self.broker, host="mxf",
                       deploy_id=deploy_id, pipeline=str(self.pipeline.path))

@@ -23,14 +23,14 @@ from typing import Any
 import pytest
 import redis
 
-from mailtls_tasks import tasks
-from mailtls_tasks.app import use_broker
-from mailtls_tasks.coordination import Coordinator
-from mailtls_tasks.envelope import seal
-from mailtls_tasks.journal import DeployRecord, Journal
-from mailtls_tasks.keys import load_pipeline
-from mailtls_tasks.material import key_matches_cert
-from mailtls_tasks.workflow import deploy, enqueue_sealed
+from mailtls_tasks.core.journal import DeployRecord, Journal
+from mailtls_tasks.core.material import key_matches_cert
+from mailtls_tasks.distributed import tasks
+from mailtls_tasks.distributed.app import use_broker
+from mailtls_tasks.distributed.coordination import Coordinator
+from mailtls_tasks.distributed.workflow import deploy, enqueue_sealed
+from mailtls_tasks.security.envelope import seal
+from mailtls_tasks.security.keys import load_pipeline
 from tests.support.commands import FakeCommand
 from tests.support.host import MailHost
 from tests.support.keys import Pipeline

@@ -16,13 +16,13 @@ import pytest
 import redis
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from mailtls_tasks import tasks
-from mailtls_tasks.app import use_broker
-from mailtls_tasks.coordination import Coordinator
-from mailtls_tasks.envelope import seal
+from mailtls_tasks.distributed import tasks
+from mailtls_tasks.distributed.app import use_broker
+from mailtls_tasks.distributed.coordination import Coordinator
+from mailtls_tasks.distributed.workflow import DeployTimeout, deploy, enqueue_sealed
 from mailtls_tasks.errors import BrokerError, ConfigError
-from mailtls_tasks.keys import load_pipeline
-from mailtls_tasks.workflow import DeployTimeout, deploy, enqueue_sealed
+from mailtls_tasks.security.envelope import seal
+from mailtls_tasks.security.keys import load_pipeline
 from tests.integration.test_workflow import _secret_needles, redis_dump
 from tests.support.host import MailHost
 from tests.support.keys import Pipeline
@@ -162,7 +162,7 @@ def test_worker_refuses_to_start_without_keys(tmp_path: Path, redis_server: Redi
     assert "no [security] section" in p.stderr and "mailtls keys init-host" in p.stderr
     # --local needs none of it
     leaf = make_pki().leaf()
-    from mailtls_tasks.local import run_local
+    from mailtls_tasks.core.local import run_local
 
     assert run_local(host.config, "t", leaf.fullchain_pem, leaf.key_pem).outcome == "deployed"
 

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from mailtls_tasks.app import use_broker
-from mailtls_tasks.journal import Journal
-from mailtls_tasks.material import key_matches_cert
-from mailtls_tasks.workflow import deploy
+from mailtls_tasks.core.journal import Journal
+from mailtls_tasks.core.material import key_matches_cert
+from mailtls_tasks.distributed.app import use_broker
+from mailtls_tasks.distributed.workflow import deploy
 from tests.support.host import MailHost
 from tests.support.keys import Pipeline
 from tests.support.pki import PKI
@@ -69,7 +69,7 @@ def test_kill9_during_reload_converges_after_restart(tmp_path: Path, redis_serve
 
         # Much later Redis redelivers the unacked reload message: it must change nothing.
         reloads = len(host.reload.calls)
-        from mailtls_tasks import tasks
+        from mailtls_tasks.distributed import tasks
 
         use_broker(redis_server.url)
         refs = {"target": "smtp3", "host": "mx3", "deploy_id": handle.deploy_id}

@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 import redis
 
-from mailtls_tasks import probe
+from mailtls_tasks.core import probe
+from mailtls_tasks.core.journal import Journal
+from mailtls_tasks.core.material import key_matches_cert
+from mailtls_tasks.distributed.workflow import deploy
 from mailtls_tasks.errors import UnknownTarget
-from mailtls_tasks.journal import Journal
-from mailtls_tasks.material import key_matches_cert
-from mailtls_tasks.workflow import deploy
 from tests.support.host import MailHost
 from tests.support.keys import Pipeline
 from tests.support.pki import PKI, Issued

@@ -15,17 +15,17 @@ import time
 
 import pytest
 
-from mailtls_tasks.journal import Journal
-from mailtls_tasks.material import key_matches_cert
+from mailtls_tasks.core.journal import Journal
+from mailtls_tasks.core.material import key_matches_cert
 from tests.support.host import MailHost
 from tests.support.pki import PKI
 from tests.support.services import REPO
 
 CHILD = r"""
 import os, sys
-from mailtls_tasks import files
-from mailtls_tasks.config import load_config
-from mailtls_tasks.local import run_local
+from mailtls_tasks.core import files
+from mailtls_tasks.core.config import load_config
+from mailtls_tasks.core.local import run_local
 
 crash_after = int(sys.argv[1])
 real_replace = files.replace

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from mailtls_tasks import probe
-from mailtls_tasks.journal import Journal
+from mailtls_tasks.core import probe
+from mailtls_tasks.core.journal import Journal
 from tests.support.commands import FakeCommand
 from tests.support.host import MailHost
 from tests.support.pki import PKI
@@ -311,7 +311,7 @@ def test_bad_material_rejected_untouched(host: MailHost, pki: PKI, case: str) ->
         cert, key = o.cert_pem, o.key_pem
     elif case == "garbage":
         cert = cert + b"\x00garbage"
-    from mailtls_tasks.local import run_local
+    from mailtls_tasks.core.local import run_local
 
     r = run_local(host.config, "mx", cert, key, chain)
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from mailtls_tasks.envelope import seal
-from mailtls_tasks.host import HostRuntime
-from mailtls_tasks.keys import load_pipeline
+from mailtls_tasks.core.host import HostRuntime
+from mailtls_tasks.security.envelope import seal
+from mailtls_tasks.security.keys import load_pipeline
 from tests.support.host import MailHost
 from tests.support.keys import Pipeline
 from tests.support.pki import PKI

@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from mailtls_tasks.journal import Journal
-from mailtls_tasks.material import key_matches_cert
+from mailtls_tasks.core.journal import Journal
+from mailtls_tasks.core.material import key_matches_cert
 from tests.support.host import MailHost
 from tests.support.pki import PKI, Issued
 from tests.support.services import REPO, require

@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from mailtls_tasks.config import HostConfig, load_config
-from mailtls_tasks.local import run_local
+from mailtls_tasks.core.config import HostConfig, load_config
+from mailtls_tasks.core.local import run_local
 from mailtls_tasks.result import DeployResult
 
 from .commands import FakeCommand

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from mailtls_tasks.keys import create_host_key, create_signing_key
+from mailtls_tasks.security.keys import create_host_key, create_signing_key
 
 
 class Pipeline:

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from mailtls_tasks.app import client_app, normalize_url, route_task
+from mailtls_tasks.distributed.app import client_app, normalize_url, route_task
 from mailtls_tasks.errors import ConfigError
 
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from mailtls_tasks.config import MODE_DEFAULTS, SHELL_METACHARACTERS, load_config, parse_config
+from mailtls_tasks.core.config import MODE_DEFAULTS, SHELL_METACHARACTERS, load_config, parse_config
 from mailtls_tasks.errors import ConfigError, UnknownTarget
 
 
@@ -130,7 +130,7 @@ def test_compose_targets_file_loads_and_core_does_not_import_celery() -> None:
 
     root = Path(__file__).resolve().parents[2]
     assert set(load_config(str(root / "compose" / "targets.toml")).targets) == {"smtp", "imap"}
-    code = "import sys, mailtls_tasks, mailtls_tasks.local; print('celery' in sys.modules)"
+    code = "import sys, mailtls_tasks, mailtls_tasks.core.local; print('celery' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, check=True)
     assert out.stdout.strip() == "False"
     assert callable(__import__("mailtls_tasks").deploy)

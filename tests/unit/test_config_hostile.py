@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from mailtls_tasks.config import load_config, parse_config
+from mailtls_tasks.core.config import load_config, parse_config
 from mailtls_tasks.errors import ConfigError
 
 

@@ -12,9 +12,9 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mailtls_tasks.envelope import EnvelopeError, open_envelope, seal
+from mailtls_tasks.core.material import build_bundle
 from mailtls_tasks.errors import MailTLSError, MaterialError
-from mailtls_tasks.material import build_bundle
+from mailtls_tasks.security.envelope import EnvelopeError, open_envelope, seal
 from tests.support.pki import PKI
 
 SIGNER = Ed25519PrivateKey.generate()
@@ -54,7 +54,7 @@ def test_forged_by_untrusted_key(pki: PKI) -> None:
 
 def test_forged_signer_field_swapped(pki: PKI) -> None:
     env, _ = sealed(pki, signing_key=Ed25519PrivateKey.generate())
-    from mailtls_tasks.keys import encode_public
+    from mailtls_tasks.security.keys import encode_public
 
     env["signer"] = encode_public(SIGNER.public_key())  # claims the trusted key, signed by another
     with pytest.raises(EnvelopeError, match="signature does not verify"):

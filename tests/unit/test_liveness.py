@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 
-from mailtls_tasks.journal import process_alive, process_token
+from mailtls_tasks.core.journal import process_alive, process_token
 
 
 def test_own_token_is_alive_and_a_reused_pid_is_not() -> None:

@@ -35,15 +35,15 @@ from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from mailtls_tasks import files
-from mailtls_tasks.config import parse_config
+from mailtls_tasks.core import files
+from mailtls_tasks.core.config import parse_config
+from mailtls_tasks.core.host import HostRuntime
+from mailtls_tasks.core.journal import DeployRecord, Journal
+from mailtls_tasks.core.local import run_local
+from mailtls_tasks.core.material import key_matches_cert
+from mailtls_tasks.core.recovery import recover
+from mailtls_tasks.core.steps import ORDER
 from mailtls_tasks.errors import MailTLSError, TargetBusy
-from mailtls_tasks.host import HostRuntime
-from mailtls_tasks.journal import DeployRecord, Journal
-from mailtls_tasks.local import run_local
-from mailtls_tasks.material import key_matches_cert
-from mailtls_tasks.recovery import recover
-from mailtls_tasks.steps import ORDER
 from tests.support.pki import Issued, make_pki
 
 LEASE = 100.0
@@ -358,8 +358,8 @@ class ProtocolModel(RuleBasedStateMachine):
 
     def _assert_busy_is_real(self, target: str) -> None:
         """Refused as busy: some unfinished deploy that is not dead owns one of its files."""
-        from mailtls_tasks.ownership import is_dead
-        from mailtls_tasks.steps import target_reals
+        from mailtls_tasks.core.ownership import is_dead
+        from mailtls_tasks.core.steps import target_reals
 
         reals = set(target_reals(self.cfg.targets[target]))
         owners = [self.journal.owner_of(r) for r in reals]

@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 PIPELINE_ENV = "MAILTLS_PIPELINE"
 DEFAULT_PIPELINE_PATH = "/etc/mailtls/pipeline.toml"

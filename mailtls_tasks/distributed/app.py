@@ -22,8 +22,8 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from celery import Celery
 
-from .config import STEP_SOFT_TIME_LIMIT, STEP_TIME_LIMIT
-from .errors import ConfigError
+from ..core.config import STEP_SOFT_TIME_LIMIT, STEP_TIME_LIMIT
+from ..errors import ConfigError
 
 BROKER_ENV = "MAILTLS_BROKER_URL"
 DEFAULT_BROKER = "redis://127.0.0.1:6379/0"
@@ -105,7 +105,7 @@ def configure(app: Celery, url: str) -> None:
     )
 
 
-app = Celery("mailtls", include=["mailtls_tasks.tasks"])
+app = Celery("mailtls", include=["mailtls_tasks.distributed.tasks"])
 configure(app, broker_url())
 
 

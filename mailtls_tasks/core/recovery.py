@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 
-from .errors import JournalError, TargetBusy
+from ..errors import JournalError, TargetBusy
 from .journal import DeployRecord, Journal, Owner
 from .ownership import is_dead
 from .steps import StepContext, finish_forward, rollback, target_reals, tombstone

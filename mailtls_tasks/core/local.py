@@ -19,12 +19,12 @@ import time
 from collections.abc import Callable, Iterator
 from types import FrameType
 
+from ..errors import MailTLSError
+from ..result import DeployResult
 from .config import HostConfig
-from .errors import MailTLSError
 from .journal import DeployRecord, Journal, Owner, check_deploy_id
 from .ownership import holding
 from .recovery import recover, recover_deploy
-from .result import DeployResult
 from .steps import StepContext, commit, reload, rollback, stage, target_reals, validate, verify
 
 log = logging.getLogger("mailtls.local")

@@ -25,13 +25,13 @@ import redis
 from celery import Task
 from celery.signals import worker_init, worker_shutdown
 
+from ..core.config import load_config
+from ..core.host import HostRuntime
+from ..core.journal import DeployRecord
+from ..errors import MailTLSError, Rejected, StepFailed, TargetBusy, Transient, UnknownTarget
+from ..security.envelope import EnvelopeError
 from .app import MAX_RETRY_BACKOFF, app, queue_for
-from .config import load_config
 from .coordination import Coordinator
-from .envelope import EnvelopeError
-from .errors import MailTLSError, Rejected, StepFailed, TargetBusy, Transient, UnknownTarget
-from .host import HostRuntime
-from .journal import DeployRecord
 
 log = logging.getLogger("mailtls.tasks")
 

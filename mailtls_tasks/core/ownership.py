@@ -14,7 +14,7 @@ import datetime as dt
 import time
 from collections.abc import Callable, Iterator
 
-from .errors import TargetBusy
+from ..errors import TargetBusy
 from .journal import DeployRecord, Journal, Owner
 
 MAX_TAKEOVERS = 8

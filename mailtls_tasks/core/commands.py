@@ -18,8 +18,8 @@ import tempfile
 import time
 from dataclasses import dataclass
 
+from ..errors import CommandFailed, CommandTimeout, ConfigError
 from .config import check_command
-from .errors import CommandFailed, CommandTimeout, ConfigError
 
 OUTPUT_CAP = 4096
 

@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from .errors import MaterialError
+from ..errors import MaterialError
 
 MAX_INPUT_BYTES = 1024 * 1024
 MIN_RSA_BITS = 2048

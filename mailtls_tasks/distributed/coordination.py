@@ -27,8 +27,8 @@ from typing import Any, cast
 
 import redis
 
-from .errors import BrokerError
-from .journal import DeployRecord
+from ..core.journal import DeployRecord
+from ..errors import BrokerError
 
 PREFIX = "mailtls:"
 RECORD_TTL = 30 * 24 * 3600

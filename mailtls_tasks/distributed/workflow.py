@@ -18,16 +18,16 @@ from typing import Any
 import redis
 from celery import Celery, Signature, chain
 
+from ..core.config import TARGET_NAME_RE
+from ..core.journal import check_deploy_id
+from ..core.local import new_deploy_id
+from ..core.material import MAX_INPUT_BYTES
+from ..errors import BrokerError, MailTLSError, Rejected, UnknownTarget
+from ..result import DeployResult
+from ..security.envelope import seal
+from ..security.keys import PipelineKeys, load_pipeline
 from .app import client_app
-from .config import TARGET_NAME_RE
 from .coordination import Coordinator
-from .envelope import seal
-from .errors import BrokerError, MailTLSError, Rejected, UnknownTarget
-from .journal import check_deploy_id
-from .keys import PipelineKeys, load_pipeline
-from .local import new_deploy_id
-from .material import MAX_INPUT_BYTES
-from .result import DeployResult
 
 
 class DeployTimeout(MailTLSError):

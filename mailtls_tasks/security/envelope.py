@@ -33,9 +33,9 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from .errors import Rejected
+from ..core.material import MAX_INPUT_BYTES
+from ..errors import Rejected
 from .keys import encode_public, key_id
-from .material import MAX_INPUT_BYTES
 
 VERSION = 1
 MAX_CLOCK_SKEW = 300.0

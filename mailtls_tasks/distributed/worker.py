@@ -1,4 +1,4 @@
-"""Running a worker on a mail host: ``mailtls worker`` (or ``python -m mailtls_tasks.worker``).
+"""Running a worker on a mail host: ``mailtls worker`` (or ``python -m mailtls_tasks.distributed.worker``).
 
 It consumes only its own host's queue (``mailtls.<host>``), one deploy at a time
 (concurrency 1: a host's targets share daemons, and the lock would serialize them
@@ -11,8 +11,8 @@ from __future__ import annotations
 import os
 import sys
 
+from ..core.config import CONFIG_ENV, config_path
 from .app import BROKER_ENV, queue_for, use_broker
-from .config import CONFIG_ENV, config_path
 
 
 def worker_argv(host: str, loglevel: str = "INFO", concurrency: int = 1) -> list[str]:

@@ -28,10 +28,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal, TypeGuard
 
-from . import files, material, probe
-from .commands import run_command
-from .config import Target
-from .errors import (
+from ..errors import (
     CommandFailed,
     CommandTimeout,
     CommitFailed,
@@ -46,6 +43,9 @@ from .errors import (
     ValidationFailed,
     VerifyFailed,
 )
+from . import files, material, probe
+from .commands import run_command
+from .config import Target
 from .journal import DeployRecord, FileEntry, Journal, Origin, Phase, StepRecord, check_deploy_id
 
 ORDER: dict[Phase, int] = {

@@ -34,8 +34,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, ValidationError
 
+from ..errors import ConfigError, JournalError, TargetBusy
 from . import files
-from .errors import ConfigError, JournalError, TargetBusy
 
 Phase = Literal[
     "staging", "staged", "validated", "committing", "committed", "reloaded", "verified",

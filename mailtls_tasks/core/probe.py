@@ -16,8 +16,8 @@ import ssl
 import time
 from dataclasses import dataclass
 
+from ..errors import VerifyFailed
 from .config import VerifySettings
-from .errors import VerifyFailed
 from .material import fingerprint_der
 
 PORT_PROTOCOLS = {25: "smtp", 587: "smtp", 465: "smtps", 143: "imap", 993: "imaps", 110: "pop3", 995: "pop3s"}

@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import ConfigError, UnknownTarget
+from ..errors import ConfigError, UnknownTarget
 
 DEFAULT_CONFIG_PATH = "/etc/mailtls/targets.toml"
 CONFIG_ENV = "MAILTLS_CONFIG"
@@ -351,7 +351,7 @@ class SecuritySettings(BaseModel):
     @field_validator("trusted_signers")
     @classmethod
     def _signers(cls, v: list[str]) -> list[str]:
-        from .keys import parse_ed25519_public
+        from ..security.keys import parse_ed25519_public
 
         for i, s in enumerate(v):
             try:

@@ -13,12 +13,12 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+from ..errors import ConfigError
+from ..security.envelope import open_envelope
+from ..security.keys import load_host_key, parse_ed25519_public
 from . import files, material, steps
 from .config import HostConfig
-from .envelope import open_envelope
-from .errors import ConfigError
 from .journal import DeployRecord, Journal, Owner, check_deploy_id
-from .keys import load_host_key, parse_ed25519_public
 from .ownership import busy_message, holding
 from .recovery import recover, recover_deploy
 from .steps import StepContext
