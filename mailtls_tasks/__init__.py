@@ -6,7 +6,11 @@ Public API::
                          broker_url=None) -> DeployHandle      # through Redis + a worker
     mailtls_tasks.run_local(config, target, cert_pem, key_pem, chain_pem=None, *, force=False)
                          -> DeployResult                       # in-process, no broker
+    mailtls_tasks.rollout(cert_pem, key_pem, chain_pem=None, *, targets=None | label=None | covers=None,
+                          waves="1,25%,100%", continue_on_error=False) -> RolloutResult
     mailtls_tasks.load_config(path=None) -> HostConfig
+
+A target is ``HOST/NAME``; a bare ``NAME`` is accepted while exactly one host defines it.
 
 ``deploy`` is imported lazily: the core (config, steps, local runs) never loads Celery.
 """
@@ -21,10 +25,11 @@ from .errors import MailTLSError
 from .result import DeployResult
 
 if TYPE_CHECKING:
+    from .distributed.rollout import RolloutResult, rollout
     from .distributed.workflow import DeployHandle, deploy
 
-__all__ = ["DeployHandle", "DeployResult", "HostConfig", "MailTLSError", "Target", "VerifySettings", "deploy",
-           "load_config", "run_local"]
+__all__ = ["DeployHandle", "DeployResult", "HostConfig", "MailTLSError", "RolloutResult", "Target", "VerifySettings",
+           "deploy", "load_config", "rollout", "run_local"]
 __version__ = "0.1.0"
 
 
@@ -33,4 +38,8 @@ def __getattr__(name: str) -> Any:
         from .distributed import workflow
 
         return getattr(workflow, name)
+    if name in ("rollout", "RolloutResult"):
+        from .distributed import rollout
+
+        return getattr(rollout, name)
     raise AttributeError(name)

@@ -48,6 +48,8 @@ def _emit(result: DeployResult, as_json: bool) -> NoReturn:
     sys.exit(result.exit_code)
 
 
+FLOWER_COLUMNS = "name,state,args,result,received,started,runtime,worker"
+
 broker_option = click.option("--broker", metavar="URL", envvar="MAILTLS_BROKER_URL",
                              help="Redis URL (default: $MAILTLS_BROKER_URL or redis://127.0.0.1:6379/0)")
 config_option = click.option("--config", "config_path", metavar="FILE",
@@ -102,7 +104,7 @@ def deploy(target: str, cert_file: str, key_file: str, chain_file: str | None, c
             handle = enqueue(target, cert, key, chain, force=force, broker_url=broker, deploy_id=deploy_id,
                              pipeline=pipeline_path)
             if no_wait:
-                click.echo(json.dumps({"deploy_id": handle.deploy_id, "target": target, "host": handle.host})
+                click.echo(json.dumps({"deploy_id": handle.deploy_id, "target": handle.target, "host": handle.host})
                            if as_json else handle.deploy_id)
                 return
             result = handle.get(timeout=600.0 if wait_s is None else wait_s)
@@ -123,7 +125,7 @@ def _deploy_local(cfg: Any, target: str, cert: bytes, key: bytes, chain: bytes |
     try:
         return run_local(cfg, target, cert, key, chain, force=force, deploy_id=deploy_id, lock_timeout=wait_s)
     except (KeyboardInterrupt, Terminated):
-        rec = Journal(cfg.state_dir).load(target, deploy_id)
+        rec = Journal(cfg.state_dir).load(cfg.target(target).name, deploy_id)
         if rec is None or not rec.finished:
             _fail(f"deploy {deploy_id} interrupted; `mailtls recover` finishes it", 1)
         return DeployResult.from_record(rec)
@@ -220,9 +222,11 @@ def status(deploy_id: str, broker: str | None, as_json: bool, wait_s: float) -> 
 @click.option("--limit", default=20, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
 def history(target: str, broker: str | None, limit: int, as_json: bool) -> None:
-    """The last deploys of TARGET, newest first."""
+    """The last deploys of TARGET (HOST/NAME, or a NAME one host defines), newest first."""
     try:
-        rows = _coordinator(broker).history(target, limit)
+        co = _coordinator(broker)
+        host, name = co.resolve(target)
+        rows = co.history(f"{host}/{name}", limit)
     except MailTLSError as err:
         _fail(str(err), err.exit_code, as_json)
     if as_json:
@@ -246,23 +250,34 @@ def targets(broker: str | None, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(rows))
         return
-    click.echo(f"{'TARGET':<20} {'HOST':<12} {'MODE':<8} {'FINGERPRINT':<18} {'NOT AFTER':<26} {'LAST':<12} WORKER")
+    host = None
     for r in rows:
-        click.echo(f"{r['target']:<20} {r['host']:<12} {r['mode']:<8} {(r.get('fingerprint_sha256') or '-')[:16]:<18} "
-                   f"{r.get('not_after') or '-':<26} {r.get('last_outcome') or '-':<12} "
-                   f"{'alive' if r['worker_alive'] else 'DOWN'}")
+        if r["host"] != host:
+            if host is not None:
+                click.echo("")
+            host = r["host"]
+            click.echo(f"{host}  (worker {'alive' if r['worker_alive'] else 'DOWN'})")
+            click.echo(f"  {'TARGET':<24} {'MODE':<8} {'FINGERPRINT':<18} {'NOT AFTER':<26} {'LAST':<22} "
+                       "LABELS / NAMES")
+        last = (r.get("last_outcome") or "-") + (f" ({r['last_reason']})" if r.get("last_reason") else "")
+        tags = ",".join(r.get("labels") or []) + (" " if r.get("labels") else "") + ",".join(r.get("names") or [])
+        fp = (r.get("fingerprint_sha256") or "-")[:16]
+        click.echo(f"  {r['host'] + '/' + r['target']:<24} {r['mode']:<8} {fp:<18} {r.get('not_after') or '-':<26} "
+                   f"{last:<22} {tags}")
 
 
 @cli.command()
 @config_option
 @broker_option
 @click.option("--loglevel", default="INFO", show_default=True)
-def worker(config_path: str | None, broker: str | None, loglevel: str) -> None:
+@click.option("--host", envvar="MAILTLS_HOST", metavar="NAME",
+              help="this host's routing name (overrides `host` in the targets file: one file for the whole fleet)")
+def worker(config_path: str | None, broker: str | None, loglevel: str, host: str | None) -> None:
     """Run this mail host's worker: recovers interrupted deploys, then consumes mailtls.<host>."""
     from .distributed.worker import run_worker
 
     try:
-        run_worker(config_path, broker, loglevel)
+        run_worker(config_path, broker, loglevel, host=host)
     except MailTLSError as err:
         _fail(str(err), err.exit_code)
 
@@ -281,10 +296,133 @@ def flower(broker: str | None, address: str, port: int, flower_args: tuple[str, 
 
     # The broker URL (it may carry a password) travels in the environment, never on a
     # command line that `ps` shows to every user of the host.
-    env = {**os.environ, "MAILTLS_BROKER_URL": broker_url(broker)}
+    env = {**os.environ, "MAILTLS_BROKER_URL": broker_url(broker),
+           # the task list an operator reads: the args column carries "HOST/NAME · deploy id"
+           # (argsrepr), the result column the outcome
+           "FLOWER_TASKS_COLUMNS": os.environ.get("FLOWER_TASKS_COLUMNS", FLOWER_COLUMNS)}
     argv = [sys.executable, "-m", "celery", "-A", "mailtls_tasks.distributed.app", "flower",
             f"--address={address}", f"--port={port}", *flower_args]
     sys.exit(subprocess.call(argv, env=env))
+
+
+def _csv(value: str | None) -> list[str] | None:
+    return None if value is None else [v.strip() for v in value.split(",") if v.strip()]
+
+
+@cli.command()
+@click.option("--cert", "cert_file", required=True, metavar="FILE", help="leaf certificate (or full chain), PEM")
+@click.option("--key", "key_file", required=True, metavar="FILE", help="private key, PEM, unencrypted")
+@click.option("--chain", "chain_file", metavar="FILE", help="intermediate certificates, PEM")
+@click.option("--targets", "targets_csv", metavar="HOST/NAME,...", help="these targets")
+@click.option("--label", metavar="LABEL", help="every target carrying this label")
+@click.option("--covers", "covers_csv", metavar="DNSNAME,...",
+              help="every target serving one of these names whose names the certificate all covers")
+@click.option("--waves", default="1,25%,100%", show_default=True,
+              help="cumulative wave sizes, counts or shares; the first is the canary")
+@click.option("--continue-on-error", is_flag=True, help="do not halt when a target rolls back or fails")
+@click.option("--force", is_flag=True, help="allow a leaf older than the deployed one")
+@click.option("--id", "rollout_id", metavar="ID", help="rollout id (default: from the certificate and the selection, "
+              "so running the same rollout again resumes it)")
+@click.option("--wait", "wait_s", default=600.0, show_default=True, metavar="SECONDS", help="per deploy")
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+@broker_option
+@click.option("--pipeline", "pipeline_path", metavar="FILE", envvar="MAILTLS_PIPELINE", help="pipeline keys")
+def rollout(cert_file: str, key_file: str, chain_file: str | None, targets_csv: str | None, label: str | None,
+            covers_csv: str | None, waves: str, continue_on_error: bool, force: bool, rollout_id: str | None,
+            wait_s: float, as_json: bool, broker: str | None, pipeline_path: str | None) -> None:
+    """Roll one certificate out to every daemon that serves it, in waves.
+
+    Exit by the worst outcome: 0 all deployed/unchanged, 2 rejected, 3 rolled back
+    (halted), 4 failed (operator needed), 1 usage or infrastructure error."""
+    from .distributed.rollout import rollout as run_rollout
+
+    try:
+        cert = _read_input(cert_file, "cert")
+        key = _read_input(key_file, "key")
+        chain = _read_input(chain_file, "chain")
+        assert cert is not None and key is not None
+        result = run_rollout(cert, key, chain, targets=_csv(targets_csv), label=label, covers=_csv(covers_csv),
+                             waves=waves, continue_on_error=continue_on_error, force=force, broker_url=broker,
+                             pipeline=pipeline_path, rollout_id=rollout_id, timeout=wait_s)
+    except MailTLSError as err:
+        _fail(str(err), err.exit_code, as_json)
+    click.echo(json.dumps(result.model_dump(mode="json")) if as_json else result.human())
+    sys.exit(result.exit_code)
+
+
+@cli.command("rollout-status")
+@click.argument("rollout_id")
+@broker_option
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+def rollout_status(rollout_id: str, broker: str | None, as_json: bool) -> None:
+    """Show a rollout's record: each target's wave, outcome and timing (exit by the worst)."""
+    from .distributed.rollout import RolloutResult
+
+    try:
+        data = _coordinator(broker).get_rollout(rollout_id)
+    except MailTLSError as err:
+        _fail(str(err), err.exit_code, as_json)
+    if data is None:
+        _fail(f"no record of rollout {rollout_id}", 1, as_json)
+    result = RolloutResult.model_validate(data)
+    click.echo(json.dumps(data) if as_json else result.human())
+    sys.exit(result.exit_code)
+
+
+@cli.command()
+@broker_option
+@config_option
+@click.option("--local", is_flag=True, help="audit this host's targets now, from its targets file (no broker)")
+@click.option("--now", "refresh", is_flag=True, help="ask every live worker to audit now, and wait for it")
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+def audit(broker: str | None, config_path: str | None, local: bool, refresh: bool, as_json: bool) -> None:
+    """What every target serves, against what is on disk and what was deployed.
+
+    Exit like a monitoring check: 0 ok, 1 warning (expires within warn_days), 2
+    critical (drift, a chain that does not verify, expired, a listener down)."""
+    from .core.audit import SEVERITY, TargetAudit
+
+    try:
+        if local:
+            from .core.host import HostRuntime
+
+            audits = HostRuntime(load_config(config_path)).audit()
+        else:
+            co = _coordinator(broker)
+            if refresh:
+                _audit_now(co)
+            audits = [TargetAudit.model_validate(d) for d in co.audits()]
+    except MailTLSError as err:
+        _fail(str(err), 1, as_json)
+    audits.sort(key=lambda a: a.target)
+    worst = max((SEVERITY[a.status] for a in audits), default=0)
+    if as_json:
+        click.echo(json.dumps([a.model_dump(mode="json") for a in audits]))
+        sys.exit(worst)
+    click.echo(f"{'TARGET':<26} {'STATUS':<9} {'DAYS':>6} {'ON DISK':<14} {'SERVED':<14} {'DEPLOYED':<14} "
+               f"{'CHAIN':<6} AUDITED")
+    for a in audits:
+        served = ",".join(sorted({(la.served_fingerprint or "down")[:12] for la in a.listeners})) or "-"
+        chain_ok = all(v == "ok" for la in a.listeners for v in la.chain.values())
+        chain = "-" if not any(la.chain for la in a.listeners) else ("ok" if chain_ok else "BROKEN")
+        days = f"{a.days_left:.1f}" if a.days_left is not None else "-"
+        click.echo(f"{a.target:<26} {a.status.upper():<9} {days:>6} {(a.on_disk_fingerprint or '-')[:12]:<14} "
+                   f"{served:<14} {(a.last_deployed_fingerprint or '-')[:12]:<14} {chain:<6} {a.at[:19]}")
+        for issue in a.issues:
+            click.echo(f"    {issue}")
+    if not audits:
+        click.echo("no audit results yet (workers audit every audit_interval; `mailtls audit --now` asks them)")
+    sys.exit(worst)
+
+
+def _audit_now(co: Any) -> None:
+    from .distributed.app import queue_for, use_broker
+
+    app = use_broker(co.url)
+    hosts = sorted({r["host"] for r in co.fleet() if r["worker_alive"]})
+    pending = [app.send_task("mailtls.audit", kwargs={"host": h}, queue=queue_for(h)) for h in hosts]
+    for result in pending:
+        result.get(timeout=120)
 
 
 @cli.group()

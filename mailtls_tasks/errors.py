@@ -35,6 +35,16 @@ class UnknownTarget(MailTLSError):
     exit_code = 2
 
 
+class AmbiguousTarget(UnknownTarget):
+    """A bare NAME that more than one host defines: say HOST/NAME (the message lists them)."""
+
+
+class HostTaken(MailTLSError):
+    """Another live worker already serves this host name (exit 1)."""
+
+    exit_code = 1
+
+
 class Rejected(MailTLSError):
     """The new material or the staged files failed a check; nothing live was touched."""
 
@@ -87,6 +97,14 @@ class TargetBusy(Transient):
     owned: bool = False
 
 
+class JournalError(Transient):
+    """The host journal could not be read or written (disk full, I/O error).
+
+    The message names the file and the errno. Exit 1: the host needs attention, the
+    bundle was not judged. Transient: every step is idempotent, so trying again once
+    the disk has room (or the I/O error has passed) converges."""
+
+
 class CommandTimeout(Transient):
     """A configured command ran past its timeout and its process group was killed."""
 
@@ -110,15 +128,6 @@ class Conflict(MailTLSError):
     tool, or by a newer deploy): the step stopped without overwriting them."""
 
 
-class JournalError(MailTLSError):
-    """The host journal could not be read or written (disk full, I/O error).
-
-    The message names the file and the errno. Exit 1: the host needs attention, the
-    bundle was not judged. Transient: every step is idempotent, so trying again once
-    the disk has room (or the I/O error has passed) converges."""
-
-    transient = True
-    exit_code = 1
 
 
 class BrokerError(MailTLSError):

@@ -53,7 +53,7 @@ class DeployResult(BaseModel):
                  for n in STEP_NAMES if n in rec.steps}
         return cls(
             deploy_id=rec.deploy_id,
-            target=rec.target,
+            target=f"{rec.host}/{rec.target}" if rec.host else rec.target,
             host=rec.host,
             outcome=rec.outcome,
             reason=rec.reason,

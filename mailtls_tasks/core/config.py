@@ -62,6 +62,7 @@ STEP_SOFT_TIME_LIMIT = 540.0
 STEP_MARGIN = 20.0
 MIN_LEASE = 2.0
 
+LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 TARGET_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 HOST_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m)?\s*$")
@@ -211,6 +212,13 @@ class Target(BaseModel):
     owner: str | None = None
     group: str | None = None
     backup_retention: int = Field(default=5, ge=1, le=1000)
+    # The DNS names this daemon must serve: a bundle whose leaf does not cover them all is
+    # rejected, `rollout --covers` selects by them, and the audit checks the served chain
+    # for each. Labels group targets for `rollout --label`.
+    names: list[str] = Field(default_factory=list)
+    labels: list[str] = Field(default_factory=list)
+    # A CA file the served chain must verify to (a private CA); empty: the system store.
+    trust_anchors: str = ""
 
     @model_validator(mode="before")
     @classmethod
@@ -271,6 +279,30 @@ class Target(BaseModel):
                              "use 0600, or 0640 with a group such as ssl-cert")
         return mode
 
+    @field_validator("names")
+    @classmethod
+    def _names(cls, v: list[str]) -> list[str]:
+        out = []
+        for n in v:
+            if n.startswith("*."):  # a target may serve a wildcard name; its leaf must cover it literally
+                out.append("*." + check_server_name(n[2:], "names"))
+            else:
+                out.append(check_server_name(n, "names"))
+        return list(dict.fromkeys(out))
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, v: list[str]) -> list[str]:
+        for label in v:
+            if not LABEL_RE.match(label):
+                raise ValueError(f"labels: {label!r} is not a label (letters, digits, '.', '_', '-')")
+        return list(dict.fromkeys(v))
+
+    @field_validator("trust_anchors")
+    @classmethod
+    def _anchors(cls, v: str, info: Any) -> str:
+        return _check_abs_path(v, info.field_name, allow_empty=True)
+
     @field_validator("owner")
     @classmethod
     def _owner(cls, v: str | None) -> str | None:
@@ -313,6 +345,10 @@ class Target(BaseModel):
                 f"({verify:g}s) + {STEP_MARGIN:g}s margin = {longest:g}s does not fit inside a step's time limit "
                 f"({STEP_SOFT_TIME_LIMIT:g}s): a step would be killed mid-way")
         return self
+
+    def verify_endpoints(self) -> list[VerifySettings]:
+        """The listeners a deploy verifies (and the audit probes)."""
+        return [self.post_deploy_verify] if self.post_deploy_verify.enabled else []
 
     def files(self) -> list[tuple[str, str]]:
         """(role, path) in the fixed order files are committed and restored."""
@@ -386,11 +422,17 @@ class HostConfig(BaseModel):
     # target whose files another live deploy owns, before its deploy ends ``rejected``
     # (reason ``busy``, nothing touched). 10 is about four minutes.
     busy_retries: int = Field(default=10, ge=0, le=100)
+    # The drift audit: how often each worker probes its targets, and how many days before
+    # notAfter a certificate is a warning.
+    audit_interval: float = 600.0
+    warn_days: float = Field(default=21.0, ge=0, le=3650)
+    # Prometheus metrics on 127.0.0.1:metrics_port (none: off).
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)
     targets: dict[str, Target] = Field(default_factory=dict)
     security: SecuritySettings | None = None
     source: str = ""
 
-    @field_validator("deploy_lease", "recovery_interval", mode="before")
+    @field_validator("deploy_lease", "recovery_interval", "audit_interval", mode="before")
     @classmethod
     def _durations(cls, v: Any, info: Any) -> float:
         seconds = parse_duration(v, info.field_name)
@@ -412,6 +454,12 @@ class HostConfig(BaseModel):
         return _check_abs_path(v, info.field_name)
 
     def target(self, name: str) -> Target:
+        """By NAME, or by its fleet address HOST/NAME (HOST must be this host)."""
+        host, sep, local = name.partition("/")
+        if sep:
+            if host != self.host:
+                raise UnknownTarget(f"unknown target {name!r} on host {self.host!r} (it names host {host!r})")
+            name = local
         try:
             return self.targets[name]
         except KeyError:
@@ -504,6 +552,9 @@ def _unsafe_paths(host: HostConfig, targets: dict[str, Target]) -> list[str]:
     return problems
 
 
+HOST_ENV = "MAILTLS_HOST"
+
+
 def config_path(explicit: str | None = None) -> str:
     return explicit or os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG_PATH
 
@@ -528,4 +579,7 @@ def load_config(path: str | None = None) -> HostConfig:
         raw = json.loads(data) if p.suffix == ".json" else tomllib.loads(data.decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as err:
         raise ConfigError(f"{p}: not valid {'JSON' if p.suffix == '.json' else 'TOML'}: {err}") from None
+    if os.environ.get(HOST_ENV) and isinstance(raw, dict):
+        # One targets file for the whole fleet: each host names itself (`mailtls worker --host`).
+        raw = {**raw, "host": os.environ[HOST_ENV]}
     return parse_config(raw, str(p))

@@ -17,6 +17,7 @@ from ..errors import ConfigError
 from ..security.envelope import open_envelope
 from ..security.keys import load_host_key, parse_ed25519_public
 from . import files, material, steps
+from .audit import TargetAudit, audit_target
 from .config import HostConfig
 from .journal import DeployRecord, Journal, Owner, check_deploy_id
 from .ownership import busy_message, holding
@@ -131,25 +132,33 @@ class HostRuntime:
     def recover(self, *, full_scan: bool = False) -> list[DeployRecord]:
         return recover(self.contexts, self.journal, full_scan=full_scan)
 
-    def inventory(self) -> dict[str, Any]:
-        """What this host serves, for the fleet registry: no secrets, only public facts."""
-        out: dict[str, Any] = {}
-        for name, t in self.cfg.targets.items():
-            cert = files.read_bytes(files.real_path(t.cert_path))
-            leaf = material.leaf_of_file(cert) if cert else None
-            last = self.journal.last_finished(name)
-            out[name] = {
-                "target": name,
-                "host": self.host,
-                "mode": t.mode,
-                "cert_path": t.cert_path,
-                "key_path": t.key_path,
-                "chain_path": t.chain_path,
-                "verify_endpoint": t.post_deploy_verify.endpoint if t.post_deploy_verify.enabled else None,
-                "fingerprint_sha256": material.fingerprint(leaf) if leaf else None,
-                "not_after": leaf.not_valid_after_utc.isoformat() if leaf else None,
-                "last_outcome": last.outcome if last else None,
-                "last_deploy_id": last.deploy_id if last else None,
-                "checked_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-            }
-        return out
+    def inventory_entry(self, name: str) -> dict[str, Any]:
+        """What this host says of one target in the fleet registry: public facts only."""
+        t = self.cfg.targets[name]
+        cert = files.read_bytes(files.real_path(t.cert_path))
+        leaf = material.leaf_of_file(cert) if cert else None
+        last = self.journal.last_finished(name)
+        return {
+            "target": name,
+            "host": self.host,
+            "mode": t.mode,
+            "cert_path": t.cert_path,
+            "key_path": t.key_path,
+            "chain_path": t.chain_path,
+            "names": list(t.names),
+            "labels": list(t.labels),
+            "verify_endpoints": [v.endpoint for v in t.verify_endpoints()],
+            "fingerprint_sha256": material.fingerprint(leaf) if leaf else None,
+            "not_after": leaf.not_valid_after_utc.isoformat() if leaf else None,
+            "last_outcome": last.outcome if last else None,
+            "last_reason": last.reason if last else None,
+            "last_deploy_id": last.deploy_id if last else None,
+            "checked_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        }
+
+    def inventory(self) -> dict[str, dict[str, Any]]:
+        return {name: self.inventory_entry(name) for name in self.cfg.targets}
+
+    def audit(self) -> list[TargetAudit]:
+        return [audit_target(t, self.journal, self.host, warn_days=self.cfg.warn_days)
+                for t in self.cfg.targets.values()]

@@ -16,6 +16,8 @@ import ssl
 import time
 from dataclasses import dataclass
 
+from cryptography import x509
+
 from ..errors import VerifyFailed
 from .config import VerifySettings
 from .material import fingerprint_der
@@ -33,6 +35,7 @@ class Served:
     fingerprint: str
     protocol: str
     tls_version: str | None
+    not_after: str | None = None
 
 
 def resolve_protocol(protocol: str, port: int) -> str:
@@ -159,8 +162,12 @@ def _sni(host: str, server_name: str | None) -> str | None:
 
 
 def probe(host: str, port: int, protocol: str = "auto", server_name: str | None = None,
-          timeout: float = 5.0) -> Served:
-    """One fresh connection: speak the protocol, handshake, return the served leaf."""
+          timeout: float = 5.0, context: ssl.SSLContext | None = None) -> Served:
+    """One fresh connection: speak the protocol, handshake, return the served leaf.
+
+    ``context``: a verifying context (the audit's), so the handshake itself fails
+    unless the served chain verifies for ``server_name``; default: no verification,
+    the leaf's fingerprint is what we compare."""
     proto = resolve_protocol(protocol, port)
     try:
         sock = socket.create_connection((host, port), timeout=timeout)
@@ -173,7 +180,7 @@ def probe(host: str, port: int, protocol: str = "auto", server_name: str | None 
             _DIALOGUES[proto](lines)
             lines.assert_drained()
         try:
-            tls = _client_context().wrap_socket(sock, server_hostname=_sni(host, server_name))
+            tls = (context or _client_context()).wrap_socket(sock, server_hostname=_sni(host, server_name))
         except (ssl.SSLError, OSError) as err:
             hint = ""
             if protocol == "auto" and port not in PORT_PROTOCOLS and "WRONG_VERSION_NUMBER" in str(err):
@@ -185,11 +192,18 @@ def probe(host: str, port: int, protocol: str = "auto", server_name: str | None 
         tls.close()
         if not der:
             raise ProbeError(f"{host}:{port} presented no certificate")
-        return Served(fingerprint_der(der), proto, version)
+        return Served(fingerprint_der(der), proto, version, _not_after(der))
     except (TimeoutError, OSError) as err:
         raise ProbeError(f"{host}:{port} ({proto}): {err}") from None
     finally:
         sock.close()
+
+
+def _not_after(der: bytes) -> str | None:
+    try:
+        return x509.load_der_x509_certificate(der).not_valid_after_utc.isoformat()
+    except ValueError:
+        return None
 
 
 def probe_settings(settings: VerifySettings) -> Served:

@@ -47,6 +47,7 @@ from . import files, material, probe
 from .commands import run_command
 from .config import Target
 from .journal import DeployRecord, FileEntry, Journal, Origin, Phase, StepRecord, check_deploy_id
+from .names import leaf_names, uncovered
 
 ORDER: dict[Phase, int] = {
     "staging": 0, "staged": 1, "validated": 2, "committing": 3, "committed": 4,
@@ -273,6 +274,10 @@ def _stage(ctx: StepContext, rec: DeployRecord, cert_pem: bytes, key_pem: bytes,
             f"chain: target {t.name!r} has chain_path set but the bundle carries no chain "
             "(clients such as Thunderbird need it)"
         )
+    missing = uncovered(t.names, bundle.leaf)
+    if missing:
+        raise MaterialError(f"names: the certificate does not cover {', '.join(missing)}, which target {t.name!r} "
+                            f"must serve (it covers: {', '.join(leaf_names(bundle.leaf)) or 'no DNS name'})")
     wanted = bundle.file_bytes(chain_path_set=bool(t.chain_path))
 
     current: dict[str, tuple[files.FileState, bytes | None]] = {}

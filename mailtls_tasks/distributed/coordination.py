@@ -7,15 +7,21 @@ built from journal records without file hashes, envelopes are sealed for one hos
 
 Keys (prefix ``mailtls:``)::
 
-    fence:<target>       tie-break counter for fences (fence = signed ms x 1000 + counter mod 1000)
+    fence:<host>/<name>  tie-break counter for fences (fence = signed ms x 1000 + counter mod 1000)
     claim:<deploy_id>    "started" (a worker began) or "cancelled" (the client gave up first)
     envelope:<deploy_id> the sealed envelope, until the host has staged it
     deploy:<deploy_id>   JSON deploy record (outcome, steps, fingerprints, error)
     ended:<deploy_id>    pub/sub channel: a message when the record gets its outcome
-    history:<target>     list of deploy ids, newest first
+    history:<host>/<name>     list of deploy ids, newest first
     deliveries:<id>:<step>:<retry>   redeliveries of one message (worker-lost bound)
-    host:<host>          JSON inventory of a worker host, with a heartbeat TTL
-    target:<target>      the host that serves a target (for routing at enqueue)
+    host:<host>               heartbeat of the host's worker (TTL)
+    hostowner:<host>          the worker instance serving the host (machine|process, TTL)
+    hosts                     every host ever registered
+    hosttargets:<host>        the target names a host defines
+    inventory:<host>/<name>   one target's public facts (paths, names, labels, what is deployed)
+    name:<name>               the hosts defining NAME (a bare NAME must be unambiguous)
+    label:<label>             the addresses carrying a label
+    rollout:<id>              a rollout's record; audit:<host>/<name> a target's last audit
 """
 
 from __future__ import annotations
@@ -23,12 +29,13 @@ from __future__ import annotations
 import datetime as dt
 import json
 import time
+from collections.abc import Callable
 from typing import Any, cast
 
 import redis
 
 from ..core.journal import DeployRecord
-from ..errors import BrokerError
+from ..errors import AmbiguousTarget, BrokerError, HostTaken, UnknownTarget
 
 PREFIX = "mailtls:"
 RECORD_TTL = 30 * 24 * 3600
@@ -38,10 +45,25 @@ HEARTBEAT_TTL = 45
 FENCE_TIE_BREAK = 1000
 WAIT_RECHECK = 5.0
 
+# Renew a host claim only while it is ours (or has lapsed and nobody took it).
+_RENEW = """
+local v = redis.call('GET', KEYS[1])
+if v == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2]) return 1
+elseif not v then
+  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2]) return 2
+end
+return 0
+"""
+
 
 def public_record(rec: DeployRecord) -> dict[str, Any]:
-    """The Redis view of a journal record: no per-file hashes, paths or process ids."""
-    return rec.model_dump(mode="json", exclude={"files", "claimed", "runner"})
+    """The Redis view of a journal record: no per-file hashes, paths or process ids;
+    the target as its fleet address, HOST/NAME."""
+    out = rec.model_dump(mode="json", exclude={"files", "claimed", "runner"})
+    out["name"] = rec.target
+    out["target"] = f"{rec.host}/{rec.target}" if rec.host else rec.target
+    return out
 
 
 def _loads(raw: str | None) -> dict[str, Any] | None:
@@ -64,6 +86,8 @@ class Coordinator:
                                           health_check_interval=30, decode_responses=True)
         else:
             self.r = url_or_client
+
+        self._renew = self.r.register_script(_RENEW)
 
     def _k(self, *parts: str) -> str:
         return PREFIX + ":".join(parts)
@@ -181,37 +205,123 @@ class Coordinator:
                 time.sleep(0.5)
 
     # -- fleet registry ------------------------------------------------------------
-    def publish_host(self, host: str, inventory: dict[str, Any], ttl: int = HEARTBEAT_TTL) -> None:
-        now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-        pipe = self.r.pipeline()
-        pipe.set(self._k("host", host), json.dumps({"host": host, "heartbeat": now, "targets": inventory}), ex=ttl)
+    # A target is HOST/NAME. Each host registers its own names (so identical targets
+    # files on every host are fine); a bare NAME resolves only while one host has it.
+    def register_host(self, host: str, instance: str, entries: dict[str, dict[str, Any]],
+                      alive: Callable[[str], bool], ttl: int = HEARTBEAT_TTL) -> None:
+        """Claim ``host`` for this worker ``instance`` and publish its targets.
+
+        Refused (HostTaken) while another live instance serves the same host name: two
+        workers consuming one queue would take each other's deploys. ``alive(instance)``
+        says whether a previous instance on this machine is still running."""
+        owner_key = self._k("hostowner", host)
+        current = self.r.get(owner_key)
+        if current and current != instance:
+            same_machine = current.split("|", 1)[0] == instance.split("|", 1)[0]
+            if not same_machine or alive(current.split("|", 1)[1]):
+                raise HostTaken(f"host {host!r} is already served by another live worker ({current.split('|')[0][:12]}"
+                                f"…, heartbeat within {ttl}s): refusing to register; give this worker its own "
+                                "`host` (or `--host`)")
+        self.r.set(owner_key, instance, ex=ttl)
+        old_names = set(self.r.smembers(self._k("hosttargets", host)))
+        every = sorted(old_names | set(entries))
+        olds = dict(zip(every, self.r.mget([self._k("inventory", f"{host}/{n}") for n in every]), strict=True)) \
+            if every else {}
+        pipe = self.r.pipeline(transaction=True)  # all of a host's targets appear at once
+        for name in old_names - set(entries):
+            addr = f"{host}/{name}"
+            pipe.srem(self._k("name", name), host)
+            for label in (_loads(olds.get(name)) or {}).get("labels") or []:
+                pipe.srem(self._k("label", label), addr)
+            pipe.delete(self._k("inventory", addr))
+            pipe.srem(self._k("hosttargets", host), name)
+        for entry in entries.values():
+            self._queue_target(pipe, entry, _loads(olds.get(entry["target"])) or {})
         pipe.sadd(self._k("hosts"), host)
-        for name, entry in inventory.items():
-            # The target -> host mapping outlives the heartbeat: a deploy to a target whose
-            # worker is briefly down should queue for it, not be refused as unknown.
-            pipe.set(self._k("target", name), host)
-            pipe.set(self._k("inventory", name), json.dumps(entry))
+        pipe.execute()
+        self._heartbeat_record(host, ttl)
+
+    def heartbeat(self, host: str, instance: str, ttl: int = HEARTBEAT_TTL) -> int:
+        """Refresh this worker's claim on ``host``: 1 renewed; 2 the claim was gone (a
+        heartbeat missed, or Redis lost its data: register the targets again); 0 another
+        instance has taken the host over."""
+        state = int(self._renew(keys=[self._k("hostowner", host)], args=[instance, ttl]))
+        if state:
+            self._heartbeat_record(host, ttl)
+        return state
+
+    def _heartbeat_record(self, host: str, ttl: int) -> None:
+        now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+        self.r.set(self._k("host", host), json.dumps({"host": host, "heartbeat": now}), ex=ttl)
+
+    def publish_target(self, entry: dict[str, Any]) -> None:
+        """One target's inventory entry (after it was deployed, or at registration): the
+        cost of publishing does not grow with the number of targets on the host."""
+        addr = f"{entry['host']}/{entry['target']}"
+        old = _loads(self.r.get(self._k("inventory", addr))) or {}
+        pipe = self.r.pipeline(transaction=True)
+        self._queue_target(pipe, entry, old)
         pipe.execute()
 
-    def target_host(self, target: str) -> str | None:
-        return self.r.get(self._k("target", target))
+    def _queue_target(self, pipe: Any, entry: dict[str, Any], old: dict[str, Any]) -> None:
+        host, name = entry["host"], entry["target"]
+        addr = f"{host}/{name}"
+        pipe.set(self._k("inventory", addr), json.dumps({**entry, "address": addr}))
+        pipe.sadd(self._k("hosttargets", host), name)
+        pipe.sadd(self._k("name", name), host)
+        for label in set(old.get("labels") or []) - set(entry.get("labels") or []):
+            pipe.srem(self._k("label", label), addr)
+        for label in entry.get("labels") or []:
+            pipe.sadd(self._k("label", label), addr)
+
+    def resolve(self, target: str) -> tuple[str, str]:
+        """``HOST/NAME`` or a bare ``NAME`` -> (host, name); UnknownTarget / AmbiguousTarget."""
+        host, sep, name = target.partition("/")
+        if sep:
+            if not self.r.sismember(self._k("hosttargets", host), name):
+                known = sorted(self.r.smembers(self._k("hosttargets", host)))
+                where = f"host {host!r} has registered: {', '.join(known)}" if known else \
+                    f"no worker of host {host!r} has registered (is it running?)"
+                raise UnknownTarget(f"unknown target {target!r}: {where}")
+            return host, name
+        hosts = sorted(self.r.smembers(self._k("name", target)))
+        if not hosts:
+            raise UnknownTarget(f"unknown target {target!r}: no worker has registered it (is its worker running "
+                                "with a config that defines it?)")
+        if len(hosts) > 1:
+            raise AmbiguousTarget(f"target {target!r} is defined on {len(hosts)} hosts; say which: "
+                                  + ", ".join(f"{h}/{target}" for h in hosts))
+        return hosts[0], target
 
     def host_alive(self, host: str) -> bool:
         return bool(self.r.exists(self._k("host", host)))
 
     def fleet(self) -> list[dict[str, Any]]:
+        """Every registered target, by host: its last inventory and whether its worker lives."""
         rows = []
         for host in sorted(self.r.smembers(self._k("hosts"))):
-            raw = self.r.get(self._k("host", host))
-            alive = raw is not None
-            if raw:
-                targets = json.loads(raw)["targets"]
-            else:  # heartbeat gone: show the last inventory we have, marked dead
-                targets = {}
-                for key in self.r.scan_iter(self._k("inventory", "*")):
-                    entry = json.loads(cast(str, self.r.get(key)) or "{}")
-                    if entry.get("host") == host:
-                        targets[entry["target"]] = entry
-            for entry in targets.values():
-                rows.append({**entry, "worker_alive": alive})
-        return sorted(rows, key=lambda e: (e["host"], e["target"]))
+            alive = self.host_alive(host)
+            names = sorted(self.r.smembers(self._k("hosttargets", host)))
+            if not names:
+                continue
+            raws = self.r.mget([self._k("inventory", f"{host}/{n}") for n in names])
+            for raw in raws:
+                entry = _loads(raw)
+                if entry:
+                    rows.append({**entry, "worker_alive": alive})
+        return rows
+
+    # -- rollouts and audits ----------------------------------------------------------
+    def put_rollout(self, data: dict[str, Any]) -> None:
+        self.r.set(self._k("rollout", data["rollout_id"]), json.dumps(data), ex=RECORD_TTL)
+
+    def get_rollout(self, rollout_id: str) -> dict[str, Any] | None:
+        return _loads(self.r.get(self._k("rollout", rollout_id)))
+
+    def put_audit(self, address: str, data: dict[str, Any]) -> None:
+        self.r.set(self._k("audit", address), json.dumps(data), ex=RECORD_TTL)
+
+    def audits(self) -> list[dict[str, Any]]:
+        addrs = [f"{row['host']}/{row['target']}" for row in self.fleet()]
+        raws = self.r.mget([self._k("audit", a) for a in addrs]) if addrs else []
+        return [d for d in (_loads(r) for r in raws) if d]

@@ -13,25 +13,30 @@ re-publishes the journal's outbox: endings Redis did not hear of when they happe
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 import os
 import random
+import signal
 import threading
 from collections.abc import Callable
 from typing import Any
 
 import redis
-from celery import Task
+from celery import Task, chain
 from celery.signals import worker_init, worker_shutdown
 
+from ..core.audit import worst
 from ..core.config import load_config
 from ..core.host import HostRuntime
-from ..core.journal import DeployRecord
-from ..errors import MailTLSError, Rejected, StepFailed, TargetBusy, Transient, UnknownTarget
+from ..core.journal import DeployRecord, process_alive, process_token
+from ..errors import HostTaken, MailTLSError, Rejected, StepFailed, TargetBusy, Transient, UnknownTarget
 from ..security.envelope import EnvelopeError
+from . import metrics
 from .app import MAX_RETRY_BACKOFF, app, queue_for
 from .coordination import Coordinator
+from .workflow import readable
 
 log = logging.getLogger("mailtls.tasks")
 
@@ -61,6 +66,17 @@ def _runtime_for(host: str) -> HostRuntime:
     return rt
 
 
+def _local_name(target: str, host: str) -> str:
+    """``HOST/NAME`` (or a bare NAME, from messages sent before addresses) -> NAME,
+    refusing an address of another host."""
+    h, sep, name = target.partition("/")
+    if not sep:
+        return target
+    if h != host:
+        raise Rejected(f"message for target {target!r} carries host {host!r}")
+    return name
+
+
 def coordinator() -> Coordinator:
     co = _state.get("coordinator")
     if co is None:
@@ -69,11 +85,12 @@ def coordinator() -> Coordinator:
 
 
 def _summary(rec: DeployRecord | None, step: str, note: str | None = None) -> dict[str, Any]:
-    """What a task returns (and the result backend stores): references, never bytes."""
+    """What a task returns (the result backend stores it, Flower's result column shows
+    it): the target's address, the deploy, how far it got and how it ended."""
     out: dict[str, Any] = {"step": step}
     if rec is not None:
-        out.update(deploy_id=rec.deploy_id, target=rec.target, phase=rec.phase, outcome=rec.outcome,
-                   fingerprint_sha256=rec.fingerprint)
+        out.update(target=f"{rec.host}/{rec.target}", deploy_id=rec.deploy_id, outcome=rec.outcome,
+                   phase=rec.phase, reason=rec.reason, fingerprint_sha256=rec.fingerprint)
     if note:
         out["note"] = note
     return out
@@ -81,7 +98,7 @@ def _summary(rec: DeployRecord | None, step: str, note: str | None = None) -> di
 
 def _after(rec: DeployRecord | None) -> None:
     """Publish the record; once the deploy has ended, clear its outbox entry (Redis
-    has it now) and refresh the registry."""
+    has it now), refresh that target's registry entry and count it."""
     if rec is None:
         return
     co = coordinator()
@@ -89,7 +106,19 @@ def _after(rec: DeployRecord | None) -> None:
     if rec.finished:
         rt = runtime()
         rt.journal.outbox_done(rec.target, rec.deploy_id)
-        co.publish_host(rt.host, rt.inventory())
+        co.publish_target(rt.inventory_entry(rec.target))
+        metrics.deploy_ended(rt.host, rec.target, rec.outcome or "", {n: s.ms / 1000 for n, s in rec.steps.items()},
+                             rolled_back="rollback" in rec.steps)
+
+
+def _ended(task: Task, rec: DeployRecord | None) -> None:
+    """A deploy that ended here stops its chain: an ``unchanged`` one quietly (no four
+    no-op steps in Flower), a ``rejected`` one as a failure of this step."""
+    if rec is None or not rec.finished:
+        return
+    task.request.chain = None
+    if rec.outcome == "rejected":
+        raise Rejected(rec.error or "rejected")
 
 
 class StepTask(Task):  # type: ignore[misc]
@@ -112,11 +141,12 @@ def _backoff(retries: int) -> float:
     return random.uniform(0, min(MAX_RETRY_BACKOFF, 2.0 ** retries))  # noqa: S311 -- jitter, not crypto
 
 
-def _run(task: Task, step: str, target: str, host: str, deploy_id: str,
-         call: Callable[[HostRuntime], DeployRecord]) -> dict[str, Any]:
+def _run(task: Task, step: str, address: str, host: str, deploy_id: str,
+         call: Callable[[HostRuntime, str], DeployRecord]) -> dict[str, Any]:
     rt = _runtime_for(host)
     co = coordinator()
     try:
+        target = _local_name(address, host)
         rec = rt.record(target, deploy_id)
     except UnknownTarget as err:
         co.finish_unstarted(deploy_id, "rejected", str(err))
@@ -128,13 +158,14 @@ def _run(task: Task, step: str, target: str, host: str, deploy_id: str,
             co.finish_unstarted(deploy_id, "rejected", f"deploy {deploy_id} is unknown on host {rt.host} "
                                 "(its stage never ran here)")
         _after(rec)
+        task.request.chain = None
         return _summary(rec, step, "deploy already ended" if rec and rec.finished else
                         "deploy is rolling back" if rec else "deploy unknown on this host")
     if co.deliveries(deploy_id, step, int(task.request.retries or 0)) > MAX_DELIVERIES:
         raise StepFailed(f"{step} was redelivered more than {MAX_DELIVERIES} times (its worker kept dying)")
-    task.send_event("task-progress", deploy_id=deploy_id, target=target, step=step)
+    task.send_event("task-progress", deploy_id=deploy_id, target=address, step=step)
     try:
-        rec = call(rt)
+        rec = call(rt, target)
     except TargetBusy as err:
         budget = rt.cfg.busy_retries
         retries = int(task.request.retries or 0)
@@ -148,8 +179,7 @@ def _run(task: Task, step: str, target: str, host: str, deploy_id: str,
     except MailTLSError:
         after = rt.record(target, deploy_id)
         _after(after)
-        if after is not None and after.finished:
-            return _summary(after, step)  # ended (rejected, conflict): later steps are no-ops
+        _ended(task, after)  # ended (rejected, conflict): the chain stops here, as a failure
         raise
     except Exception as err:
         after = rt.record(target, deploy_id)
@@ -159,11 +189,30 @@ def _run(task: Task, step: str, target: str, host: str, deploy_id: str,
             _after(after)
         raise
     _after(rec)
+    if rec.finished and rec.outcome != "rejected":
+        task.request.chain = None  # unchanged, or deployed at its last step: nothing follows
+    _ended(task, rec)
     return _summary(rec, step)
 
 
 def _forward(rec: DeployRecord) -> bool:
     return not rec.finished and rec.phase != "rolling_back"
+
+
+@app.task(bind=True, base=StepTask, name="mailtls.deploy")
+def deploy(self: Task, *, target: str, host: str, deploy_id: str, rollout: str | None = None) -> dict[str, Any]:
+    """The root of one deploy on its host: sends the steps, chained, as its children
+    (with ``mailtls.rollback`` as their errback), so Flower shows a deploy as one tree."""
+    _runtime_for(host)
+    refs = {"target": target, "host": host, "deploy_id": deploy_id}
+    shown = readable(target, deploy_id)
+
+    def step(name: str) -> Any:
+        return app.signature(f"mailtls.{name}", kwargs=refs, immutable=True).set(argsrepr=shown, kwargsrepr="")
+
+    chain(step("stage"), step("validate"), step("commit"), step("reload"), step("verify"), app=app).apply_async(
+        link_error=step("rollback"))
+    return {"step": "deploy", "target": target, "deploy_id": deploy_id, "rollout": rollout, "note": "steps sent"}
 
 
 @app.task(bind=True, base=StepTask, name="mailtls.stage")
@@ -177,7 +226,8 @@ def stage(self: Task, *, target: str, host: str, deploy_id: str, fence: int | No
     if co.claim(deploy_id, "started") != "started":
         raise Rejected(f"deploy {deploy_id} was cancelled by its client before it started")
     rt = _runtime_for(host)
-    existing = rt.record(target, deploy_id)
+    name = _local_name(target, host)
+    existing = rt.record(name, deploy_id)
     envelope = co.get_envelope(deploy_id)
     if envelope is None and existing is None:
         msg = (f"deploy {deploy_id}: its envelope is gone from Redis (expired, or Redis lost its data); "
@@ -186,10 +236,13 @@ def stage(self: Task, *, target: str, host: str, deploy_id: str, fence: int | No
         raise Rejected(msg)
     try:
         out = _run(self, "stage", target, host, deploy_id,
-                   lambda rt: rt.stage_envelope(target, deploy_id, envelope, fence=fence))
+                   lambda rt, n: rt.stage_envelope(n, deploy_id, envelope, fence=fence))
     except EnvelopeError as err:
         log.warning("deploy %s of %s: envelope refused: %s", deploy_id, target, err)
         co.finish_unstarted(deploy_id, "rejected", str(err))
+        co.drop_envelope(deploy_id)
+        raise
+    except Rejected:
         co.drop_envelope(deploy_id)
         raise
     co.drop_envelope(deploy_id)
@@ -199,7 +252,7 @@ def stage(self: Task, *, target: str, host: str, deploy_id: str, fence: int | No
 def _step_task(step: str) -> Any:
     @app.task(bind=True, base=StepTask, name=f"mailtls.{step}")
     def run_step(self: Task, *, target: str, host: str, deploy_id: str) -> dict[str, Any]:
-        return _run(self, step, target, host, deploy_id, lambda rt: rt.step(step, target, deploy_id))
+        return _run(self, step, target, host, deploy_id, lambda rt, n: rt.step(step, n, deploy_id))
 
     run_step.__doc__ = f"The {step} step of a deploy (references only: target and deploy id)."
     return run_step
@@ -221,6 +274,7 @@ def rollback(self: Task, *, target: str, host: str, deploy_id: str) -> dict[str,
     rt = _runtime_for(host)
     co = coordinator()
     try:
+        target = _local_name(target, host)
         rec = rt.record(target, deploy_id)
     except UnknownTarget as err:
         co.finish_unstarted(deploy_id, "rejected", str(err))
@@ -239,6 +293,28 @@ def rollback(self: Task, *, target: str, host: str, deploy_id: str) -> dict[str,
         raise self.retry(exc=err, countdown=_backoff(int(self.request.retries or 0))) from None
     _after(rec)
     return _summary(rec, "rollback")
+
+
+@app.task(bind=True, name="mailtls.audit", acks_late=False)
+def audit(self: Task, *, host: str) -> dict[str, Any]:
+    """Probe every target of this host and record what it serves (see core/audit.py)."""
+    rt = _runtime_for(host)
+    co = coordinator()
+    results = rt.audit()
+    for a in results:
+        co.put_audit(a.target, a.model_dump(mode="json"))
+        expiry = {la.endpoint: _seconds_until(la.served_not_after) for la in a.listeners if la.served_not_after}
+        if a.not_after:
+            expiry["disk"] = _seconds_until(a.not_after)
+        metrics.audited(rt.host, a.target.split("/", 1)[1], expiry, a.drift)
+        if a.status != "ok":
+            log.warning("audit %s: %s: %s", a.target, a.status.upper(), "; ".join(a.issues))
+    return {"step": "audit", "host": host, "targets": len(results), "worst": worst(results),
+            "issues": sum(len(a.issues) for a in results)}
+
+
+def _seconds_until(iso: str) -> float:
+    return (dt.datetime.fromisoformat(iso) - dt.datetime.now(dt.UTC)).total_seconds()
 
 
 # ----------------------------------------------------------------- worker lifecycle
@@ -260,18 +336,47 @@ def sweep(rt: HostRuntime, co: Coordinator, *, full_scan: bool = False) -> list[
             continue
         co.publish(rec)
         rt.journal.outbox_done(target, deploy_id)
-    if done:
-        co.publish_host(rt.host, rt.inventory())
+    for name in {r.target for r in done}:
+        co.publish_target(rt.inventory_entry(name))
     return done
+
+
+def instance_token() -> str:
+    """This worker process: ``machine-id|boot:pid:start`` (tells a restart on the same
+    machine from a second machine claiming the same host name)."""
+    try:
+        with open("/etc/machine-id") as f:
+            machine = f.read().strip() or "unknown"
+    except OSError:
+        machine = "unknown"
+    return f"{machine}|{process_token()}"
+
+
+def register(rt: HostRuntime, co: Coordinator) -> None:
+    """Claim this host in the registry (HostTaken if another live worker serves it)."""
+    if _state.get("instance"):
+        return
+    instance = instance_token()
+    co.register_host(rt.host, instance, rt.inventory(), alive=process_alive)
+    _state["instance"] = instance
 
 
 def _background(stop: threading.Event) -> None:
     rt, co = runtime(), coordinator()
-    next_sweep = 0.0
     clock = rt.journal.clock
+    next_sweep = 0.0
+    next_audit = clock() + min(rt.cfg.audit_interval, 30.0)
     while not stop.is_set():
         try:
-            co.publish_host(rt.host, rt.inventory())
+            state = co.heartbeat(rt.host, _state["instance"])
+            if state == 0:
+                log.critical("another worker has taken over host %s: this one stops", rt.host)
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            if state == 2:  # Redis forgot us (restarted empty, or a long pause): say again what we serve
+                co.register_host(rt.host, _state["instance"], rt.inventory(), alive=process_alive)
+                log.warning("registered host %s again (its registry entries were gone)", rt.host)
+            metrics.heartbeat(rt.host)
         except Exception as err:  # noqa: BLE001 -- the heartbeat must outlive any error
             log.warning("registry heartbeat failed: %s", err)
         if clock() >= next_sweep:
@@ -280,19 +385,25 @@ def _background(stop: threading.Event) -> None:
             except Exception:  # this thread is the host's recovery: it must outlive any error
                 log.exception("recovery sweep failed (will retry)")
             next_sweep = clock() + rt.cfg.recovery_interval
-        stop.wait(min(HEARTBEAT_INTERVAL, rt.cfg.recovery_interval))
+        if clock() >= next_audit:
+            try:
+                audit.apply_async(kwargs={"host": rt.host}, queue=queue_for(rt.host))
+            except Exception as err:  # noqa: BLE001
+                log.warning("could not schedule the audit: %s", err)
+            next_audit = clock() + rt.cfg.audit_interval
+        stop.wait(min(HEARTBEAT_INTERVAL, rt.cfg.recovery_interval, rt.cfg.audit_interval))
 
 
 def take_back_unacked(queue: str) -> int:
     """Put back on ``queue`` every message a dead predecessor of this worker had taken.
 
     Redis hands an unacknowledged message to another consumer only after the
-    visibility timeout (hours: longer than any step). But a host has one worker, so
-    at start every unacked message of its own queue belonged to a worker that is gone:
-    a step it was running when it was killed, or the next one it had prefetched. Taken
-    back now, a deploy caught between two steps continues at once instead of waiting
-    for its lease. If the predecessor was only paused, a step may run twice: steps are
-    idempotent, and the journal decides."""
+    visibility timeout (hours: longer than any step). But a host has one worker (the
+    registry refuses a second live one), so at start every unacked message of its own
+    queue belonged to a worker that is gone: a step it was running when it was killed,
+    or the next one it had prefetched. Taken back now, a deploy caught between two
+    steps continues at once instead of waiting for its lease. If the predecessor was
+    only paused, a step may run twice: steps are idempotent, and the journal decides."""
     with app.connection_for_write() as conn:
         channel = conn.default_channel
         client = channel.client
@@ -311,9 +422,18 @@ def take_back_unacked(queue: str) -> int:
 
 @worker_init.connect
 def _on_worker_init(**_: Any) -> None:
-    """Before consuming: finish dead deploys and publish endings, take back what a dead
-    predecessor held, then announce this host."""
+    """Before consuming: claim the host (or stop), finish dead deploys and publish
+    endings, take back what a dead predecessor held, start metrics and the heartbeat."""
     rt, co = runtime(), coordinator()
+    try:
+        register(rt, co)
+    except HostTaken as err:
+        log.critical("%s", err)
+        raise SystemExit(1) from None
+    if rt.cfg.metrics_port:
+        metrics.prepare(rt.cfg.state_dir)
+        metrics.serve(rt.cfg.metrics_port)
+        log.info("metrics on http://127.0.0.1:%d/metrics", rt.cfg.metrics_port)
     try:
         sweep(rt, co, full_scan=True)
     except Exception:  # never start without the background recovery below

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import sys
 
-from ..core.config import CONFIG_ENV, config_path
+from ..core.config import CONFIG_ENV, HOST_ENV, config_path
 from .app import BROKER_ENV, queue_for, use_broker
 
 
@@ -21,15 +21,19 @@ def worker_argv(host: str, loglevel: str = "INFO", concurrency: int = 1) -> list
 
 
 def run_worker(config: str | None = None, broker: str | None = None, loglevel: str = "INFO",
-               concurrency: int = 1) -> None:
+               concurrency: int = 1, host: str | None = None) -> None:
     os.environ[CONFIG_ENV] = config_path(config)
+    if host:
+        os.environ[HOST_ENV] = host  # one targets file for the fleet: each worker names its host
     app = use_broker(broker)
     os.environ[BROKER_ENV] = str(app.conf.broker_url)
     from . import tasks
 
     # Config and keys, loaded once and inherited by the pool's children; fails fast with
-    # the config's own message, or says how to create keys.
+    # the config's own message, or says how to create keys. Then the host is claimed
+    # in the registry: refused (exit 1) while another live worker serves the same host.
     rt = tasks.runtime()
+    tasks.register(rt, tasks.coordinator())
     app.worker_main(worker_argv(rt.host, loglevel, concurrency))
 
 

@@ -16,7 +16,7 @@ import time
 from typing import Any
 
 import redis
-from celery import Celery, Signature, chain
+from celery import Celery, Signature
 
 from ..core.config import TARGET_NAME_RE
 from ..core.journal import check_deploy_id
@@ -84,36 +84,58 @@ class DeployHandle:
 def deploy(target: str, cert_pem: bytes, key_pem: bytes, chain_pem: bytes | None = None, *,
            force: bool = False, broker_url: str | None = None, host: str | None = None,
            deploy_id: str | None = None, pipeline: PipelineKeys | str | None = None) -> DeployHandle:
-    """Enqueue a deploy of ``target`` and return a handle to wait on.
+    """Enqueue a deploy of ``target`` (``HOST/NAME``, or a bare ``NAME`` that exactly one
+    host defines) and return a handle to wait on.
 
     The bundle is sealed for the target host's pinned public key and signed with the
     pipeline's key (``pipeline``: loaded keys, or the path of a pipeline file; default
     ``$MAILTLS_PIPELINE`` or /etc/mailtls/pipeline.toml), so Redis only ever holds
     ciphertext. The target's host comes from the fleet registry. Raises UnknownTarget
-    if no worker has registered it, ConfigError without pipeline keys, BrokerError if
-    Redis is unreachable. The material itself is checked on the host.
+    if no worker has registered it, AmbiguousTarget for a bare NAME on several hosts
+    (naming them), ConfigError without pipeline keys, BrokerError if Redis is
+    unreachable. The material itself is checked on the host.
     """
     keys = pipeline if isinstance(pipeline, PipelineKeys) else load_pipeline(pipeline)
-    if not TARGET_NAME_RE.match(target):
-        raise UnknownTarget(f"{target!r} is not a valid target name")
+    app = client_app(broker_url)
+    co = Coordinator(str(app.conf.broker_url))
+    if host is not None and "/" not in target:
+        target = f"{host}/{target}"
+    handle, signature = prepare(co, app, keys, target, cert_pem, key_pem, chain_pem, force=force,
+                                deploy_id=deploy_id)
+    _send(signature)
+    return handle
+
+
+def _send(signature: Signature) -> None:
+    try:
+        signature.apply_async()
+    except redis.RedisError as err:
+        raise BrokerError(f"cannot enqueue deploy: Redis error: {err}") from None
+    except (OSError, ConnectionError) as err:
+        raise BrokerError(f"cannot enqueue deploy: broker unreachable: {err}") from None
+
+
+def prepare(co: Coordinator, app: Celery, keys: PipelineKeys, target: str, cert_pem: bytes, key_pem: bytes,
+            chain_pem: bytes | None, *, force: bool = False, deploy_id: str | None = None,
+            rollout_id: str | None = None) -> tuple[DeployHandle, Signature]:
+    """Resolve, seal, record and stash one deploy; return its handle and the root task's
+    signature, not yet sent (a rollout sends a wave's signatures as one group)."""
+    host, sep, name = target.partition("/")
+    if not ((sep and TARGET_NAME_RE.match(name)) or (not sep and TARGET_NAME_RE.match(host))):
+        raise UnknownTarget(f"{target!r} is not a target address (HOST/NAME or NAME)")
     for what, data in (("cert", cert_pem), ("key", key_pem), ("chain", chain_pem)):
         if data is not None and len(data) > MAX_INPUT_BYTES:
             raise Rejected(f"{what}: over the {MAX_INPUT_BYTES}-byte limit")
-    app = client_app(broker_url)
-    co = Coordinator(str(app.conf.broker_url))
     deploy_id = check_deploy_id(deploy_id or new_deploy_id())
     try:
-        host = host or co.target_host(target)
-        if not host:
-            raise UnknownTarget(f"unknown target {target!r}: no worker has registered it (is its worker running "
-                                "with a config that defines it?)")
+        host, name = co.resolve(target)
         recipient = keys.host_key(host)  # pinned here, never taken from Redis
         now = time.time()
-        fence = co.next_fence(target, now)  # from the time signed below; survives Redis losing its data
-        envelope = seal(target=target, host=host, deploy_id=deploy_id, fence=fence, cert=cert_pem, key=key_pem,
+        fence = co.next_fence(f"{host}/{name}", now)  # from the time signed below; survives Redis losing its data
+        envelope = seal(target=name, host=host, deploy_id=deploy_id, fence=fence, cert=cert_pem, key=key_pem,
                         chain=chain_pem, force=force, signing_key=keys.signing_key, recipient=recipient,
                         issued_at=now)
-        return enqueue_sealed(co, envelope, app)
+        return _register(co, envelope, app, rollout_id)
     except redis.RedisError as err:
         raise BrokerError(f"cannot enqueue deploy: Redis error: {err}") from None
     except (OSError, ConnectionError) as err:
@@ -122,29 +144,39 @@ def deploy(target: str, cert_pem: bytes, key_pem: bytes, chain_pem: bytes | None
 
 def enqueue_sealed(co: Coordinator, envelope: dict[str, Any], app: Celery | None = None) -> DeployHandle:
     """Enqueue an envelope sealed and signed elsewhere (e.g. by a signer holding the
-    pipeline key in an HSM): records the deploy and sends the step chain.
+    pipeline key in an HSM): records the deploy and sends it.
 
     Target, host, deploy id and fence are taken from the envelope's signed header; the
     worker refuses it unless they match the message, so nothing here is trusted.
     """
+    handle, signature = _register(co, envelope, app or client_app(co.url), None)
+    _send(signature)
+    return handle
+
+
+def _register(co: Coordinator, envelope: dict[str, Any], app: Celery,
+              rollout_id: str | None) -> tuple[DeployHandle, Signature]:
     try:
-        target, host, deploy_id, fence = (envelope["target"], envelope["host"], envelope["deploy_id"],
-                                          envelope["fence"])
+        name, host, deploy_id, fence = (envelope["target"], envelope["host"], envelope["deploy_id"],
+                                        envelope["fence"])
     except (KeyError, TypeError):
         raise Rejected("envelope: missing target, host, deploy_id or fence") from None
-    co.put_record({"deploy_id": deploy_id, "target": target, "host": host, "phase": "queued",
-                   "outcome": None, "fence": fence, "steps": {}, "error": None,
+    address = f"{host}/{name}"
+    co.put_record({"deploy_id": deploy_id, "target": address, "host": host, "phase": "queued",
+                   "outcome": None, "fence": fence, "steps": {}, "error": None, "rollout": rollout_id,
                    "created": dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")})
-    co.push_history(target, deploy_id)
+    co.push_history(address, deploy_id)
     # The envelope travels beside the messages, not in them: every task's arguments are
     # references only, whatever Celery does with them (a retry drops kwargsrepr).
     co.put_envelope(deploy_id, envelope)
-    app = app or client_app(co.url)
-    refs = {"target": target, "host": host, "deploy_id": deploy_id}
+    # One root task per deploy, run on the host: it sends the steps as its children, so
+    # Flower shows a deploy as one tree.
+    signature = app.signature("mailtls.deploy", kwargs={"target": address, "host": host, "deploy_id": deploy_id,
+                                                        "rollout": rollout_id}).set(
+        argsrepr=readable(address, deploy_id), kwargsrepr="")
+    return DeployHandle(co, deploy_id, address, host), signature
 
-    def step(name: str) -> Signature:
-        return app.signature(f"mailtls.{name}", kwargs=refs, immutable=True)
 
-    flow = chain(step("stage"), step("validate"), step("commit"), step("reload"), step("verify"), app=app)
-    flow.apply_async(link_error=step("rollback"))
-    return DeployHandle(co, deploy_id, target, host)
+def readable(address: str, deploy_id: str) -> str:
+    """What Flower's args column shows for every task of a deploy."""
+    return f"{address} · {deploy_id}"

@@ -69,15 +69,22 @@ class Rig:
     def park_a_between_steps(self, leaf: Issued) -> Any:
         """Deploy ``leaf`` to a; return its handle once it waits between two steps."""
         self.blocker.hang_once(60)
-        handle = self.deploy("a", leaf)
-        self.deploy("b", self.pki.leaf())
+        # Both deploys queued while the worker is paused, so their messages interleave
+        # in a known order: a's stage and validate run, then b's validate hangs.
+        assert self.worker.proc is not None
+        os.killpg(self.worker.proc.pid, signal.SIGSTOP)
+        try:
+            handle = self.deploy("a", leaf)
+            self.deploy("b", self.pki.leaf())
+        finally:
+            os.killpg(self.worker.proc.pid, signal.SIGCONT)
         deadline = time.monotonic() + 30
         while not self.blocker.calls and time.monotonic() < deadline:
             time.sleep(0.02)
         assert self.blocker.calls, "b's validate never started"
         rec = self.record("a", handle.deploy_id)
         assert rec is not None and not rec.finished and rec.in_step is None, rec
-        assert rec.phase in ("staged", "validated"), rec.phase
+        assert rec.phase == "validated", rec.phase
         return handle
 
     def release_blocker(self) -> None:
@@ -180,7 +187,7 @@ def _wait_registered(url: str, host: str, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            if r.exists(f"mailtls:host:{host}"):
+            if r.exists(f"mailtls:hosttargets:{host}"):
                 return
         except redis.ConnectionError:
             pass

@@ -139,7 +139,7 @@ def test_queued_message_holds_only_ciphertext(guarded: Guarded, pipeline: Pipeli
     """A deploy for a host whose worker is down waits in Redis: scan it there."""
     g = guarded
     pipeline.enroll("mx-offline", tmp_path / "offline-keys")
-    g.co.publish_host("mx-offline", {"parked": {"target": "parked", "host": "mx-offline", "mode": "postfix"}}, ttl=1)
+    g.co.publish_target({"target": "parked", "host": "mx-offline", "mode": "postfix"})
     leaf = g.pki.leaf()
     handle = deploy("parked", leaf.fullchain_pem, leaf.key_pem, broker_url=g.redis.url)
     r = redis.Redis.from_url(g.redis.url)
@@ -221,10 +221,8 @@ def test_deploy_over_rediss_with_auth(tls_redis: RedisServer, tmp_path: Path, pk
     worker = Worker(host.config_path, tls_redis.url, tmp_path / "worker.log")
     try:
         leaf = pki.leaf()
-        deadline = time.monotonic() + 20
-        while Coordinator(use_broker(tls_redis.url).conf.broker_url).target_host("tls-t") is None:
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
+        # registered before the worker says "ready": over TLS and AUTH too
+        assert Coordinator(use_broker(tls_redis.url).conf.broker_url).resolve("tls-t") == ("mx6", "tls-t")
         res = deploy("tls-t", leaf.fullchain_pem, leaf.key_pem, broker_url=tls_redis.url).get(60)
         assert res.outcome == "deployed", res.error
         assert host.path("tls-t", "key").read_bytes() == leaf.key_pem

@@ -70,7 +70,7 @@ class Fleet:
         r = redis.Redis.from_url(self.redis.url, decode_responses=True)
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
-            if all(r.get(f"mailtls:target:{t}") for t in targets):
+            if all(r.smembers(f"mailtls:name:{t}") for t in targets):
                 return
             time.sleep(0.1)
         raise TimeoutError("workers did not register their targets")
@@ -110,7 +110,7 @@ def test_deploy_through_queue(fleet: Fleet) -> None:
     assert [s for s, r in res.steps.items() if r.status == "ok"] == ["stage", "validate", "commit", "reload", "verify"]
     ran = _task_lines(fleet.w1.wait_log("mailtls.verify[", "succeeded", res.deploy_id), res.deploy_id)
     assert [ln.split("Task ")[1].split("[")[0] for ln in ran] == [
-        "mailtls.stage", "mailtls.validate", "mailtls.commit", "mailtls.reload", "mailtls.verify"]
+        "mailtls.deploy", "mailtls.stage", "mailtls.validate", "mailtls.commit", "mailtls.reload", "mailtls.verify"]
     assert res.deploy_id not in fleet.w2.log()
     hist = subprocess.run([sys.executable, "-m", "mailtls_tasks.cli", "history", "smtp", "--json", "--broker",
                            fleet.redis.url], capture_output=True, text=True, cwd=REPO, check=True)
@@ -274,7 +274,8 @@ def test_flower_lists_deploy_tasks_by_name(fleet: Fleet) -> None:
     info = json.loads(fleet.flower.get(f"/api/task/info/{stage['uuid']}"))
     # references only: the sealed envelope waits in Redis beside the message, never in it
     assert "envelope" not in info["kwargs"] and '"ct"' not in json.dumps(info)
-    assert res.deploy_id in info["kwargs"] and "'host': 'mx1'" in info["kwargs"]
+    # what an operator reads in the args column: the target's address and the deploy
+    assert info["args"] == f"mx1/plain · {res.deploy_id}", info["args"]
     # the same for every stage Flower saw, retried ones included (a busy target above;
     # Celery's retry drops kwargsrepr, which is why nothing secret may be in kwargs)
     stages = [t for t in json.loads(fleet.flower.get("/api/tasks")).values() if t["name"] == "mailtls.stage"]

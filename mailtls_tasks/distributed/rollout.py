@@ -1,0 +1,228 @@
+"""One certificate to every daemon that serves it, in waves: ``mailtls rollout``.
+
+    result = mailtls_tasks.rollout(cert_pem, key_pem, covers=["mail.example.com"],
+                                   waves="1,25%,100%")
+    if not result.ok: ...
+
+Targets are chosen by address, by label, or by the names they serve (``covers``: every
+target with one of these names among its ``names``, provided the new certificate
+covers all of its names). They are deployed in waves, each wave a Celery group of
+deploys sent at once; the first wave is the canary. A target that ends
+``rolled_back`` or ``failed`` halts the rollout: later waves are not sent, their
+targets are reported ``skipped`` (unless ``continue_on_error``). The rollout record in
+Redis (``mailtls:rollout:ID``) holds every target's wave, outcome and timings;
+``mailtls rollout-status ID`` shows it. Running the same rollout again (same id: by
+default derived from the certificate and the selection) resumes it: targets that
+already serve the certificate end ``unchanged`` at once, the rest are deployed.
+
+The orchestration runs where the pipeline runs (it waits anyway); every deploy it
+sends is an ordinary deploy, run, fenced and recovered by its host as any other.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import math
+import time
+from typing import Any, Literal
+
+from celery import group
+from pydantic import BaseModel, Field
+
+from ..core import material
+from ..core.names import leaf_names, uncovered
+from ..errors import MailTLSError, Rejected
+from ..result import EXIT_CODES, NEVER_STARTED
+
+Verdict = Literal["deployed", "unchanged", "rejected", "rolled_back", "failed", "skipped", "timeout", "pending"]
+HALTING = frozenset({"rolled_back", "failed", "timeout"})
+RANK = {"pending": 0, "deployed": 0, "unchanged": 0, "skipped": 1, "rejected": 2, "timeout": 3, "rolled_back": 4,
+        "failed": 5}
+
+
+class RolloutError(MailTLSError):
+    """The rollout could not be planned (nothing selected, bad waves): exit 1."""
+
+    exit_code = 1
+
+
+class TargetRun(BaseModel):
+    wave: int
+    deploy_id: str | None = None
+    outcome: Verdict = "pending"
+    reason: str | None = None
+    error: str | None = None
+    started: str | None = None
+    ended: str | None = None
+    ms: int | None = None
+
+
+class RolloutResult(BaseModel):
+    rollout_id: str
+    fingerprint: str
+    selection: dict[str, Any] = Field(default_factory=dict)
+    state: Literal["running", "done", "halted"] = "running"
+    waves: list[list[str]] = Field(default_factory=list)
+    targets: dict[str, TargetRun] = Field(default_factory=dict)
+    not_covered: dict[str, list[str]] = Field(default_factory=dict)
+    created: str = Field(default_factory=lambda: dt.datetime.now(dt.UTC).isoformat(timespec="seconds"))
+    updated: str | None = None
+
+    @property
+    def worst(self) -> Verdict:
+        return max((t.outcome for t in self.targets.values()), key=lambda o: RANK[o], default="deployed")
+
+    @property
+    def ok(self) -> bool:
+        return self.state == "done" and all(t.outcome in ("deployed", "unchanged") for t in self.targets.values())
+
+    @property
+    def exit_code(self) -> int:
+        worst = self.worst
+        if worst in EXIT_CODES:
+            return EXIT_CODES[worst]
+        return 1 if worst in ("timeout", "skipped", "pending") else 0
+
+    def human(self) -> str:
+        lines = [f"rollout {self.rollout_id}: {self.state.upper()}  leaf {self.fingerprint[:16]}…  "
+                 f"worst {self.worst}"]
+        lines.append(f"  {'WAVE':<5} {'TARGET':<32} {'OUTCOME':<12} {'MS':>7}  DEPLOY / WHY")
+        for addr, run in sorted(self.targets.items(), key=lambda kv: (kv[1].wave, kv[0])):
+            why = run.error or run.reason or ""
+            lines.append(f"  {run.wave + 1:<5} {addr:<32} {run.outcome:<12} {run.ms if run.ms is not None else '-':>7}"
+                         f"  {run.deploy_id or '-'}{'  ' + why[:100] if why else ''}")
+        for addr, names in sorted(self.not_covered.items()):
+            lines.append(f"  {'-':<5} {addr:<32} {'not covered':<12} {'':>7}  the certificate does not cover "
+                         f"{', '.join(names)}")
+        return "\n".join(lines)
+
+
+def plan_waves(n: int, spec: str) -> list[int]:
+    """Wave sizes for ``n`` targets from a spec like ``"1,25%,100%"`` (cumulative: a
+    count or a share of all targets). Empty waves are dropped; the last wave always
+    takes whatever is left."""
+    sizes: list[int] = []
+    done = 0
+    for raw in [p.strip() for p in spec.split(",") if p.strip()]:
+        try:
+            upto = math.ceil(n * float(raw[:-1]) / 100) if raw.endswith("%") else int(raw)
+        except ValueError:
+            raise RolloutError(f"waves: {raw!r} is neither a count nor a percentage") from None
+        if upto < 0 or (raw.endswith("%") and not 0 < float(raw[:-1]) <= 100):
+            raise RolloutError(f"waves: {raw!r} is out of range")
+        upto = min(upto, n)
+        if upto > done:
+            sizes.append(upto - done)
+            done = upto
+    if done < n:
+        sizes.append(n - done)
+    return sizes
+
+
+def default_rollout_id(fingerprint: str, selected: list[str]) -> str:
+    digest = hashlib.sha256("\n".join(sorted(selected)).encode()).hexdigest()[:8]
+    return f"r-{fingerprint[:12]}-{digest}"
+
+
+def select(entries: list[dict[str, Any]], *, targets: list[str] | None, label: str | None,
+           covers: list[str] | None, leaf: Any) -> tuple[list[str], dict[str, list[str]]]:
+    """(addresses to deploy, {address: names the certificate does not cover}) from the
+    registry's entries. Exactly one way of choosing must be given."""
+    if sum(x is not None for x in (targets, label, covers)) != 1:
+        raise RolloutError("choose the targets one way: --targets, --label or --covers")
+    by_addr = {f"{e['host']}/{e['target']}": e for e in entries}
+    if targets is not None:
+        missing = [t for t in targets if t not in by_addr]
+        if missing:
+            raise RolloutError(f"not registered by any worker: {', '.join(missing)}")
+        chosen = list(dict.fromkeys(targets))
+    elif label is not None:
+        chosen = sorted(a for a, e in by_addr.items() if label in (e.get("labels") or []))
+    else:
+        assert covers is not None
+        wanted = {c.lower().rstrip(".") for c in covers}
+        chosen = sorted(a for a, e in by_addr.items() if wanted & {n.lower() for n in e.get("names") or []})
+    not_covered: dict[str, list[str]] = {}
+    if covers is not None:
+        for addr in list(chosen):
+            missing_names = uncovered(by_addr[addr].get("names") or [], leaf)
+            if missing_names:
+                not_covered[addr] = missing_names
+                chosen.remove(addr)
+    if not chosen:
+        how = f"label {label!r}" if label is not None else f"names {covers}" if covers is not None else "targets"
+        sans = ", ".join(leaf_names(leaf)) or "none"
+        raise RolloutError(f"no target selected by {how} (the certificate covers: {sans})")
+    return chosen, not_covered
+
+
+def rollout(cert_pem: bytes, key_pem: bytes, chain_pem: bytes | None = None, *,
+            targets: list[str] | None = None, label: str | None = None, covers: list[str] | None = None,
+            waves: str = "1,25%,100%", continue_on_error: bool = False, force: bool = False,
+            broker_url: str | None = None, pipeline: Any = None, rollout_id: str | None = None,
+            timeout: float = 600.0) -> RolloutResult:
+    """Roll one certificate out to the selected targets, wave by wave; see the module doc."""
+    from ..security.keys import PipelineKeys, load_pipeline
+    from .app import client_app
+    from .coordination import Coordinator
+    from .workflow import DeployTimeout, prepare
+
+    keys = pipeline if isinstance(pipeline, PipelineKeys) else load_pipeline(pipeline)
+    leaf = material.leaf_of_file(cert_pem)
+    if leaf is None:
+        raise Rejected("cert: no certificate to roll out")
+    fingerprint = material.fingerprint(leaf)
+    app = client_app(broker_url)
+    co = Coordinator(str(app.conf.broker_url))
+    chosen, not_covered = select(co.fleet(), targets=targets, label=label, covers=covers, leaf=leaf)
+    rid = rollout_id or default_rollout_id(fingerprint, chosen)
+    sizes = plan_waves(len(chosen), waves)
+    plan: list[list[str]] = []
+    i = 0
+    for size in sizes:
+        plan.append(chosen[i:i + size])
+        i += size
+    previous = co.get_rollout(rid)
+    result = RolloutResult(rollout_id=rid, fingerprint=fingerprint, waves=plan, not_covered=not_covered,
+                           selection={"targets": targets, "label": label, "covers": covers, "waves": waves},
+                           created=(previous or {}).get("created") or dt.datetime.now(dt.UTC).isoformat(
+                               timespec="seconds"))
+    result.targets = {addr: TargetRun(wave=w) for w, wave in enumerate(plan) for addr in wave}
+    co.put_rollout(result.model_dump(mode="json"))
+    halted = False
+    for wave in plan:
+        if halted:
+            for addr in wave:
+                result.targets[addr].outcome = "skipped"
+                result.targets[addr].reason = "an earlier wave failed"
+            continue
+        handles = []
+        signatures = []
+        for addr in wave:
+            handle, signature = prepare(co, app, keys, addr, cert_pem, key_pem, chain_pem, force=force,
+                                        rollout_id=rid)
+            handles.append((addr, handle, time.monotonic()))
+            signatures.append(signature)
+            run = result.targets[addr]
+            run.deploy_id, run.started = handle.deploy_id, dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+        co.put_rollout(result.model_dump(mode="json"))
+        group(signatures, app=app).apply_async()
+        for addr, handle, t0 in handles:
+            run = result.targets[addr]
+            try:
+                res = handle.get(timeout=timeout)
+                run.outcome, run.reason, run.error = res.outcome, res.reason, res.error
+                if res.outcome == "rejected" and res.reason in NEVER_STARTED:
+                    run.outcome = "timeout"
+            except DeployTimeout as err:
+                run.outcome, run.error = "timeout", str(err)
+            run.ended = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+            run.ms = int((time.monotonic() - t0) * 1000)
+            co.put_rollout(result.model_dump(mode="json"))
+        if any(result.targets[a].outcome in HALTING for a in wave) and not continue_on_error:
+            halted = True
+    result.state = "halted" if halted else "done"
+    result.updated = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    co.put_rollout(result.model_dump(mode="json"))
+    return result
