@@ -420,7 +420,7 @@ def _audit_now(co: Any) -> None:
 
     app = use_broker(co.url)
     hosts = sorted({r["host"] for r in co.fleet() if r["worker_alive"]})
-    pending = [app.send_task("mailtls.audit", kwargs={"host": h}, queue=queue_for(h)) for h in hosts]
+    pending = [app.send_task("mailtls.audit", kwargs={"host": h}, queue=queue_for(h), argsrepr=h) for h in hosts]
     for result in pending:
         result.get(timeout=120)
 

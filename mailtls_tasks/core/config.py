@@ -65,7 +65,7 @@ MIN_LEASE = 2.0
 LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 TARGET_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 HOST_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m)?\s*$")
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 
 
 def parse_duration(value: Any, field: str) -> float:
@@ -77,8 +77,9 @@ def parse_duration(value: Any, field: str) -> float:
     elif isinstance(value, str):
         m = _DURATION_RE.match(value)
         if not m:
-            raise ValueError(f"{field}: {value!r} is not a duration (e.g. 30, '30s', '500ms')")
-        seconds = float(m.group(1)) * {"ms": 0.001, "s": 1.0, "m": 60.0, None: 1.0}[m.group(2)]
+            raise ValueError(f"{field}: {value!r} is not a duration (e.g. 30, '30s', '500ms', '10m', '1h')")
+        seconds = float(m.group(1)) * {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0,
+                                       None: 1.0}[m.group(2)]
     else:
         raise ValueError(f"{field}: expected seconds, got {type(value).__name__}")
     if not math.isfinite(seconds):
@@ -474,6 +475,8 @@ def _format_validation_error(err: ValidationError) -> str:
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"])
         msg = str(e["msg"]).removeprefix("Value error, ")
+        if loc:
+            msg = msg.removeprefix(f"{loc.rsplit('.', 1)[-1]}: ")
         lines.append(f"{loc}: {msg}" if loc else msg)
     return "; ".join(lines)
 

@@ -33,9 +33,16 @@ def prepare(state_dir: str) -> str:
     """Before prometheus_client is imported and before the pool forks: a fresh directory
     for the processes' samples, named in the environment the children inherit."""
     d = os.path.join(state_dir, "metrics")
+    if os.environ.get(MULTIPROC_ENV) == d:
+        return d  # already prepared by this worker (run_worker, then worker_init)
     shutil.rmtree(d, ignore_errors=True)
     os.makedirs(d, mode=0o700)
     os.environ[MULTIPROC_ENV] = d
+    # prometheus_client picks its value store when first imported; if anything imported
+    # it before this, pick again (metrics created from here on write to the directory).
+    from prometheus_client import values
+
+    values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]
     return d
 
 

@@ -151,9 +151,12 @@ def select(entries: list[dict[str, Any]], *, targets: list[str] | None, label: s
                 not_covered[addr] = missing_names
                 chosen.remove(addr)
     if not chosen:
-        how = f"label {label!r}" if label is not None else f"names {covers}" if covers is not None else "targets"
-        sans = ", ".join(leaf_names(leaf)) or "none"
-        raise RolloutError(f"no target selected by {how} (the certificate covers: {sans})")
+        how = f"label {label!r}" if label is not None else f"names {', '.join(covers or [])}" \
+            if covers is not None else "targets"
+        sans = ", ".join(leaf_names(leaf)) or "no DNS name"
+        skipped = "; ".join(f"{a} also serves {', '.join(n)}" for a, n in sorted(not_covered.items()))
+        raise RolloutError(f"no target selected by {how}: the certificate covers {sans}"
+                           + (f" ({skipped})" if skipped else ""))
     return chosen, not_covered
 
 

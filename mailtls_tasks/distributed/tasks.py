@@ -87,10 +87,18 @@ def coordinator() -> Coordinator:
 def _summary(rec: DeployRecord | None, step: str, note: str | None = None) -> dict[str, Any]:
     """What a task returns (the result backend stores it, Flower's result column shows
     it): the target's address, the deploy, how far it got and how it ended."""
-    out: dict[str, Any] = {"step": step}
-    if rec is not None:
-        out.update(target=f"{rec.host}/{rec.target}", deploy_id=rec.deploy_id, outcome=rec.outcome,
-                   phase=rec.phase, reason=rec.reason, fingerprint_sha256=rec.fingerprint)
+    out: dict[str, Any] = {}
+    if rec is not None:  # first what an operator scans the column for: how it ended, or how far it got
+        if rec.outcome:
+            out["outcome"] = rec.outcome
+        else:
+            out["phase"] = rec.phase
+        if rec.reason:
+            out["reason"] = rec.reason
+        out.update(step=step, target=f"{rec.host}/{rec.target}", deploy_id=rec.deploy_id,
+                   fingerprint_sha256=rec.fingerprint)
+    else:
+        out["step"] = step
     if note:
         out["note"] = note
     return out
@@ -309,8 +317,8 @@ def audit(self: Task, *, host: str) -> dict[str, Any]:
         metrics.audited(rt.host, a.target.split("/", 1)[1], expiry, a.drift)
         if a.status != "ok":
             log.warning("audit %s: %s: %s", a.target, a.status.upper(), "; ".join(a.issues))
-    return {"step": "audit", "host": host, "targets": len(results), "worst": worst(results),
-            "issues": sum(len(a.issues) for a in results)}
+    return {"worst": worst(results), "issues": sum(len(a.issues) for a in results), "step": "audit", "host": host,
+            "targets": len(results)}
 
 
 def _seconds_until(iso: str) -> float:
@@ -387,7 +395,7 @@ def _background(stop: threading.Event) -> None:
             next_sweep = clock() + rt.cfg.recovery_interval
         if clock() >= next_audit:
             try:
-                audit.apply_async(kwargs={"host": rt.host}, queue=queue_for(rt.host))
+                audit.apply_async(kwargs={"host": rt.host}, queue=queue_for(rt.host), argsrepr=rt.host)
             except Exception as err:  # noqa: BLE001
                 log.warning("could not schedule the audit: %s", err)
             next_audit = clock() + rt.cfg.audit_interval

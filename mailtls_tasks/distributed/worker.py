@@ -34,6 +34,10 @@ def run_worker(config: str | None = None, broker: str | None = None, loglevel: s
     # in the registry: refused (exit 1) while another live worker serves the same host.
     rt = tasks.runtime()
     tasks.register(rt, tasks.coordinator())
+    if rt.cfg.metrics_port:
+        from . import metrics
+
+        metrics.prepare(rt.cfg.state_dir)  # before the pool forks: children inherit where to write
     app.worker_main(worker_argv(rt.host, loglevel, concurrency))
 
 

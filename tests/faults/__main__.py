@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -33,7 +34,12 @@ from tests.support.pki import make_pki
 from tests.support.services import RedisServer
 
 
+def _terminated(signum: int, frame: object) -> None:
+    raise SystemExit(143)  # so the finally blocks stop the workers and Redis
+
+
 def main() -> int:
+    signal.signal(signal.SIGTERM, _terminated)
     ap = argparse.ArgumentParser()
     ap.add_argument("--level", default="full", choices=["full", "slice"])
     ap.add_argument("--out", default="faults-report.md")

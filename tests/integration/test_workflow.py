@@ -76,7 +76,10 @@ class Fleet:
         raise TimeoutError("workers did not register their targets")
 
     def deploy(self, target: str, leaf: Issued, timeout: float = 60, **kw: object):  # type: ignore[no-untyped-def]
+        """By address: other modules' hosts share this Redis and may define the same names."""
         self.keys.append(leaf.key_pem)
+        if "/" not in target:
+            target = f"{'mx2' if target == 'imap2' else 'mx1'}/{target}"
         return deploy(target, leaf.fullchain_pem, leaf.key_pem, broker_url=self.redis.url, **kw).get(timeout)  # type: ignore[arg-type]
 
     def close(self) -> None:

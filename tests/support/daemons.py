@@ -63,12 +63,15 @@ def _run(argv: list[str], log: Path, timeout: float = 60) -> subprocess.Complete
 class Postfix:
     """``postfix -c DIR``: SMTP (STARTTLS) and SMTPS on two free loopback ports."""
 
-    def __init__(self, root: Path, cert: Path, key: Path) -> None:
+    def __init__(self, root: Path, cert: Path, key: Path, address: str = "127.0.0.1",
+                 ports: tuple[int, int] | None = None, chain_files: list[Path] | None = None) -> None:
         self.bin = require("postfix")
         self.root = root
         self.dir = root / "postfix"
         self.cert, self.key = cert, key
-        self.smtp_port, self.smtps_port = free_port(), free_port()
+        self.address = address
+        self.chain_files = chain_files
+        self.smtp_port, self.smtps_port = ports or (free_port(), free_port())
         self.log = root / "postfix-commands.log"
         self._write_config()
 
@@ -90,8 +93,7 @@ mydestination =
 relayhost =
 maillog_file = {d}/maillog
 maillog_file_prefixes = {d}
-smtpd_tls_cert_file = {self.cert}
-smtpd_tls_key_file = {self.key}
+{self._tls_files()}
 smtpd_tls_security_level = may
 smtpd_tls_loglevel = 1
 smtpd_relay_restrictions = permit_mynetworks, reject_unauth_destination
@@ -99,11 +101,16 @@ alias_maps =
 alias_database =
 """)
         (d / "master.cf").write_text(
-            f"127.0.0.1:{self.smtp_port} inet n - n - - smtpd\n"
-            f"127.0.0.1:{self.smtps_port} inet n - n - - smtpd\n"
+            f"{self.address}:{self.smtp_port} inet n - n - - smtpd\n"
+            f"{self.address}:{self.smtps_port} inet n - n - - smtpd\n"
             "  -o smtpd_tls_wrappermode=yes\n  -o smtpd_tls_security_level=encrypt\n"
             + POSTFIX_SERVICES)
         _traversable(d)
+
+    def _tls_files(self) -> str:
+        if self.chain_files:  # Postfix >= 3.4: key and chain files, one algorithm each (RSA, ECDSA)
+            return "smtpd_tls_chain_files = " + ", ".join(str(f) for f in self.chain_files)
+        return f"smtpd_tls_cert_file = {self.cert}\nsmtpd_tls_key_file = {self.key}"
 
     def command(self, verb: str) -> str:
         """The command line a targets file would use for this instance."""
@@ -113,12 +120,12 @@ alias_database =
         res = _run([self.bin, "-c", str(self.dir), "start"], self.log)
         if res.returncode != 0:
             raise RuntimeError(f"postfix start failed:\n{self.debug()}")
-        wait_port(self.smtp_port, 20)
-        wait_port(self.smtps_port, 20)
+        wait_port(self.smtp_port, 20, host=self.address)
+        wait_port(self.smtps_port, 20, host=self.address)
 
     def stop(self) -> None:
         _run([self.bin, "-c", str(self.dir), "stop"], self.log)
-        _wait_gone(self.smtp_port)
+        _wait_gone(self.smtp_port, host=self.address)
 
     def debug(self) -> str:
         return _tails(self.log, self.dir / "maillog")
@@ -127,14 +134,17 @@ alias_database =
 class Dovecot:
     """``dovecot -c CONF``: IMAP (STARTTLS), IMAPS, POP3 (STLS), POP3S on free loopback ports."""
 
-    def __init__(self, root: Path, cert: Path, key: Path) -> None:
+    def __init__(self, root: Path, cert: Path, key: Path, address: str = "127.0.0.1",
+                 ports: dict[str, int] | None = None, alt: tuple[Path, Path] | None = None) -> None:
         self.bin = require("dovecot")
         self.doveadm = require("doveadm")
         self.doveconf = require("doveconf")
         self.root = root
         self.dir = root / "dovecot"
         self.cert, self.key = cert, key
-        self.ports = {p: free_port() for p in ("imap", "imaps", "pop3", "pop3s")}
+        self.address = address
+        self.alt = alt
+        self.ports = ports or {p: free_port() for p in ("imap", "imaps", "pop3", "pop3s")}
         self.log = root / "dovecot-commands.log"
         self._write_config()
 
@@ -153,10 +163,11 @@ state_dir = {d}/state
 log_path = {d}/dovecot.log
 instance_name = mailtls-test-{p['imap']}
 protocols = imap pop3
-listen = 127.0.0.1
+listen = {self.address}
 ssl = yes
 ssl_cert = <{self.cert}
 ssl_key = <{self.key}
+{f"ssl_alt_cert = <{self.alt[0]}{chr(10)}ssl_alt_key = <{self.alt[1]}" if self.alt else ""}
 disable_plaintext_auth = yes
 auth_mechanisms = plain
 mail_location = maildir:{d}/mail/%u
@@ -170,22 +181,22 @@ userdb {{
 }}
 service imap-login {{
   inet_listener imap {{
-    address = 127.0.0.1
+    address = {self.address}
     port = {p['imap']}
   }}
   inet_listener imaps {{
-    address = 127.0.0.1
+    address = {self.address}
     port = {p['imaps']}
     ssl = yes
   }}
 }}
 service pop3-login {{
   inet_listener pop3 {{
-    address = 127.0.0.1
+    address = {self.address}
     port = {p['pop3']}
   }}
   inet_listener pop3s {{
-    address = 127.0.0.1
+    address = {self.address}
     port = {p['pop3s']}
     ssl = yes
   }}
@@ -213,11 +224,11 @@ service stats {{
         if res.returncode != 0:
             raise RuntimeError(f"dovecot start failed:\n{self.debug()}")
         for port in self.ports.values():
-            wait_port(port, 20)
+            wait_port(port, 20, host=self.address)
 
     def stop(self) -> None:
         _run([self.doveadm, "-c", str(self.conf), "stop"], self.log)
-        _wait_gone(self.ports["imap"])
+        _wait_gone(self.ports["imap"], host=self.address)
 
     def debug(self) -> str:
         return _tails(self.log, self.dir / "dovecot.log")
@@ -228,5 +239,5 @@ def _tails(*logs: Path) -> str:
     return "\n".join(f"--- {f}\n" + f.read_text(errors="replace")[-4000:] for f in logs if f.exists())
 
 
-def _wait_gone(port: int, timeout: float = 15) -> None:
-    wait_port(port, timeout, gone=True)
+def _wait_gone(port: int, timeout: float = 15, host: str = "127.0.0.1") -> None:
+    wait_port(port, timeout, gone=True, host=host)

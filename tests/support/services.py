@@ -37,12 +37,12 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_port(port: int, timeout: float = 10.0, gone: bool = False) -> None:
-    """Until something listens on 127.0.0.1:port (or, with ``gone``, nothing does)."""
+def wait_port(port: int, timeout: float = 10.0, gone: bool = False, host: str = "127.0.0.1") -> None:
+    """Until something listens on host:port (or, with ``gone``, nothing does)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            with socket.create_connection((host, port), timeout=0.5):
                 listening = True
         except OSError:
             listening = False
@@ -50,7 +50,7 @@ def wait_port(port: int, timeout: float = 10.0, gone: bool = False) -> None:
             return
         time.sleep(0.05)
     state = "still listening" if gone else "nothing listening"
-    raise TimeoutError(f"{state} on 127.0.0.1:{port} after {timeout}s")
+    raise TimeoutError(f"{state} on {host}:{port} after {timeout}s")
 
 
 def _kill_group(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
@@ -117,17 +117,22 @@ class RedisServer:
 class Worker:
     """``mailtls worker`` for one host config, as a process group that can be SIGKILLed."""
 
-    def __init__(self, config: Path, broker: str, log: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, config: Path, broker: str, log: Path, env: dict[str, str] | None = None,
+                 wrap: list[str] | None = None) -> None:
         self.config, self.broker, self.log_path = config, broker, log
         self.env = env or {}
+        self.wrap = wrap or []  # e.g. a mount namespace of its own: this worker's "machine"
         self.proc: subprocess.Popen[bytes] | None = None
         self.start()
+
+    def argv(self) -> list[str]:
+        return [sys.executable, "-m", "mailtls_tasks.cli", "worker", "--config", str(self.config),
+                "--broker", self.broker]
 
     def start(self, timeout: float = 30.0) -> None:
         offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mailtls_tasks.cli", "worker", "--config", str(self.config),
-             "--broker", self.broker],
+            [*self.wrap, *self.argv()],
             stdin=subprocess.DEVNULL, stdout=self.log_path.open("ab"), stderr=subprocess.STDOUT,
             start_new_session=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), **self.env})
         deadline = time.monotonic() + timeout
@@ -162,14 +167,20 @@ class Worker:
 
 
 class Flower:
-    def __init__(self, broker: str, log: Path, auth: str = "ops:s3cret") -> None:
+    """``mailtls flower`` on a free port. ``auth=None``: no basic auth and an open API
+    (a test's own loopback Flower, so a headless browser can load it)."""
+
+    def __init__(self, broker: str, log: Path, auth: str | None = "ops:s3cret") -> None:
         self.port = free_port()
         self.auth = auth
+        env = {**os.environ, "PYTHONPATH": str(REPO), "MAILTLS_BROKER_URL": broker}
+        extra = [f"--basic-auth={auth}"] if auth else []
+        if not auth:
+            env["FLOWER_UNAUTHENTICATED_API"] = "true"
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mailtls_tasks.cli", "flower", "--broker", broker, "--port", str(self.port),
-             f"--basic-auth={auth}"],
+            [sys.executable, "-m", "mailtls_tasks.cli", "flower", "--port", str(self.port), *extra],
             stdin=subprocess.DEVNULL, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
-            cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+            cwd=REPO, env=env)
         wait_port(self.port, timeout=30)
 
     @property
@@ -180,10 +191,23 @@ class Flower:
         import base64
         import urllib.request
 
-        req = urllib.request.Request(self.url + path, headers={
-            "Authorization": "Basic " + base64.b64encode(self.auth.encode()).decode()})
+        headers = {"Authorization": "Basic " + base64.b64encode(self.auth.encode()).decode()} if self.auth else {}
+        req = urllib.request.Request(self.url + path, headers=headers)
         with urllib.request.urlopen(req, timeout=10) as resp:
             return str(resp.read().decode())
+
+    def screenshot(self, out: Path, path: str = "/tasks") -> Path:
+        """The page as an operator sees it, rendered by a headless Chromium."""
+        chromium = require("chromium")
+        profile = out.parent / "chromium-profile"
+        subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                        f"--user-data-dir={profile}", "--hide-scrollbars", "--window-size=1600,1000",
+                        "--virtual-time-budget=8000", f"--screenshot={out}", self.url + path],
+                       capture_output=True, timeout=120, check=False)
+        if not out.exists():
+            raise RuntimeError("chromium wrote no screenshot")
+        return out
 
     def stop(self) -> None:
         _kill_group(self.proc)

@@ -25,9 +25,11 @@ from .daemons import Dovecot, Postfix
 from .pki import Issued
 
 WRAPPER = """#!/bin/sh
-# {name}: fails once if {marker} exists, else runs the real command.
+# {name}: fails once if {marker} exists, pretends once (exit 0, does nothing) if
+# {skip} exists, else runs the real command.
 echo "$(date +%s.%N) {name}" >> {calls}
 if [ -e {marker} ]; then rm -f {marker}; echo "{name}: failing on purpose" >&2; exit 1; fi
+if [ -e {skip} ]; then rm -f {skip}; echo "{name}: skipped on purpose"; exit 0; fi
 exec {real}
 """
 
@@ -37,12 +39,18 @@ class Wrapper:
         self.name = name
         self.path = bin_dir / name
         self.marker = bin_dir / f"{name}.fail-once"
+        self.skip = bin_dir / f"{name}.skip-once"
         self.calls_file = bin_dir / f"{name}.calls"
-        self.path.write_text(WRAPPER.format(name=name, marker=self.marker, calls=self.calls_file, real=real))
+        self.path.write_text(WRAPPER.format(name=name, marker=self.marker, skip=self.skip, calls=self.calls_file,
+                                            real=real))
         os.chmod(self.path, 0o755)
 
     def fail_once(self) -> None:
         self.marker.touch()
+
+    def skip_once(self) -> None:
+        """The next call succeeds without doing anything: a reload that never happened."""
+        self.skip.touch()
 
     @property
     def calls(self) -> int:
