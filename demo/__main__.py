@@ -1,16 +1,20 @@
 """Run with ``make demo`` (or ``make demo DEMO_ARGS=--keep`` to explore afterwards).
 
-Starts, on loopback high ports in a temp dir: redis-server, Postfix, Dovecot, a
-mailtls worker and Flower; makes a throwaway CA; then runs four deploys through the
-real ``mailtls`` command and shows what each did. Nothing outside the temp dir is
-touched; everything is stopped at the end.
+Starts, on loopback in a temp dir: redis-server, Flower, and two mail hosts ``mx1``
+and ``mx2`` -- each with its own Postfix and Dovecot, its own files and its own worker,
+and both with the very same targets file (each worker runs with ``--host``). Makes a
+throwaway CA, then runs the real ``mailtls`` command -- every command is printed
+exactly as it is run -- to deploy, redeploy, refuse a bad key, roll a certificate out
+to both hosts with a canary wave, watch a rollout halt and roll back, and audit what
+every listener serves. Nothing outside the temp dir is touched; everything is stopped
+at the end.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -19,44 +23,36 @@ import time
 from pathlib import Path
 
 from mailtls_tasks.core import probe
+from tests.support.fleet import MAIL_NAME, Fleet
 from tests.support.keys import Pipeline
 from tests.support.pki import make_pki
-from tests.support.services import REPO, Flower, RedisServer, Worker
-from tests.support.stack import MailStack
+from tests.support.services import REPO, Flower, RedisServer
 
-BOLD, DIM, GREEN, RED, YELLOW, RESET = "\033[1m", "\033[2m", "\033[32m", "\033[31m", "\033[33m", "\033[0m"
+BOLD, DIM, RESET = "\033[1m", "\033[2m", "\033[0m"
 if not sys.stdout.isatty():
-    BOLD = DIM = GREEN = RED = YELLOW = RESET = ""
+    BOLD = DIM = RESET = ""
+MAILTLS = str(Path(sys.executable).parent / "mailtls")  # the console script `pip install` put beside python
 
 
 def say(title: str) -> None:
-    print(f"\n{BOLD}== {title}{RESET}")
+    print(f"\n{BOLD}== {title}{RESET}", flush=True)
 
 
-def mailtls(env: dict[str, str], *args: str) -> dict[str, object]:
-    shown = " ".join(a if len(a) < 60 else "…/" + Path(a).name for a in args)
-    print(f"{DIM}$ mailtls {shown}{RESET}")
-    p = subprocess.run([sys.executable, "-m", "mailtls_tasks.cli", *args, "--json"], capture_output=True,
-                       text=True, env=env, cwd=REPO, timeout=180)
-    out: dict[str, object] = json.loads(p.stdout) if p.stdout.strip().startswith("{") else {"error": p.stderr}
-    color = {"deployed": GREEN, "unchanged": GREEN, "rejected": YELLOW, "rolled_back": YELLOW}.get(
-        str(out.get("outcome")), RED)
-    print(f"  outcome   {color}{out.get('outcome')}{RESET}   (exit {p.returncode})")
-    for k in ("fingerprint_sha256", "previous_fingerprint_sha256", "served_fingerprint_sha256"):
-        if out.get(k):
-            print(f"  {k.replace('_sha256', ''):<22} {str(out[k])[:32]}…")
-    steps = out.get("steps") or {}
-    if isinstance(steps, dict) and steps:
-        print("  steps     " + "  ".join(f"{n} {s['status']} {s['ms']}ms" for n, s in steps.items()))
-    if out.get("error"):
-        print(f"  error     {out['error']}")
-    return out
+def mailtls(env: dict[str, str], *args: str) -> int:
+    """Run ``mailtls ARGS`` and show it as run, then its output and exit code."""
+    print(f"{DIM}$ mailtls {' '.join(shlex.quote(a) for a in args)}{RESET}", flush=True)
+    p = subprocess.run([MAILTLS, *args], capture_output=True, text=True, env=env, cwd=env["DEMO_DIR"], timeout=300)
+    for line in (p.stdout + p.stderr).rstrip().splitlines():
+        print(f"  {line}")
+    print(f"  {DIM}(exit {p.returncode}){RESET}", flush=True)
+    return p.returncode
 
 
-def show_served(stack: MailStack, names: dict[str, str]) -> None:
-    for proto, port in stack.endpoints().items():
-        fp = probe.probe("127.0.0.1", port, proto).fingerprint
-        print(f"  {proto:<6} 127.0.0.1:{port:<6} serves {fp[:32]}…  {names.get(fp, '?')}")
+def show_served(fleet: Fleet, names: dict[str, str]) -> None:
+    for name, h in fleet.hosts.items():
+        for proto, port in (("smtp", fleet.smtp_ports[0]), ("imaps", fleet.dovecot_ports["imaps"])):
+            fp = probe.probe(h.address, port, proto, MAIL_NAME).fingerprint
+            print(f"  {name} {proto:<6} {h.address}:{port:<6} serves {fp[:24]}…  {names.get(fp, '?')}")
 
 
 def main() -> int:
@@ -69,79 +65,87 @@ def main() -> int:
     try:
         say(f"Starting private services on loopback (temp dir {root})")
         pki = make_pki("ec")
-        first = pki.leaf("mail.demo.test")
+        (root / "demo-ca.pem").write_bytes(pki.root.cert_pem)
         redis = RedisServer(root / "redis")
         started.append(redis)
         pipeline = Pipeline(root / "pipeline")  # signing key + pinned host keys, as `mailtls keys` makes them
-        stack = MailStack(root / "mailhost", first, host="demo-mx", pipeline=pipeline)
-        misdir = stack.root / "certs" / "misconfigured"
-        misdir.mkdir()
-        stack.add("smtp-misconfigured", "postfix", verify_port=stack.postfix.smtp_port, protocol="smtp",
-                  verify_timeout=3, cert_path=str(misdir / "cert.pem"), key_path=str(misdir / "key.pem"))
-        stack.start()
-        started.append(stack)
-        print(f"  redis     {redis.url}")
-        print(f"  postfix   smtp 127.0.0.1:{stack.postfix.smtp_port}  smtps 127.0.0.1:{stack.postfix.smtps_port}")
-        print("  dovecot   " + "  ".join(f"{k} 127.0.0.1:{v}" for k, v in stack.dovecot.ports.items()))
-        worker = Worker(stack.config_path, redis.url, root / "worker.log")
-        started.append(worker)
-        print(f"  worker    host demo-mx, queue mailtls.demo-mx (log {root / 'worker.log'})")
         flower = Flower(redis.url, root / "flower.log", auth="demo:demo")
         started.append(flower)
+        fleet = Fleet(root / "fleet", pki, pipeline, ["mx1", "mx2"], trust_anchors=root / "demo-ca.pem",
+                      with_www=False)
+        started.append(fleet)
+        fleet.start(redis.url)
+        print(f"  redis     {redis.url}")
+        for name, h in fleet.hosts.items():
+            print(f"  {name}       Postfix smtp {h.address}:{fleet.smtp_ports[0]}, Dovecot imaps "
+                  f"{h.address}:{fleet.dovecot_ports['imaps']}, worker on queue mailtls.{name}")
+        print(f"  targets   one file for both hosts: {fleet.targets_file}")
         print(f"  flower    {flower.url}  (user demo, password demo)")
+        print(f"  keys      bundles travel sealed for each host and signed by the pipeline ({pipeline.path.name})")
         env = {**os.environ, "MAILTLS_BROKER_URL": redis.url, "MAILTLS_PIPELINE": str(pipeline.path),
-               "PYTHONPATH": str(REPO)}
-        print(f"  keys      pipeline signer {pipeline.public[:28]}…, host key pinned in {pipeline.path.name};"
-              " bundles travel sealed and signed")
+               "PYTHONPATH": str(REPO), "DEMO_DIR": str(root / "incoming")}
+        incoming = root / "incoming"
+        incoming.mkdir()
 
-        names = {first.fingerprint: "(initial cert)"}
-        say("What the daemons serve before anything happens")
-        show_served(stack, names)
+        names = {fleet.initial.fingerprint: "(initial cert)"}
+        say("The fleet as its workers registered it: a target is HOST/NAME")
+        mailtls(env, "targets")
+        say("What every listener serves before anything happens")
+        show_served(fleet, names)
 
-        new = pki.leaf("mail.demo.test")
+        new = pki.leaf(MAIL_NAME)
         names[new.fingerprint] = "(NEW cert)"
-        files = root / "incoming"
-        files.mkdir()
-        (files / "fullchain.pem").write_bytes(new.fullchain_pem)
-        (files / "privkey.pem").write_bytes(new.key_pem)
-        (files / "wrong-key.pem").write_bytes(pki.leaf().key_pem)
-        time.sleep(1)
+        (incoming / "fullchain.pem").write_bytes(new.fullchain_pem)
+        (incoming / "privkey.pem").write_bytes(new.key_pem)
+        (incoming / "wrong-key.pem").write_bytes(pki.leaf(MAIL_NAME).key_pem)
 
-        say("1. Deploy a new certificate to Postfix, then Dovecot (they share the files via symlinks)")
-        mailtls(env, "deploy", "smtp", "--cert", str(files / "fullchain.pem"), "--key", str(files / "privkey.pem"))
-        mailtls(env, "deploy", "imap", "--cert", str(files / "fullchain.pem"), "--key", str(files / "privkey.pem"))
-        print("  verified on the wire, every listener:")
-        show_served(stack, names)
+        say("1. A bare name is defined on both hosts: mailtls asks which one")
+        mailtls(env, "deploy", "smtp", "--cert", "fullchain.pem", "--key", "privkey.pem")
 
-        say("2. Deploy the same certificate again: nothing to do, no reload")
-        mailtls(env, "deploy", "smtp", "--cert", str(files / "fullchain.pem"), "--key", str(files / "privkey.pem"))
+        say("2. Deploy to one daemon on one host: staged, validated, committed, reloaded, verified on the wire")
+        mailtls(env, "deploy", "mx1/smtp", "--cert", "fullchain.pem", "--key", "privkey.pem")
 
-        say("3. A key that does not match the certificate: rejected before anything is touched")
-        mailtls(env, "deploy", "smtp", "--cert", str(files / "fullchain.pem"), "--key", str(files / "wrong-key.pem"))
+        say("3. The same certificate again: nothing to do, no reload")
+        mailtls(env, "deploy", "mx1/smtp", "--cert", "fullchain.pem", "--key", "privkey.pem")
 
-        say("4. A target whose files Postfix does not read: verify fails, the old files come back")
-        for f in ("cert.pem", "key.pem"):  # a copy of what Postfix serves now, at a path it never reads
-            shutil.copy2(stack.shared / f, misdir / f)
-        third = pki.leaf("mail.demo.test")
-        names[third.fingerprint] = "(never served)"
-        (files / "third.pem").write_bytes(third.fullchain_pem)
-        (files / "third-key.pem").write_bytes(third.key_pem)
-        mailtls(env, "deploy", "smtp-misconfigured", "--cert", str(files / "third.pem"), "--key",
-                str(files / "third-key.pem"))
-        print("  what is served now:")
-        show_served(stack, names)
+        say("4. A key that does not match the certificate: rejected before anything is touched")
+        mailtls(env, "deploy", "mx1/smtp", "--cert", "fullchain.pem", "--key", "wrong-key.pem")
 
-        say("The fleet, as the registry in Redis sees it")
-        p = subprocess.run([sys.executable, "-m", "mailtls_tasks.cli", "targets"], capture_output=True, text=True,
-                           env=env, cwd=REPO, timeout=60)
-        print(p.stdout.rstrip())
+        say("5. Roll it out to every daemon serving mail.fleet.test, on both hosts: a canary first, then the rest")
+        mailtls(env, "rollout", "--cert", "fullchain.pem", "--key", "privkey.pem", "--covers", MAIL_NAME,
+                "--waves", "1,100%")
+        show_served(fleet, names)
+
+        say("6. The next certificate, but mx2's Dovecot never really reloads: verify fails there, its old files "
+            "come back, and the rollout halts before touching the rest")
+        third = pki.leaf(MAIL_NAME)
+        names[third.fingerprint] = "(THIRD cert)"
+        (incoming / "third.pem").write_bytes(third.fullchain_pem)
+        (incoming / "third-key.pem").write_bytes(third.key_pem)
+        fleet.hosts["mx2"].dv_reload.skip_once()
+        mailtls(env, "rollout", "--cert", "third.pem", "--key", "third-key.pem", "--label", "imap",
+                "--waves", "1,2")
+        show_served(fleet, names)
+
+        say("7. The drift audit: files changed behind a daemon's back are caught")
+        by_hand = pki.leaf(MAIL_NAME, days=5)
+        mx2 = fleet.hosts["mx2"]
+        mx2.path("postfix", "key").write_bytes(by_hand.key_pem)
+        mx2.path("postfix", "cert").write_bytes(by_hand.fullchain_pem)
+        print(f"  (a certificate valid for 5 more days copied by hand over {mx2.path('postfix', 'cert')})")
+        mailtls(env, "audit", "--now")
+
+        say("The fleet now: what each target serves and how its last deploy ended, and why")
+        mailtls(env, "targets")
 
         if args.keep:
-            say("Everything keeps running. Try:")
+            say("Everything keeps running. Try, in another terminal:")
             print(f"  export MAILTLS_BROKER_URL={redis.url} MAILTLS_PIPELINE={pipeline.path}")
-            print("  .venv/bin/mailtls history smtp")
-            print(f"  swaks -tls -s 127.0.0.1 -p {stack.postfix.smtp_port} --quit-after TLS")
-            print(f"  open {flower.url} (demo/demo)")
+            print(f"  {MAILTLS} history mx1/smtp")
+            print(f"  {MAILTLS} audit --now")
+            print(f"  openssl s_client -connect {fleet.hosts['mx1'].address}:{fleet.smtp_ports[0]} -starttls smtp "
+                  f"-servername {MAIL_NAME} -CAfile {root / 'demo-ca.pem'} </dev/null")
+            print(f"  Flower: {flower.url} (demo / demo)")
             print("Ctrl-C stops everything.")
             try:
                 while True:

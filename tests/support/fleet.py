@@ -76,7 +76,9 @@ class Fleet:
     """Hosts ``fleet-a``, ``fleet-b`` ... on 127.0.0.2, .3 ...; one targets file."""
 
     def __init__(self, root: Path, pki: PKI, pipeline: Pipeline, names: list[str], *,
-                 settings: dict[str, Any] | None = None, trust_anchors: Path | None = None) -> None:
+                 settings: dict[str, Any] | None = None, trust_anchors: Path | None = None,
+                 with_www: bool = True) -> None:
+        self.with_www = with_www
         self.root, self.pki, self.pipeline = root, pki, pipeline
         root.mkdir(parents=True, exist_ok=True)
         os.chmod(root, 0o755)
@@ -124,7 +126,11 @@ names = ["{MAIL_NAME}"]
 labels = ["imap", "mail"]
 {anchors}post_deploy_verify = {{ enabled = true, endpoint = "{MAIL_NAME}:{self.dovecot_ports['imaps']}", \
 protocol = "imaps", timeout = "3s", interval = "100ms" }}
+{self._www() if self.with_www else ""}""")
 
+    def _www(self) -> str:
+        v = self.view
+        return f"""
 [targets.www]
 mode = "postfix"
 cert_path = "{v}/certs/www/cert.pem"
@@ -133,7 +139,7 @@ reload_command = "/bin/true"
 validate_command = ""
 names = ["www.fleet.test"]
 labels = ["web"]
-""")
+"""
 
     def start(self, broker: str, extra_env: dict[str, str] | None = None) -> None:
         for h in self.hosts.values():
