@@ -197,3 +197,15 @@ def test_flower_task_list_shows_target_deploy_and_outcome(ctx: Ctx, tmp_path: Pa
     assert info["root_id"] == root["uuid"]
     shot = ctx.flower.screenshot(tmp_path / "flower-tasks.png")
     assert shot.stat().st_size > 10_000
+
+
+def test_a_second_worker_for_the_same_host_is_refused(ctx: Ctx) -> None:
+    """Two workers on one host name would consume one queue and take each other's deploys."""
+    a = ctx.fleet.hosts["fleet-a"]
+    first = a.worker
+    with pytest.raises(RuntimeError, match="worker exited 1") as err:
+        a.start_worker(ctx.redis.url)
+    assert "host 'fleet-a' is already served by another live worker" in str(err.value)
+    a.worker = first  # the first one still serves, untouched
+    assert first is not None and first.proc is not None and first.proc.poll() is None
+    assert ctx.co.host_alive("fleet-a")

@@ -115,7 +115,7 @@ def test_deploy_through_queue(fleet: Fleet) -> None:
     assert [ln.split("Task ")[1].split("[")[0] for ln in ran] == [
         "mailtls.deploy", "mailtls.stage", "mailtls.validate", "mailtls.commit", "mailtls.reload", "mailtls.verify"]
     assert res.deploy_id not in fleet.w2.log()
-    hist = subprocess.run([sys.executable, "-m", "mailtls_tasks.cli", "history", "smtp", "--json", "--broker",
+    hist = subprocess.run([sys.executable, "-m", "mailtls_tasks.cli", "history", "mx1/smtp", "--json", "--broker",
                            fleet.redis.url], capture_output=True, text=True, cwd=REPO, check=True)
     top = json.loads(hist.stdout)[0]
     assert top["deploy_id"] == res.deploy_id and top["outcome"] == "deployed" and top["host"] == "mx1"
