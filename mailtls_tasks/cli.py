@@ -66,9 +66,12 @@ def cli(verbose: bool) -> None:
 
 @cli.command()
 @click.argument("target")
-@click.option("--cert", "cert_file", required=True, metavar="FILE", help="leaf certificate (or full chain), PEM")
-@click.option("--key", "key_file", required=True, metavar="FILE", help="private key, PEM, unencrypted")
-@click.option("--chain", "chain_file", metavar="FILE", help="intermediate certificates, PEM, leaf's issuer first")
+@click.option("--cert", "cert_files", required=True, multiple=True, metavar="FILE",
+              help="leaf certificate (or full chain), PEM; twice for a dual RSA + ECDSA target")
+@click.option("--key", "key_files", required=True, multiple=True, metavar="FILE",
+              help="private key, PEM, unencrypted; one per --cert, in the same order")
+@click.option("--chain", "chain_files", multiple=True, metavar="FILE",
+              help="intermediate certificates, PEM, leaf's issuer first; none, or one per --cert")
 @config_option
 @click.option("--local", is_flag=True, help="run in-process on this host (no broker)")
 @click.option("--force", is_flag=True, help="allow a leaf older than the deployed one")
@@ -81,9 +84,9 @@ def cli(verbose: bool) -> None:
               help="distributed: how long to wait for the outcome (default 600); --local: how long to wait "
                    "for another deploy that owns the target's files (default 300)")
 @click.option("--no-wait", is_flag=True, help="enqueue, print the deploy id and exit (distributed mode)")
-def deploy(target: str, cert_file: str, key_file: str, chain_file: str | None, config_path: str | None,
-           local: bool, force: bool, as_json: bool, deploy_id: str | None, broker: str | None,
-           pipeline_path: str | None, wait_s: float, no_wait: bool) -> None:
+def deploy(target: str, cert_files: tuple[str, ...], key_files: tuple[str, ...], chain_files: tuple[str, ...],
+           config_path: str | None, local: bool, force: bool, as_json: bool, deploy_id: str | None,
+           broker: str | None, pipeline_path: str | None, wait_s: float, no_wait: bool) -> None:
     """Deploy a certificate, key and chain to TARGET.
 
     With --local, in-process on this host; otherwise enqueued to the target's worker
@@ -91,18 +94,15 @@ def deploy(target: str, cert_file: str, key_file: str, chain_file: str | None, c
     3 rolled back, 4 failed (operator needed), 1 usage/infrastructure error.
     """
     try:
-        cert = _read_input(cert_file, "cert")
-        key = _read_input(key_file, "key")
-        chain = _read_input(chain_file, "chain")
-        assert cert is not None and key is not None
+        (cert, key, chain), *also = _read_bundles(cert_files, key_files, chain_files)
         if local:
             result = _deploy_local(load_config(config_path), target, cert, key, chain, force, deploy_id,
-                                   300.0 if wait_s is None else wait_s)
+                                   300.0 if wait_s is None else wait_s, also)
         else:
             from .distributed.workflow import deploy as enqueue
 
             handle = enqueue(target, cert, key, chain, force=force, broker_url=broker, deploy_id=deploy_id,
-                             pipeline=pipeline_path)
+                             pipeline=pipeline_path, also=also)
             if no_wait:
                 click.echo(json.dumps({"deploy_id": handle.deploy_id, "target": handle.target, "host": handle.host})
                            if as_json else handle.deploy_id)
@@ -115,15 +115,31 @@ def deploy(target: str, cert_file: str, key_file: str, chain_file: str | None, c
     _emit(result, as_json)
 
 
+def _read_bundles(certs: tuple[str, ...], keys: tuple[str, ...],
+                  chains: tuple[str, ...]) -> list[tuple[bytes, bytes, bytes | None]]:
+    """--cert/--key/--chain, paired in order: one bundle per certificate."""
+    if len(certs) != len(keys) or (chains and len(chains) != len(certs)) or len(certs) > 2:
+        raise click.UsageError("give one --key per --cert (and no --chain, or one per --cert); at most two: an RSA "
+                               "and an ECDSA certificate")
+    out = []
+    for i, (c, k) in enumerate(zip(certs, keys, strict=True)):
+        cert, key = _read_input(c, "cert"), _read_input(k, "key")
+        assert cert is not None and key is not None
+        out.append((cert, key, _read_input(chains[i], "chain") if chains else None))
+    return out
+
+
 def _deploy_local(cfg: Any, target: str, cert: bytes, key: bytes, chain: bytes | None, force: bool,
-                  deploy_id: str | None, wait_s: float) -> DeployResult:
+                  deploy_id: str | None, wait_s: float,
+                  also: list[tuple[bytes, bytes, bytes | None]] | None = None) -> DeployResult:
     """Run in-process; on SIGTERM or Ctrl-C the run compensates, then we report that."""
     from .core.journal import Journal
     from .core.local import Terminated, new_deploy_id, run_local
 
     deploy_id = deploy_id or new_deploy_id()
     try:
-        return run_local(cfg, target, cert, key, chain, force=force, deploy_id=deploy_id, lock_timeout=wait_s)
+        return run_local(cfg, target, cert, key, chain, force=force, deploy_id=deploy_id, lock_timeout=wait_s,
+                         also=also)
     except (KeyboardInterrupt, Terminated):
         rec = Journal(cfg.state_dir).load(cfg.target(target).name, deploy_id)
         if rec is None or not rec.finished:
@@ -140,8 +156,9 @@ def check_config(config_path: str | None, as_json: bool) -> None:
         cfg = load_config(config_path)
     except MailTLSError as err:
         _fail(str(err), err.exit_code)
+    hints = {n: _listener_hints(t) for n, t in cfg.targets.items()}
     data = {"source": cfg.source, "host": cfg.host, "state_dir": cfg.state_dir,
-            "targets": {n: t.public_view() for n, t in cfg.targets.items()}}
+            "targets": {n: {**t.public_view(), "suggested_endpoints": hints[n]} for n, t in cfg.targets.items()}}
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
@@ -152,6 +169,25 @@ def check_config(config_path: str | None, as_json: bool) -> None:
             if k == "name":
                 continue
             click.echo(f"  {k:<20} {v}")
+        if hints[name]:
+            click.echo(f"  hint: {t.mode} usually also listens on {', '.join(hints[name])}: a listener the deploy "
+                       "does not verify may keep serving the old certificate; list them all in "
+                       "post_deploy_verify.endpoints")
+
+
+USUAL_PORTS = {"postfix": [(25, "smtp"), (465, "smtps"), (587, "submission")],
+               "dovecot": [(143, "imap"), (993, "imaps"), (110, "pop3"), (995, "pop3s")]}
+
+
+def _listener_hints(t: Any) -> list[str]:
+    """The listeners a mode usually has that the target's verify does not list."""
+    listeners = t.verify_endpoints()
+    if not listeners:
+        return []
+    ports = {li.port for li in listeners}
+    host = listeners[0].host
+    shown = f"[{host}]" if ":" in host else host
+    return [f"{shown}:{port} ({what})" for port, what in USUAL_PORTS[t.mode] if port not in ports]
 
 
 @cli.command()
@@ -310,9 +346,10 @@ def _csv(value: str | None) -> list[str] | None:
 
 
 @cli.command()
-@click.option("--cert", "cert_file", required=True, metavar="FILE", help="leaf certificate (or full chain), PEM")
-@click.option("--key", "key_file", required=True, metavar="FILE", help="private key, PEM, unencrypted")
-@click.option("--chain", "chain_file", metavar="FILE", help="intermediate certificates, PEM")
+@click.option("--cert", "cert_files", required=True, multiple=True, metavar="FILE",
+              help="leaf certificate (or full chain), PEM; twice for dual RSA + ECDSA targets")
+@click.option("--key", "key_files", required=True, multiple=True, metavar="FILE", help="one per --cert")
+@click.option("--chain", "chain_files", multiple=True, metavar="FILE", help="none, or one per --cert")
 @click.option("--targets", "targets_csv", metavar="HOST/NAME,...", help="these targets")
 @click.option("--label", metavar="LABEL", help="every target carrying this label")
 @click.option("--covers", "covers_csv", metavar="DNSNAME,...",
@@ -327,7 +364,8 @@ def _csv(value: str | None) -> list[str] | None:
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
 @broker_option
 @click.option("--pipeline", "pipeline_path", metavar="FILE", envvar="MAILTLS_PIPELINE", help="pipeline keys")
-def rollout(cert_file: str, key_file: str, chain_file: str | None, targets_csv: str | None, label: str | None,
+def rollout(cert_files: tuple[str, ...], key_files: tuple[str, ...], chain_files: tuple[str, ...],
+            targets_csv: str | None, label: str | None,
             covers_csv: str | None, waves: str, continue_on_error: bool, force: bool, rollout_id: str | None,
             wait_s: float, as_json: bool, broker: str | None, pipeline_path: str | None) -> None:
     """Roll one certificate out to every daemon that serves it, in waves.
@@ -337,13 +375,10 @@ def rollout(cert_file: str, key_file: str, chain_file: str | None, targets_csv: 
     from .distributed.rollout import rollout as run_rollout
 
     try:
-        cert = _read_input(cert_file, "cert")
-        key = _read_input(key_file, "key")
-        chain = _read_input(chain_file, "chain")
-        assert cert is not None and key is not None
+        (cert, key, chain), *also = _read_bundles(cert_files, key_files, chain_files)
         result = run_rollout(cert, key, chain, targets=_csv(targets_csv), label=label, covers=_csv(covers_csv),
                              waves=waves, continue_on_error=continue_on_error, force=force, broker_url=broker,
-                             pipeline=pipeline_path, rollout_id=rollout_id, timeout=wait_s)
+                             pipeline=pipeline_path, rollout_id=rollout_id, timeout=wait_s, also=also)
     except MailTLSError as err:
         _fail(str(err), err.exit_code, as_json)
     click.echo(json.dumps(result.model_dump(mode="json")) if as_json else result.human())
@@ -423,6 +458,106 @@ def _audit_now(co: Any) -> None:
     pending = [app.send_task("mailtls.audit", kwargs={"host": h}, queue=queue_for(h), argsrepr=h) for h in hosts]
     for result in pending:
         result.get(timeout=120)
+
+
+@cli.group()
+def dane() -> None:
+    """DANE: the TLSA records a key change needs."""
+
+
+@dane.command("next")
+@click.argument("target")
+@click.option("--key", "key_file", required=True, metavar="FILE", help="the next private key (or its certificate)")
+@config_option
+def dane_next(target: str, key_file: str, config_path: str | None) -> None:
+    """Print the TLSA records to publish (beside the current ones, 2 x TTL ahead) before
+    deploying a certificate for this key to TARGET."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    from .core.dane import record_for
+    from .core.material import spki_sha256
+
+    try:
+        t = load_config(config_path).target(target)
+        data = _read_input(key_file, "key") or b""
+    except MailTLSError as err:
+        _fail(str(err), err.exit_code)
+    if t.dane is None:
+        _fail(f"target {t.name!r} has no dane settings (dane = {{ tlsa = [\"_25._tcp.mx.example.com\"] }})", 1)
+    try:
+        public: Any = (x509.load_pem_x509_certificate(data).public_key() if b"CERTIFICATE" in data
+                       else serialization.load_pem_private_key(data, password=None).public_key())
+    except (ValueError, TypeError) as err:
+        _fail(f"key: {key_file} is neither an unencrypted private key nor a certificate ({err})", 2)
+    for name in t.dane.tlsa:
+        click.echo(record_for(name, spki_sha256(public)))
+
+
+@cli.command("certbot-hook")
+@config_option
+@click.option("--distributed", is_flag=True, help="deploy through the pipeline (a rollout) instead of on this host")
+@click.option("--waves", default="1,100%", show_default=True, help="with --distributed")
+@broker_option
+@click.option("--pipeline", "pipeline_path", metavar="FILE", envvar="MAILTLS_PIPELINE", help="pipeline keys")
+def certbot_hook(config_path: str | None, distributed: bool, waves: str, broker: str | None,
+                 pipeline_path: str | None) -> None:
+    """certbot's --deploy-hook: deploy the renewed lineage to every target whose names it covers.
+
+    Reads RENEWED_LINEAGE (the live/ directory: fullchain.pem, privkey.pem) and
+    RENEWED_DOMAINS. One line per target; exit by the worst outcome (certbot ignores
+    a hook's exit code: watch the log, `mailtls history`, or the audit)."""
+    import os
+
+    from .core.material import leaf_of_file
+    from .core.names import uncovered
+
+    lineage = os.environ.get("RENEWED_LINEAGE")
+    if not lineage:
+        _fail("RENEWED_LINEAGE is not set: run me as certbot's --deploy-hook", 1)
+    domains = (os.environ.get("RENEWED_DOMAINS") or "").split()
+    try:
+        cert = _read_input(os.path.join(lineage, "fullchain.pem"), "cert")
+        key = _read_input(os.path.join(lineage, "privkey.pem"), "key")
+    except MailTLSError as err:
+        _fail(str(err), 2)
+    assert cert is not None and key is not None
+    leaf = leaf_of_file(cert)
+    if leaf is None:
+        _fail(f"{lineage}/fullchain.pem holds no certificate", 2)
+    if distributed:
+        from .distributed.rollout import rollout as run_rollout
+
+        try:
+            result = run_rollout(cert, key, None, covers=domains or None, waves=waves, broker_url=broker,
+                                 pipeline=pipeline_path)
+        except MailTLSError as err:
+            _fail(str(err), err.exit_code)
+        for addr, run in sorted(result.targets.items()):
+            click.echo(f"mailtls: {addr}: {run.outcome}" + (f" ({run.reason})" if run.reason else "")
+                       + f" deploy {run.deploy_id or '-'}" + (f": {run.error}" if run.error else ""))
+        sys.exit(result.exit_code)
+    try:
+        cfg = load_config(config_path)
+    except MailTLSError as err:
+        _fail(str(err), err.exit_code)
+    chosen = [t for t in cfg.targets.values() if t.names and not uncovered(t.names, leaf)
+              and (not domains or set(t.names) & set(domains)) and t.alt is None]
+    if not chosen:
+        _fail(f"no target on host {cfg.host} serves names this certificate covers ({', '.join(domains) or '?'}); "
+              "set `names` on the targets it is for", 1)
+    worst = 0
+    for t in chosen:
+        try:
+            res = _deploy_local(cfg, t.name, cert, key, None, False, None, 300.0)
+        except MailTLSError as err:
+            click.echo(f"mailtls: {cfg.host}/{t.name}: error: {err}")
+            worst = max(worst, err.exit_code)
+            continue
+        click.echo(f"mailtls: {res.target}: {res.outcome}" + (f" ({res.reason})" if res.reason else "")
+                   + f" deploy {res.deploy_id}" + (f": {res.error}" if res.error else ""))
+        worst = max(worst, res.exit_code)
+    sys.exit(worst)
 
 
 @cli.group()

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 
 class MailTLSError(Exception):
-    """Base class. ``str(err)`` is safe to log and to store in Redis."""
+    """Base class. ``str(err)`` is safe to log and to store in Redis. ``reason`` is the
+    short, stable word a deploy that ends with this error is recorded with."""
 
     outcome: str = "failed"
     transient: bool = False
     exit_code: int = 1
+    reason: str | None = None
 
 
 class ConfigError(MailTLSError):
@@ -121,6 +123,8 @@ class DeployFailed(MailTLSError):
 
 class Superseded(Rejected):
     """A newer deploy of the same target already ran; this (stale) message must not act."""
+
+    reason = "superseded"
 
 
 class Conflict(MailTLSError):

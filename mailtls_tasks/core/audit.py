@@ -20,13 +20,13 @@ publishes the result; ``mailtls audit`` prints the fleet's.
 from __future__ import annotations
 
 import datetime as dt
-import ssl
 from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from ..errors import MaterialError
 from . import files, material, probe
-from .config import Target, VerifySettings
+from .config import Listener, Target
 from .journal import Journal, now_iso
 
 Status = Literal["ok", "warning", "critical"]
@@ -62,21 +62,15 @@ class TargetAudit(BaseModel):
             self.status = status
 
 
-def _verifying_context(cafile: str | None) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(cafile=cafile) if cafile else ssl.create_default_context()
-    ctx.check_hostname = True
-    return ctx
-
-
 def audit_target(t: Target, journal: Journal, host: str, *, warn_days: float,
                  now: dt.datetime | None = None) -> TargetAudit:
     """Probe and compare one target; never raises for what it finds (that is the result)."""
     now = now or dt.datetime.now(dt.UTC)
     out = TargetAudit(target=f"{host}/{t.name}", host=host)
-    cert = files.read_bytes(files.real_path(t.cert_path))
+    cert = files.read_bytes(files.real_path(t.leaf_file()))
     leaf = material.leaf_of_file(cert) if cert else None
     if leaf is None:
-        out.worse("critical", f"no readable certificate at {t.cert_path}")
+        out.worse("critical", f"no readable certificate at {t.leaf_file()}")
     else:
         out.on_disk_fingerprint = material.fingerprint(leaf)
         not_after = leaf.not_valid_after_utc
@@ -93,44 +87,56 @@ def audit_target(t: Target, journal: Journal, host: str, *, warn_days: float,
             out.drift = True
             out.worse("critical", f"on disk {out.on_disk_fingerprint[:16]}… is not what deploy {last.deploy_id} "
                                   f"put there ({(last.fingerprint or '-')[:16]}…): changed by hand?")
-    for v in t.verify_endpoints():
-        out.listeners.append(_audit_listener(t, v, out))
+    served_leaves = []
+    for li in t.verify_endpoints():
+        la, served = _audit_listener(t, li, out)
+        out.listeners.append(la)
+        if served is not None:
+            served_leaves.append(served.chain[0])
+    if t.dane is not None:
+        from .dane import served_mismatch
+
+        for spki in sorted({material.spki_sha256(leaf.public_key()) for leaf in served_leaves}):
+            for problem in served_mismatch(t, spki):
+                out.worse("critical", f"DANE: {problem}")
     return out
 
 
-def _names(t: Target, v: VerifySettings) -> list[str]:
+def _names(t: Target, li: Listener) -> list[str]:
     if t.names:
         return list(t.names)
-    if v.server_name:
-        return [v.server_name]
+    if li.server_name:
+        return [li.server_name]
     return []
 
 
-def _audit_listener(t: Target, v: VerifySettings, out: TargetAudit) -> ListenerAudit:
-    proto = probe.resolve_protocol(v.protocol, v.port)
-    la = ListenerAudit(endpoint=v.endpoint, protocol=proto)
+def _audit_listener(t: Target, li: Listener, out: TargetAudit) -> tuple[ListenerAudit, probe.Served | None]:
+    proto = probe.resolve_protocol(li.protocol, li.port)
+    la = ListenerAudit(endpoint=li.endpoint, protocol=proto)
     try:
-        served = probe.probe(v.host, v.port, v.protocol, v.server_name, v.connect_timeout)
+        served = probe.probe_listener(li)
     except probe.ProbeError as err:
         la.error = str(err)
-        out.worse("critical", f"{v.endpoint}: {err}")
-        return la
+        out.worse("critical", f"{li.endpoint}: {err}")
+        return la, None
     la.served_fingerprint = served.fingerprint
     la.served_not_after = served.not_after
     if out.on_disk_fingerprint and served.fingerprint != out.on_disk_fingerprint:
         out.drift = True
-        out.worse("critical", f"{v.endpoint} serves {served.fingerprint[:16]}…, not the "
+        out.worse("critical", f"{li.endpoint} serves {served.fingerprint[:16]}…, not the "
                               f"{out.on_disk_fingerprint[:16]}… on disk: the daemon was not reloaded, or reads "
                               "other files")
-    ctx = _verifying_context(t.trust_anchors or None)
-    for name in _names(t, v):
-        try:
-            probe.probe(v.host, v.port, v.protocol, name, v.connect_timeout, context=ctx)
-            la.chain[name] = "ok"
-        except probe.ProbeError as err:
-            la.chain[name] = str(err)
-            out.worse("critical", f"{v.endpoint}: the served chain does not verify for {name}: {err}")
-    return la
+    try:
+        anchors = material.anchors_for(t.trust_anchors)
+    except MaterialError as err:
+        out.worse("critical", str(err))
+        return la, served
+    for name in _names(t, li):
+        why = material.chain_problem(served.chain[0], served.chain[1:], name, anchors)
+        la.chain[name] = why or "ok"
+        if why:
+            out.worse("critical", f"{li.endpoint}: the served chain does not verify for {name}: {why}")
+    return la, served
 
 
 def worst(audits: list[TargetAudit]) -> Status:

@@ -20,6 +20,7 @@ import re
 import shlex
 import socket
 import tomllib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -123,13 +124,51 @@ def _parse_mode_bits(value: Any, field: str) -> int:
     return value
 
 
+class Endpoint(BaseModel):
+    """One listener a deploy verifies: ``host:port``, how to speak to it, what SNI to send."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    endpoint: str
+    protocol: Protocol = "auto"
+    server_name: str | None = None
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint(cls, v: str) -> str:
+        split_endpoint(v)  # raises ValueError with a message
+        return v
+
+    @field_validator("server_name")
+    @classmethod
+    def _server_name(cls, v: str | None) -> str | None:
+        return None if v is None else check_server_name(v)
+
+
+@dataclass(frozen=True)
+class Listener:
+    """An endpoint with the poll settings of its target: what a probe needs."""
+
+    endpoint: str
+    host: str
+    port: int
+    protocol: str
+    server_name: str | None
+    timeout: float
+    interval: float
+    connect_timeout: float
+
+
 class VerifySettings(BaseModel):
-    """``post_deploy_verify``: probe the daemon after reload until it serves the new leaf."""
+    """``post_deploy_verify``: probe every listener after reload until each serves the new
+    leaf. ``endpoint`` (one listener, with ``protocol`` and ``server_name``) is kept for
+    existing files; ``endpoints`` lists them all, each with its own protocol and name."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     enabled: bool = False
     endpoint: str = ""
+    endpoints: list[Endpoint] = Field(default_factory=list)
     timeout: float = 30.0
     protocol: Protocol = "auto"
     server_name: str | None = None
@@ -146,20 +185,110 @@ class VerifySettings(BaseModel):
     def _server_name(cls, v: str | None) -> str | None:
         return None if v is None else check_server_name(v)
 
+    @field_validator("endpoints", mode="before")
+    @classmethod
+    def _endpoints(cls, v: Any) -> Any:
+        if isinstance(v, list):  # "host:port" strings are fine too
+            return [{"endpoint": e} if isinstance(e, str) else e for e in v]
+        return v
+
     @model_validator(mode="after")
     def _endpoint_needed(self) -> VerifySettings:
-        if self.enabled:
-            host, port = split_endpoint(self.endpoint)  # raises ValueError with a message
-            del host, port
+        if self.endpoint:
+            split_endpoint(self.endpoint)  # raises ValueError with a message
+        if self.enabled and not self.endpoint and not self.endpoints:
+            raise ValueError("endpoint: required when verify is enabled (\"host:port\", or endpoints = [...])")
+        seen = [e.endpoint for e in self.all_endpoints()]
+        if len(set(seen)) != len(seen):
+            raise ValueError("endpoints: the same listener is listed twice")
         return self
 
-    @property
-    def host(self) -> str:
-        return split_endpoint(self.endpoint)[0]
+    def all_endpoints(self) -> list[Endpoint]:
+        first = [Endpoint(endpoint=self.endpoint, protocol=self.protocol, server_name=self.server_name)] \
+            if self.endpoint else []
+        return first + list(self.endpoints)
 
-    @property
-    def port(self) -> int:
-        return split_endpoint(self.endpoint)[1]
+    def listeners(self) -> list[Listener]:
+        if not self.enabled:
+            return []
+        out = []
+        for e in self.all_endpoints():
+            host, port = split_endpoint(e.endpoint)
+            out.append(Listener(e.endpoint, host, port, e.protocol, e.server_name, self.timeout, self.interval,
+                                self.connect_timeout))
+        return out
+
+
+class DaneSettings(BaseModel):
+    """``dane``: before a deploy changes the key, every TLSA name must publish (DNSSEC-signed)
+    a ``3 1 1`` record for the new key, seen for at least ``min_age``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    tlsa: list[str] = Field(min_length=1)
+    resolver: str = "127.0.0.1:53"
+    min_age: float | None = None  # default: twice the record's TTL
+    timeout: float = 5.0
+
+    @field_validator("tlsa")
+    @classmethod
+    def _tlsa(cls, v: list[str]) -> list[str]:
+        out = []
+        for name in v:
+            m = re.match(r"^_(\d{1,5})\._(tcp|udp)\.(.+)$", name)
+            if not m:
+                raise ValueError(f"tlsa: {name!r} is not a TLSA owner name such as '_25._tcp.mx1.example.com'")
+            out.append(f"_{m.group(1)}._{m.group(2)}.{check_server_name(m.group(3), 'tlsa')}")
+        return out
+
+    @field_validator("resolver")
+    @classmethod
+    def _resolver(cls, v: str) -> str:
+        host, _ = split_endpoint(v)
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise ValueError(f"resolver: {v!r} must be an IP address and port (a validating resolver)") from None
+        return v
+
+    @field_validator("min_age", "timeout", mode="before")
+    @classmethod
+    def _durations(cls, v: Any, info: Any) -> float | None:
+        return None if v is None else parse_duration(v, info.field_name)
+
+
+KeyType = Literal["any", "rsa", "ecdsa"]
+
+
+class Slot(BaseModel):
+    """``alt``: the second certificate of a dual RSA + ECDSA target (Dovecot's
+    ``ssl_alt_cert``/``ssl_alt_key``, the second pair of Postfix's ``smtpd_tls_chain_files``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    cert_path: str = ""
+    key_path: str = ""
+    chain_path: str = ""
+    combined_path: str = ""
+    key_type: KeyType = "ecdsa"
+
+    @field_validator("cert_path", "key_path", "chain_path", "combined_path")
+    @classmethod
+    def _paths(cls, v: str, info: Any) -> str:
+        return _check_abs_path(v, f"alt.{info.field_name}", allow_empty=True)
+
+    @model_validator(mode="after")
+    def _layout(self) -> Slot:
+        _check_layout(self.combined_path, self.cert_path, self.key_path, self.chain_path, "alt.")
+        return self
+
+
+def _check_layout(combined: str, cert: str, key: str, chain: str, where: str) -> None:
+    if combined and (cert or key or chain):
+        raise ValueError(f"{where}combined_path holds key, certificate and chain in one file: leave "
+                         f"{where}cert_path, {where}key_path and {where}chain_path unset")
+    if not combined and not (cert and key):
+        raise ValueError(f"{where}cert_path and {where}key_path are required (or {where}combined_path)")
 
 
 _LABEL_RE = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
@@ -200,9 +329,16 @@ class Target(BaseModel):
 
     name: str
     mode: Mode = "postfix"
-    cert_path: str
-    key_path: str
+    cert_path: str = ""
+    key_path: str = ""
     chain_path: str = ""
+    # One file holding the key, then the certificate chain (Postfix's smtpd_tls_chain_files):
+    # key and certificate change together, in one rename -- no window where they differ.
+    combined_path: str = ""
+    key_type: KeyType = "any"
+    alt: Slot | None = None
+    allow_self_signed: bool = False
+    dane: DaneSettings | None = None
     reload_command: str
     validate_command: str = ""
     post_deploy_verify: VerifySettings = Field(default_factory=VerifySettings)
@@ -230,6 +366,9 @@ class Target(BaseModel):
         if mode not in MODE_DEFAULTS:
             raise ValueError(f"mode: unknown mode {mode!r} (expected 'postfix' or 'dovecot')")
         merged = dict(MODE_DEFAULTS[mode])
+        if data.get("combined_path"):  # the single-file layout has no separate cert/key defaults
+            merged.pop("cert_path")
+            merged.pop("key_path")
         merged.update({k: v for k, v in data.items() if v is not None})
         merged["mode"] = mode
         return merged
@@ -244,14 +383,9 @@ class Target(BaseModel):
             )
         return v
 
-    @field_validator("cert_path", "key_path")
+    @field_validator("cert_path", "key_path", "chain_path", "combined_path")
     @classmethod
     def _paths(cls, v: str, info: Any) -> str:
-        return _check_abs_path(v, info.field_name)
-
-    @field_validator("chain_path")
-    @classmethod
-    def _chain(cls, v: str, info: Any) -> str:
         return _check_abs_path(v, info.field_name, allow_empty=True)
 
     @field_validator("reload_command")
@@ -326,19 +460,25 @@ class Target(BaseModel):
 
     @model_validator(mode="after")
     def _distinct_paths(self) -> Target:
-        paths = [p for p in (self.cert_path, self.key_path, self.chain_path) if p]
+        _check_layout(self.combined_path, self.cert_path, self.key_path, self.chain_path, "")
+        if self.alt is not None:
+            kinds = {self.key_type, self.alt.key_type}
+            if self.key_type != "any" and kinds != {"rsa", "ecdsa"}:
+                raise ValueError("key_type and alt.key_type must be one 'rsa' and one 'ecdsa'")
+        paths = [p for _, p in self.files()]
         if len(set(paths)) != len(paths):
-            raise ValueError("cert_path, key_path and chain_path must be different files")
+            raise ValueError("cert_path, key_path, chain_path and combined_path (and alt's) must be different files")
         reals = [os.path.realpath(p) for p in paths]
         if len(set(reals)) != len(reals):
-            raise ValueError("cert_path, key_path and chain_path resolve (through symlinks) to the same file")
+            raise ValueError("two of cert_path, key_path, chain_path, combined_path (and alt's) resolve (through "
+                             "symlinks) to the same file")
         return self
 
     @model_validator(mode="after")
     def _fits_step_limits(self) -> Target:
         """The longest step is a rollback: two reload attempts and a verify poll."""
         v = self.post_deploy_verify
-        verify = (v.timeout + v.connect_timeout) if v.enabled else 0.0
+        verify = (v.timeout + v.connect_timeout * len(v.all_endpoints())) if v.enabled else 0.0
         longest = 2 * self.command_timeout + verify + STEP_MARGIN
         if longest > STEP_SOFT_TIME_LIMIT:
             raise ValueError(
@@ -347,16 +487,38 @@ class Target(BaseModel):
                 f"({STEP_SOFT_TIME_LIMIT:g}s): a step would be killed mid-way")
         return self
 
-    def verify_endpoints(self) -> list[VerifySettings]:
+    def verify_endpoints(self) -> list[Listener]:
         """The listeners a deploy verifies (and the audit probes)."""
-        return [self.post_deploy_verify] if self.post_deploy_verify.enabled else []
+        return self.post_deploy_verify.listeners()
+
+    def slots(self) -> list[tuple[str, KeyType, str, str, str, str]]:
+        """(role prefix, key type, cert, key, chain, combined) per certificate: one, or two
+        for a dual RSA + ECDSA target."""
+        primary_type: KeyType = self.key_type if self.key_type != "any" or self.alt is None else (
+            "rsa" if self.alt.key_type == "ecdsa" else "ecdsa")
+        out = [("", primary_type, self.cert_path, self.key_path, self.chain_path, self.combined_path)]
+        if self.alt is not None:
+            a = self.alt
+            out.append(("alt_", a.key_type, a.cert_path, a.key_path, a.chain_path, a.combined_path))
+        return out
 
     def files(self) -> list[tuple[str, str]]:
-        """(role, path) in the fixed order files are committed and restored."""
-        out = [("key", self.key_path), ("cert", self.cert_path)]
-        if self.chain_path:
-            out.insert(0, ("chain", self.chain_path))
+        """(role, path) in the fixed order files are committed and restored: per slot the
+        chain, then the key, then the certificate (a client never sees a certificate whose
+        key is not in place yet), or the one combined file."""
+        out: list[tuple[str, str]] = []
+        for prefix, _, cert, key, chain, combined in self.slots():
+            if combined:
+                out.append((prefix + "combined", combined))
+                continue
+            if chain:
+                out.append((prefix + "chain", chain))
+            out += [(prefix + "key", key), (prefix + "cert", cert)]
         return out
+
+    def leaf_file(self) -> str:
+        """The file whose first certificate is this target's (primary) leaf."""
+        return self.combined_path or self.cert_path
 
     def public_view(self) -> dict[str, Any]:
         """What ``check-config`` prints and the registry publishes (no secrets here anyway)."""

@@ -93,7 +93,7 @@ class HostRuntime:
         opened = open_envelope(envelope, target=target, host=self.host, deploy_id=deploy_id, fence=fence,
                                host_keys=keys.host_keys, trusted=keys.trusted, max_age=keys.max_age)
         return self.stage(target, deploy_id, opened.cert, opened.key, opened.chain, force=opened.force,
-                          fence=opened.fence)
+                          fence=opened.fence, also=list(opened.also))
 
     def context(self, target: str) -> StepContext:
         self.cfg.target(target)  # UnknownTarget with a clear message
@@ -107,12 +107,12 @@ class HostRuntime:
         recover_deploy(self.contexts, self.journal, owner.target, owner.deploy_id)
 
     def stage(self, target: str, deploy_id: str, cert_pem: bytes, key_pem: bytes, chain_pem: bytes | None,
-              *, force: bool, fence: int | None) -> DeployRecord:
+              *, force: bool, fence: int | None, also: list[steps.RawBundle] | None = None) -> DeployRecord:
         ctx = self.context(target)
         with holding(self.journal, steps.target_reals(ctx.target), deploy_id, timeout=self.lock_wait,
                      recover=self._take_over, target=target, wait_for_owner=False):
             return steps.stage(ctx, deploy_id, cert_pem, key_pem, chain_pem, force=force, fence=fence,
-                               origin="distributed")
+                               origin="distributed", also=also)
 
     def _locked(self, target: str, deploy_id: str) -> tuple[StepContext, DeployRecord]:
         ctx = self.context(target)
@@ -135,7 +135,7 @@ class HostRuntime:
     def inventory_entry(self, name: str) -> dict[str, Any]:
         """What this host says of one target in the fleet registry: public facts only."""
         t = self.cfg.targets[name]
-        cert = files.read_bytes(files.real_path(t.cert_path))
+        cert = files.read_bytes(files.real_path(t.leaf_file()))
         leaf = material.leaf_of_file(cert) if cert else None
         last = self.journal.last_finished(name)
         return {

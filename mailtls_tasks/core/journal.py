@@ -143,6 +143,10 @@ class DeployRecord(BaseModel):
     fingerprint: str | None = None
     previous_fingerprint: str | None = None
     served_fingerprint: str | None = None
+    # per certificate slot (its key type: "any", "rsa", "ecdsa"): a dual target has two
+    leaves: dict[str, str] = Field(default_factory=dict)
+    previous_leaves: dict[str, str] = Field(default_factory=dict)
+    chains: dict[str, list[str]] = Field(default_factory=dict)
     not_after: str | None = None
     claimed: list[str] = Field(default_factory=list)
     files: list[FileEntry] = Field(default_factory=list)

@@ -103,8 +103,10 @@ def _shielded() -> Iterator[None]:
 def run_local(cfg: HostConfig, target: str, cert_pem: bytes, key_pem: bytes,
               chain_pem: bytes | None = None, *, force: bool = False,
               deploy_id: str | None = None, lock_timeout: float = 300.0,
-              journal: Journal | None = None) -> DeployResult:
+              journal: Journal | None = None,
+              also: list[tuple[bytes, bytes, bytes | None]] | None = None) -> DeployResult:
     """Deploy in-process and return the result; never raises for a deploy that ran.
+    ``also``: the second certificate of a dual RSA + ECDSA target (cert, key, chain).
 
     Waits up to ``lock_timeout`` for another live deploy owning one of the target's
     files to end; then raises TargetBusy (exit 1, nothing touched), naming it."""
@@ -123,7 +125,7 @@ def run_local(cfg: HostConfig, target: str, cert_pem: bytes, key_pem: bytes,
     with _signals_as_exceptions(), holding(ctx.journal, target_reals(t), deploy_id, timeout=lock_timeout,
                                            recover=take_over, on_wait=waiting, target=t.name):
         try:
-            rec = stage(ctx, deploy_id, cert_pem, key_pem, chain_pem, force=force)
+            rec = stage(ctx, deploy_id, cert_pem, key_pem, chain_pem, force=force, also=also)
             for step in (validate, commit, reload, verify):
                 if rec.finished:
                     break

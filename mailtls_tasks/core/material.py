@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import os
 import re
+import ssl
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -20,6 +23,7 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
+from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
 from ..errors import MaterialError
 
@@ -54,17 +58,34 @@ class Bundle:
     def self_signed(self) -> bool:
         return _issued_by(self.leaf, self.leaf)
 
+    @property
+    def key_type(self) -> str:
+        """'rsa', 'ecdsa' or 'other' (Ed25519...): which certificate slot it fills."""
+        pub = self.leaf.public_key()
+        return "rsa" if isinstance(pub, rsa.RSAPublicKey) else "ecdsa" if isinstance(
+            pub, ec.EllipticCurvePublicKey) else "other"
+
+    def chain_fingerprints(self) -> list[str]:
+        return [fingerprint(c) for c in self.chain]
+
+    def spki_sha256(self) -> str:
+        """SHA-256 of the leaf's SubjectPublicKeyInfo: what a DANE ``3 1 1`` record pins."""
+        return spki_sha256(self.leaf.public_key())
+
     def leaf_pem(self) -> bytes:
         return _pem(self.leaf)
 
     def chain_pem(self) -> bytes:
         return b"".join(_pem(c) for c in self.chain)
 
-    def file_bytes(self, chain_path_set: bool) -> dict[str, bytes]:
-        """role -> exact bytes. Without a chain_path the chain follows the leaf."""
+    def file_bytes(self, chain_path_set: bool, combined: bool = False, prefix: str = "") -> dict[str, bytes]:
+        """role -> exact bytes. Without a chain_path the chain follows the leaf; combined:
+        one file, key first, then the leaf and its chain (Postfix's smtpd_tls_chain_files)."""
+        if combined:
+            return {prefix + "combined": self.key_pem + self.leaf_pem() + self.chain_pem()}
         if chain_path_set:
-            return {"cert": self.leaf_pem(), "chain": self.chain_pem(), "key": self.key_pem}
-        return {"cert": self.leaf_pem() + self.chain_pem(), "key": self.key_pem}
+            return {prefix + "cert": self.leaf_pem(), prefix + "chain": self.chain_pem(), prefix + "key": self.key_pem}
+        return {prefix + "cert": self.leaf_pem() + self.chain_pem(), prefix + "key": self.key_pem}
 
 
 def fingerprint(cert: x509.Certificate) -> str:
@@ -187,6 +208,8 @@ def _build_bundle(cert_pem: bytes, key_pem: bytes, chain_pem: bytes | None, *, n
     chain: Sequence[x509.Certificate] = embedded_chain
     if chain_pem is not None and chain_pem.strip():
         given = parse_certs(chain_pem, "chain")
+        if given and fingerprint(given[0]) == fingerprint(leaf):
+            given = given[1:]  # certbot's fullchain.pem given as --chain: the leaf, then the chain
         if embedded_chain and [fingerprint(c) for c in embedded_chain] != [fingerprint(c) for c in given]:
             raise MaterialError(
                 "chain: the cert file already carries a chain (full chain) that differs from --chain"
@@ -241,14 +264,20 @@ def _check_leaf_usage(leaf: x509.Certificate) -> None:
 
 
 def leaf_of_file(data: bytes) -> x509.Certificate | None:
-    """The first certificate of an on-disk cert file, or None if it has none / is unreadable."""
-    m = _PEM_BLOCK.search(data)
-    if not m or m.group(1) != b"CERTIFICATE":
+    """The first certificate of an on-disk cert (or combined key + chain) file, or None."""
+    m = next((m for m in _PEM_BLOCK.finditer(data) if m.group(1) == b"CERTIFICATE"), None)
+    if m is None:
         return None
     try:
         return x509.load_pem_x509_certificate(m.group(0))
     except ValueError:
         return None
+
+
+def key_of_file(data: bytes) -> bytes | None:
+    """The private key block of an on-disk key (or combined) file, or None."""
+    m = next((m for m in _PEM_BLOCK.finditer(data) if m.group(1).endswith(b"PRIVATE KEY")), None)
+    return m.group(0) if m else None
 
 
 def check_not_older(new: x509.Certificate, current: x509.Certificate | None, force: bool) -> None:
@@ -261,6 +290,105 @@ def check_not_older(new: x509.Certificate, current: x509.Certificate | None, for
         )
 
 
+def check_path(bundle: Bundle, trust_anchors: str, *, allow_self_signed: bool,
+               names: Sequence[str] = (), now: dt.datetime | None = None) -> None:
+    """The chain must lead somewhere a client trusts.
+
+    A leaf whose issuer is neither in the given chain nor a trust anchor is what breaks
+    Thunderbird (and every strict client) while the fingerprint "verifies": refused,
+    naming the missing issuer. ``strict`` (the target has ``trust_anchors``): the whole
+    path must validate to them, for each of ``names``, as a client checking it would.
+    """
+    if bundle.self_signed and not bundle.chain:
+        if not allow_self_signed:
+            raise MaterialError("cert: the leaf is self-signed; set allow_self_signed = true on a target that means "
+                                "it (a DANE-EE setup), or deploy a certificate from a CA")
+        return
+    if trust_anchors:
+        anchors = load_anchors(trust_anchors)
+        candidates: list[str | None] = [*names] or [*leaf_names_of(bundle.leaf)[:1]] or [None]
+        for name in candidates:
+            why = chain_problem(bundle.leaf, bundle.chain, name, anchors, now=now)
+            if why:
+                raise MaterialError(f"chain: does not validate to trust_anchors{f' for {name}' if name else ''}: "
+                                    f"{why}")
+        return
+    if bundle.chain:
+        return  # the leaf's issuer is the first chain certificate (checked when the bundle was built)
+    if any(a.subject == bundle.leaf.issuer and _issued_by(bundle.leaf, a) for a in system_anchors()):
+        return  # issued directly by a trusted root
+    raise MaterialError(f"chain: the leaf's issuer ({bundle.leaf.issuer.rfc4514_string()}) is neither in the chain "
+                        "nor a trust anchor, so clients such as Thunderbird will refuse it: give the full chain "
+                        "(certbot: fullchain.pem, not cert.pem)")
+
+
+def leaf_names_of(leaf: x509.Certificate) -> list[str]:
+    try:
+        san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
+    return [n.lower() for n in san.get_values_for_type(x509.DNSName) if not n.startswith("*.")]
+
+
+def chain_problem(leaf: x509.Certificate, intermediates: Sequence[x509.Certificate], name: str | None,
+                  anchors: list[x509.Certificate], now: dt.datetime | None = None) -> str | None:
+    """Why ``leaf`` with these intermediates does not validate to ``anchors`` (for ``name``,
+    as a client checking it would), or None if it does."""
+    if not anchors:
+        return "no trust anchors to validate against"
+    builder = PolicyBuilder().store(Store(anchors))
+    if now is not None:
+        builder = builder.time(now)
+    try:
+        if name:
+            builder.build_server_verifier(x509.DNSName(name)).verify(leaf, list(intermediates))
+        else:
+            builder.build_client_verifier().verify(leaf, list(intermediates))
+    except VerificationError as err:
+        return str(err).split(" (encountered", 1)[0]
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+_SYSTEM_ANCHORS: list[x509.Certificate] | None = None
+
+
+def system_anchors() -> list[x509.Certificate]:
+    """The system trust store (Debian: /etc/ssl/certs/ca-certificates.crt)."""
+    global _SYSTEM_ANCHORS
+    if _SYSTEM_ANCHORS is None:
+        paths = ssl.get_default_verify_paths()
+        found: list[x509.Certificate] = []
+        for path in (paths.cafile, paths.openssl_cafile, "/etc/ssl/certs/ca-certificates.crt"):
+            if path and os.path.isfile(path):
+                with open(path, "rb") as f, warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # a distribution's old root with a negative serial
+                    found = x509.load_pem_x509_certificates(f.read())
+                break
+        _SYSTEM_ANCHORS = found
+    return _SYSTEM_ANCHORS
+
+
+def load_anchors(path: str) -> list[x509.Certificate]:
+    """The certificates of a ``trust_anchors`` file (a private CA)."""
+    try:
+        with open(path, "rb") as f:
+            return x509.load_pem_x509_certificates(f.read())
+    except (OSError, ValueError) as err:
+        raise MaterialError(f"trust_anchors: cannot read CA certificates from {path}: {err}") from None
+
+
+def anchors_for(trust_anchors: str) -> list[x509.Certificate]:
+    return load_anchors(trust_anchors) if trust_anchors else system_anchors()
+
+
+def spki_sha256(public_key: object) -> str:
+    der = public_key.public_bytes(  # type: ignore[attr-defined]
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return hashlib.sha256(der).hexdigest()
+
+
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -268,10 +396,11 @@ def sha256(data: bytes) -> str:
 def key_matches_cert(key_pem: bytes, cert_pem: bytes) -> bool:
     """For recovery/diagnostics: does the key file on disk match the cert file's leaf?"""
     leaf = leaf_of_file(cert_pem)
-    if leaf is None:
+    key_block = key_of_file(key_pem)
+    if leaf is None or key_block is None:
         return False
     try:
-        key = serialization.load_pem_private_key(key_pem, password=None)
+        key = serialization.load_pem_private_key(key_block, password=None)
     except (ValueError, TypeError, UnsupportedAlgorithm):
         return False
     fmt = serialization.PublicFormat.SubjectPublicKeyInfo

@@ -1,8 +1,11 @@
 """TLS probes per mail protocol: which certificate does the daemon serve *now*?
 
 Bytes on disk are not proof: Postfix's smtpd and Dovecot's config process read the
-files when they start. Only a fresh handshake tells. We do not validate the chain
-here -- we compare the leaf's SHA-256 with the one we deployed, which is stricter.
+files when they start. Only a fresh handshake tells. A probe compares the leaf's
+SHA-256 with the one we deployed (stricter than any validation), and captures the
+chain the daemon sends, so a deploy can check it is the one deployed and that it
+validates for the target's names (``chain_problem``). pyOpenSSL does the handshake:
+the standard library of Python 3.11 cannot show the chain a server sent.
 
 A server that stops offering STARTTLS (what Postfix does when its key does not load)
 is a failure, never a pass: a plaintext-only MTA is exactly the outage we prevent.
@@ -11,16 +14,17 @@ is a failure, never a pass: a plaintext-only MTA is exactly the outage we preven
 from __future__ import annotations
 
 import ipaddress
+import select
 import socket
-import ssl
 import time
 from dataclasses import dataclass
 
 from cryptography import x509
+from OpenSSL import SSL
 
 from ..errors import VerifyFailed
-from .config import VerifySettings
-from .material import fingerprint_der
+from . import material
+from .config import Listener
 
 PORT_PROTOCOLS = {25: "smtp", 587: "smtp", 465: "smtps", 143: "imap", 993: "imaps", 110: "pop3", 995: "pop3s"}
 IMPLICIT = {"smtps", "imaps", "pop3s", "tls"}
@@ -36,6 +40,11 @@ class Served:
     protocol: str
     tls_version: str | None
     not_after: str | None = None
+    chain: tuple[x509.Certificate, ...] = ()  # as sent: the leaf first
+
+    @property
+    def chain_fingerprints(self) -> list[str]:
+        return [material.fingerprint(c) for c in self.chain[1:]]
 
 
 def resolve_protocol(protocol: str, port: int) -> str:
@@ -144,11 +153,12 @@ def _pop3(r: _Lines) -> None:
 _DIALOGUES = {"smtp": _smtp, "imap": _imap, "pop3": _pop3}
 
 
-def _client_context() -> ssl.SSLContext:
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE  # we compare the leaf fingerprint instead
-    return ctx
+# TLS 1.2 ciphers that make the server pick the certificate of one algorithm: how a
+# dual RSA + ECDSA daemon is checked one certificate at a time.
+ALGORITHM_CIPHERS = {
+    "ecdsa": "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-ECDSA-CHACHA20-POLY1305",
+    "rsa": "ECDHE-RSA-AES128-GCM-SHA256:ECDHE-RSA-AES256-GCM-SHA384:ECDHE-RSA-CHACHA20-POLY1305",
+}
 
 
 def _sni(host: str, server_name: str | None) -> str | None:
@@ -161,14 +171,35 @@ def _sni(host: str, server_name: str | None) -> str | None:
     return None
 
 
-def probe(host: str, port: int, protocol: str = "auto", server_name: str | None = None,
-          timeout: float = 5.0, context: ssl.SSLContext | None = None) -> Served:
-    """One fresh connection: speak the protocol, handshake, return the served leaf.
+def _context(algorithm: str | None) -> SSL.Context:
+    ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
+    ctx.set_verify(SSL.VERIFY_NONE)  # we compare fingerprints, and validate chains ourselves
+    if algorithm and algorithm != "any":
+        ctx.set_max_proto_version(SSL.TLS1_2_VERSION)
+        ctx.set_cipher_list(ALGORITHM_CIPHERS[algorithm].encode())
+    return ctx
 
-    ``context``: a verifying context (the audit's), so the handshake itself fails
-    unless the served chain verifies for ``server_name``; default: no verification,
-    the leaf's fingerprint is what we compare."""
+
+def _handshake(conn: SSL.Connection, sock: socket.socket, deadline: float) -> None:
+    while True:
+        try:
+            conn.do_handshake()
+            return
+        except SSL.WantReadError:
+            ready = select.select([sock], [], [], max(0.0, deadline - time.monotonic()))[0]
+        except SSL.WantWriteError:
+            ready = select.select([], [sock], [], max(0.0, deadline - time.monotonic()))[1]
+        if not ready:
+            raise TimeoutError("TLS handshake timed out")
+
+
+def probe(host: str, port: int, protocol: str = "auto", server_name: str | None = None,
+          timeout: float = 5.0, algorithm: str | None = None) -> Served:
+    """One fresh connection: speak the protocol, handshake, return the served leaf and
+    the chain sent with it. ``algorithm`` ('rsa' or 'ecdsa'): offer only that kind of
+    certificate (TLS 1.2 ciphers), to check each of a dual-certificate daemon's."""
     proto = resolve_protocol(protocol, port)
+    deadline = time.monotonic() + timeout
     try:
         sock = socket.create_connection((host, port), timeout=timeout)
     except OSError as err:
@@ -179,60 +210,65 @@ def probe(host: str, port: int, protocol: str = "auto", server_name: str | None 
             lines = _Lines(sock)
             _DIALOGUES[proto](lines)
             lines.assert_drained()
+        sock.setblocking(False)
+        conn = SSL.Connection(_context(algorithm), sock)
+        sni = _sni(host, server_name)
+        if sni:
+            conn.set_tlsext_host_name(sni.encode())
+        conn.set_connect_state()
         try:
-            tls = (context or _client_context()).wrap_socket(sock, server_hostname=_sni(host, server_name))
-        except (ssl.SSLError, OSError) as err:
+            _handshake(conn, sock, deadline)
+        except SSL.Error as err:
+            text = str(err)
             hint = ""
-            if protocol == "auto" and port not in PORT_PROTOCOLS and "WRONG_VERSION_NUMBER" in str(err):
+            if protocol == "auto" and port not in PORT_PROTOCOLS and "wrong version number" in text.lower():
                 hint = (" -- the server answered in plaintext; on a non-standard port set "
                         "post_deploy_verify.protocol to smtp, imap or pop3")
-            raise ProbeError(f"TLS handshake with {host}:{port} ({proto}) failed: {err}{hint}") from None
-        der = tls.getpeercert(binary_form=True)
-        version = tls.version()
-        tls.close()
-        if not der:
+            if algorithm and "handshake failure" in text.lower():
+                hint = f" -- the server has no {algorithm.upper()} certificate (or refuses TLS 1.2)"
+            raise ProbeError(f"TLS handshake with {host}:{port} ({proto}) failed: {text}{hint}") from None
+        chain = [c.to_cryptography() for c in conn.get_peer_cert_chain() or []]
+        version = conn.get_protocol_version_name()
+        if not chain:
             raise ProbeError(f"{host}:{port} presented no certificate")
-        return Served(fingerprint_der(der), proto, version, _not_after(der))
+        leaf = chain[0]
+        return Served(material.fingerprint(leaf), proto, version, leaf.not_valid_after_utc.isoformat(),
+                      tuple(chain))
     except (TimeoutError, OSError) as err:
         raise ProbeError(f"{host}:{port} ({proto}): {err}") from None
     finally:
         sock.close()
 
 
-def _not_after(der: bytes) -> str | None:
-    try:
-        return x509.load_der_x509_certificate(der).not_valid_after_utc.isoformat()
-    except ValueError:
-        return None
+def probe_listener(li: Listener, algorithm: str | None = None) -> Served:
+    return probe(li.host, li.port, li.protocol, li.server_name, min(li.connect_timeout, li.timeout), algorithm)
 
 
-def probe_settings(settings: VerifySettings) -> Served:
-    return probe(settings.host, settings.port, settings.protocol, settings.server_name,
-                 min(settings.connect_timeout, settings.timeout))
-
-
-def wait_for(settings: VerifySettings, expected: str, timeout: float | None = None) -> Served:
+def wait_for(li: Listener, expected: str, timeout: float | None = None, algorithm: str | None = None) -> Served:
     """Poll fresh connections until the served leaf is ``expected``; VerifyFailed otherwise."""
-    budget = settings.timeout if timeout is None else timeout
+    budget = li.timeout if timeout is None else timeout
     deadline = time.monotonic() + budget
     last: str = "no attempt"
     last_served: str | None = None
     attempts = 0
+    kind = f" ({algorithm.upper()})" if algorithm and algorithm != "any" else ""
     while True:
         attempts += 1
         try:
-            served = probe(settings.host, settings.port, settings.protocol, settings.server_name,
-                           max(0.2, min(settings.connect_timeout, deadline - time.monotonic())))
+            served = probe(li.host, li.port, li.protocol, li.server_name,
+                           max(0.2, min(li.connect_timeout, deadline - time.monotonic())), algorithm)
             if served.fingerprint == expected:
                 return served
             last_served = served.fingerprint
             last = f"serves {served.fingerprint}"
         except ProbeError as err:
             last = str(err)
-        if time.monotonic() + settings.interval > deadline:
+        if time.monotonic() + li.interval > deadline:
             raise VerifyFailed(
-                f"{settings.endpoint} did not serve {expected[:16]}… within {budget:g}s "
+                f"{li.endpoint}{kind} did not serve {expected[:16]}… within {budget:g}s "
                 f"({attempts} attempts; last: {last})",
                 served=last_served,
             )
-        time.sleep(settings.interval)
+        time.sleep(li.interval)
+
+

@@ -47,6 +47,7 @@ from . import files, material, probe
 from .commands import run_command
 from .config import Target
 from .journal import DeployRecord, FileEntry, Journal, Origin, Phase, StepRecord, check_deploy_id
+from .material import Bundle
 from .names import leaf_names, uncovered
 
 ORDER: dict[Phase, int] = {
@@ -194,9 +195,13 @@ def _describe_live(rec: DeployRecord, states: dict[str, LiveState]) -> str:
 
 
 # --------------------------------------------------------------------------- stage
+RawBundle = tuple[bytes, bytes, bytes | None]
+
+
 def stage(ctx: StepContext, deploy_id: str, cert_pem: bytes, key_pem: bytes,
           chain_pem: bytes | None = None, *, force: bool = False, fence: int | None = None,
-          origin: Origin = "local", now: dt.datetime | None = None) -> DeployRecord:
+          origin: Origin = "local", now: dt.datetime | None = None,
+          also: list[RawBundle] | None = None) -> DeployRecord:
     """Claim the files, check the material, back up the live files, write the new
     ones as temps.
 
@@ -231,11 +236,11 @@ def stage(ctx: StepContext, deploy_id: str, cert_pem: bytes, key_pem: bytes,
         try:
             if fence is not None:
                 _check_fence(ctx, fence, rec, rerun=rerun)
-            _stage(ctx, rec, cert_pem, key_pem, chain_pem, force=force, now=now)
+            _stage(ctx, rec, [(cert_pem, key_pem, chain_pem), *(also or [])], force=force, now=now)
         except Rejected as err:  # Superseded included
             _remove_temps(rec)
             rec.steps["stage"] = StepRecord(status="failed", detail=str(err))
-            _finish(ctx, rec, "rejected", str(err), "superseded" if isinstance(err, Superseded) else None)
+            _finish(ctx, rec, "rejected", str(err), err.reason)
             raise
     return rec
 
@@ -263,37 +268,74 @@ def _check_fence(ctx: StepContext, fence: int, rec: DeployRecord, *, rerun: bool
     ctx.journal.record_fence(rec.reals, fence, rec.deploy_id)
 
 
-def _stage(ctx: StepContext, rec: DeployRecord, cert_pem: bytes, key_pem: bytes,
-           chain_pem: bytes | None, *, force: bool, now: dt.datetime | None) -> None:
+def _slot_bundles(t: Target, raw: list[RawBundle], now: dt.datetime | None) -> list[tuple[str, str, Bundle]]:
+    """(role prefix, key type, checked bundle) for each of the target's certificate slots."""
+    slots = t.slots()
+    bundles = [material.build_bundle(c, k, ch, now=now) for c, k, ch in raw]
+    kinds = [b.key_type for b in bundles]
+    wanted = [k for _, k, *_ in slots]
+    if len(bundles) != len(slots) or (len(slots) > 1 and sorted(kinds) != sorted(wanted)):
+        need = " and ".join(k.upper() for k in wanted) if len(slots) > 1 else "one"
+        raise MaterialError(f"cert: target {t.name!r} takes {need} certificate{'s' if len(slots) > 1 else ''}; "
+                            f"got {len(bundles)} ({', '.join(k.upper() for k in kinds)})")
+    out: list[tuple[str, str, Bundle]] = []
+    for prefix, kind, *_ in slots:
+        bundle = next(b for b in bundles if kind in ("any", b.key_type)) if len(slots) > 1 else bundles[0]
+        if kind != "any" and bundle.key_type != kind:
+            raise MaterialError(f"cert: target {t.name!r} takes an {kind.upper()} certificate; got "
+                                f"{bundle.key_type.upper()}")
+        out.append((prefix, kind, bundle))
+    return out
+
+
+def _stage(ctx: StepContext, rec: DeployRecord, raw: list[RawBundle], *, force: bool,
+           now: dt.datetime | None) -> None:
     t = ctx.target
-    bundle = material.build_bundle(cert_pem, key_pem, chain_pem, now=now)
-    rec.fingerprint = bundle.fingerprint
-    rec.not_after = bundle.leaf.not_valid_after_utc.isoformat()
-    if t.chain_path and not bundle.chain and not bundle.self_signed:
-        raise MaterialError(
-            f"chain: target {t.name!r} has chain_path set but the bundle carries no chain "
-            "(clients such as Thunderbird need it)"
-        )
-    missing = uncovered(t.names, bundle.leaf)
-    if missing:
-        raise MaterialError(f"names: the certificate does not cover {', '.join(missing)}, which target {t.name!r} "
-                            f"must serve (it covers: {', '.join(leaf_names(bundle.leaf)) or 'no DNS name'})")
-    wanted = bundle.file_bytes(chain_path_set=bool(t.chain_path))
+    slots = _slot_bundles(t, raw, now)
+    wanted: dict[str, bytes] = {}
+    for (prefix, kind, bundle), (_, _, _, _, chain_path, combined) in zip(slots, t.slots(), strict=True):
+        what = f"{kind.upper()} certificate" if kind != "any" else "certificate"
+        if chain_path and not bundle.chain and not bundle.self_signed:
+            raise MaterialError(f"chain: target {t.name!r} has a chain_path for its {what} but the bundle carries no "
+                                "chain (clients such as Thunderbird need it)")
+        material.check_path(bundle, t.trust_anchors, allow_self_signed=t.allow_self_signed, names=t.names, now=now)
+        missing = uncovered(t.names, bundle.leaf)
+        if missing:
+            raise MaterialError(f"names: the {what} does not cover {', '.join(missing)}, which target {t.name!r} "
+                                f"must serve (it covers: {', '.join(leaf_names(bundle.leaf)) or 'no DNS name'})")
+        wanted.update(bundle.file_bytes(chain_path_set=bool(chain_path), combined=bool(combined), prefix=prefix))
+        rec.leaves[kind] = bundle.fingerprint
+        rec.chains[kind] = bundle.chain_fingerprints()
+    primary = slots[0][2]
+    rec.fingerprint = primary.fingerprint
+    rec.not_after = min(b.leaf.not_valid_after_utc for _, _, b in slots).isoformat()
 
     current: dict[str, tuple[files.FileState, bytes | None]] = {}
     for role, path in t.files():
         current[role] = files.inspect(files.real_path(path))
-    cert_now = current["cert"][1]
-    old_leaf = material.leaf_of_file(cert_now) if cert_now else None
-    rec.previous_fingerprint = material.fingerprint(old_leaf) if old_leaf else None
-    material.check_not_older(bundle.leaf, old_leaf, force)
+    old_spkis: dict[str, str | None] = {}
+    for (prefix, kind, bundle), (_, _, _, _, _, combined) in zip(slots, t.slots(), strict=True):
+        leaf_data = current[prefix + ("combined" if combined else "cert")][1]
+        old_leaf = material.leaf_of_file(leaf_data) if leaf_data else None
+        if old_leaf is not None:
+            rec.previous_leaves[kind] = material.fingerprint(old_leaf)
+        old_spkis[kind] = material.spki_sha256(old_leaf.public_key()) if old_leaf is not None else None
+        material.check_not_older(bundle.leaf, old_leaf, force)
+    rec.previous_fingerprint = rec.previous_leaves.get(slots[0][1])
+    if t.dane is not None:
+        from . import dane
+
+        changed = [b for _, kind, b in slots if old_spkis.get(kind) != b.spki_sha256()]
+        if changed:
+            dane.require_ready(t, ctx.journal, [b.spki_sha256() for b in changed])
 
     uid_cfg, gid_cfg = files.resolve_owner(t.owner, t.group)
     entries = []
     for role, path in t.files():
         st, _ = current[role]
-        configured = t.key_mode if role == "key" else t.cert_mode
-        default = 0o600 if role == "key" else 0o644
+        secret = role.endswith(("key", "combined"))  # a combined file holds the key too
+        configured = t.key_mode if secret else t.cert_mode
+        default = 0o600 if secret else 0o644
         new_mode = configured if configured is not None else (st.mode if st.exists else default)
         assert new_mode is not None
         entries.append(FileEntry(
@@ -307,16 +349,12 @@ def _stage(ctx: StepContext, rec: DeployRecord, cert_pem: bytes, key_pem: bytes,
 
     if all(e.existed and e.old_sha256 == e.new_sha256 for e in entries):
         rec.files_already_live = True
-        v = t.post_deploy_verify
-        if not v.enabled:
+        if not t.verify_endpoints():
             _finish_unchanged(ctx, rec, "bytes already live; verify is off")
             return
-        try:
-            served = probe.probe_settings(v).fingerprint
-        except probe.ProbeError:
-            served = None
-        rec.served_fingerprint = served
-        if served == rec.fingerprint:
+        served = _served_now(t, rec.leaves)
+        rec.served_fingerprint = served.get(slots[0][1])
+        if all(served.get(kind) == fp for kind, fp in rec.leaves.items()):
             _finish_unchanged(ctx, rec, "bytes already live and served")
             return
         # Same bytes on disk, another leaf served (e.g. a second daemon sharing the
@@ -374,31 +412,38 @@ def validate(ctx: StepContext, deploy_id: str) -> DeployRecord:
 
 
 def _local_handshake(ctx: StepContext, rec: DeployRecord) -> None:
+    """Each certificate slot's staged files load into OpenSSL as the daemon will load
+    them, and a handshake with them serves that slot's new leaf."""
     by_role = {e.role: (e.real if rec.files_already_live else e.temp) for e in rec.files}
-    certfile = by_role["cert"]
-    combined = None
-    if "chain" in by_role:  # the daemon is given the chain separately; OpenSSL wants one file
-        cert_bytes = files.read_bytes(by_role["cert"]) or b""
-        chain_bytes = files.read_bytes(by_role["chain"]) or b""
-        combined = os.path.join(ctx.journal.deploy_dir(rec.target, rec.deploy_id), "handshake-cert.pem")
-        files.atomic_write(combined, cert_bytes + chain_bytes, 0o600)
-        certfile = combined
-    try:
-        server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    for prefix, kind, *_ in ctx.target.slots():
+        expected = rec.leaves.get(kind, rec.fingerprint)
+        made = None
+        if prefix + "combined" in by_role:  # key, leaf and chain in one file: as Postfix reads it
+            certfile = keyfile = by_role[prefix + "combined"]
+        else:
+            certfile, keyfile = by_role[prefix + "cert"], by_role[prefix + "key"]
+            if prefix + "chain" in by_role:  # the daemon is given the chain separately; OpenSSL wants one file
+                cert_bytes = files.read_bytes(certfile) or b""
+                chain_bytes = files.read_bytes(by_role[prefix + "chain"]) or b""
+                made = os.path.join(ctx.journal.deploy_dir(rec.target, rec.deploy_id), f"handshake-{kind}.pem")
+                files.atomic_write(made, cert_bytes + chain_bytes, 0o600)
+                certfile = made
         try:
-            server.load_cert_chain(certfile, by_role["key"])
-        except (ssl.SSLError, OSError) as err:
-            raise ValidationFailed(f"the staged cert/key do not load into OpenSSL: {err}") from None
-        client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        client.check_hostname = False
-        client.verify_mode = ssl.CERT_NONE
-        served = _memory_handshake(client, server)
-        if served != rec.fingerprint:
-            raise ValidationFailed("a local handshake with the staged files served another certificate")
-    finally:
-        if combined:
-            with contextlib.suppress(OSError):
-                os.unlink(combined)
+            server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            try:
+                server.load_cert_chain(certfile, keyfile)
+            except (ssl.SSLError, OSError) as err:
+                raise ValidationFailed(f"the staged {kind if kind != 'any' else ''} cert/key do not load into "
+                                       f"OpenSSL: {err}".replace("  ", " ")) from None
+            client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            client.check_hostname = False
+            client.verify_mode = ssl.CERT_NONE
+            if _memory_handshake(client, server) != expected:
+                raise ValidationFailed("a local handshake with the staged files served another certificate")
+        finally:
+            if made:
+                with contextlib.suppress(OSError):
+                    os.unlink(made)
 
 
 def _memory_handshake(client_ctx: ssl.SSLContext, server_ctx: ssl.SSLContext) -> str:
@@ -499,51 +544,97 @@ def reload(ctx: StepContext, deploy_id: str) -> DeployRecord:
 
 # -------------------------------------------------------------------------- verify
 def verify(ctx: StepContext, deploy_id: str) -> DeployRecord:
-    """Poll the endpoint until it serves the new leaf; the last step, so it finishes
-    the deploy as ``deployed``. Never runs on a deploy that is rolling back."""
+    """Poll every listener until it serves the new leaf -- each algorithm's, on a dual
+    target -- with the chain that was deployed (and, with ``trust_anchors``, a chain that
+    validates for the target's names). The last step: it finishes the deploy as
+    ``deployed``. Never runs on a deploy that is rolling back."""
     rec = ctx.load(deploy_id)
     if not moving_forward(rec):
         return rec
     if ORDER[rec.phase] < ORDER["reloaded"]:
         raise StepFailed(f"deploy {deploy_id} cannot verify from phase {rec.phase!r}")
-    v = ctx.target.post_deploy_verify
+    t = ctx.target
     with _timed(ctx, rec, "verify"):
-        if not v.enabled:
+        if not t.verify_endpoints():
             _skip(rec, "verify", "post_deploy_verify is off")
         else:
-            assert rec.fingerprint
             try:
-                served = probe.wait_for(v, rec.fingerprint)
+                served = _wait_served(t, rec.leaves or {"any": rec.fingerprint or ""}, rec.chains)
             except VerifyFailed as err:
                 rec.served_fingerprint = err.served
                 raise
-            rec.served_fingerprint = served.fingerprint
+            rec.served_fingerprint = served
         rec.phase = "verified"
         _finish(ctx, rec, "deployed")
     return rec
 
 
+def _expected(kind: str) -> str | None:
+    return None if kind == "any" else kind
+
+
+def _wait_served(t: Target, leaves: dict[str, str], chains: dict[str, list[str]] | None) -> str | None:
+    """Every listener serves every slot's leaf (``chains``: with the chain deployed),
+    within the verify timeout (one deadline for them all). Returns the primary leaf."""
+    listeners = t.verify_endpoints()
+    deadline = time.monotonic() + listeners[0].timeout
+    anchors = material.load_anchors(t.trust_anchors) if t.trust_anchors and chains is not None else None
+    first: str | None = None
+    for li in listeners:
+        for kind, fp in leaves.items():
+            left = max(0.5, deadline - time.monotonic())
+            served = probe.wait_for(li, fp, timeout=left, algorithm=_expected(kind) if len(leaves) > 1 else None)
+            first = first or served.fingerprint
+            if chains is None:
+                continue
+            what = f"{li.endpoint}" + (f" ({kind.upper()})" if len(leaves) > 1 else "")
+            if served.chain_fingerprints != chains.get(kind, served.chain_fingerprints):
+                raise VerifyFailed(f"{what} serves the new leaf with another chain ({len(served.chain) - 1} "
+                                   f"certificate(s) after the leaf, {len(chains.get(kind, []))} deployed): the daemon "
+                                   "reads the chain from elsewhere", served=served.fingerprint)
+            if anchors is not None:
+                names: list[str | None] = [*t.names] or [None]
+                for name in names:
+                    why = material.chain_problem(served.chain[0], served.chain[1:], name, anchors)
+                    if why:
+                        raise VerifyFailed(f"{what} serves a chain that does not validate"
+                                           f"{f' for {name}' if name else ''}: {why}", served=served.fingerprint)
+    return first
+
+
+def _served_now(t: Target, leaves: dict[str, str]) -> dict[str, str]:
+    """What every listener serves now, per slot: kind -> fingerprint, when all agree."""
+    out: dict[str, str] = {}
+    for kind in leaves:
+        seen = set()
+        for li in t.verify_endpoints():
+            try:
+                seen.add(probe.probe_listener(li, _expected(kind) if len(leaves) > 1 else None).fingerprint)
+            except probe.ProbeError:
+                seen.add("")
+        if len(seen) == 1 and "" not in seen:
+            out[kind] = seen.pop()
+    return out
+
+
 def finish_forward(ctx: StepContext, deploy_id: str) -> DeployRecord | None:
     """Recovery's roll-forward: a dead deploy that had reloaded, whose new set is
-    wholly live and whose new leaf a fresh probe sees served, ends ``deployed``.
-    Returns None when that cannot be shown (the caller rolls back instead)."""
+    wholly live and whose new leaves a fresh probe sees served everywhere, ends
+    ``deployed``. Returns None when that cannot be shown (the caller rolls back)."""
     rec = ctx.load(deploy_id)
     if not moving_forward(rec) or ORDER[rec.phase] < ORDER["reloaded"]:
         return None
     if not all(holds_new(e) for e in rec.files):
         return None
-    v = ctx.target.post_deploy_verify
-    served: str | None = None
-    if v.enabled:
-        try:
-            served = probe.probe_settings(v).fingerprint
-        except probe.ProbeError:
-            return None
-        if served != rec.fingerprint:
+    t = ctx.target
+    leaves = rec.leaves or {"any": rec.fingerprint or ""}
+    if t.verify_endpoints():
+        served = _served_now(t, leaves)
+        if any(served.get(kind) != fp for kind, fp in leaves.items()):
             return None
     with _timed(ctx, rec, "verify"):
-        if served:
-            rec.served_fingerprint = served
+        if t.verify_endpoints():
+            rec.served_fingerprint = rec.fingerprint
         else:
             _skip(rec, "verify", "post_deploy_verify is off")
         rec.phase = "verified"
@@ -597,11 +688,10 @@ def rollback(ctx: StepContext, deploy_id: str, error: str | None = None,
         except MailTLSError as err:
             return _finish(ctx, rec, "failed", f"{original_error}; old files restored but reload failed: {err}; "
                            + _state_report(ctx, rec), reason)
-        v = t.post_deploy_verify
-        if v.enabled and rec.previous_fingerprint:
+        previous = rec.previous_leaves or ({"any": rec.previous_fingerprint} if rec.previous_fingerprint else {})
+        if t.verify_endpoints() and previous and len(previous) == len(t.slots()):
             try:
-                served = probe.wait_for(v, rec.previous_fingerprint)
-                rec.served_fingerprint = served.fingerprint
+                rec.served_fingerprint = _wait_served(t, previous, None)
             except VerifyFailed as err:
                 rec.served_fingerprint = err.served
                 return _finish(ctx, rec, "failed", f"{original_error}; old files restored but not served: {err}",
@@ -667,19 +757,19 @@ def _restore_one(e: FileEntry, data: bytes) -> None:
 def _state_report(ctx: StepContext, rec: DeployRecord) -> str:
     """What is on disk and what is served: the facts an operator needs first."""
     parts = []
-    cert = files.read_bytes(files.real_path(ctx.target.cert_path))
-    key = files.read_bytes(files.real_path(ctx.target.key_path))
+    t = ctx.target
+    cert = files.read_bytes(files.real_path(t.leaf_file()))
+    key = files.read_bytes(files.real_path(t.combined_path or t.key_path))
     leaf = material.leaf_of_file(cert) if cert else None
     on_disk = material.fingerprint(leaf) if leaf else "none"
     which = ("new" if on_disk == rec.fingerprint else "old" if on_disk == rec.previous_fingerprint else "other")
     match = material.key_matches_cert(key, cert) if cert and key else False
     parts.append(f"on disk: {on_disk} ({which} set, key {'matches' if match else 'DOES NOT match'})")
-    v = ctx.target.post_deploy_verify
-    if v.enabled:
+    for li in t.verify_endpoints():
         try:
-            parts.append(f"served: {probe.probe_settings(v).fingerprint}")
+            parts.append(f"served on {li.endpoint}: {probe.probe_listener(li).fingerprint}")
         except probe.ProbeError as err:
-            parts.append(f"served: unknown ({err})")
+            parts.append(f"served on {li.endpoint}: unknown ({err})")
     return "; ".join(parts)
 
 

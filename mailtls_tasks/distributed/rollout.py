@@ -164,7 +164,7 @@ def rollout(cert_pem: bytes, key_pem: bytes, chain_pem: bytes | None = None, *,
             targets: list[str] | None = None, label: str | None = None, covers: list[str] | None = None,
             waves: str = "1,25%,100%", continue_on_error: bool = False, force: bool = False,
             broker_url: str | None = None, pipeline: Any = None, rollout_id: str | None = None,
-            timeout: float = 600.0) -> RolloutResult:
+            timeout: float = 600.0, also: list[tuple[bytes, bytes, bytes | None]] | None = None) -> RolloutResult:
     """Roll one certificate out to the selected targets, wave by wave; see the module doc."""
     from ..security.keys import PipelineKeys, load_pipeline
     from .app import client_app
@@ -204,7 +204,7 @@ def rollout(cert_pem: bytes, key_pem: bytes, chain_pem: bytes | None = None, *,
         signatures = []
         for addr in wave:
             handle, signature = prepare(co, app, keys, addr, cert_pem, key_pem, chain_pem, force=force,
-                                        rollout_id=rid)
+                                        rollout_id=rid, also=also)
             handles.append((addr, handle, time.monotonic()))
             signatures.append(signature)
             run = result.targets[addr]

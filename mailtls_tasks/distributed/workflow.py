@@ -83,7 +83,8 @@ class DeployHandle:
 
 def deploy(target: str, cert_pem: bytes, key_pem: bytes, chain_pem: bytes | None = None, *,
            force: bool = False, broker_url: str | None = None, host: str | None = None,
-           deploy_id: str | None = None, pipeline: PipelineKeys | str | None = None) -> DeployHandle:
+           deploy_id: str | None = None, pipeline: PipelineKeys | str | None = None,
+           also: list[tuple[bytes, bytes, bytes | None]] | None = None) -> DeployHandle:
     """Enqueue a deploy of ``target`` (``HOST/NAME``, or a bare ``NAME`` that exactly one
     host defines) and return a handle to wait on.
 
@@ -101,7 +102,7 @@ def deploy(target: str, cert_pem: bytes, key_pem: bytes, chain_pem: bytes | None
     if host is not None and "/" not in target:
         target = f"{host}/{target}"
     handle, signature = prepare(co, app, keys, target, cert_pem, key_pem, chain_pem, force=force,
-                                deploy_id=deploy_id)
+                                deploy_id=deploy_id, also=also)
     _send(signature)
     return handle
 
@@ -117,13 +118,15 @@ def _send(signature: Signature) -> None:
 
 def prepare(co: Coordinator, app: Celery, keys: PipelineKeys, target: str, cert_pem: bytes, key_pem: bytes,
             chain_pem: bytes | None, *, force: bool = False, deploy_id: str | None = None,
-            rollout_id: str | None = None) -> tuple[DeployHandle, Signature]:
+            rollout_id: str | None = None,
+            also: list[tuple[bytes, bytes, bytes | None]] | None = None) -> tuple[DeployHandle, Signature]:
     """Resolve, seal, record and stash one deploy; return its handle and the root task's
     signature, not yet sent (a rollout sends a wave's signatures as one group)."""
     host, sep, name = target.partition("/")
     if not ((sep and TARGET_NAME_RE.match(name)) or (not sep and TARGET_NAME_RE.match(host))):
         raise UnknownTarget(f"{target!r} is not a target address (HOST/NAME or NAME)")
-    for what, data in (("cert", cert_pem), ("key", key_pem), ("chain", chain_pem)):
+    for what, data in (("cert", cert_pem), ("key", key_pem), ("chain", chain_pem),
+                       *((w, d) for c, k, ch in also or [] for w, d in (("cert", c), ("key", k), ("chain", ch)))):
         if data is not None and len(data) > MAX_INPUT_BYTES:
             raise Rejected(f"{what}: over the {MAX_INPUT_BYTES}-byte limit")
     deploy_id = check_deploy_id(deploy_id or new_deploy_id())
@@ -134,7 +137,7 @@ def prepare(co: Coordinator, app: Celery, keys: PipelineKeys, target: str, cert_
         fence = co.next_fence(f"{host}/{name}", now)  # from the time signed below; survives Redis losing its data
         envelope = seal(target=name, host=host, deploy_id=deploy_id, fence=fence, cert=cert_pem, key=key_pem,
                         chain=chain_pem, force=force, signing_key=keys.signing_key, recipient=recipient,
-                        issued_at=now)
+                        issued_at=now, also=also)
         return _register(co, envelope, app, rollout_id)
     except redis.RedisError as err:
         raise BrokerError(f"cannot enqueue deploy: Redis error: {err}") from None

@@ -55,6 +55,7 @@ class OpenedBundle:
     chain: bytes | None
     force: bool
     fence: int  # from the signed header: the only fence a host acts on
+    also: tuple[tuple[bytes, bytes, bytes | None], ...] = ()  # a dual target's second certificate
 
     def __repr__(self) -> str:
         return "<OpenedBundle key=<redacted>>"
@@ -83,7 +84,8 @@ def _kdf(shared: bytes, epk: bytes, recipient: bytes) -> bytes:
 
 def seal(*, target: str, host: str, deploy_id: str, fence: int, cert: bytes, key: bytes, chain: bytes | None,
          force: bool, signing_key: Ed25519PrivateKey, recipient: X25519PublicKey,
-         issued_at: float | None = None) -> dict[str, Any]:
+         issued_at: float | None = None,
+         also: list[tuple[bytes, bytes, bytes | None]] | None = None) -> dict[str, Any]:
     eph = X25519PrivateKey.generate()
     epk = eph.public_key().public_bytes_raw()
     header: dict[str, Any] = {
@@ -95,7 +97,10 @@ def seal(*, target: str, host: str, deploy_id: str, fence: int, cert: bytes, key
     aad = _canonical(header)
     aead_key = _kdf(eph.exchange(recipient), epk, recipient.public_bytes_raw())
     nonce = os.urandom(12)
-    plain = json.dumps({"cert": _b64(cert), "key": _b64(key), "chain": _b64(chain) if chain else None}).encode()
+    body: dict[str, Any] = {"cert": _b64(cert), "key": _b64(key), "chain": _b64(chain) if chain else None}
+    if also:
+        body["also"] = [{"cert": _b64(c), "key": _b64(k), "chain": _b64(ch) if ch else None} for c, k, ch in also]
+    plain = json.dumps(body).encode()
     ct = ChaCha20Poly1305(aead_key).encrypt(nonce, plain, aad)
     sig = signing_key.sign(aad + nonce + ct)
     return {**header, "nonce": _b64(nonce), "ct": _b64(ct), "sig": _b64(sig)}
@@ -160,6 +165,11 @@ def open_envelope(env: Any, *, target: str, host: str, deploy_id: str, fence: in
     if not isinstance(body, dict):
         raise EnvelopeError("envelope: malformed bundle")
     chain = body.get("chain")
+    extra = body.get("also") or []
+    if not isinstance(extra, list) or len(extra) > 1 or not all(isinstance(b, dict) for b in extra):
+        raise EnvelopeError("envelope: malformed bundle (also)")
+    also = tuple((_unb64(b.get("cert"), "bundle also cert"), _unb64(b.get("key"), "bundle also key"),
+                  None if b.get("chain") is None else _unb64(b.get("chain"), "bundle also chain")) for b in extra)
     return OpenedBundle(cert=_unb64(body.get("cert"), "bundle cert"), key=_unb64(body.get("key"), "bundle key"),
                         chain=None if chain is None else _unb64(chain, "bundle chain"), force=bool(env["force"]),
-                        fence=int(env["fence"]))
+                        fence=int(env["fence"]), also=also)

@@ -90,6 +90,10 @@ def issue(
         .not_valid_before(nb)
         .not_valid_after(na)
         .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        # as every public CA issues them (and strict verifiers require them)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
+            (issuer.key if issuer else key).public_key()), critical=False)
     )
     if ca:
         builder = builder.add_extension(

@@ -68,7 +68,8 @@ def test_verify_timeout_as_string_and_protocol() -> None:
     t = parse_config(cfg(post_deploy_verify={"enabled": True, "endpoint": "mail.example:587",
                                              "timeout": "30s", "protocol": "auto"})).target("t")
     v = t.post_deploy_verify
-    assert v.timeout == 30.0 and v.host == "mail.example" and v.port == 587
+    (li,) = t.verify_endpoints()
+    assert v.timeout == 30.0 and (li.host, li.port, li.timeout) == ("mail.example", 587, 30.0)
     assert parse_config(cfg(post_deploy_verify={"timeout": "500ms"})).target("t").post_deploy_verify.timeout == 0.5
 
 
