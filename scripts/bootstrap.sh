@@ -13,6 +13,13 @@ command -v openssl >/dev/null 2>&1 || need="$need openssl"
 command -v script >/dev/null 2>&1 || need="$need bsdutils"
 command -v strace >/dev/null 2>&1 || need="$need strace"      # the fault matrix injects with it
 command -v pgrep >/dev/null 2>&1 || need="$need procps"
+command -v unshare >/dev/null 2>&1 || need="$need util-linux"  # the fleet tests: a mount namespace per host
+[ -x /usr/bin/chromium ] || need="$need chromium"              # a screenshot of Flower's task list
+[ -x /usr/sbin/unbound ] || need="$need unbound"               # DANE: a validating resolver ...
+[ -x /usr/sbin/nsd ] || need="$need nsd"                       # ... an authoritative server ...
+command -v ldns-signzone >/dev/null 2>&1 || need="$need ldnsutils"  # ... and a signed zone
+command -v certbot >/dev/null 2>&1 || need="$need certbot"     # the certbot hook, renewed for real ...
+command -v pebble >/dev/null 2>&1 || need="$need pebble"       # ... against a real ACME server
 if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then need="$need python3-venv"; fi
 
 if [ -n "$need" ]; then
@@ -24,7 +31,16 @@ if [ -n "$need" ]; then
     # A satellite-less, unconfigured Postfix: we never use the system instance.
     echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections 2>/dev/null || true
     export DEBIAN_FRONTEND=noninteractive
+    # Install daemons without starting them (Debian's policy-rc.d): the tests run their
+    # own private instances; a system unbound or nsd on port 53 is nobody's wish here.
+    guard=""
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod 0755 /usr/sbin/policy-rc.d && guard=1
+    fi
     apt-get update -qq
     # shellcheck disable=SC2086
-    apt-get install -y -qq --no-install-recommends $need >/dev/null
+    rc=0
+    apt-get install -y -qq --no-install-recommends $need >/dev/null || rc=$?
+    if [ -n "$guard" ]; then rm -f /usr/sbin/policy-rc.d; fi
+    if [ "$rc" != 0 ]; then echo "bootstrap: apt-get install failed ($rc)" >&2; exit "$rc"; fi
 fi

@@ -298,11 +298,11 @@ def _stage(ctx: StepContext, rec: DeployRecord, raw: list[RawBundle], *, force: 
         if chain_path and not bundle.chain and not bundle.self_signed:
             raise MaterialError(f"chain: target {t.name!r} has a chain_path for its {what} but the bundle carries no "
                                 "chain (clients such as Thunderbird need it)")
-        material.check_path(bundle, t.trust_anchors, allow_self_signed=t.allow_self_signed, names=t.names, now=now)
         missing = uncovered(t.names, bundle.leaf)
         if missing:
             raise MaterialError(f"names: the {what} does not cover {', '.join(missing)}, which target {t.name!r} "
                                 f"must serve (it covers: {', '.join(leaf_names(bundle.leaf)) or 'no DNS name'})")
+        material.check_path(bundle, t.trust_anchors, allow_self_signed=t.allow_self_signed, names=t.names, now=now)
         wanted.update(bundle.file_bytes(chain_path_set=bool(chain_path), combined=bool(combined), prefix=prefix))
         rec.leaves[kind] = bundle.fingerprint
         rec.chains[kind] = bundle.chain_fingerprints()

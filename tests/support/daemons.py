@@ -64,7 +64,8 @@ class Postfix:
     """``postfix -c DIR``: SMTP (STARTTLS) and SMTPS on two free loopback ports."""
 
     def __init__(self, root: Path, cert: Path, key: Path, address: str = "127.0.0.1",
-                 ports: tuple[int, int] | None = None, chain_files: list[Path] | None = None) -> None:
+                 ports: tuple[int, int] | None = None, chain_files: list[Path] | None = None,
+                 submission_files: tuple[Path, Path] | None = None) -> None:
         self.bin = require("postfix")
         self.root = root
         self.dir = root / "postfix"
@@ -72,6 +73,10 @@ class Postfix:
         self.address = address
         self.chain_files = chain_files
         self.smtp_port, self.smtps_port = ports or (free_port(), free_port())
+        # a submission listener whose -o overrides name other files: the real-world "one
+        # port keeps serving the old certificate"
+        self.submission_files = submission_files
+        self.submission_port = free_port() if submission_files else None
         self.log = root / "postfix-commands.log"
         self._write_config()
 
@@ -104,6 +109,9 @@ alias_database =
             f"{self.address}:{self.smtp_port} inet n - n - - smtpd\n"
             f"{self.address}:{self.smtps_port} inet n - n - - smtpd\n"
             "  -o smtpd_tls_wrappermode=yes\n  -o smtpd_tls_security_level=encrypt\n"
+            + (f"{self.address}:{self.submission_port} inet n - n - - smtpd\n"
+               f"  -o smtpd_tls_cert_file={self.submission_files[0]}\n"
+               f"  -o smtpd_tls_key_file={self.submission_files[1]}\n" if self.submission_files else "")
             + POSTFIX_SERVICES)
         _traversable(d)
 
@@ -122,6 +130,8 @@ alias_database =
             raise RuntimeError(f"postfix start failed:\n{self.debug()}")
         wait_port(self.smtp_port, 20, host=self.address)
         wait_port(self.smtps_port, 20, host=self.address)
+        if self.submission_port:
+            wait_port(self.submission_port, 20, host=self.address)
 
     def stop(self) -> None:
         _run([self.bin, "-c", str(self.dir), "stop"], self.log)

@@ -1,0 +1,60 @@
+"""certbot, against a real ACME server (pebble), renews a certificate; its deploy hook
+`mailtls certbot-hook` puts it on both daemons that serve the name, verified."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+
+import pytest
+
+from mailtls_tasks.core import probe
+from mailtls_tasks.core.journal import Journal
+from mailtls_tasks.core.material import fingerprint, leaf_of_file
+from tests.support.acme import Certbot, Pebble
+from tests.support.pki import PKI
+from tests.support.services import REPO, require
+from tests.support.stack import MailStack
+
+pytestmark = pytest.mark.e2e
+NAME = "mail.certbot.test"
+
+
+def test_certbot_renewal_through_the_hook_reaches_both_daemons(tmp_path: Path, pki: PKI) -> None:
+    require("certbot")
+    pebble = Pebble(tmp_path / "pebble", pki)
+    stack = MailStack(tmp_path / "mx", pki.leaf(NAME), host="certbot-mx")
+    for name in ("smtp", "imap"):
+        stack.targets[name]["names"] = [NAME]
+    stack.targets["www"] = {**stack.targets["smtp"], "names": ["www.certbot.test"],
+                            "cert_path": str(tmp_path / "www-cert.pem"), "key_path": str(tmp_path / "www-key.pem")}
+    del stack.targets["www"]["post_deploy_verify"]
+    stack.write_config()
+    stack.start()
+    try:
+        certbot = Certbot(tmp_path / "certbot", pebble)
+        hook = (f"{shlex.quote(sys.executable)} -m mailtls_tasks.cli certbot-hook --config "
+                f"{shlex.quote(str(stack.config_path))}")
+        env = {"PYTHONPATH": str(REPO)}
+        issued = certbot.run("certonly", "--standalone", "--http-01-port", str(certbot.http_port), "-d", NAME,
+                             "--deploy-hook", hook, env=env)
+        assert issued.returncode == 0, issued.stdout + issued.stderr + certbot.log()[-3000:]
+        first = fingerprint(leaf_of_file((certbot.live(NAME) / "cert.pem").read_bytes()))  # type: ignore[arg-type]
+        for port, proto in ((stack.postfix.smtp_port, "smtp"), (stack.dovecot.ports["imaps"], "imaps")):
+            assert probe.probe("127.0.0.1", port, proto).fingerprint == first
+
+        renewed = certbot.run("renew", "--force-renewal", "--deploy-hook", hook, env=env)
+        assert renewed.returncode == 0, renewed.stdout + renewed.stderr
+        second = fingerprint(leaf_of_file((certbot.live(NAME) / "cert.pem").read_bytes()))  # type: ignore[arg-type]
+        assert second != first
+        for port, proto in ((stack.postfix.smtp_port, "smtp"), (stack.dovecot.ports["imaps"], "imaps")):
+            assert probe.probe("127.0.0.1", port, proto).fingerprint == second
+        log = certbot.log()
+        assert "mailtls: certbot-mx/smtp: deployed" in log and "mailtls: certbot-mx/imap: " in log
+        assert "certbot-mx/www" not in log  # www's names are not covered: not touched
+        recs = Journal(str(stack.state)).records("smtp")
+        assert [r.outcome for r in recs][-1] == "deployed" and recs[-1].fingerprint == second
+    finally:
+        stack.stop()
+        pebble.stop()
