@@ -95,7 +95,7 @@ def test_dane_next_prints_the_records_to_publish(tmp_path: Path, world: DnsWorld
 
 def test_the_audit_flags_tlsa_that_no_longer_match_the_served_key(tmp_path: Path, world: DnsWorld,
                                                                   pki: PKI) -> None:
-    host, first, name = _host(tmp_path, world, pki, SIGNED)
+    host, _, name = _host(tmp_path, world, pki, SIGNED)
     srv = host.server("mx", "smtp")
     host.enable_verify("mx", srv.endpoint, protocol="smtp")
     rt = HostRuntime(host.config)

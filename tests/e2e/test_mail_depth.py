@@ -103,7 +103,8 @@ class Depth:
                         "post_deploy_verify": verify(*((self.dual_dv.ports[p], p)
                                                        for p in ("imap", "imaps", "pop3", "pop3s")))},
             "single": {"mode": "postfix", "combined_path": str(c / "single" / "mail.pem"), "names": [NAME],
-                       "reload_command": str(w["single-reload"].path), "validate_command": str(w["single-check"].path),
+                       "reload_command": str(w["single-reload"].path),
+                       "validate_command": str(w["single-check"].path),
                        "post_deploy_verify": verify((self.single.smtp_port, "smtp"), (self.single.smtps_port, "smtps"))},
         }
         self.config = root / "targets.json"

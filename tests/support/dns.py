@@ -131,7 +131,7 @@ stub-zone:
                                      port=self.port, timeout=1)
                 if resp.answer:
                     return
-            except Exception:  # noqa: BLE001 -- not up yet
+            except Exception:  # not up yet
                 pass
             if time.monotonic() > deadline:
                 raise RuntimeError("unbound/nsd not answering:\n" + (self.root / "unbound.log").read_text()[-2000:]
