@@ -105,7 +105,8 @@ class Depth:
             "single": {"mode": "postfix", "combined_path": str(c / "single" / "mail.pem"), "names": [NAME],
                        "reload_command": str(w["single-reload"].path),
                        "validate_command": str(w["single-check"].path),
-                       "post_deploy_verify": verify((self.single.smtp_port, "smtp"), (self.single.smtps_port, "smtps"))},
+                       "post_deploy_verify": verify((self.single.smtp_port, "smtp"),
+                                                    (self.single.smtps_port, "smtps"))},
         }
         self.config = root / "targets.json"
         self.config.write_text(json.dumps({"host": "depth", "state_dir": str(root / "state"), "targets": targets}))
