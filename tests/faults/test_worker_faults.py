@@ -40,7 +40,7 @@ def counts(rig: WorkerRig) -> dict[tuple[str, str], int]:
 
 @pytest.mark.parametrize("mode", ["worker", "child"])
 def test_worker_fault_matrix(rig: WorkerRig, counts: dict[tuple[str, str], int], mode: str) -> None:
-    assert counts[("deploy", "rename")] >= 5 and counts[("rollback", "rename")] > counts[("deploy", "rename")], counts
+    assert counts[("deploy", "rename")] >= 5 and counts[("rollback", "rename")] >= 5, counts
     broken, results = [], []
     cases = [c for c in worker_cases(LEVEL, counts) if c.mode == mode]
     assert cases
