@@ -1,11 +1,21 @@
-"""What does safety cost? A full in-process deploy (stage with backups and fsyncs,
-OpenSSL handshake validation, atomic commit, reload, journal) against the naive way
-(write the files in place, run the reload command), same machine, same real reload
-executable, interleaved in one run. Prints medians and the ratio; also peak Python
-memory of each (tracemalloc).
+"""``make bench``: what a deploy costs, measured side by side in one run, on a real
+private Postfix. Prints one table of medians and ratios and writes it as JSON.
 
-    make bench                 # 30 rounds
-    python -m bench --rounds 100
+P1  a full deploy (verify on, a fresh certificate each round): the floor -- a shell
+    script doing the least that is still correct (cat+mv, cp+chmod+mv, postfix check,
+    postfix reload, poll `openssl s_client -starttls smtp` until the new leaf is served)
+    -- against `mailtls deploy --local` and `mailtls deploy` through Redis and a worker,
+    interleaved round by round. Goals: distributed <= 1.3x the floor, local <= 1.15x.
+P2  the same bytes again (`unchanged`), CLI start-up included: <= 0.15x a full deploy.
+P3  fan-out: N targets on 2 hosts (a worker each, no-op reload, verify off), all enqueued
+    at once through mailtls_tasks.deploy(); against the in-process runner on the same
+    targets. Goals: per-deploy cost at 1,000 within 10 % of at 100 (both runners);
+    Redis commands per deploy <= 60 and flat; 2 workers >= 50 % of in-process
+    throughput; enqueueing 1,000 deploys <= 2 s.
+P4  a worker's memory, main process and pool together (PSS): <= 80 MiB.
+
+    make bench                          # 6 rounds, N = 100 and 1,000
+    python -m bench --rounds 3 --fanout 100 --out bench-report.json
 """
 
 from __future__ import annotations
@@ -16,66 +26,238 @@ import os
 import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
-import tracemalloc
 from pathlib import Path
+from typing import Any
 
-from mailtls_tasks.core.config import parse_config
-from mailtls_tasks.core.local import run_local
-from tests.support.pki import make_pki
+import redis
+
+from tests.support.keys import Pipeline
+from tests.support.pki import Issued, make_pki
+from tests.support.services import REPO, RedisServer, Worker
+from tests.support.stack import MailStack
+
+MAILTLS = str(Path(sys.executable).parent / "mailtls")
+
+FLOOR = """#!/bin/sh
+# The least a correct deploy does, by hand: $1 fullchain, $2 key, $3 expected SHA-256
+set -e
+cat "$1" > {cert}.new && mv {cert}.new {cert}
+cp "$2" {key}.new && chmod 600 {key}.new && mv {key}.new {key}
+{postfix} -c {pfdir} check
+{postfix} -c {pfdir} reload
+i=0
+while [ $i -lt 300 ]; do
+  fp=$(openssl s_client -starttls smtp -connect 127.0.0.1:{port} </dev/null 2>/dev/null \\
+       | openssl x509 -noout -fingerprint -sha256 2>/dev/null | cut -d= -f2 | tr -d : | tr A-F a-f)
+  [ "$fp" = "$3" ] && exit 0
+  i=$((i+1)); sleep 0.02
+done
+exit 1
+"""
 
 
-def naive(cert_path: Path, key_path: Path, cert: bytes, key: bytes, reload_cmd: str) -> None:
-    cert_path.write_bytes(cert)
-    key_path.write_bytes(key)
-    subprocess.run([reload_cmd], check=True, stdout=subprocess.DEVNULL)
+def _timed(argv: list[str], env: dict[str, str], cwd: Path) -> float:
+    t0 = time.perf_counter()
+    p = subprocess.run(argv, env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
+    dt = time.perf_counter() - t0
+    if p.returncode != 0:
+        raise RuntimeError(f"{argv[:4]} exited {p.returncode}: {p.stdout[-800:]}{p.stderr[-800:]}")
+    return dt
 
 
-def main() -> None:
+def _write(root: Path, leaf: Issued) -> tuple[Path, Path]:
+    c, k = root / f"{leaf.fingerprint[:12]}.crt", root / f"{leaf.fingerprint[:12]}.key"
+    c.write_bytes(leaf.fullchain_pem)
+    k.write_bytes(leaf.key_pem)
+    return c, k
+
+
+def _pss_mib(pid: int) -> float:
+    total = 0
+    for p in [pid, *(int(c) for c in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True,
+                                                     text=True).stdout.split())]:
+        try:
+            for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1])
+        except OSError:
+            pass
+    return total / 1024
+
+
+def p1_p2(root: Path, rounds: int, r: RedisServer, pipeline: Pipeline) -> dict[str, Any]:
+    pki = make_pki("ec")
+    stack = MailStack(root / "mx", pki.leaf(), host="bench-mx", pipeline=pipeline)
+    t = stack.targets["smtp"]
+    # the floor and mailtls use the same files and the same real postfix commands
+    t["reload_command"] = stack.postfix.command("reload")
+    t["validate_command"] = stack.postfix.command("check")
+    t["post_deploy_verify"]["interval"] = 0.02
+    del stack.targets["imap"]
+    stack.write_config()
+    stack.start()
+    worker = Worker(stack.config_path, r.url, root / "worker.log")
+    env = {**os.environ, "MAILTLS_CONFIG": str(stack.config_path), "MAILTLS_BROKER_URL": r.url,
+           "MAILTLS_PIPELINE": str(pipeline.path), "PYTHONPATH": str(REPO)}
+    floor = root / "floor.sh"
+    floor.write_text(FLOOR.format(cert=stack.shared / "cert.pem", key=stack.shared / "key.pem",
+                                  postfix=stack.postfix.bin, pfdir=stack.postfix.dir, port=stack.postfix.smtp_port))
+    floor.chmod(0o755)
+    times: dict[str, list[float]] = {k: [] for k in ("floor", "local", "distributed", "local_unchanged",
+                                                     "distributed_unchanged")}
+    try:
+        methods = ["floor", "local", "distributed"]
+        for i in range(rounds):
+            for m in methods[i % 3:] + methods[:i % 3]:  # rotate who goes first
+                leaf = pki.leaf()
+                c, k = _write(root, leaf)
+                if m == "floor":
+                    times[m].append(_timed([str(floor), str(c), str(k), leaf.fingerprint], env, root))
+                elif m == "local":
+                    times[m].append(_timed([MAILTLS, "deploy", "smtp", "--local", "--cert", str(c), "--key",
+                                            str(k)], env, root))
+                    times["local_unchanged"].append(_timed([MAILTLS, "deploy", "smtp", "--local", "--cert", str(c),
+                                                            "--key", str(k)], env, root))
+                else:
+                    times[m].append(_timed([MAILTLS, "deploy", "bench-mx/smtp", "--cert", str(c), "--key", str(k)],
+                                           env, root))
+                    times["distributed_unchanged"].append(_timed([MAILTLS, "deploy", "bench-mx/smtp", "--cert",
+                                                                  str(c), "--key", str(k)], env, root))
+        assert worker.proc is not None
+        pss = _pss_mib(worker.proc.pid)
+    finally:
+        worker.stop()
+        stack.stop()
+    return {"medians": {k: statistics.median(v) for k, v in times.items()}, "worker_pss_mib": pss}
+
+
+def _fan_hosts(root: Path, n: int, pipeline: Pipeline) -> dict[str, Path]:
+    """Two hosts, n/2 targets each, their files ready; returns host -> targets file."""
+    pki = make_pki("ec")
+    first = pki.leaf()
+    out = {}
+    for h in ("fan-a", "fan-b"):
+        d = root / h
+        (d / "certs").mkdir(parents=True)
+        sec = pipeline.enroll(h, d / "keys")
+        targets = {}
+        for i in range(n // 2):
+            cert, key = d / "certs" / f"t{i}.crt", d / "certs" / f"t{i}.key"
+            cert.write_bytes(first.fullchain_pem)
+            key.write_bytes(first.key_pem)
+            targets[f"t{i}"] = {"cert_path": str(cert), "key_path": str(key), "reload_command": "/bin/true",
+                                "validate_command": "", "backup_retention": 1}
+        cfg = {"host": h, "state_dir": str(d / "state"), "targets": targets, "security": sec,
+               "recovery_interval": "10m", "audit_interval": "1d"}
+        (d / "targets.json").write_text(json.dumps(cfg))
+        out[h] = d / "targets.json"
+    return out
+
+
+def p3(root: Path, n: int, r: RedisServer, pipeline: Pipeline) -> dict[str, float]:
+    from mailtls_tasks.core.config import load_config
+    from mailtls_tasks.core.local import run_local
+    from mailtls_tasks.distributed.workflow import deploy
+
+    files = _fan_hosts(root / f"fan{n}", n, pipeline)
+    pki = make_pki("ec")
+    leaves = [pki.leaf() for _ in range(n)]
+    addrs = [f"{h}/t{i}" for h in files for i in range(n // 2)]
+    workers = [Worker(f, r.url, root / f"fan{n}-{h}.log") for h, f in files.items()]
+    client = redis.Redis.from_url(r.url)
+    try:
+        client.config_resetstat()
+        t0 = time.perf_counter()
+        handles = [deploy(a, leaf.fullchain_pem, leaf.key_pem, broker_url=r.url, pipeline=str(pipeline.path))
+                   for a, leaf in zip(addrs, leaves, strict=True)]
+        enqueue = time.perf_counter() - t0
+        outcomes = [h.get(timeout=1800).outcome for h in handles]
+        distributed = time.perf_counter() - t0
+        stats = client.info("commandstats")
+        commands = sum(v["calls"] for k, v in stats.items())
+        assert outcomes.count("deployed") == n, {o: outcomes.count(o) for o in set(outcomes)}
+    finally:
+        for w in workers:
+            w.stop()
+    # the same targets, in-process, each host's targets one after another
+    leaves2 = [pki.leaf() for _ in range(n)]
+    t0 = time.perf_counter()
+    k = 0
+    for f in files.values():
+        cfg = load_config(str(f))
+        for name in cfg.targets:
+            res = run_local(cfg, name, leaves2[k].fullchain_pem, leaves2[k].key_pem)
+            assert res.outcome == "deployed", res.error
+            k += 1
+    local = time.perf_counter() - t0
+    return {"n": n, "enqueue_s": enqueue, "distributed_s": distributed, "local_s": local,
+            "distributed_per_s": n / distributed, "local_per_s": n / local,
+            "redis_commands_per_deploy": commands / n}
+
+
+def main() -> int:
     ap = argparse.ArgumentParser(prog="python -m bench")
-    ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--fanout", default="100,1000")
+    ap.add_argument("--out", default="bench-report.json")
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="mailtls-bench-"))
-    reload_cmd = root / "reload"
-    reload_cmd.write_text("#!/bin/sh\nexit 0\n")
-    os.chmod(reload_cmd, 0o755)
-    (root / "certs").mkdir()
-    cfg = parse_config({"host": "bench", "state_dir": str(root / "state"), "targets": {"t": {
-        "cert_path": str(root / "certs/cert.pem"), "key_path": str(root / "certs/key.pem"),
-        "reload_command": str(reload_cmd), "validate_command": ""}}})
-    pki = make_pki("ec")
-    leaves = [pki.leaf() for _ in range(args.rounds * 2)]
-    safe_t, naive_t, safe_mem, naive_mem = [], [], [], []
-    for i in range(args.rounds):
-        a, b = leaves[2 * i], leaves[2 * i + 1]
-        tracemalloc.start()
-        t0 = time.perf_counter()
-        r = run_local(cfg, "t", a.fullchain_pem, a.key_pem)
-        safe_t.append(time.perf_counter() - t0)
-        safe_mem.append(tracemalloc.get_traced_memory()[1])
-        tracemalloc.stop()
-        assert r.outcome == "deployed", r.error
-        tracemalloc.start()
-        t0 = time.perf_counter()
-        naive(root / "certs/naive-cert.pem", root / "certs/naive-key.pem", b.fullchain_pem, b.key_pem,
-              str(reload_cmd))
-        naive_t.append(time.perf_counter() - t0)
-        naive_mem.append(tracemalloc.get_traced_memory()[1])
-        tracemalloc.stop()
-    shutil.rmtree(root, ignore_errors=True)
-    s, n = statistics.median(safe_t), statistics.median(naive_t)
-    sm, nm = statistics.median(safe_mem), statistics.median(naive_mem)
-    print(json.dumps({
-        "rounds": args.rounds,
-        "safe_deploy_median_ms": round(s * 1000, 2),
-        "naive_copy_reload_median_ms": round(n * 1000, 2),
-        "time_ratio_safe_over_naive": round(s / n, 2),
-        "safe_peak_python_kib": round(sm / 1024, 1),
-        "naive_peak_python_kib": round(nm / 1024, 1),
-        "memory_ratio_safe_over_naive": round(sm / max(nm, 1), 2),
-    }, indent=1))
+    os.chmod(root, 0o755)  # the postfix user must traverse it
+    r = RedisServer(root / "redis")
+    pipeline = Pipeline(root / "pipeline")
+    os.environ["MAILTLS_PIPELINE"] = str(pipeline.path)
+    try:
+        one = p1_p2(root, args.rounds, r, pipeline)
+        fan = [p3(root, int(n), r, pipeline) for n in args.fanout.split(",")]
+    finally:
+        r.stop()
+        shutil.rmtree(root, ignore_errors=True)
+    m = one["medians"]
+    report: dict[str, Any] = {"machine": f"{os.cpu_count()} cores, {os.uname().sysname} {os.uname().release}",
+                              "rounds": args.rounds, "medians_s": m, "fanout": fan,
+                              "worker_pss_mib": one["worker_pss_mib"]}
+    goals = {
+        "P1 distributed / floor <= 1.3": (m["distributed"] / m["floor"], 1.3),
+        "P1 local / floor <= 1.15": (m["local"] / m["floor"], 1.15),
+        "P2 local unchanged / full <= 0.15": (m["local_unchanged"] / m["local"], 0.15),
+        "P2 distributed unchanged / full <= 0.15": (m["distributed_unchanged"] / m["distributed"], 0.15),
+        "P4 worker PSS MiB <= 80": (one["worker_pss_mib"], 80.0),
+    }
+    if len(fan) >= 2:
+        small, big = fan[0], fan[-1]
+        goals["P3 distributed per-deploy cost big/small <= 1.10"] = (
+            (big["distributed_s"] / big["n"]) / (small["distributed_s"] / small["n"]), 1.10)
+        goals["P3 local per-deploy cost big/small <= 1.10"] = (
+            (big["local_s"] / big["n"]) / (small["local_s"] / small["n"]), 1.10)
+        goals["P3 Redis commands per deploy <= 60 (big)"] = (big["redis_commands_per_deploy"], 60.0)
+        goals["P3 Redis commands flat big/small <= 1.20"] = (
+            big["redis_commands_per_deploy"] / small["redis_commands_per_deploy"], 1.20)
+    for f in fan:
+        goals[f"P3 distributed / in-process throughput >= 0.5 (N={f['n']})"] = (
+            f["distributed_per_s"] / f["local_per_s"], 0.5)
+        if f["n"] >= 1000:
+            goals["P3 enqueue 1,000 deploys <= 2 s"] = (f["enqueue_s"] * 1000 / f["n"], 2.0)
+    report["goals"] = {k: {"value": round(v, 3), "limit": lim,
+                           "met": (v >= lim) if ">=" in k else (v <= lim)} for k, (v, lim) in goals.items()}
+    Path(args.out).write_text(json.dumps(report, indent=2))
+    print(f"machine: {report['machine']}; {args.rounds} rounds; medians")
+    print(f"  {'method':<24} {'median s':>9} {'vs floor':>9}")
+    for k in ("floor", "local", "distributed", "local_unchanged", "distributed_unchanged"):
+        print(f"  {k:<24} {m[k]:>9.3f} {m[k] / m['floor']:>8.2f}x")
+    print(f"  {'N':>6} {'enqueue s':>10} {'dist/s':>8} {'local/s':>8} {'redis cmds/deploy':>18}")
+    for f in fan:
+        print(f"  {f['n']:>6} {f['enqueue_s']:>10.2f} {f['distributed_per_s']:>8.1f} {f['local_per_s']:>8.1f} "
+              f"{f['redis_commands_per_deploy']:>18.1f}")
+    print(f"  worker PSS (main + pool): {one['worker_pss_mib']:.1f} MiB")
+    print("goals:")
+    for k, g in report["goals"].items():
+        print(f"  {'MET ' if g['met'] else 'MISS'} {k}: {g['value']}")
+    print(f"written: {args.out}")
+    return 0 if all(g["met"] for g in report["goals"].values()) else 1
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

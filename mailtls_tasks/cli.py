@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 from typing import Any, NoReturn
 
 import click
@@ -414,9 +415,12 @@ def audit(broker: str | None, config_path: str | None, local: bool, refresh: boo
     """What every target serves, against what is on disk and what was deployed.
 
     Exit like a monitoring check: 0 ok, 1 warning (expires within warn_days), 2
-    critical (drift, a chain that does not verify, expired, a listener down)."""
+    critical (drift, a chain that does not verify, expired, a listener down), 3
+    unknown (Redis unreachable, a host's worker not running or not answering --now:
+    its last audit is shown, marked stale)."""
     from .core.audit import SEVERITY, TargetAudit
 
+    stale: set[str] = set()
     try:
         if local:
             from .core.host import HostRuntime
@@ -424,16 +428,24 @@ def audit(broker: str | None, config_path: str | None, local: bool, refresh: boo
             audits = HostRuntime(load_config(config_path)).audit()
         else:
             co = _coordinator(broker)
-            if refresh:
-                _audit_now(co)
+            silent = _audit_now(co) if refresh else set()
+            alive = {r["host"]: r["worker_alive"] for r in co.fleet()}
             audits = [TargetAudit.model_validate(d) for d in co.audits()]
+            for a in audits:
+                host = a.target.split("/", 1)[0]
+                if not alive.get(host) or host in silent:
+                    stale.add(a.target)
+                    a.issues.append(f"stale: the worker of host {host} is "
+                                    f"{'not answering' if host in silent else 'not running'}; this audit is "
+                                    f"from {a.at[:19]}")
     except MailTLSError as err:
-        _fail(str(err), 1, as_json)
+        _fail(str(err), 3, as_json)
     audits.sort(key=lambda a: a.target)
     worst = max((SEVERITY[a.status] for a in audits), default=0)
+    code = 2 if worst == 2 else 3 if stale else worst
     if as_json:
-        click.echo(json.dumps([a.model_dump(mode="json") for a in audits]))
-        sys.exit(worst)
+        click.echo(json.dumps([{**a.model_dump(mode="json"), "stale": a.target in stale} for a in audits]))
+        sys.exit(code)
     click.echo(f"{'TARGET':<26} {'STATUS':<9} {'DAYS':>6} {'ON DISK':<14} {'SERVED':<14} {'DEPLOYED':<14} "
                f"{'CHAIN':<6} AUDITED")
     for a in audits:
@@ -441,23 +453,39 @@ def audit(broker: str | None, config_path: str | None, local: bool, refresh: boo
         chain_ok = all(v == "ok" for la in a.listeners for v in la.chain.values())
         chain = "-" if not any(la.chain for la in a.listeners) else ("ok" if chain_ok else "BROKEN")
         days = f"{a.days_left:.1f}" if a.days_left is not None else "-"
-        click.echo(f"{a.target:<26} {a.status.upper():<9} {days:>6} {(a.on_disk_fingerprint or '-')[:12]:<14} "
+        status = a.status.upper() + ("?" if a.target in stale else "")
+        click.echo(f"{a.target:<26} {status:<9} {days:>6} {(a.on_disk_fingerprint or '-')[:12]:<14} "
                    f"{served:<14} {(a.last_deployed_fingerprint or '-')[:12]:<14} {chain:<6} {a.at[:19]}")
         for issue in a.issues:
             click.echo(f"    {issue}")
     if not audits:
         click.echo("no audit results yet (workers audit every audit_interval; `mailtls audit --now` asks them)")
-    sys.exit(worst)
+    sys.exit(code)
 
 
-def _audit_now(co: Any) -> None:
+AUDIT_NOW_WAIT = 120.0
+
+
+def _audit_now(co: Any) -> set[str]:
+    """Ask every live worker to audit now; wait for them all together (one budget, not
+    one per host). Returns the hosts that did not answer in time."""
+    from celery.exceptions import TimeoutError as CeleryTimeout
+
     from .distributed.app import queue_for, use_broker
 
     app = use_broker(co.url)
     hosts = sorted({r["host"] for r in co.fleet() if r["worker_alive"]})
-    pending = [app.send_task("mailtls.audit", kwargs={"host": h}, queue=queue_for(h), argsrepr=h) for h in hosts]
-    for result in pending:
-        result.get(timeout=120)
+    pending = {h: app.send_task("mailtls.audit", kwargs={"host": h}, queue=queue_for(h), argsrepr=h,
+                                ignore_result=False) for h in hosts}
+    deadline = time.monotonic() + AUDIT_NOW_WAIT
+    silent = set()
+    for host, result in pending.items():
+        try:
+            result.get(timeout=max(0.1, deadline - time.monotonic()))
+        except CeleryTimeout:
+            silent.add(host)
+            click.echo(f"mailtls: host {host} did not answer the audit within {AUDIT_NOW_WAIT:g}s", err=True)
+    return silent
 
 
 @cli.group()

@@ -94,8 +94,14 @@ def configure(app: Celery, url: str) -> None:
         worker_prefetch_multiplier=1,
         task_time_limit=TASK_TIME_LIMIT,
         task_soft_time_limit=TASK_SOFT_TIME_LIMIT,
-        task_track_started=True,
-        task_send_sent_event=True,
+        # Clients wait on the deploy records, never on Celery results: storing a result (and
+        # a STARTED state) per step is Redis work nobody reads. A caller that does want one
+        # asks per message (apply_async(ignore_result=False)); the audit task keeps its own.
+        task_ignore_result=True,
+        task_track_started=False,
+        # Flower sees received/started/succeeded from the workers; a separate "sent" event
+        # per message is one more PUBLISH for the same row.
+        task_send_sent_event=False,
         worker_send_task_events=True,
         # Never True: extended results store the task's kwargs -- the stage bundle.
         result_extended=False,

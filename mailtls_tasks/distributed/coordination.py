@@ -57,6 +57,31 @@ return 0
 """
 
 
+# Give up a host claim, only if it is still ours.
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('DEL', KEYS[1], KEYS[2]) return 1
+end
+return 0
+"""
+
+# Store a deploy record unless it has already ended and this one has not (a late
+# writer must not undo an outcome); publish on the record's ``ended`` channel when it
+# ends. The record is written whole: the worker's journal view is the complete record.
+_PUBLISH = """
+if ARGV[2] ~= '1' then
+  local raw = redis.call('GET', KEYS[1])
+  if raw then
+    local ok, d = pcall(cjson.decode, raw)
+    if ok and type(d) == 'table' and d['outcome'] and d['outcome'] ~= cjson.null then return 0 end
+  end
+end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
+if ARGV[2] == '1' then redis.call('PUBLISH', KEYS[2], ARGV[4]) end
+return 1
+"""
+
+
 def public_record(rec: DeployRecord) -> dict[str, Any]:
     """The Redis view of a journal record: no per-file hashes, paths or process ids;
     the target as its fleet address, HOST/NAME."""
@@ -88,6 +113,8 @@ class Coordinator:
             self.r = url_or_client
 
         self._renew = self.r.register_script(_RENEW)
+        self._publish = self.r.register_script(_PUBLISH)
+        self._release = self.r.register_script(_RELEASE)
 
     def _k(self, *parts: str) -> str:
         return PREFIX + ":".join(parts)
@@ -102,14 +129,43 @@ class Coordinator:
     def next_fence(self, target: str, now: float | None = None) -> int:
         """A fence that grows with the pipeline's clock, so Redis losing every key
         cannot make it go backwards; the counter only breaks ties within a millisecond."""
+        return self._fence(now, self.r.incr(self._k("fence", target)))
+
+    @staticmethod
+    def _fence(now: float | None, counter: Any) -> int:
         ms = int((time.time() if now is None else now) * 1000)
-        return ms * FENCE_TIE_BREAK + int(self.r.incr(self._k("fence", target))) % FENCE_TIE_BREAK
+        return ms * FENCE_TIE_BREAK + int(counter) % FENCE_TIE_BREAK
+
+    def resolve_with_fence(self, target: str, now: float) -> tuple[str, str, int]:
+        """``resolve`` and ``next_fence`` together: one round trip for a ``HOST/NAME``."""
+        host, sep, name = target.partition("/")
+        if not sep:
+            host, name = self.resolve(target)
+            return host, name, self.next_fence(f"{host}/{name}", now)
+        pipe = self.r.pipeline(transaction=False)
+        pipe.sismember(self._k("hosttargets", host), name)
+        pipe.incr(self._k("fence", target))  # a fence spent on an unknown target costs nothing
+        known, counter = pipe.execute()
+        if not known:
+            self.resolve(target)  # raises UnknownTarget, naming what the host has
+        return host, name, self._fence(now, counter)
 
     def claim(self, deploy_id: str, who: str) -> str:
         """First writer wins: 'started' (worker) or 'cancelled' (client). Returns the winner."""
-        key = self._k("claim", deploy_id)
-        self.r.set(key, who, nx=True, ex=RECORD_TTL)
-        return self.r.get(key) or who
+        return self._winner(self.r.set(self._k("claim", deploy_id), who, nx=True, get=True, ex=RECORD_TTL), who)
+
+    @staticmethod
+    def _winner(previous: Any, who: str) -> str:
+        return str(previous) if previous else who
+
+    def claim_with_envelope(self, deploy_id: str) -> tuple[str, dict[str, Any] | None]:
+        """The worker's claim ('started' unless the client cancelled first) and the
+        deploy's envelope, in one round trip."""
+        pipe = self.r.pipeline(transaction=False)
+        pipe.set(self._k("claim", deploy_id), "started", nx=True, get=True, ex=RECORD_TTL)
+        pipe.get(self._k("envelope", deploy_id))
+        previous, raw = pipe.execute()
+        return self._winner(previous, "started"), _loads(raw)
 
     def put_envelope(self, deploy_id: str, envelope: dict[str, Any]) -> None:
         self.r.set(self._k("envelope", deploy_id), json.dumps(envelope), ex=ENVELOPE_TTL)
@@ -132,25 +188,29 @@ class Coordinator:
     def put_record(self, data: dict[str, Any]) -> None:
         self.r.set(self._k("deploy", data["deploy_id"]), json.dumps(data), ex=RECORD_TTL)
 
-    def publish(self, rec: DeployRecord) -> dict[str, Any]:
-        """Store the journal record's public view, merged over what the client created;
-        wake whoever waits when it has ended. Atomic (WATCH), and never turns an ended
-        record back into a running one: a late writer cannot undo an outcome."""
-        key = self._k("deploy", rec.deploy_id)
+    def create_deploy(self, data: dict[str, Any], envelope: dict[str, Any]) -> None:
+        """A new deploy's record, history entry and envelope, in one round trip (the
+        envelope travels beside the messages, never in them)."""
+        deploy_id = data["deploy_id"]
+        pipe = self.r.pipeline(transaction=False)
+        pipe.set(self._k("deploy", deploy_id), json.dumps(data), ex=RECORD_TTL)
+        self._queue_history(pipe, data["target"], deploy_id)
+        pipe.set(self._k("envelope", deploy_id), json.dumps(envelope), ex=ENVELOPE_TTL)
+        pipe.execute()
+
+    def publish(self, rec: DeployRecord, inventory: dict[str, Any] | None = None) -> None:
+        """Store the journal record's public view and wake whoever waits once it has
+        ended; with ``inventory``, refresh that target's registry entry in the same
+        round trip. Atomic (a script), and never turns an ended record back into a
+        running one: a late writer cannot undo an outcome."""
         view = public_record(rec)
-
-        def update(pipe: Any) -> dict[str, Any]:
-            data = _loads(pipe.get(key)) or {"created": rec.created}
-            if data.get("outcome") and not rec.finished:
-                return data
-            data.update(view)
-            pipe.multi()
-            pipe.set(key, json.dumps(data), ex=RECORD_TTL)
-            if rec.finished:
-                pipe.publish(self._k("ended", rec.deploy_id), rec.outcome or "")
-            return data
-
-        return cast(dict[str, Any], self.r.transaction(update, key, value_from_callable=True))  # type: ignore[no-untyped-call]
+        pipe = self.r.pipeline(transaction=False)
+        self._publish(keys=[self._k("deploy", rec.deploy_id), self._k("ended", rec.deploy_id)],
+                      args=[json.dumps(view), "1" if rec.finished else "0", RECORD_TTL, rec.outcome or ""],
+                      client=pipe)
+        if inventory is not None:
+            self._queue_target(pipe, inventory, None)
+        pipe.execute()
 
     def finish_unstarted(self, deploy_id: str, outcome: str, error: str, reason: str | None = None) -> None:
         """End a deploy that never reached a host journal (unknown target, cancelled,
@@ -173,11 +233,14 @@ class Coordinator:
         return _loads(self.r.get(self._k("deploy", deploy_id)))
 
     def push_history(self, target: str, deploy_id: str) -> None:
-        key = self._k("history", target)
         pipe = self.r.pipeline()
+        self._queue_history(pipe, target, deploy_id)
+        pipe.execute()
+
+    def _queue_history(self, pipe: Any, target: str, deploy_id: str) -> None:
+        key = self._k("history", target)
         pipe.lpush(key, deploy_id)
         pipe.ltrim(key, 0, HISTORY_LEN - 1)
-        pipe.execute()
 
     def history(self, target: str, limit: int = 20) -> list[dict[str, Any]]:
         ids = self.r.lrange(self._k("history", target), 0, limit - 1)
@@ -250,26 +313,32 @@ class Coordinator:
             self._heartbeat_record(host, ttl)
         return state
 
+    def release_host(self, host: str, instance: str) -> bool:
+        """A worker stopping cleanly: its host is at once not alive (audits and the fleet
+        say so, a restarted worker registers without waiting for the claim to lapse).
+        Its targets stay registered: the fleet still lists them, with the worker down."""
+        return bool(self._release(keys=[self._k("hostowner", host), self._k("host", host)], args=[instance]))
+
     def _heartbeat_record(self, host: str, ttl: int) -> None:
         now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
         self.r.set(self._k("host", host), json.dumps({"host": host, "heartbeat": now}), ex=ttl)
 
     def publish_target(self, entry: dict[str, Any]) -> None:
-        """One target's inventory entry (after it was deployed, or at registration): the
-        cost of publishing does not grow with the number of targets on the host."""
-        addr = f"{entry['host']}/{entry['target']}"
-        old = _loads(self.r.get(self._k("inventory", addr))) or {}
+        """One target's inventory entry (after it was deployed or recovered): one round
+        trip, and the cost does not grow with the number of targets on the host. Its
+        labels come from the config the worker registered with, so none can have gone
+        stale since; registration removes the stale ones."""
         pipe = self.r.pipeline(transaction=True)
-        self._queue_target(pipe, entry, old)
+        self._queue_target(pipe, entry, None)
         pipe.execute()
 
-    def _queue_target(self, pipe: Any, entry: dict[str, Any], old: dict[str, Any]) -> None:
+    def _queue_target(self, pipe: Any, entry: dict[str, Any], old: dict[str, Any] | None) -> None:
         host, name = entry["host"], entry["target"]
         addr = f"{host}/{name}"
         pipe.set(self._k("inventory", addr), json.dumps({**entry, "address": addr}))
         pipe.sadd(self._k("hosttargets", host), name)
         pipe.sadd(self._k("name", name), host)
-        for label in set(old.get("labels") or []) - set(entry.get("labels") or []):
+        for label in set((old or {}).get("labels") or []) - set(entry.get("labels") or []):
             pipe.srem(self._k("label", label), addr)
         for label in entry.get("labels") or []:
             pipe.sadd(self._k("label", label), addr)

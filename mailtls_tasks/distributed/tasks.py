@@ -110,13 +110,14 @@ def _after(rec: DeployRecord | None) -> None:
     if rec is None:
         return
     co = coordinator()
-    co.publish(rec)
-    if rec.finished:
-        rt = runtime()
-        rt.journal.outbox_done(rec.target, rec.deploy_id)
-        co.publish_target(rt.inventory_entry(rec.target))
-        metrics.deploy_ended(rt.host, rec.target, rec.outcome or "", {n: s.ms / 1000 for n, s in rec.steps.items()},
-                             rolled_back="rollback" in rec.steps)
+    if not rec.finished:
+        co.publish(rec)
+        return
+    rt = runtime()
+    co.publish(rec, inventory=rt.inventory_entry(rec.target))
+    rt.journal.outbox_done(rec.target, rec.deploy_id)
+    metrics.deploy_ended(rt.host, rec.target, rec.outcome or "", {n: s.ms / 1000 for n, s in rec.steps.items()},
+                         rolled_back="rollback" in rec.steps)
 
 
 def _ended(task: Task, rec: DeployRecord | None) -> None:
@@ -169,9 +170,8 @@ def _run(task: Task, step: str, address: str, host: str, deploy_id: str,
         task.request.chain = None
         return _summary(rec, step, "deploy already ended" if rec and rec.finished else
                         "deploy is rolling back" if rec else "deploy unknown on this host")
-    if co.deliveries(deploy_id, step, int(task.request.retries or 0)) > MAX_DELIVERIES:
+    if _redelivered(task) and co.deliveries(deploy_id, step, int(task.request.retries or 0)) > MAX_DELIVERIES:
         raise StepFailed(f"{step} was redelivered more than {MAX_DELIVERIES} times (its worker kept dying)")
-    task.send_event("task-progress", deploy_id=deploy_id, target=address, step=step)
     try:
         rec = call(rt, target)
     except TargetBusy as err:
@@ -203,6 +203,13 @@ def _run(task: Task, step: str, address: str, host: str, deploy_id: str,
     return _summary(rec, step)
 
 
+def _redelivered(task: Task) -> bool:
+    """A message put back after a lost worker (kombu marks it): only those are counted,
+    so a deploy's normal path pays no Redis round trip for the bound."""
+    info = task.request.delivery_info or {}
+    return bool(info.get("redelivered"))
+
+
 def _forward(rec: DeployRecord) -> bool:
     return not rec.finished and rec.phase != "rolling_back"
 
@@ -231,12 +238,12 @@ def stage(self: Task, *, target: str, host: str, deploy_id: str, fence: int | No
     the fence used is the one inside its signed header. ``fence`` in a message, if
     any, must agree with it."""
     co = coordinator()
-    if co.claim(deploy_id, "started") != "started":
+    claim, envelope = co.claim_with_envelope(deploy_id)
+    if claim != "started":
         raise Rejected(f"deploy {deploy_id} was cancelled by its client before it started")
     rt = _runtime_for(host)
     name = _local_name(target, host)
     existing = rt.record(name, deploy_id)
-    envelope = co.get_envelope(deploy_id)
     if envelope is None and existing is None:
         msg = (f"deploy {deploy_id}: its envelope is gone from Redis (expired, or Redis lost its data); "
                "nothing was touched")
@@ -294,7 +301,6 @@ def rollback(self: Task, *, target: str, host: str, deploy_id: str) -> dict[str,
     if rec.finished:
         _after(rec)
         return _summary(rec, "rollback", "nothing to roll back")
-    self.send_event("task-progress", deploy_id=deploy_id, target=target, step="rollback")
     try:
         rec = rt.rollback(target, deploy_id)
     except TargetBusy as err:  # a step of an overlapping deploy is running: come back
@@ -303,7 +309,7 @@ def rollback(self: Task, *, target: str, host: str, deploy_id: str) -> dict[str,
     return _summary(rec, "rollback")
 
 
-@app.task(bind=True, name="mailtls.audit", acks_late=False)
+@app.task(bind=True, name="mailtls.audit", acks_late=False, ignore_result=False)
 def audit(self: Task, *, host: str) -> dict[str, Any]:
     """Probe every target of this host and record what it serves (see core/audit.py)."""
     rt = _runtime_for(host)
@@ -464,3 +470,9 @@ def _on_worker_shutdown(**_: Any) -> None:
     stop = _state.get("background_stop")
     if stop is not None:
         stop.set()
+    instance, rt = _state.get("instance"), _state.get("runtime")
+    if instance and rt is not None:
+        try:
+            coordinator().release_host(rt.host, instance)
+        except Exception as err:  # noqa: BLE001 -- the claim lapses on its own within its TTL
+            log.warning("could not release host %s in the registry: %s", rt.host, err)

@@ -109,7 +109,7 @@ def deploy(target: str, cert_pem: bytes, key_pem: bytes, chain_pem: bytes | None
 
 def _send(signature: Signature) -> None:
     try:
-        signature.apply_async()
+        signature.apply_async(ignore_result=True)  # clients wait on the record, never on Celery results
     except redis.RedisError as err:
         raise BrokerError(f"cannot enqueue deploy: Redis error: {err}") from None
     except (OSError, ConnectionError) as err:
@@ -131,10 +131,10 @@ def prepare(co: Coordinator, app: Celery, keys: PipelineKeys, target: str, cert_
             raise Rejected(f"{what}: over the {MAX_INPUT_BYTES}-byte limit")
     deploy_id = check_deploy_id(deploy_id or new_deploy_id())
     try:
-        host, name = co.resolve(target)
-        recipient = keys.host_key(host)  # pinned here, never taken from Redis
         now = time.time()
-        fence = co.next_fence(f"{host}/{name}", now)  # from the time signed below; survives Redis losing its data
+        # the fence grows with the time signed below: it survives Redis losing its data
+        host, name, fence = co.resolve_with_fence(target, now)
+        recipient = keys.host_key(host)  # pinned here, never taken from Redis
         envelope = seal(target=name, host=host, deploy_id=deploy_id, fence=fence, cert=cert_pem, key=key_pem,
                         chain=chain_pem, force=force, signing_key=keys.signing_key, recipient=recipient,
                         issued_at=now, also=also)
@@ -165,13 +165,11 @@ def _register(co: Coordinator, envelope: dict[str, Any], app: Celery,
     except (KeyError, TypeError):
         raise Rejected("envelope: missing target, host, deploy_id or fence") from None
     address = f"{host}/{name}"
-    co.put_record({"deploy_id": deploy_id, "target": address, "host": host, "phase": "queued",
-                   "outcome": None, "fence": fence, "steps": {}, "error": None, "rollout": rollout_id,
-                   "created": dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")})
-    co.push_history(address, deploy_id)
     # The envelope travels beside the messages, not in them: every task's arguments are
     # references only, whatever Celery does with them (a retry drops kwargsrepr).
-    co.put_envelope(deploy_id, envelope)
+    co.create_deploy({"deploy_id": deploy_id, "target": address, "host": host, "phase": "queued",
+                      "outcome": None, "fence": fence, "steps": {}, "error": None, "rollout": rollout_id,
+                      "created": dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")}, envelope)
     # One root task per deploy, run on the host: it sends the steps as its children, so
     # Flower shows a deploy as one tree.
     signature = app.signature("mailtls.deploy", kwargs={"target": address, "host": host, "deploy_id": deploy_id,

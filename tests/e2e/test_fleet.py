@@ -157,6 +157,8 @@ def test_audit_finds_drift_and_a_certificate_about_to_expire(ctx: Ctx) -> None:
     c.path("dovecot", "cert").write_bytes(by_hand.fullchain_pem)
 
     r = ctx.cli("audit", "--now", "--json")
+    assert r.stdout.startswith("["), r.stdout + r.stderr[-300:] + "".join(
+        [ln for h in ctx.fleet.hosts.values() if h.worker for ln in h.worker.log().splitlines(True) if "audit" in ln])
 
     audits = {a["target"]: a for a in json.loads(r.stdout)}
     assert r.returncode == 2, r.stdout + r.stderr  # critical: the drift

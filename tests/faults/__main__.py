@@ -50,6 +50,7 @@ def main() -> int:
     leaves = (pki.leaf(), pki.leaf())
     results: list[Result] = []
     broken: list[tuple[Case, str]] = []
+    notes: list[str] = []
     t0 = time.monotonic()
 
     def record(case: Case, run: object) -> None:
@@ -73,14 +74,17 @@ def main() -> int:
         try:
             wcounts = {(sc, s): worker_count(rig, s, sc) for sc in ("deploy", "rollback") for s in FAULTS}
             print(f"worker syscall counts: {wcounts}", flush=True)
-            for case in worker_cases(args.level, wcounts):
+            ipc = sum(len(v) for v in rig.ipc.values())
+            notes.append(f"worker mode: {ipc} error injections into writes to Celery's pool pipe or a socket "
+                         "left out (per mode and error; a pipe cannot fail with ENOSPC or EIO)")
+            for case in worker_cases(args.level, wcounts, rig.ipc):
                 record(case, lambda c=case: run_worker_case(rig, c, whole_worker=c.mode == "worker"))
         finally:
             rig.close()
             redis.stop()
     report = table(results, broken)
-    summary = (f"{len(results) + len(broken)} cases, {len(broken)} broke the invariant, "
-               f"{time.monotonic() - t0:.0f}s")
+    summary = "; ".join([f"{len(results) + len(broken)} cases, {len(broken)} broke the invariant, "
+                         f"{time.monotonic() - t0:.0f}s", *notes])
     Path(args.out).write_text(report + "\n\n" + summary + "\n")
     print(report + "\n\n" + summary)
     for case, why in broken:

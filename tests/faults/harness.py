@@ -344,6 +344,9 @@ class WorkerRig:
         self.host.write_config()
         self.broker, self.pipeline = broker, pipeline
         self.worker = Worker(self.host.config, broker, root / "worker.log")
+        # (scenario, syscall) -> the call numbers that are writes to the pool's own pipe
+        # or a socket, not to a file (filled by worker_count)
+        self.ipc: dict[tuple[str, str], set[int]] = {}
 
     def reset(self, restart: bool = False) -> None:
         """Back to the old set and an empty journal; ``restart``: with a fresh worker too
@@ -401,19 +404,20 @@ _RUN = itertools.count(1)
 
 
 def worker_count(rig: WorkerRig, syscall: str, scenario: str = "deploy") -> int:
+    """How many ``syscall`` calls the pool child makes in one deploy (or rollback);
+    remembers which of them are Celery's own IPC (``rig.ipc``, see ``worker_cases``)."""
     rig.reset()
     if scenario == "rollback":
         rig.host.fail_marker.touch()
     out = rig.host.root / f"wcount-{scenario}-{syscall}.txt"
-    tracer = rig.attach(["-c", "-o", str(out), "-e", f"trace={syscall}"])
+    tracer = rig.attach(["-y", "-o", str(out), "-e", f"trace={syscall}"])
     rig.enqueue(f"wprobe-{os.getpid()}-{next(_RUN)}").get(60)
     tracer.send_signal(signal.SIGINT)
     tracer.wait(10)
-    for line in out.read_text().splitlines():
-        parts = line.split()
-        if parts and parts[-1] == syscall:
-            return int(parts[3])
-    return 0
+    calls = [line for line in out.read_text().splitlines() if line.startswith(f"{syscall}(")]
+    rig.ipc[(scenario, syscall)] = {n for n, line in enumerate(calls, 1)
+                                    if "<pipe:" in line.split(",")[0] or "<socket:" in line.split(",")[0]}
+    return len(calls)
 
 
 def run_worker_case(rig: WorkerRig, case: Case, whole_worker: bool) -> Result:
@@ -462,7 +466,13 @@ def run_worker_case(rig: WorkerRig, case: Case, whole_worker: bool) -> Result:
     return Result(case, outcome, live, notes=notes)
 
 
-def worker_cases(level: str, counts: dict[tuple[str, str], int]) -> Iterator[Case]:
+def worker_cases(level: str, counts: dict[tuple[str, str], int],
+                 ipc: dict[tuple[str, str], set[int]] | None = None) -> Iterator[Case]:
+    """The worker-mode cases. An error injected into a write to billiard's pool pipe
+    (or a socket) is left out: a pipe cannot fail with ENOSPC or EIO, and billiard,
+    having sent a frame's header, cannot recover from a failed body (the parent then
+    waits for the step until its hard time limit). A SIGKILL there is kept: a process
+    can die at any call."""
     for mode in ("worker", "child"):
         for scenario in ("deploy", "rollback"):
             for syscall, actions in FAULTS.items():
@@ -479,5 +489,12 @@ def worker_cases(level: str, counts: dict[tuple[str, str], int]) -> Iterator[Cas
                         ns = [max(1, total // 2)]
                     else:
                         ns = []
+                    skip = (ipc or {}).get((scenario, syscall), set()) if action.startswith("error=") else set()
                     for n in ns:
+                        if n in skip:  # the full sweep leaves it out; a slice takes the next file write
+                            later = (k for k in range(n, total + 1) if k not in skip)
+                            m = None if level == "full" else next(later, None)
+                            if m is None:
+                                continue
+                            n = m
                         yield Case(mode, scenario, syscall, action, label, max(1, n))

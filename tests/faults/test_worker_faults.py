@@ -42,7 +42,7 @@ def counts(rig: WorkerRig) -> dict[tuple[str, str], int]:
 def test_worker_fault_matrix(rig: WorkerRig, counts: dict[tuple[str, str], int], mode: str) -> None:
     assert counts[("deploy", "rename")] >= 5 and counts[("rollback", "rename")] >= 5, counts
     broken, results = [], []
-    cases = [c for c in worker_cases(LEVEL, counts) if c.mode == mode]
+    cases = [c for c in worker_cases(LEVEL, counts, rig.ipc) if c.mode == mode]
     assert cases
     for case in cases:
         try:

@@ -122,7 +122,7 @@ def test_replays_cannot_roll_a_target_back(guarded: Guarded) -> None:
     # 1. the very same message again: that deploy already ended, nothing happens
     g.co.put_envelope(f"legit-{f1}", env1)
     tasks.stage.apply_async(kwargs={"target": "sec", "host": "mx5", "deploy_id": f"legit-{f1}",
-                                    "fence": f1}).get(timeout=30)
+                                    "fence": f1}, ignore_result=False).get(timeout=30)
     assert g.host.snapshot() == before and len(g.host.reload.calls) == reloads
     # 2. the old envelope under a fresh deploy id and fence: the signature binds both
     f3 = g.co.next_fence("sec")

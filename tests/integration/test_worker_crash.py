@@ -73,8 +73,8 @@ def test_kill9_during_reload_converges_after_restart(tmp_path: Path, redis_serve
 
         use_broker(redis_server.url)
         refs = {"target": "smtp3", "host": "mx3", "deploy_id": handle.deploy_id}
-        redelivered = tasks.reload.apply_async(kwargs=refs).get(timeout=30)
-        again = tasks.commit.apply_async(kwargs=refs).get(timeout=30)
+        redelivered = tasks.reload.apply_async(kwargs=refs, ignore_result=False).get(timeout=30)
+        again = tasks.commit.apply_async(kwargs=refs, ignore_result=False).get(timeout=30)
         assert redelivered["note"] == again["note"] == "deploy already ended"
         assert len(host.reload.calls) == reloads
         assert host.path("smtp3", "cert").read_bytes() == old.fullchain_pem
