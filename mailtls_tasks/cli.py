@@ -276,6 +276,20 @@ def history(target: str, broker: str | None, limit: int, as_json: bool) -> None:
 
 
 @cli.command()
+@click.argument("host")
+@broker_option
+def forget(host: str, broker: str | None) -> None:
+    """Remove a host that is gone for good from the fleet registry (its targets, names,
+    labels and audits). Refused while its worker is alive; a worker that starts again
+    registers anew."""
+    try:
+        removed = _coordinator(broker).forget_host(host)
+    except MailTLSError as err:
+        _fail(str(err), err.exit_code)
+    click.echo(f"forgot host {host}: {removed} target(s)")
+
+
+@cli.command()
 @broker_option
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
 def targets(broker: str | None, as_json: bool) -> None:
@@ -538,7 +552,7 @@ def certbot_hook(config_path: str | None, distributed: bool, waves: str, broker:
     import os
 
     from .core.material import leaf_of_file
-    from .core.names import uncovered
+    from .core.names import name_covered, uncovered
 
     lineage = os.environ.get("RENEWED_LINEAGE")
     if not lineage:
@@ -569,8 +583,9 @@ def certbot_hook(config_path: str | None, distributed: bool, waves: str, broker:
         cfg = load_config(config_path)
     except MailTLSError as err:
         _fail(str(err), err.exit_code)
+    wanted = [d.lower().rstrip(".") for d in domains]  # a wildcard lineage covers one label under it
     chosen = [t for t in cfg.targets.values() if t.names and not uncovered(t.names, leaf)
-              and (not domains or set(t.names) & set(domains)) and t.alt is None]
+              and (not wanted or any(name_covered(n, wanted) for n in t.names)) and t.alt is None]
     if not chosen:
         _fail(f"no target on host {cfg.host} serves names this certificate covers ({', '.join(domains) or '?'}); "
               "set `names` on the targets it is for", 1)

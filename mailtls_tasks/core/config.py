@@ -463,8 +463,8 @@ class Target(BaseModel):
         _check_layout(self.combined_path, self.cert_path, self.key_path, self.chain_path, "")
         if self.alt is not None:
             kinds = {self.key_type, self.alt.key_type}
-            if self.key_type != "any" and kinds != {"rsa", "ecdsa"}:
-                raise ValueError("key_type and alt.key_type must be one 'rsa' and one 'ecdsa'")
+            if self.alt.key_type == "any" or (self.key_type != "any" and kinds != {"rsa", "ecdsa"}):
+                raise ValueError("alt.key_type must be 'rsa' or 'ecdsa', and key_type the other one (or 'any')")
         paths = [p for _, p in self.files()]
         if len(set(paths)) != len(paths):
             raise ValueError("cert_path, key_path, chain_path and combined_path (and alt's) must be different files")

@@ -13,6 +13,11 @@ exact record to publish. A deploy that keeps the key passes untouched.
 
 When a record was first seen is the host's own memory (``state_dir/dane``): DNS has
 no such field, and the time a record appeared is exactly what the caches care about.
+The clock starts at the first validated sighting, by a deploy attempt or by the
+periodic audit (which notes every ``3 1 1`` record it sees), so "publish, wait,
+deploy" works without a failed attempt first; a record that disappears from a
+validated answer is forgotten, and counts from zero if it comes back. The TTL is
+the zone's (the RRSIG's original TTL), never the countdown a cache reports.
 """
 
 from __future__ import annotations
@@ -75,8 +80,11 @@ def query(name: str, settings: DaneSettings) -> TlsaAnswer:
     ttl = 0
     for rrset in resp.answer:
         if rrset.rdtype == dns.rdatatype.TLSA:
-            ttl = rrset.ttl
+            ttl = max(ttl, rrset.ttl)
             records += [(r.usage, r.selector, r.mtype, r.cert.hex()) for r in rrset]
+        elif rrset.rdtype == dns.rdatatype.RRSIG:
+            # a cache hands out what is left of the TTL; the signature carries the zone's own
+            ttl = max([ttl, *(r.original_ttl for r in rrset if r.type_covered == dns.rdatatype.TLSA)])
     return TlsaAnswer(name, tuple(records), ttl, bool(resp.flags & dns.flags.AD))
 
 
@@ -85,45 +93,80 @@ def _seen_path(journal: Journal, name: str, spki: str) -> str:
     return os.path.join(journal.root, "dane", key + ".json")
 
 
-def first_seen(journal: Journal, name: str, spki: str, now: float) -> float:
-    """When this host first saw a validated record for ``spki`` at ``name`` (now, if never)."""
+def first_seen(journal: Journal, name: str, spki: str, now: float, ttl: int = 0) -> tuple[float, int]:
+    """When this host first saw a validated record for ``spki`` at ``name`` (now, if
+    never), and the largest TTL seen for it since."""
     path = _seen_path(journal, name, spki)
     data = files.read_bytes(path)
+    seen, most = now, ttl
     if data:
         try:
-            return float(json.loads(data)["first_seen"])
+            d = json.loads(data)
+            seen, most = float(d["first_seen"]), max(ttl, int(d.get("ttl", 0)))
+            if most == int(d.get("ttl", 0)):
+                return seen, most
         except (ValueError, KeyError, TypeError):
-            pass
+            seen, most = now, ttl
     os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-    files.atomic_write(path, json.dumps({"name": name, "spki": spki, "first_seen": now}).encode(), 0o600)
-    return now
+    files.atomic_write(path, json.dumps({"name": name, "spki": spki, "first_seen": seen, "ttl": most}).encode(),
+                       0o600)
+    return seen, most
+
+
+def forget_seen(journal: Journal, name: str, spki: str) -> None:
+    """A validated answer without the record: if it comes back, its clock restarts."""
+    try:
+        os.unlink(_seen_path(journal, name, spki))
+    except FileNotFoundError:
+        pass
+
+
+def note_answer(journal: Journal, answer: TlsaAnswer, now: float) -> None:
+    """Start the clock of every validated ``3 1 1`` record in ``answer`` (the audit calls
+    this, so a record published ahead of a deploy is already counting)."""
+    if not answer.validated:
+        return
+    for usage, selector, mtype, data in answer.records:
+        if (usage, selector, mtype) == (3, 1, 1):
+            first_seen(journal, answer.name, data, now, answer.ttl)
 
 
 def require_ready(t: Target, journal: Journal, spkis: list[str], now: float | None = None) -> None:
-    """Raise TlsaNotReady unless every TLSA name of ``t`` is ready for each new key."""
+    """Raise TlsaNotReady unless every TLSA name of ``t`` is ready for each new key.
+    Every name and key is checked (and its clock started) before it raises, naming all
+    that are not ready, so the waits run side by side rather than one after another."""
     assert t.dane is not None
     now = time.time() if now is None else now
+    problems: list[str] = []
     for name in t.dane.tlsa:
         answer = query(name, t.dane)
+        note_answer(journal, answer, now)
         for spki in spkis:
             wanted = record_for(name, spki)
             if not answer.validated:
-                raise TlsaNotReady(f"dane: the TLSA answer for {name} is not DNSSEC-validated (no AD bit from "
-                                   f"{t.dane.resolver}: unsigned zone, or not a validating resolver); the new key "
-                                   f"needs, validated: {wanted}")
+                problems.append(f"the TLSA answer for {name} is not DNSSEC-validated (no AD bit from "
+                                f"{t.dane.resolver}: unsigned zone, or not a validating resolver); the new key "
+                                f"needs, validated: {wanted}")
+                continue
             if not answer.matches(spki):
-                raise TlsaNotReady(f"dane: {name} has no TLSA 3 1 1 record for the new key; publish it beside the "
-                                   f"current one, wait 2 x TTL, deploy again: {wanted}")
-            min_age = t.dane.min_age if t.dane.min_age is not None else 2 * answer.ttl
-            age = now - first_seen(journal, name, spki, now)
+                forget_seen(journal, name, spki)
+                problems.append(f"{name} has no TLSA 3 1 1 record for the new key; publish it beside the current "
+                                f"one, wait 2 x TTL, deploy again: {wanted}")
+                continue
+            seen, ttl = first_seen(journal, name, spki, now, answer.ttl)
+            min_age = t.dane.min_age if t.dane.min_age is not None else 2 * ttl
+            age = now - seen
             if age < min_age:
-                raise TlsaNotReady(f"dane: the TLSA record for the new key at {name} was first seen {age:.0f}s ago; "
-                                   f"resolvers may cache the old RRset for {min_age:.0f}s (2 x TTL {answer.ttl}s): "
-                                   f"deploy again in {min_age - age:.0f}s ({wanted})")
+                problems.append(f"the TLSA record for the new key at {name} was first seen {age:.0f}s ago; "
+                                f"resolvers may cache the old RRset for {min_age:.0f}s (2 x TTL {ttl}s): "
+                                f"deploy again in {min_age - age:.0f}s ({wanted})")
+    if problems:
+        raise TlsaNotReady("dane: " + "; ".join(problems))
 
 
-def served_mismatch(t: Target, served_spki: str) -> list[str]:
-    """For the audit: the TLSA names whose validated records no longer match the served key."""
+def served_mismatch(t: Target, served_spki: str, journal: Journal | None = None) -> list[str]:
+    """For the audit: the TLSA names whose validated records no longer match the served
+    key (and, with ``journal``, start the clock of every record seen)."""
     assert t.dane is not None
     bad = []
     for name in t.dane.tlsa:
@@ -132,6 +175,8 @@ def served_mismatch(t: Target, served_spki: str) -> list[str]:
         except TlsaNotReady as err:
             bad.append(f"{name}: {err}")
             continue
+        if journal is not None:
+            note_answer(journal, answer, time.time())
         if not answer.validated:
             bad.append(f"{name}: the answer is not DNSSEC-validated")
         elif not answer.matches(served_spki):

@@ -145,6 +145,8 @@ class HostRuntime:
             "cert_path": t.cert_path,
             "key_path": t.key_path,
             "chain_path": t.chain_path,
+            "combined_path": t.combined_path,
+            "alt_cert_path": (t.alt.combined_path or t.alt.cert_path) if t.alt else None,
             "names": list(t.names),
             "labels": list(t.labels),
             "verify_endpoints": [v.endpoint for v in t.verify_endpoints()],
@@ -160,5 +162,8 @@ class HostRuntime:
         return {name: self.inventory_entry(name) for name in self.cfg.targets}
 
     def audit(self) -> list[TargetAudit]:
+        """Audit every target not in the middle of a deploy (its files and daemon are
+        legitimately out of step until the deploy ends: its previous audit stands)."""
+        busy = {o.target for o in self.journal.owners()}
         return [audit_target(t, self.journal, self.host, warn_days=self.cfg.warn_days)
-                for t in self.cfg.targets.values()]
+                for t in self.cfg.targets.values() if t.name not in busy]

@@ -469,6 +469,11 @@ class Journal:
             return 0.0
         return time.time() - mtime
 
-    def outbox_done(self, target: str, deploy_id: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
+    def outbox_done(self, target: str, deploy_id: str) -> bool:
+        """Drop the entry once Redis has the ending. True for exactly one caller (the
+        unlink is atomic): that one counts the ending, so each is counted once."""
+        try:
             os.unlink(os.path.join(self._outbox_dir(), f"{target}{_OUTBOX_SEP}{deploy_id}"))
+        except FileNotFoundError:
+            return False
+        return True

@@ -305,13 +305,16 @@ def check_path(bundle: Bundle, trust_anchors: str, *, allow_self_signed: bool,
                                 "it (a DANE-EE setup), or deploy a certificate from a CA")
         return
     if trust_anchors:
+        from .names import validation_names
+
         anchors = load_anchors(trust_anchors)
-        candidates: list[str | None] = [*names] or [*leaf_names_of(bundle.leaf)[:1]] or [None]
+        candidates = validation_names(tuple(names), bundle.leaf)
+        if not candidates:
+            raise MaterialError("cert: the leaf has no DNS subjectAltName, so no client can validate it for a name")
         for name in candidates:
             why = chain_problem(bundle.leaf, bundle.chain, name, anchors, now=now)
             if why:
-                raise MaterialError(f"chain: does not validate to trust_anchors{f' for {name}' if name else ''}: "
-                                    f"{why}")
+                raise MaterialError(f"chain: does not validate to trust_anchors for {name}: {why}")
         return
     if bundle.chain:
         return  # the leaf's issuer is the first chain certificate (checked when the bundle was built)
@@ -322,28 +325,18 @@ def check_path(bundle: Bundle, trust_anchors: str, *, allow_self_signed: bool,
                         "(certbot: fullchain.pem, not cert.pem)")
 
 
-def leaf_names_of(leaf: x509.Certificate) -> list[str]:
-    try:
-        san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        return []
-    return [n.lower() for n in san.get_values_for_type(x509.DNSName) if not n.startswith("*.")]
-
-
-def chain_problem(leaf: x509.Certificate, intermediates: Sequence[x509.Certificate], name: str | None,
+def chain_problem(leaf: x509.Certificate, intermediates: Sequence[x509.Certificate], name: str,
                   anchors: list[x509.Certificate], now: dt.datetime | None = None) -> str | None:
-    """Why ``leaf`` with these intermediates does not validate to ``anchors`` (for ``name``,
-    as a client checking it would), or None if it does."""
+    """Why ``leaf`` with these intermediates does not validate to ``anchors`` for the
+    concrete DNS ``name`` (as a mail client checking it would), or None if it does.
+    (See names.validation_names: a wildcard name is checked through a label under it.)"""
     if not anchors:
         return "no trust anchors to validate against"
     builder = PolicyBuilder().store(Store(anchors))
     if now is not None:
         builder = builder.time(now)
     try:
-        if name:
-            builder.build_server_verifier(x509.DNSName(name)).verify(leaf, list(intermediates))
-        else:
-            builder.build_client_verifier().verify(leaf, list(intermediates))
+        builder.build_server_verifier(x509.DNSName(name)).verify(leaf, list(intermediates))
     except VerificationError as err:
         return str(err).split(" (encountered", 1)[0]
     except ValueError as err:

@@ -37,3 +37,15 @@ def uncovered(names: list[str] | tuple[str, ...], leaf: x509.Certificate) -> lis
     """The names ``leaf`` does not cover (empty: it covers them all)."""
     sans = leaf_names(leaf)
     return [n for n in names if not name_covered(n, sans)]
+
+
+PROBE_LABEL = "mailtls-check"
+
+
+def validation_names(names: list[str] | tuple[str, ...], leaf: x509.Certificate) -> list[str]:
+    """The concrete DNS names to validate a served or staged chain for, as a client
+    would: the target's ``names``, else the leaf's first SAN; a wildcard stands for a
+    concrete label under it (``*.example.com`` -> ``mailtls-check.example.com``).
+    Empty only for a leaf with no DNS name at all."""
+    chosen = list(names) or leaf_names(leaf)[:1]
+    return [f"{PROBE_LABEL}.{n[2:]}" if n.startswith("*.") else n for n in chosen]

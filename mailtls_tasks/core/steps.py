@@ -48,7 +48,7 @@ from .commands import run_command
 from .config import Target
 from .journal import DeployRecord, FileEntry, Journal, Origin, Phase, StepRecord, check_deploy_id
 from .material import Bundle
-from .names import leaf_names, uncovered
+from .names import leaf_names, uncovered, validation_names
 
 ORDER: dict[Phase, int] = {
     "staging": 0, "staged": 1, "validated": 2, "committing": 3, "committed": 4,
@@ -593,12 +593,11 @@ def _wait_served(t: Target, leaves: dict[str, str], chains: dict[str, list[str]]
                                    f"certificate(s) after the leaf, {len(chains.get(kind, []))} deployed): the daemon "
                                    "reads the chain from elsewhere", served=served.fingerprint)
             if anchors is not None:
-                names: list[str | None] = [*t.names] or [None]
-                for name in names:
+                for name in validation_names(t.names, served.chain[0]):
                     why = material.chain_problem(served.chain[0], served.chain[1:], name, anchors)
                     if why:
-                        raise VerifyFailed(f"{what} serves a chain that does not validate"
-                                           f"{f' for {name}' if name else ''}: {why}", served=served.fingerprint)
+                        raise VerifyFailed(f"{what} serves a chain that does not validate for {name}: {why}",
+                                           served=served.fingerprint)
     return first
 
 

@@ -57,6 +57,17 @@ return 0
 """
 
 
+# Claim a host: taken if free, ours already, or (ARGV[3]) still held by the dead
+# instance we are replacing; else returns the holder. One step, so two workers
+# starting together cannot both win.
+_CLAIM_HOST = """
+local v = redis.call('GET', KEYS[1])
+if not v or v == ARGV[1] or (ARGV[3] ~= '' and v == ARGV[3]) then
+  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2]) return false
+end
+return v
+"""
+
 # Give up a host claim, only if it is still ours.
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -115,6 +126,7 @@ class Coordinator:
         self._renew = self.r.register_script(_RENEW)
         self._publish = self.r.register_script(_PUBLISH)
         self._release = self.r.register_script(_RELEASE)
+        self._claim_host = self.r.register_script(_CLAIM_HOST)
 
     def _k(self, *parts: str) -> str:
         return PREFIX + ":".join(parts)
@@ -278,14 +290,15 @@ class Coordinator:
         workers consuming one queue would take each other's deploys. ``alive(instance)``
         says whether a previous instance on this machine is still running."""
         owner_key = self._k("hostowner", host)
-        current = self.r.get(owner_key)
-        if current and current != instance:
-            same_machine = current.split("|", 1)[0] == instance.split("|", 1)[0]
+        current = self._claim_host(keys=[owner_key], args=[instance, ttl, ""])
+        if current:  # another instance holds it: a dead predecessor on this machine may be replaced
+            same_machine = current.split("|", 1)[0] == instance.split("|", 1)[0] and not current.startswith("unknown")
             if not same_machine or alive(current.split("|", 1)[1]):
                 raise HostTaken(f"host {host!r} is already served by another live worker ({current.split('|')[0][:12]}"
                                 f"…, heartbeat within {ttl}s): refusing to register; give this worker its own "
                                 "`host` (or `--host`)")
-        self.r.set(owner_key, instance, ex=ttl)
+            if self._claim_host(keys=[owner_key], args=[instance, ttl, current]):
+                raise HostTaken(f"host {host!r}: another worker registered at the same moment; refusing")
         old_names = set(self.r.smembers(self._k("hosttargets", host)))
         every = sorted(old_names | set(entries))
         olds = dict(zip(every, self.r.mget([self._k("inventory", f"{host}/{n}") for n in every]), strict=True)) \
@@ -342,6 +355,26 @@ class Coordinator:
             pipe.srem(self._k("label", label), addr)
         for label in entry.get("labels") or []:
             pipe.sadd(self._k("label", label), addr)
+
+    def forget_host(self, host: str) -> int:
+        """Drop a dead host from the registry; returns how many targets it had."""
+        if self.host_alive(host) or self.r.exists(self._k("hostowner", host)):
+            raise HostTaken(f"host {host!r} has a live worker: stop it first")
+        names = sorted(self.r.smembers(self._k("hosttargets", host)))
+        if not names and not self.r.sismember(self._k("hosts"), host):
+            raise UnknownTarget(f"no host {host!r} in the registry")
+        raws = self.r.mget([self._k("inventory", f"{host}/{n}") for n in names]) if names else []
+        pipe = self.r.pipeline(transaction=True)
+        for name, raw in zip(names, raws, strict=True):
+            addr = f"{host}/{name}"
+            pipe.srem(self._k("name", name), host)
+            for label in (_loads(raw) or {}).get("labels") or []:
+                pipe.srem(self._k("label", label), addr)
+            pipe.delete(self._k("inventory", addr), self._k("audit", addr))
+        pipe.delete(self._k("hosttargets", host))
+        pipe.srem(self._k("hosts"), host)
+        pipe.execute()
+        return len(names)
 
     def resolve(self, target: str) -> tuple[str, str]:
         """``HOST/NAME`` or a bare ``NAME`` -> (host, name); UnknownTarget / AmbiguousTarget."""

@@ -71,6 +71,23 @@ def _metrics() -> dict[str, Any]:
     return _m
 
 
+OUTCOMES = ("deployed", "unchanged", "rejected", "rolled_back", "failed")
+
+
+def init_series(host: str, targets: list[str]) -> None:
+    """Every (target, outcome) counter at 0 from the start: ``increase()`` cannot see a
+    series' first increment, so without this the first failure after a restart would
+    never fire an alert."""
+    if not enabled():
+        return
+    m = _metrics()
+    for target in targets:
+        for outcome in OUTCOMES:
+            m["deploys"].labels(host, target, outcome).inc(0)
+        for outcome in ("rolled_back", "failed"):
+            m["rollbacks"].labels(host, target, outcome).inc(0)
+
+
 def deploy_ended(host: str, target: str, outcome: str, steps: dict[str, float], rolled_back: bool) -> None:
     if not enabled():
         return

@@ -31,8 +31,8 @@ from celery import group
 from pydantic import BaseModel, Field
 
 from ..core import material
-from ..core.names import leaf_names, uncovered
-from ..errors import MailTLSError, Rejected
+from ..core.names import leaf_names, name_covered, uncovered
+from ..errors import BrokerError, MailTLSError, Rejected
 from ..result import EXIT_CODES, NEVER_STARTED
 
 Verdict = Literal["deployed", "unchanged", "rejected", "rolled_back", "failed", "skipped", "timeout", "pending"]
@@ -106,11 +106,13 @@ def plan_waves(n: int, spec: str) -> list[int]:
     done = 0
     for raw in [p.strip() for p in spec.split(",") if p.strip()]:
         try:
-            upto = math.ceil(n * float(raw[:-1]) / 100) if raw.endswith("%") else int(raw)
+            share = float(raw[:-1]) if raw.endswith("%") else None
+            count = int(raw) if share is None else 0
         except ValueError:
             raise RolloutError(f"waves: {raw!r} is neither a count nor a percentage") from None
-        if upto < 0 or (raw.endswith("%") and not 0 < float(raw[:-1]) <= 100):
+        if (share is not None and not 0 < share <= 100) or count < 0:  # (also refuses nan and inf)
             raise RolloutError(f"waves: {raw!r} is out of range")
+        upto = math.ceil(n * share / 100) if share is not None else count
         upto = min(upto, n)
         if upto > done:
             sizes.append(upto - done)
@@ -132,17 +134,26 @@ def select(entries: list[dict[str, Any]], *, targets: list[str] | None, label: s
     if sum(x is not None for x in (targets, label, covers)) != 1:
         raise RolloutError("choose the targets one way: --targets, --label or --covers")
     by_addr = {f"{e['host']}/{e['target']}": e for e in entries}
+    down = sorted({e["host"] for e in entries if not e.get("worker_alive", True)})
     if targets is not None:
         missing = [t for t in targets if t not in by_addr]
         if missing:
             raise RolloutError(f"not registered by any worker: {', '.join(missing)}")
+        idle = [t for t in targets if not by_addr[t].get("worker_alive", True)]
+        if idle:
+            raise RolloutError(f"no live worker for {', '.join(idle)} (is it running? a host that is gone for good: "
+                               "`mailtls forget HOST`)")
         chosen = list(dict.fromkeys(targets))
-    elif label is not None:
-        chosen = sorted(a for a, e in by_addr.items() if label in (e.get("labels") or []))
     else:
-        assert covers is not None
-        wanted = {c.lower().rstrip(".") for c in covers}
-        chosen = sorted(a for a, e in by_addr.items() if wanted & {n.lower() for n in e.get("names") or []})
+        # a host whose worker is not running is left out (named in the error if that
+        # leaves nothing): it would hold its wave for the whole timeout, then halt it
+        live = {a: e for a, e in by_addr.items() if e.get("worker_alive", True)}
+        if label is not None:
+            chosen = sorted(a for a, e in live.items() if label in (e.get("labels") or []))
+        else:
+            assert covers is not None
+            wanted = [c.lower().rstrip(".") for c in covers]  # certbot's domains: a wildcard covers a label
+            chosen = sorted(a for a, e in live.items() if any(name_covered(n, wanted) for n in e.get("names") or []))
     not_covered: dict[str, list[str]] = {}
     if covers is not None:
         for addr in list(chosen):
@@ -156,7 +167,8 @@ def select(entries: list[dict[str, Any]], *, targets: list[str] | None, label: s
         sans = ", ".join(leaf_names(leaf)) or "no DNS name"
         skipped = "; ".join(f"{a} also serves {', '.join(n)}" for a, n in sorted(not_covered.items()))
         raise RolloutError(f"no target selected by {how}: the certificate covers {sans}"
-                           + (f" ({skipped})" if skipped else ""))
+                           + (f" ({skipped})" if skipped else "")
+                           + (f"; hosts without a live worker were left out: {', '.join(down)}" if down else ""))
     return chosen, not_covered
 
 
@@ -169,8 +181,6 @@ def rollout(cert_pem: bytes, key_pem: bytes, chain_pem: bytes | None = None, *,
     from ..security.keys import PipelineKeys, load_pipeline
     from .app import client_app
     from .coordination import Coordinator
-    from .workflow import DeployTimeout, prepare
-
     keys = pipeline if isinstance(pipeline, PipelineKeys) else load_pipeline(pipeline)
     leaf = material.leaf_of_file(cert_pem)
     if leaf is None:
@@ -191,8 +201,33 @@ def rollout(cert_pem: bytes, key_pem: bytes, chain_pem: bytes | None = None, *,
                            selection={"targets": targets, "label": label, "covers": covers, "waves": waves},
                            created=(previous or {}).get("created") or dt.datetime.now(dt.UTC).isoformat(
                                timespec="seconds"))
-    result.targets = {addr: TargetRun(wave=w) for w, wave in enumerate(plan) for addr in wave}
+    before = (previous or {}).get("targets") or {}
+    result.targets = {}
+    for w, wave in enumerate(plan):
+        for addr in wave:  # a resumed rollout shows what the last run got until this one redoes it
+            try:
+                result.targets[addr] = TargetRun.model_validate({**before[addr], "wave": w}) if addr in before \
+                    else TargetRun(wave=w)
+            except ValueError:
+                result.targets[addr] = TargetRun(wave=w)
     co.put_rollout(result.model_dump(mode="json"))
+    try:
+        _run_waves(co, app, keys, result, plan, cert_pem, key_pem, chain_pem, force=force, also=also,
+                   timeout=timeout, continue_on_error=continue_on_error)
+    finally:  # whatever escaped, the record says where the rollout stopped
+        if result.state == "running":
+            result.state = "halted"
+        result.updated = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+        co.put_rollout(result.model_dump(mode="json"))
+    return result
+
+
+def _run_waves(co: Any, app: Any, keys: Any, result: RolloutResult, plan: list[list[str]], cert_pem: bytes,
+               key_pem: bytes, chain_pem: bytes | None, *, force: bool, also: Any, timeout: float,
+               continue_on_error: bool) -> None:
+    from .workflow import DeployTimeout, prepare
+
+    rid = result.rollout_id
     halted = False
     for wave in plan:
         if halted:
@@ -203,14 +238,25 @@ def rollout(cert_pem: bytes, key_pem: bytes, chain_pem: bytes | None = None, *,
         handles = []
         signatures = []
         for addr in wave:
-            handle, signature = prepare(co, app, keys, addr, cert_pem, key_pem, chain_pem, force=force,
-                                        rollout_id=rid, also=also)
+            run = result.targets[addr]
+            run.outcome, run.reason, run.error, run.ended, run.ms = "pending", None, None, None, None
+            try:
+                handle, signature = prepare(co, app, keys, addr, cert_pem, key_pem, chain_pem, force=force,
+                                            rollout_id=rid, also=also)
+            except MailTLSError as err:  # e.g. the host's key is not in pipeline.toml: nothing sent
+                run.outcome, run.error = ("failed" if isinstance(err, BrokerError) else "rejected"), str(err)
+                continue
             handles.append((addr, handle, time.monotonic()))
             signatures.append(signature)
-            run = result.targets[addr]
             run.deploy_id, run.started = handle.deploy_id, dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
         co.put_rollout(result.model_dump(mode="json"))
-        group(signatures, app=app).apply_async()
+        if signatures:
+            try:
+                group(signatures, app=app).apply_async(ignore_result=True)
+            except Exception as err:  # noqa: BLE001 -- recorded per target, below
+                for addr, _, _ in handles:
+                    result.targets[addr].outcome, result.targets[addr].error = "failed", f"not sent: {err}"
+                handles = []
         for addr, handle, t0 in handles:
             run = result.targets[addr]
             try:
@@ -220,12 +266,11 @@ def rollout(cert_pem: bytes, key_pem: bytes, chain_pem: bytes | None = None, *,
                     run.outcome = "timeout"
             except DeployTimeout as err:
                 run.outcome, run.error = "timeout", str(err)
+            except MailTLSError as err:  # lost Redis while waiting: the host finishes it either way
+                run.outcome, run.error = "timeout", f"{err}; follow it with: mailtls status {handle.deploy_id}"
             run.ended = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
             run.ms = int((time.monotonic() - t0) * 1000)
             co.put_rollout(result.model_dump(mode="json"))
         if any(result.targets[a].outcome in HALTING for a in wave) and not continue_on_error:
             halted = True
     result.state = "halted" if halted else "done"
-    result.updated = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-    co.put_rollout(result.model_dump(mode="json"))
-    return result

@@ -25,7 +25,7 @@ from typing import Any
 
 import redis
 from celery import Task, chain
-from celery.signals import worker_init, worker_shutdown
+from celery.signals import worker_init, worker_process_shutdown, worker_shutdown
 
 from ..core.audit import worst
 from ..core.config import load_config
@@ -115,9 +115,15 @@ def _after(rec: DeployRecord | None) -> None:
         return
     rt = runtime()
     co.publish(rec, inventory=rt.inventory_entry(rec.target))
-    rt.journal.outbox_done(rec.target, rec.deploy_id)
-    metrics.deploy_ended(rt.host, rec.target, rec.outcome or "", {n: s.ms / 1000 for n, s in rec.steps.items()},
-                         rolled_back="rollback" in rec.steps)
+    _published(rt, rec)
+
+
+def _published(rt: HostRuntime, rec: DeployRecord) -> None:
+    """Redis has this ending: drop its outbox entry, and count it -- once, whoever
+    published it (a step, a late message, the rollback errback, or recovery)."""
+    if rt.journal.outbox_done(rec.target, rec.deploy_id):
+        metrics.deploy_ended(rt.host, rec.target, rec.outcome or "", {n: s.ms / 1000 for n, s in rec.steps.items()},
+                             rolled_back="rollback" in rec.steps)
 
 
 def _ended(task: Task, rec: DeployRecord | None) -> None:
@@ -349,21 +355,28 @@ def sweep(rt: HostRuntime, co: Coordinator, *, full_scan: bool = False) -> list[
         if rec is None or not rec.finished:
             continue
         co.publish(rec)
-        rt.journal.outbox_done(target, deploy_id)
+        _published(rt, rec)
     for name in {r.target for r in done}:
         co.publish_target(rt.inventory_entry(name))
     return done
 
 
 def instance_token() -> str:
-    """This worker process: ``machine-id|boot:pid:start`` (tells a restart on the same
-    machine from a second machine claiming the same host name)."""
+    """This worker process: ``machine|boot:pid:start``, where machine is the machine id
+    and PID namespace. It tells a restart on the same machine (whose predecessor can be
+    checked by pid) from another machine, container or cloned image claiming the same
+    host name (which can only take over once the claim has lapsed). Without a machine
+    id it is ``unknown``: never taken for the same machine."""
     try:
         with open("/etc/machine-id") as f:
             machine = f.read().strip() or "unknown"
     except OSError:
         machine = "unknown"
-    return f"{machine}|{process_token()}"
+    try:
+        pidns = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        pidns = 0
+    return f"{machine}:{pidns}|{process_token()}"
 
 
 def register(rt: HostRuntime, co: Coordinator) -> None:
@@ -447,6 +460,7 @@ def _on_worker_init(**_: Any) -> None:
     if rt.cfg.metrics_port:
         metrics.prepare(rt.cfg.state_dir)
         metrics.serve(rt.cfg.metrics_port)
+        metrics.init_series(rt.host, list(rt.cfg.targets))
         log.info("metrics on http://127.0.0.1:%d/metrics", rt.cfg.metrics_port)
     try:
         sweep(rt, co, full_scan=True)
@@ -476,3 +490,9 @@ def _on_worker_shutdown(**_: Any) -> None:
             coordinator().release_host(rt.host, instance)
         except Exception as err:  # noqa: BLE001 -- the claim lapses on its own within its TTL
             log.warning("could not release host %s in the registry: %s", rt.host, err)
+
+
+@worker_process_shutdown.connect
+def _on_pool_child_exit(pid: int | None = None, **_: Any) -> None:
+    """A pool child going away: its live gauges leave /metrics with it."""
+    metrics.child_exited(pid or os.getpid())

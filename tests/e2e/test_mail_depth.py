@@ -15,7 +15,9 @@ from typing import Any
 import pytest
 
 from mailtls_tasks.core import probe
+from mailtls_tasks.core.audit import audit_target
 from mailtls_tasks.core.config import load_config
+from mailtls_tasks.core.journal import Journal
 from mailtls_tasks.core.local import run_local
 from mailtls_tasks.core.material import key_matches_cert
 from tests.support.daemons import Dovecot, Postfix
@@ -94,6 +96,14 @@ class Depth:
                         "reload_command": str(w["dualpf-reload"].path), "validate_command": str(w["dualpf-check"].path),
                         "post_deploy_verify": verify((self.dual_pf.smtp_port, "smtp"),
                                                      (self.dual_pf.smtps_port, "smtps"))},
+            # the same, with no `names`: the chain is checked for the leaf's own name
+            "dual-pf-nameless": {"mode": "postfix", "cert_path": str(c / "dual-pf" / "rsa-cert.pem"),
+                                 "key_path": str(c / "dual-pf" / "rsa-key.pem"), "key_type": "rsa",
+                                 "alt": {"cert_path": str(c / "dual-pf" / "ec-cert.pem"),
+                                         "key_path": str(c / "dual-pf" / "ec-key.pem"), "key_type": "ecdsa"},
+                                 "trust_anchors": str(self.anchors), "reload_command": str(w["dualpf-reload"].path),
+                                 "validate_command": str(w["dualpf-check"].path),
+                                 "post_deploy_verify": verify((self.dual_pf.smtp_port, "smtp"))},
             "dual-dv": {"mode": "dovecot", "cert_path": str(c / "dual-dv" / "rsa-cert.pem"),
                         "key_path": str(c / "dual-dv" / "rsa-key.pem"),
                         "alt": {"cert_path": str(c / "dual-dv" / "ec-cert.pem"),
@@ -190,6 +200,17 @@ def test_dual_rsa_and_ecdsa_deployed_and_verified_per_algorithm(depth: Depth) ->
         for port, proto in ports:
             assert served(port, proto, "rsa") == rsa_new.fingerprint
             assert served(port, proto, "ecdsa") == ec_new.fingerprint
+        # the audit looks at both certificates: each file on disk, each listener once per algorithm
+        cfg = load_config(str(depth.config))
+        a = audit_target(cfg.targets[target], Journal(cfg.state_dir), "depth", warn_days=5)
+        assert not a.drift, a.issues
+        if target == "dual-pf":  # (dual-dv has no trust_anchors: the test CA is not in the system store)
+            assert a.status == "ok", a.issues
+        assert {la.endpoint.rsplit(" ", 1)[-1] for la in a.listeners} == {"(RSA)", "(ECDSA)"}
+        assert {la.served_fingerprint for la in a.listeners} == {rsa_new.fingerprint, ec_new.fingerprint}
+    # trust_anchors and no names: validated for the leaf's own name (not refused as a client cert)
+    res = depth.deploy("dual-pf-nameless", depth.ec.leaf(NAME), also=depth.rsa.leaf(NAME, kind="rsa"))
+    assert res.outcome == "deployed", res.error
 
 
 def test_dual_target_needs_both_algorithms(depth: Depth) -> None:

@@ -51,15 +51,24 @@ def test_worker_metrics_scraped_and_parsed(tmp_path: Path, redis_server: RedisSe
         other = pki.leaf()
         assert deploy("mxm/m", other.fullchain_pem, other.key_pem, broker_url=redis_server.url).get(60).outcome == \
             "rolled_back"
+        # rejected at stage (the key is another leaf's): its chain stops there, and the rollback
+        # errback still runs and finds it ended -- counted once all the same
+        assert deploy("mxm/m", other.fullchain_pem, new.key_pem, broker_url=redis_server.url).get(60).outcome == \
+            "rejected"
         app = use_broker(redis_server.url)
         app.send_task("mailtls.audit", kwargs={"host": "mxm"}, queue=queue_for("mxm")).get(timeout=60)
 
         samples = _scrape(port)
 
         assert _value(samples, "mailtls_deploys_total", host="mxm", target="m", outcome="deployed") == 1
-        assert _value(samples, "mailtls_rollbacks_total", host="mxm", target="m") >= 1
-        assert _value(samples, "mailtls_step_seconds_count", host="mxm", step="stage") >= 2
-        assert _value(samples, "mailtls_step_seconds_count", host="mxm", step="verify") >= 1
+        assert _value(samples, "mailtls_deploys_total", host="mxm", target="m", outcome="rolled_back") == 1
+        assert _value(samples, "mailtls_rollbacks_total", host="mxm", target="m") == 1
+        assert _value(samples, "mailtls_deploys_total", host="mxm", target="m", outcome="rejected") == 1  # once
+        # every outcome's series exists from the start, at 0, so increase() sees the first failure
+        assert ("mailtls_deploys_total", (("host", "mxm"), ("outcome", "failed"), ("target", "m"))) in samples
+        assert _value(samples, "mailtls_deploys_total", host="mxm", target="m", outcome="failed") == 0
+        assert _value(samples, "mailtls_step_seconds_count", host="mxm", step="stage") == 3
+        assert _value(samples, "mailtls_step_seconds_count", host="mxm", step="verify") == 1
         expiry = _value(samples, "mailtls_cert_expiry_seconds", host="mxm", target="m", listener=srv.endpoint)
         assert 29 * 86400 < expiry < 31 * 86400  # the test PKI's leaves live 30 days
         assert _value(samples, "mailtls_drift", host="mxm", target="m") == 0
