@@ -17,29 +17,31 @@ A target is ``HOST/NAME``; a bare ``NAME`` is accepted while exactly one host de
 
 from __future__ import annotations
 
+from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
-from .core.config import HostConfig, Target, VerifySettings, load_config
-from .core.local import run_local
-from .errors import MailTLSError
-from .result import DeployResult
-
 if TYPE_CHECKING:
+    from .core.config import HostConfig, Target, VerifySettings, load_config
+    from .core.local import run_local
     from .distributed.rollout import RolloutResult, rollout
     from .distributed.workflow import DeployHandle, deploy
+    from .errors import MailTLSError
+    from .result import DeployResult
 
 __all__ = ["DeployHandle", "DeployResult", "HostConfig", "MailTLSError", "RolloutResult", "Target", "VerifySettings",
            "deploy", "load_config", "rollout", "run_local"]
 __version__ = "0.1.0"
 
+# Everything is imported on first use: `mailtls status` or a pipeline's enqueue must not
+# pay for pydantic, cryptography's X.509 or Celery (PEP 562).
+_WHERE = {"HostConfig": ".core.config", "Target": ".core.config", "VerifySettings": ".core.config",
+          "load_config": ".core.config", "run_local": ".core.local", "MailTLSError": ".errors",
+          "DeployResult": ".result", "deploy": ".distributed.workflow", "DeployHandle": ".distributed.workflow",
+          "rollout": ".distributed.rollout", "RolloutResult": ".distributed.rollout"}
+
 
 def __getattr__(name: str) -> Any:
-    if name in ("deploy", "DeployHandle"):
-        from .distributed import workflow
-
-        return getattr(workflow, name)
-    if name in ("rollout", "RolloutResult"):
-        from .distributed import rollout
-
-        return getattr(rollout, name)
-    raise AttributeError(name)
+    where = _WHERE.get(name)
+    if where is None:
+        raise AttributeError(name)
+    return getattr(import_module(where, __name__), name)

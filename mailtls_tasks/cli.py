@@ -15,7 +15,7 @@ from typing import Any, NoReturn
 import click
 
 from .core.config import load_config
-from .core.material import MAX_INPUT_BYTES
+from .core.ids import MAX_INPUT_BYTES
 from .errors import MailTLSError, Rejected, UnknownTarget
 from .result import DeployResult
 
@@ -134,8 +134,9 @@ def _deploy_local(cfg: Any, target: str, cert: bytes, key: bytes, chain: bytes |
                   deploy_id: str | None, wait_s: float,
                   also: list[tuple[bytes, bytes, bytes | None]] | None = None) -> DeployResult:
     """Run in-process; on SIGTERM or Ctrl-C the run compensates, then we report that."""
+    from .core.ids import new_deploy_id
     from .core.journal import Journal
-    from .core.local import Terminated, new_deploy_id, run_local
+    from .core.local import Terminated, run_local
 
     deploy_id = deploy_id or new_deploy_id()
     try:

@@ -27,6 +27,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..errors import ConfigError, UnknownTarget
+from .ids import HOST_NAME_RE, TARGET_NAME_RE
 
 DEFAULT_CONFIG_PATH = "/etc/mailtls/targets.toml"
 CONFIG_ENV = "MAILTLS_CONFIG"
@@ -64,8 +65,6 @@ STEP_MARGIN = 20.0
 MIN_LEASE = 2.0
 
 LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-TARGET_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-HOST_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 
 

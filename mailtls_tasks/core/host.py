@@ -19,7 +19,8 @@ from ..security.keys import load_host_key, parse_ed25519_public
 from . import files, material, steps
 from .audit import TargetAudit, audit_target
 from .config import HostConfig
-from .journal import DeployRecord, Journal, Owner, check_deploy_id
+from .ids import check_deploy_id
+from .journal import DeployRecord, Journal, Owner
 from .ownership import busy_message, holding
 from .recovery import recover, recover_deploy
 from .steps import StepContext

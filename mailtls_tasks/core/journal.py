@@ -25,7 +25,6 @@ import fcntl
 import hashlib
 import json
 import os
-import re
 import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -34,8 +33,9 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, ValidationError
 
-from ..errors import ConfigError, JournalError, TargetBusy
+from ..errors import JournalError, TargetBusy
 from . import files
+from .ids import DEPLOY_ID_RE, check_deploy_id
 
 Phase = Literal[
     "staging", "staged", "validated", "committing", "committed", "reloaded", "verified",
@@ -45,7 +45,6 @@ Outcome = Literal["deployed", "unchanged", "rejected", "rolled_back", "failed"]
 Origin = Literal["local", "distributed"]
 STEP_NAMES = ("stage", "validate", "commit", "reload", "verify", "rollback")
 
-DEPLOY_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 _OUTBOX_SEP = "~"
 
 
@@ -171,12 +170,6 @@ class Owner:
     path: str
     target: str
     deploy_id: str
-
-
-def check_deploy_id(deploy_id: str) -> str:
-    if not DEPLOY_ID_RE.match(deploy_id):
-        raise ConfigError(f"deploy_id {deploy_id!r} is not valid (letters, digits, '_', '-'; max 64)")
-    return deploy_id
 
 
 def file_key(real: str) -> str:

@@ -10,9 +10,7 @@ to the next recovery.
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import logging
-import secrets
 import signal
 import threading
 import time
@@ -22,7 +20,8 @@ from types import FrameType
 from ..errors import MailTLSError
 from ..result import DeployResult
 from .config import HostConfig
-from .journal import DeployRecord, Journal, Owner, check_deploy_id
+from .ids import check_deploy_id, new_deploy_id
+from .journal import DeployRecord, Journal, Owner
 from .ownership import holding
 from .recovery import recover, recover_deploy
 from .steps import StepContext, commit, reload, rollback, stage, target_reals, validate, verify
@@ -34,11 +33,6 @@ TRANSIENT_ATTEMPTS = 3
 
 class Terminated(BaseException):
     """SIGTERM arrived during a local run (a BaseException, like KeyboardInterrupt)."""
-
-
-def new_deploy_id() -> str:
-    """Sortable, unique, and safe as a file name."""
-    return f"{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S}-{secrets.token_hex(5)}"
 
 
 def contexts_for(cfg: HostConfig, journal: Journal | None = None) -> dict[str, StepContext]:

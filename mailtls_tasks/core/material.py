@@ -26,8 +26,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
 from ..errors import MaterialError
+from .ids import MAX_INPUT_BYTES
 
-MAX_INPUT_BYTES = 1024 * 1024
 MIN_RSA_BITS = 2048
 
 _PEM_BLOCK = re.compile(

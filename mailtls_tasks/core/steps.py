@@ -46,7 +46,8 @@ from ..errors import (
 from . import files, material, probe
 from .commands import run_command
 from .config import Target
-from .journal import DeployRecord, FileEntry, Journal, Origin, Phase, StepRecord, check_deploy_id
+from .ids import check_deploy_id
+from .journal import DeployRecord, FileEntry, Journal, Origin, Phase, StepRecord
 from .material import Bundle
 from .names import leaf_names, uncovered, validation_names
 

@@ -18,10 +18,7 @@ from typing import Any
 import redis
 from celery import Celery, Signature
 
-from ..core.config import TARGET_NAME_RE
-from ..core.journal import check_deploy_id
-from ..core.local import new_deploy_id
-from ..core.material import MAX_INPUT_BYTES
+from ..core.ids import MAX_INPUT_BYTES, TARGET_NAME_RE, check_deploy_id, new_deploy_id
 from ..errors import BrokerError, MailTLSError, Rejected, UnknownTarget
 from ..result import DeployResult
 from ..security.envelope import seal

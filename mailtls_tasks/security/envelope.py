@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from ..core.material import MAX_INPUT_BYTES
+from ..core.ids import MAX_INPUT_BYTES
 from ..errors import Rejected
 from .keys import encode_public, key_id
 

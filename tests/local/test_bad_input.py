@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from mailtls_tasks.cli import cli
-from mailtls_tasks.core.material import MAX_INPUT_BYTES
+from mailtls_tasks.core.ids import MAX_INPUT_BYTES
 from tests.support.host import MailHost
 from tests.support.pki import PKI, issue, new_key
 
