@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: test demo lint typecheck deps bootstrap bench clean faults model
+.PHONY: test demo lint typecheck deps bootstrap bench clean faults model install wheel
 
 bootstrap:
 	@sh scripts/bootstrap.sh
@@ -43,5 +43,24 @@ model: deps    ## the protocol model test with many more examples
 bench: deps
 	$(BIN)/python -m bench
 
+# Onto a mail host (Debian 12 refuses `pip install` into the system Python): its own
+# venv under $(PREFIX), the command linked where the systemd units expect it.
+#   make install                 # /opt/mailtls + /usr/local/bin/mailtls, with Flower
+#   make install SRC=dist/mailtls_tasks-0.1.0-py3-none-any.whl   # from a built wheel
+PREFIX ?= /opt/mailtls
+BINDIR ?= /usr/local/bin
+SRC    ?= .
+install:
+	@$(PYTHON) -c 'import venv, ensurepip' 2>/dev/null || apt-get install -y -qq python3-venv
+	@test -x $(PREFIX)/bin/python || $(PYTHON) -m venv $(PREFIX)
+	$(PREFIX)/bin/pip install -q --upgrade pip
+	$(PREFIX)/bin/pip install -q '$(SRC)[flower]'
+	@mkdir -p $(BINDIR)
+	ln -sfn $(PREFIX)/bin/mailtls $(BINDIR)/mailtls
+	@$(BINDIR)/mailtls --version
+
+wheel: deps    ## dist/mailtls_tasks-*.whl
+	$(BIN)/python -m build --wheel --outdir dist .
+
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache dist build

@@ -58,6 +58,7 @@ config_option = click.option("--config", "config_path", metavar="FILE",
 
 
 @click.group()
+@click.version_option(package_name="mailtls-tasks", prog_name="mailtls", message="%(prog)s %(version)s")
 @click.option("-v", "--verbose", is_flag=True, help="log progress to stderr")
 def cli(verbose: bool) -> None:
     """Rotate TLS certificates on Postfix and Dovecot, verified on the wire."""
@@ -152,10 +153,15 @@ def _deploy_local(cfg: Any, target: str, cert: bytes, key: bytes, chain: bytes |
 @cli.command("check-config")
 @config_option
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
-def check_config(config_path: str | None, as_json: bool) -> None:
+@click.option("--worker", "for_worker", is_flag=True,
+              help="also check what `mailtls worker` needs to start (keys, trusted signers, state_dir); "
+                   "exit 1 saying why it could not")
+def check_config(config_path: str | None, as_json: bool, for_worker: bool) -> None:
     """Validate the targets file and print every target with its defaults resolved."""
     try:
         cfg = load_config(config_path)
+        if for_worker:
+            _check_worker(cfg)
     except MailTLSError as err:
         _fail(str(err), err.exit_code)
     hints = {n: _listener_hints(t) for n, t in cfg.targets.items()}
@@ -175,6 +181,25 @@ def check_config(config_path: str | None, as_json: bool) -> None:
             click.echo(f"  hint: {t.mode} usually also listens on {', '.join(hints[name])}: a listener the deploy "
                        "does not verify may keep serving the old certificate; list them all in "
                        "post_deploy_verify.endpoints")
+
+
+def _check_worker(cfg: Any) -> None:
+    """What the worker refuses to start without, checked before it starts (systemd's
+    ExecStartPre): a unit that fails once with a reason beats a restart loop."""
+    import os
+
+    from .core.host import HostRuntime
+    from .errors import ConfigError
+
+    HostRuntime(cfg).security()  # the [security] section, every host key loadable and 0600, the signers parse
+    d = cfg.state_dir
+    while not os.path.exists(d):  # the worker creates it (0700); its nearest existing parent must let it
+        d = os.path.dirname(d)
+    if not os.path.isdir(d) or not os.access(d, os.W_OK | os.X_OK):
+        raise ConfigError(f"state_dir {cfg.state_dir}: {d} is not a directory this user can write")
+    if d == cfg.state_dir and os.stat(d).st_mode & 0o077:
+        raise ConfigError(f"state_dir {d} is open to group/others (mode {os.stat(d).st_mode & 0o777:04o}); it "
+                          "holds backups of private keys: chmod 0700 it")
 
 
 USUAL_PORTS = {"postfix": [(25, "smtp"), (465, "smtps"), (587, "submission")],
@@ -334,24 +359,78 @@ def worker(config_path: str | None, broker: str | None, loglevel: str, host: str
         _fail(str(err), err.exit_code)
 
 
+def _read_env_file(path: str) -> dict[str, str]:
+    """``KEY=VALUE`` lines (systemd's EnvironmentFile format, without quoting rules) from
+    a file only its owner can read: the secrets it holds must not be on a command line."""
+    import os
+
+    from .errors import ConfigError
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            mode = os.fstat(f.fileno()).st_mode
+            text = f.read(65536)
+    except OSError as err:
+        raise ConfigError(f"cannot read {path}: {err.strerror or err}") from None
+    if mode & 0o077:
+        raise ConfigError(f"{path} holds secrets and is readable by group/others (mode {mode & 0o777:04o}): "
+                          "chmod 0600 it")
+    out = {}
+    for n, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, sep, value = line.partition("=")
+        if not sep or not key.strip().isidentifier():
+            raise ConfigError(f"{path}:{n}: expected KEY=VALUE")
+        out[key.strip()] = value.strip().strip('"').strip("'")
+    return out
+
+
 @cli.command(context_settings={"ignore_unknown_options": True})
-@broker_option
+@click.option("--env-file", metavar="FILE",
+              help="0600 file with MAILTLS_BROKER_URL=... and MAILTLS_FLOWER_BASIC_AUTH=user:password[,...] "
+                   "(else both are read from the environment)")
 @click.option("--address", default="127.0.0.1", show_default=True)
 @click.option("--port", default=5555, show_default=True)
+@click.option("--no-auth", is_flag=True, help="allow no basic auth on an address other than loopback")
 @click.argument("flower_args", nargs=-1, type=click.UNPROCESSED)
-def flower(broker: str | None, address: str, port: int, flower_args: tuple[str, ...]) -> None:
-    """Start Flower for the fleet (extra arguments are passed to Flower, e.g. --basic-auth)."""
+def flower(env_file: str | None, address: str, port: int, no_auth: bool, flower_args: tuple[str, ...]) -> None:
+    """Start Flower for the fleet (extra arguments are passed to Flower).
+
+    Secrets never go on the command line, where `ps` shows them to every user of the
+    host: the broker URL and the basic-auth users come from the environment
+    (MAILTLS_BROKER_URL, MAILTLS_FLOWER_BASIC_AUTH) or from --env-file.
+    """
+    import ipaddress
     import os
     import subprocess
 
     from .distributed.app import broker_url
 
-    # The broker URL (it may carry a password) travels in the environment, never on a
-    # command line that `ps` shows to every user of the host.
-    env = {**os.environ, "MAILTLS_BROKER_URL": broker_url(broker),
-           # the task list an operator reads: the args column carries "HOST/NAME · deploy id"
-           # (argsrepr), the result column the outcome
-           "FLOWER_TASKS_COLUMNS": os.environ.get("FLOWER_TASKS_COLUMNS", FLOWER_COLUMNS)}
+    if any(a.startswith(("--basic-auth", "--broker", "-b")) for a in flower_args):
+        _fail("give the broker URL and basic auth in MAILTLS_BROKER_URL / MAILTLS_FLOWER_BASIC_AUTH (or --env-file), "
+              "not on the command line", 1)
+    try:
+        given = _read_env_file(env_file) if env_file else {}
+    except MailTLSError as err:
+        _fail(str(err), err.exit_code)
+    url = given.get("MAILTLS_BROKER_URL") or os.environ.get("MAILTLS_BROKER_URL")
+    auth = given.get("MAILTLS_FLOWER_BASIC_AUTH") or os.environ.get("MAILTLS_FLOWER_BASIC_AUTH", "")
+    try:
+        loopback = address == "localhost" or ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        loopback = False
+    if not auth and not loopback and not no_auth:
+        _fail(f"Flower on {address} would show the fleet to anyone who reaches it: set MAILTLS_FLOWER_BASIC_AUTH "
+              "(user:password) or pass --no-auth", 1)
+    env = {k: v for k, v in os.environ.items() if k != "MAILTLS_FLOWER_BASIC_AUTH"}
+    env.update({"MAILTLS_BROKER_URL": broker_url(url),
+                # the task list an operator reads: the args column carries "HOST/NAME · deploy id"
+                # (argsrepr), the result column the outcome
+                "FLOWER_TASKS_COLUMNS": os.environ.get("FLOWER_TASKS_COLUMNS", FLOWER_COLUMNS)})
+    if auth:
+        env["FLOWER_BASIC_AUTH"] = auth  # Flower reads every option from FLOWER_<NAME> too
     argv = [sys.executable, "-m", "celery", "-A", "mailtls_tasks.distributed.app", "flower",
             f"--address={address}", f"--port={port}", *flower_args]
     sys.exit(subprocess.call(argv, env=env))
@@ -610,6 +689,9 @@ def keys() -> None:
 
 
 def _create_key(create: Any, out: str, where: str) -> None:
+    import os
+
+    out = os.path.abspath(out)  # the targets file takes absolute paths only: print what it will accept
     try:
         pub = create(out)
     except MailTLSError as err:

@@ -107,7 +107,7 @@ def first_seen(journal: Journal, name: str, spki: str, now: float, ttl: int = 0)
                 return seen, most
         except (ValueError, KeyError, TypeError):
             seen, most = now, ttl
-    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    files.private_dirs(journal.root, os.path.dirname(path))
     files.atomic_write(path, json.dumps({"name": name, "spki": spki, "first_seen": seen, "ttl": most}).encode(),
                        0o600)
     return seen, most

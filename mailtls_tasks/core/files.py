@@ -37,6 +37,21 @@ class FileState:
     mtime_ns: int | None = None
 
 
+def private_dirs(root: str, path: str) -> None:
+    """Create ``path`` and every missing directory from ``root`` down to it, each 0700
+    from the first moment (``os.makedirs`` gives the ones it creates on the way the
+    default mode: 0755 under the usual umask). ``root``'s own parents get the default."""
+    if os.path.isdir(path):
+        return
+    root = os.path.abspath(root)
+    os.makedirs(os.path.dirname(root), exist_ok=True)
+    d = root
+    for part in [".", *os.path.relpath(path, root).split(os.sep)]:
+        d = os.path.normpath(os.path.join(d, part))
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(d, 0o700)
+
+
 def real_path(path: str) -> str:
     """The file a write must replace: symlinks resolved, so the link itself survives."""
     return os.path.realpath(path)

@@ -216,7 +216,7 @@ class Journal:
 
     def _ensure_dir(self, path: str) -> None:
         with _io("create directory", path):
-            os.makedirs(path, mode=0o700, exist_ok=True)
+            files.private_dirs(self.root, path)
 
     # -- records ----------------------------------------------------------
     def load(self, target: str, deploy_id: str) -> DeployRecord | None:

@@ -23,6 +23,8 @@ import shutil
 import time
 from typing import Any
 
+from ..core import files
+
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 STEP_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
@@ -36,7 +38,7 @@ def prepare(state_dir: str) -> str:
     if os.environ.get(MULTIPROC_ENV) == d:
         return d  # already prepared by this worker (run_worker, then worker_init)
     shutil.rmtree(d, ignore_errors=True)
-    os.makedirs(d, mode=0o700)
+    files.private_dirs(state_dir, d)
     os.environ[MULTIPROC_ENV] = d
     # prometheus_client picks its value store when first imported; if anything imported
     # it before this, pick again (metrics created from here on write to the directory).

@@ -66,14 +66,21 @@ def parse_ed25519_public(value: str, where: str) -> Ed25519PublicKey:
 
 
 def _write_private(path: str, pem: bytes) -> None:
-    """O_EXCL and 0600 from the first byte: never overwrite a key, never expose one."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
+    """O_EXCL and 0600 from the first byte (created so, never chmodded after): never
+    overwrite a key, never expose one."""
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        try:
+            os.makedirs(parent, mode=0o700)
+        except OSError as err:
+            raise ConfigError(f"cannot create {parent}: {err.strerror or err}") from None
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     except FileExistsError:
         raise ConfigError(f"{path} already exists; refusing to overwrite a key (move it away to rotate)") from None
+    except OSError as err:
+        raise ConfigError(f"cannot create {path}: {err.strerror or err}") from None
     with os.fdopen(fd, "wb") as f:
-        os.fchmod(f.fileno(), 0o600)
         f.write(pem)
         f.flush()
         os.fsync(f.fileno())

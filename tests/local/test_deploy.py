@@ -348,6 +348,10 @@ def test_backups_kept_for_last_five_deploys(host: MailHost, pki: PKI) -> None:
     assert len(journal.records("mx")) == 5
     key_backups = list(host.state.rglob("backup/key"))
     assert key_backups and all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in key_backups)
+    # state_dir and every directory under it 0700 from the start, whatever the umask
+    # (os.makedirs would have left the intermediate ones 0755)
+    dirs = [host.state, *(p for p in host.state.rglob("*") if p.is_dir())]
+    assert len(dirs) > 4 and {oct(stat.S_IMODE(d.stat().st_mode)) for d in dirs} == {"0o700"}
 
 
 def test_cli_local_json_and_exit_codes(host: MailHost, pki: PKI) -> None:

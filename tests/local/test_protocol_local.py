@@ -141,12 +141,24 @@ def test_a_full_disk_on_the_first_journal_write_is_named(host: MailHost, pki: PK
 
 @pytest.mark.integration
 def test_flower_never_gets_the_broker_password_on_a_command_line(tmp_path, redis_server) -> None:  # type: ignore[no-untyped-def]
+    """Broker URL and basic auth from a 0600 --env-file: neither is on any command line,
+    and the auth is enforced."""
+    import base64
+    import urllib.error
+    import urllib.request
+
     from tests.support.services import free_port, wait_port
 
     url = redis_server.url.replace("redis://", "redis://:pw-on-cmdline-NEVER@")
+    env_file = tmp_path / "flower.env"
+    fd = os.open(env_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    os.write(fd, f"# flower\nMAILTLS_BROKER_URL={url}\nMAILTLS_FLOWER_BASIC_AUTH=ops:auth-NEVER-on-argv\n".encode())
+    os.close(fd)
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "mailtls_tasks.cli", "flower", "--port", str(port)],
-                            env={**os.environ, "MAILTLS_BROKER_URL": url, "PYTHONPATH": str(REPO)},
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MAILTLS_")}
+    proc = subprocess.Popen([sys.executable, "-m", "mailtls_tasks.cli", "flower", "--port", str(port),
+                             "--env-file", str(env_file)],
+                            env={**env, "PYTHONPATH": str(REPO)},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         wait_port(port, timeout=30)
@@ -155,7 +167,34 @@ def test_flower_never_gets_the_broker_password_on_a_command_line(tmp_path, redis
         for pid in pids:
             cmdline = open(f"/proc/{pid}/cmdline", "rb").read()
             assert b"pw-on-cmdline-NEVER" not in cmdline, cmdline
+            assert b"auth-NEVER-on-argv" not in cmdline, cmdline
+        with pytest.raises(urllib.error.HTTPError) as denied:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/api/workers", timeout=10)
+        assert denied.value.code == 401
+        basic = "Basic " + base64.b64encode(b"ops:auth-NEVER-on-argv").decode()
+        ok = urllib.request.Request(f"http://127.0.0.1:{port}/workers", headers={"Authorization": basic})
+        with urllib.request.urlopen(ok, timeout=10) as resp:
+            assert resp.status == 200
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(10)
     del tmp_path
+
+
+@pytest.mark.parametrize(("args", "env_mode", "why"), [
+    (["--basic-auth=ops:pw"], None, "not on the command line"),
+    (["--broker=redis://:pw@127.0.0.1:1/0"], None, "not on the command line"),
+    (["--address", "0.0.0.0"], None, "MAILTLS_FLOWER_BASIC_AUTH"),
+    (["--env-file", "{env}"], 0o644, "chmod 0600"),
+])
+def test_flower_refuses_secrets_on_argv_open_env_files_and_no_auth_off_loopback(
+        tmp_path, args, env_mode, why) -> None:  # type: ignore[no-untyped-def]
+    env_file = tmp_path / "flower.env"
+    env_file.write_text("MAILTLS_FLOWER_BASIC_AUTH=ops:pw\n")
+    if env_mode is not None:
+        os.chmod(env_file, env_mode)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MAILTLS_")}
+    p = subprocess.run([sys.executable, "-m", "mailtls_tasks.cli", "flower", "--port", "1",
+                        *(a.format(env=env_file) for a in args)],
+                       env={**env, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1 and why in p.stderr, p.stderr

@@ -174,11 +174,12 @@ class Flower:
         self.port = free_port()
         self.auth = auth
         env = {**os.environ, "PYTHONPATH": str(REPO), "MAILTLS_BROKER_URL": broker}
-        extra = [f"--basic-auth={auth}"] if auth else []
-        if not auth:
+        if auth:
+            env["MAILTLS_FLOWER_BASIC_AUTH"] = auth  # never on argv: `mailtls flower` refuses --basic-auth
+        else:
             env["FLOWER_UNAUTHENTICATED_API"] = "true"
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mailtls_tasks.cli", "flower", "--port", str(self.port), *extra],
+            [sys.executable, "-m", "mailtls_tasks.cli", "flower", "--port", str(self.port)],
             stdin=subprocess.DEVNULL, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
             cwd=REPO, env=env)
         wait_port(self.port, timeout=30)
