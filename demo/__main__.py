@@ -81,6 +81,7 @@ def main() -> int:
                   f"{h.address}:{fleet.dovecot_ports['imaps']}, worker on queue mailtls.{name}")
         print(f"  targets   one file for both hosts: {fleet.targets_file}")
         print(f"  flower    {flower.url}  (user demo, password demo)")
+        print(f"  commands  `mailtls` below is {MAILTLS}, run with MAILTLS_BROKER_URL and MAILTLS_PIPELINE set")
         print(f"  keys      bundles travel sealed for each host and signed by the pipeline ({pipeline.path.name})")
         env = {**os.environ, "MAILTLS_BROKER_URL": redis.url, "MAILTLS_PIPELINE": str(pipeline.path),
                "PYTHONPATH": str(REPO), "DEMO_DIR": str(root / "incoming")}

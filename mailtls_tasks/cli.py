@@ -336,11 +336,13 @@ def targets(broker: str | None, as_json: bool) -> None:
             click.echo(f"{host}  (worker {'alive' if r['worker_alive'] else 'DOWN'})")
             click.echo(f"  {'TARGET':<24} {'MODE':<8} {'FINGERPRINT':<18} {'NOT AFTER':<26} {'LAST':<22} "
                        "LABELS / NAMES")
-        last = (r.get("last_outcome") or "-") + (f" ({r['last_reason']})" if r.get("last_reason") else "")
+        last = r.get("last_outcome") or "-"
         tags = ",".join(r.get("labels") or []) + (" " if r.get("labels") else "") + ",".join(r.get("names") or [])
         fp = (r.get("fingerprint_sha256") or "-")[:16]
         click.echo(f"  {r['host'] + '/' + r['target']:<24} {r['mode']:<8} {fp:<18} {r.get('not_after') or '-':<26} "
                    f"{last:<22} {tags}")
+        if r.get("last_reason"):
+            click.echo(f"  {'':<24} why: {r['last_reason']}")
 
 
 @cli.command()

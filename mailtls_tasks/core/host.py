@@ -44,6 +44,22 @@ STEP_FUNCTIONS = {
 }
 
 
+def why(rec: DeployRecord) -> str | None:
+    """One line on why a deploy ended as it did, for the fleet table: an operator who
+    sees ``rejected`` or ``unchanged`` right after a deploy should not have to dig."""
+    if rec.reason or rec.error:
+        text = (rec.reason or rec.error or "").splitlines()[0]
+        return text if len(text) <= 160 else text[:159] + "…"
+    if rec.outcome == "unchanged":
+        detail = next((s.detail for s in rec.steps.values() if s.status == "skipped" and s.detail), None)
+        return detail or "this set was already deployed and served"
+    commit = rec.steps.get("commit")
+    if rec.outcome == "deployed" and commit is not None and commit.status == "skipped":
+        return (f"{commit.detail or 'files already held this set'} (written by a deploy through a target sharing "
+                "them); reloaded and verified")
+    return None
+
+
 class HostRuntime:
     """The worker host's config, journal and step contexts."""
 
@@ -154,7 +170,7 @@ class HostRuntime:
             "fingerprint_sha256": material.fingerprint(leaf) if leaf else None,
             "not_after": leaf.not_valid_after_utc.isoformat() if leaf else None,
             "last_outcome": last.outcome if last else None,
-            "last_reason": last.reason if last else None,
+            "last_reason": why(last) if last else None,
             "last_deploy_id": last.deploy_id if last else None,
             "checked_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         }

@@ -89,7 +89,7 @@ class RolloutResult(BaseModel):
                  f"worst {self.worst}"]
         lines.append(f"  {'WAVE':<5} {'TARGET':<32} {'OUTCOME':<12} {'MS':>7}  DEPLOY / WHY")
         for addr, run in sorted(self.targets.items(), key=lambda kv: (kv[1].wave, kv[0])):
-            why = run.error or run.reason or ""
+            why = run.error or run.reason or ("already deployed there" if run.outcome == "unchanged" else "")
             lines.append(f"  {run.wave + 1:<5} {addr:<32} {run.outcome:<12} {run.ms if run.ms is not None else '-':>7}"
                          f"  {run.deploy_id or '-'}{'  ' + why[:100] if why else ''}")
         for addr, names in sorted(self.not_covered.items()):
