@@ -246,3 +246,47 @@ def test_rediss_refuses_unverified_or_unauthenticated(tls_redis: RedisServer, pk
     p = subprocess.run([sys.executable, "-m", "mailtls_tasks.cli", "targets", "--broker", plain],
                        capture_output=True, text=True, cwd=REPO, timeout=60)
     assert p.returncode == 1 and "Redis" in p.stderr
+
+
+# ------------------------------------------------------------------ least-rights ACL users
+def test_least_rights_acl_users(tmp_path: Path, pki: PKI, pipeline: Pipeline) -> None:
+    """workers/redis-users.acl, as the README tells an operator to install it: a worker
+    and the pipeline each do everything they do (deploy, targets, history, status,
+    audit --now, rollout) and Redis denies nothing; the pipeline cannot take a message
+    off a queue, and neither user can run an admin command."""
+    acl = (REPO / "workers" / "redis-users.acl").read_text()
+    acl = acl.replace("CHANGE-ME-worker", "w-pw").replace("CHANGE-ME-pipeline", "p-pw")
+    (tmp_path / "users.acl").write_text(acl + "user admin on >admin-pw ~* &* +@all\n")
+    srv = RedisServer(tmp_path / "redis", extra=["--aclfile", str(tmp_path / "users.acl")])
+    admin = redis.Redis(port=srv.port, username="admin", password="admin-pw", decode_responses=True)
+    w_url = f"redis://mailtls-worker:w-pw@127.0.0.1:{srv.port}/0"
+    p_url = f"redis://mailtls-pipeline:p-pw@127.0.0.1:{srv.port}/0"
+    host = MailHost(tmp_path / "mx8", host="mx8")
+    host.enroll(pipeline)
+    host.add_target("acl-t")
+    worker = None
+    try:
+        worker = Worker(host.config_path, w_url, tmp_path / "worker.log")
+        leaf = pki.leaf()
+        res = deploy("mx8/acl-t", leaf.fullchain_pem, leaf.key_pem, broker_url=p_url).get(60)
+        assert res.outcome == "deployed", res.error
+        (tmp_path / "c.pem").write_bytes(leaf.fullchain_pem)
+        (tmp_path / "k.pem").write_bytes(leaf.key_pem)
+        env = {**os.environ, "MAILTLS_BROKER_URL": p_url, "PYTHONPATH": str(REPO)}
+        for args in (["targets"], ["history", "mx8/acl-t"], ["status", res.deploy_id], ["audit", "--now"],
+                     ["rollout", "--cert", "c.pem", "--key", "k.pem", "--targets", "mx8/acl-t"]):
+            p = subprocess.run([sys.executable, "-m", "mailtls_tasks.cli", *args], env=env, cwd=tmp_path,
+                               capture_output=True, text=True, timeout=120)
+            assert p.returncode == 0, (args, p.stdout[-500:], p.stderr[-1500:])
+        assert admin.execute_command("ACL", "LOG") == []  # nothing was denied along the way
+        pipe_client = redis.Redis.from_url(p_url)
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            pipe_client.brpop(["mailtls.mx8"], timeout=1)
+        for url in (w_url, p_url):
+            with pytest.raises(redis.exceptions.NoPermissionError):
+                redis.Redis.from_url(url).flushall()
+    finally:
+        if worker is not None:
+            worker.stop()
+        host.close()
+        srv.stop()

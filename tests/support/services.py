@@ -72,7 +72,7 @@ class RedisServer:
     only TLS, and with ``user``/``password`` the default user is off (ACL AUTH required)."""
 
     def __init__(self, workdir: Path, tls: tuple[Path, Path, Path] | None = None, user: str | None = None,
-                 password: str | None = None) -> None:
+                 password: str | None = None, extra: list[str] | None = None) -> None:
         binary = require("redis-server")
         self.port = free_port()
         self.tls = tls
@@ -88,7 +88,7 @@ class RedisServer:
             argv += ["--port", str(self.port)]
         if user:
             argv += ["--user", "default", "off", "--user", user, "on", f">{password}", "~*", "&*", "+@all"]
-        self.argv = argv
+        self.argv = argv + (extra or [])
         self.start()
 
     def start(self) -> None:
