@@ -1,16 +1,38 @@
-# A mail host: Debian's Postfix and Dovecot, a self-signed starter certificate, and the
-# mailtls worker. The worker's targets file is compose/targets.toml.
+# The compose mail host (see compose/README.md): Debian 12's Postfix and Dovecot, each
+# with its own certificate files, and the mailtls worker. Flower runs from this image
+# too, with its own entrypoint (compose/docker-compose.yml).
+# Build context: the repository root; compose/mailhost.Dockerfile.dockerignore keeps
+# it to the files copied below (BuildKit, i.e. `docker compose`).
 FROM python:3.11-slim-bookworm
+
+# "No configuration": Debian's postfix then ships no main.cf; mailhost-setup makes one.
 RUN echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections \
  && apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
       postfix dovecot-imapd dovecot-pop3d openssl \
  && rm -rf /var/lib/apt/lists/*
+
+COPY compose/mailhost-setup.sh /usr/local/sbin/mailhost-setup
+COPY compose/dovecot-mailtls.conf /etc/dovecot/conf.d/99-mailtls.conf
+# Dovecot's postinst may link its certificate to ssl-cert's snakeoil pair: drop the links,
+# so that the entrypoint makes real files there (a deploy would otherwise rewrite
+# /etc/ssl/certs/ssl-cert-snakeoil.pem through them).
+RUN sh /usr/local/sbin/mailhost-setup \
+ && rm -f /etc/dovecot/private/dovecot.pem /etc/dovecot/private/dovecot.key \
+ && install -d -m 0755 /etc/postfix/certs \
+ && install -d -m 0700 /etc/dovecot/private /etc/mailtls /var/lib/mailtls /keys
+
 COPY pyproject.toml README.md /src/
 COPY mailtls_tasks /src/mailtls_tasks
 RUN pip install --no-cache-dir "/src[flower]"
-COPY compose/targets.toml /etc/mailtls/targets.toml
+
+COPY compose/targets.toml /usr/local/share/mailtls/targets.toml
+COPY compose/demo-cert.sh /usr/local/bin/demo-cert
 COPY compose/mailhost-entrypoint.sh /usr/local/bin/mailhost-entrypoint
-RUN chmod 0755 /usr/local/bin/mailhost-entrypoint && chmod 0600 /etc/mailtls/targets.toml
+RUN chmod 0755 /usr/local/bin/demo-cert /usr/local/bin/mailhost-entrypoint \
+ && chmod 0644 /usr/local/share/mailtls/targets.toml
+ENV MAILTLS_CONFIG=/etc/mailtls/targets.toml
+# 25 SMTP (STARTTLS), 465 SMTPS, 143 IMAP (STARTTLS), 993 IMAPS, 110 POP3 (STLS), 995 POP3S
+EXPOSE 25 465 143 993 110 995
 ENTRYPOINT ["/usr/local/bin/mailhost-entrypoint"]
 CMD ["mailtls", "worker"]
