@@ -50,9 +50,11 @@ bench: deps
 PREFIX ?= /opt/mailtls
 BINDIR ?= /usr/local/bin
 SRC    ?= .
+# The system's Python, not one under /root (pyenv): the Flower unit's dynamic user must run it.
+INSTALL_PYTHON ?= $(firstword $(wildcard /usr/bin/python3) python3)
 install:
-	@$(PYTHON) -c 'import venv, ensurepip' 2>/dev/null || apt-get install -y -qq python3-venv
-	@test -x $(PREFIX)/bin/python || $(PYTHON) -m venv $(PREFIX)
+	@$(INSTALL_PYTHON) -c 'import venv, ensurepip' 2>/dev/null || apt-get install -y -qq python3-venv
+	@test -x $(PREFIX)/bin/python || $(INSTALL_PYTHON) -m venv $(PREFIX)
 	$(PREFIX)/bin/pip install -q --upgrade pip
 	$(PREFIX)/bin/pip install -q '$(SRC)[flower]'
 	@mkdir -p $(BINDIR)

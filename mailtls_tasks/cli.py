@@ -221,8 +221,11 @@ def _listener_hints(t: Any) -> list[str]:
 @config_option
 @click.option("--force", is_flag=True,
               help="also finish deploys that still look alive (their worker is gone for good): rolls them back")
+@click.option("--boot", is_flag=True,
+              help="before the mail daemons start (the boot unit): roll back without proving anything on the wire; "
+                   "a daemon not running yet is not a failure, it starts on the restored files")
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
-def recover(config_path: str | None, force: bool, as_json: bool) -> None:
+def recover(config_path: str | None, force: bool, boot: bool, as_json: bool) -> None:
     """Finish deploys on this host whose owner died (roll forward if provably served,
     else back). Exit 4 if any ended `failed` (operator needed), else 0."""
     from .core.journal import Journal
@@ -230,7 +233,7 @@ def recover(config_path: str | None, force: bool, as_json: bool) -> None:
 
     try:
         cfg = load_config(config_path)
-        done = recover_host(cfg, force=force)
+        done = recover_host(cfg, force=force, boot=boot)
         # owned by deploys of targets this file no longer defines: nobody here can finish them
         orphans = sorted({(o.target, o.deploy_id) for o in Journal(cfg.state_dir).owners()
                           if o.target not in cfg.targets})

@@ -41,11 +41,12 @@ def contexts_for(cfg: HostConfig, journal: Journal | None = None) -> dict[str, S
 
 
 def recover_host(cfg: HostConfig, *, journal: Journal | None = None, full_scan: bool = True,
-                 force: bool = False) -> list[DeployRecord]:
-    """Finish every dead deploy on this host (``force``: every unfinished one)."""
+                 force: bool = False, boot: bool = False) -> list[DeployRecord]:
+    """Finish every dead deploy on this host (``force``: every unfinished one;
+    ``boot``: before the daemons start, see ``steps.rollback``)."""
     contexts = contexts_for(cfg, journal)
     j = next(iter(contexts.values())).journal if contexts else (journal or Journal(cfg.state_dir))
-    return recover(contexts, j, full_scan=full_scan, force=force)
+    return recover(contexts, j, full_scan=full_scan, force=force, boot=boot)
 
 
 def _retrying(step: Callable[[StepContext, str], DeployRecord], ctx: StepContext, deploy_id: str) -> DeployRecord:

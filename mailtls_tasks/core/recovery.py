@@ -21,7 +21,7 @@ INTERRUPTED = "the deploy was interrupted before it finished"
 
 
 def recover_deploy(contexts: dict[str, StepContext], journal: Journal, target: str,
-                   deploy_id: str, *, force: bool = False) -> DeployRecord | None:
+                   deploy_id: str, *, force: bool = False, boot: bool = False) -> DeployRecord | None:
     """Finish one deploy if it is dead (or ``force``: the operator says so), holding
     all its locks. Returns the finished record, or None if it was alive or gone."""
     rec = journal.load(target, deploy_id)
@@ -43,9 +43,10 @@ def recover_deploy(contexts: dict[str, StepContext], journal: Journal, target: s
                 log.error("deploy %s of %s is unfinished but target %r is no longer configured: "
                           "left for an operator", deploy_id, target, target)
                 return None
-            done = finish_forward(ctx, deploy_id)
+            # at boot nothing is served yet: a roll-forward cannot be proven, so back
+            done = None if boot else finish_forward(ctx, deploy_id)
             if done is None:
-                done = rollback(ctx, deploy_id, error=INTERRUPTED, reason="interrupted")
+                done = rollback(ctx, deploy_id, error=INTERRUPTED, reason="interrupted", boot=boot)
             log.warning("recovered deploy %s of %s: %s (%s)", deploy_id, target, done.outcome, done.reason)
             return done
     except TargetBusy:
@@ -90,7 +91,7 @@ def _abandoned(contexts: dict[str, StepContext], journal: Journal, target: str) 
 
 
 def recover(contexts: dict[str, StepContext], journal: Journal, *, full_scan: bool = False,
-            force: bool = False) -> list[DeployRecord]:
+            force: bool = False, boot: bool = False) -> list[DeployRecord]:
     """Finish every dead deploy on this host. Returns what it finished.
 
     ``full_scan`` also reads every configured target's records: for journals written
@@ -112,7 +113,7 @@ def recover(contexts: dict[str, StepContext], journal: Journal, *, full_scan: bo
                 log.error("ending abandoned deploys of %s failed: %s", name, err)
     for target, deploy_id in sorted(candidates):
         try:
-            rec = recover_deploy(contexts, journal, target, deploy_id, force=force)
+            rec = recover_deploy(contexts, journal, target, deploy_id, force=force, boot=boot)
         except Exception as err:  # noqa: BLE001 -- one deploy's trouble must not stop the others' recovery
             log.error("recovering deploy %s of %s failed: %s", deploy_id, target, err)
             continue

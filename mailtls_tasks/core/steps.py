@@ -644,8 +644,13 @@ def finish_forward(ctx: StepContext, deploy_id: str) -> DeployRecord | None:
 
 # ------------------------------------------------------------------------ rollback
 def rollback(ctx: StepContext, deploy_id: str, error: str | None = None,
-             reason: str | None = None) -> DeployRecord:
+             reason: str | None = None, *, boot: bool = False) -> DeployRecord:
     """Compensate a failed deploy: restore the old bytes exactly, reload, check.
+
+    ``boot``: run before the daemons start (the boot-time recovery unit). A reload
+    that fails then means the daemon is not running yet: it will read the restored
+    files when it starts, so the deploy ends ``rolled_back`` (the error says so) and
+    nothing is probed. A daemon that is up is reloaded and checked as always.
 
     Converges from any phase and after any number of crashes (recovery runs it
     again): the phase it started from is kept in ``rollback_from``, and what to do
@@ -686,6 +691,9 @@ def rollback(ctx: StepContext, deploy_id: str, error: str | None = None,
         try:
             _reload_with_retry(t)
         except MailTLSError as err:
+            if boot:
+                return _finish(ctx, rec, "rolled_back", f"{original_error}; old files restored at boot, before "
+                               f"{t.mode} started (reload: {err}): it starts on them", reason)
             return _finish(ctx, rec, "failed", f"{original_error}; old files restored but reload failed: {err}; "
                            + _state_report(ctx, rec), reason)
         previous = rec.previous_leaves or ({"any": rec.previous_fingerprint} if rec.previous_fingerprint else {})

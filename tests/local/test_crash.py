@@ -131,3 +131,34 @@ def test_recovery_skips_a_deploy_whose_owner_is_alive(host: MailHost, pki: PKI) 
     assert "nothing to recover" in r.stdout
     out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0 and '"deployed"' in out
+
+
+def test_boot_recovery_with_the_daemon_not_yet_running_ends_rolled_back(host: MailHost, pki: PKI) -> None:
+    """The boot unit runs `recover --boot` before Postfix starts: the deploy died after
+    its commit, the restored files are what the daemon will start on; a reload that
+    fails (nothing is running) is not an operator's problem there. Without --boot the
+    same state ends `failed` (exit 4), as a reload failure must on a running host."""
+    _setup(host, pki)
+    before = {k: v[:2] for k, v in host.snapshot().items()}
+    p = subprocess.run([sys.executable, "-c", CHILD, "3", str(host.root / "new-cert.pem"),
+                        str(host.root / "new-key.pem")], env=_env(host), capture_output=True, text=True, timeout=60)
+    assert p.returncode == 137, p.stdout + p.stderr
+    host.reload.fail(1)  # "the postfix mail system is not running"
+
+    r = host.cli("recover", "--boot")
+
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "crashing-1 -> rolled_back (interrupted)" in r.stdout
+    _assert_old_set_live_and_recorded(host, before)
+    rec = Journal(str(host.state)).load("mx", "crashing-1")
+    assert rec is not None and "restored at boot" in (rec.error or "")
+
+
+def test_recovery_without_boot_calls_a_failed_reload_failed(host: MailHost, pki: PKI) -> None:
+    _setup(host, pki)
+    p = subprocess.run([sys.executable, "-c", CHILD, "3", str(host.root / "new-cert.pem"),
+                        str(host.root / "new-key.pem")], env=_env(host), capture_output=True, text=True, timeout=60)
+    assert p.returncode == 137, p.stdout + p.stderr
+    host.reload.fail(1)
+    r = host.cli("recover")
+    assert r.returncode == 4 and "crashing-1 -> failed" in r.stdout, r.stdout + r.stderr
