@@ -8,11 +8,17 @@ first registry heartbeat happen in ``worker_init``, before anything is consumed.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
+import time
+from typing import Any
 
 from ..core.config import CONFIG_ENV, HOST_ENV, config_path
+from ..errors import BrokerError
 from .app import BROKER_ENV, queue_for, use_broker
+
+log = logging.getLogger("mailtls.worker")
 
 
 def worker_argv(host: str, loglevel: str = "INFO", concurrency: int = 1) -> list[str]:
@@ -33,12 +39,29 @@ def run_worker(config: str | None = None, broker: str | None = None, loglevel: s
     # the config's own message, or says how to create keys. Then the host is claimed
     # in the registry: refused (exit 1) while another live worker serves the same host.
     rt = tasks.runtime()
-    tasks.register(rt, tasks.coordinator())
+    _register_when_redis_answers(rt, tasks)
     if rt.cfg.metrics_port:
         from . import metrics
 
         metrics.prepare(rt.cfg.state_dir)  # before the pool forks: children inherit where to write
     app.worker_main(worker_argv(rt.host, loglevel, concurrency))
+
+
+def _register_when_redis_answers(rt: Any, tasks: Any) -> None:
+    """Redis down at start (a boot race, maintenance) is waited out, not an exit: under
+    systemd an exit would count towards the unit's start limit, meant for configs the
+    worker can never start with, and leave the host without a worker for good."""
+    import redis
+
+    delay = 1.0
+    while True:
+        try:
+            tasks.register(rt, tasks.coordinator())
+            return
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, BrokerError) as err:
+            log.warning("Redis does not answer (%s); registering host %s again in %.0fs", err, rt.host, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 30.0)
 
 
 if __name__ == "__main__":

@@ -75,3 +75,42 @@ def test_forget_a_host_that_is_gone(redis_server: RedisServer) -> None:
         co.resolve("gone/imap")
     with pytest.raises(UnknownTarget, match="no host 'gone'"):
         co.forget_host("gone")
+
+
+def test_a_worker_started_before_redis_waits_for_it(tmp_path, pki, pipeline) -> None:  # type: ignore[no-untyped-def]
+    """Redis down when the worker starts (a boot race, maintenance): the worker waits
+    and registers once Redis answers, instead of exiting into systemd's start limit."""
+    import subprocess
+    import time
+
+    from tests.support.host import MailHost
+    from tests.support.services import Worker, free_port, require, wait_port
+
+    port = free_port()
+    host = MailHost(tmp_path / "mx9", host="mx9")
+    host.enroll(pipeline)
+    host.add_target("late")
+    box: dict[str, object] = {}
+    t = threading.Thread(target=lambda: box.update(w=Worker(host.config_path, f"redis://127.0.0.1:{port}/0",
+                                                              tmp_path / "worker.log")), daemon=True)
+    t.start()
+    deadline = time.monotonic() + 30
+    log = tmp_path / "worker.log"
+    while time.monotonic() < deadline and "Redis does not answer" not in (log.read_text() if log.exists() else ""):
+        time.sleep(0.1)
+    assert "Redis does not answer" in log.read_text()
+    srv = subprocess.Popen([require("redis-server"), "--bind", "127.0.0.1", "--port", str(port), "--save", "",
+                            "--appendonly", "no", "--dir", str(tmp_path)], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_port(port)
+        t.join(60)
+        assert "w" in box, "the worker never became ready after Redis came up"
+        assert Coordinator(f"redis://127.0.0.1:{port}/0").resolve("mx9/late") == ("mx9", "late")
+    finally:
+        w = box.get("w")
+        if isinstance(w, Worker):
+            w.stop()
+        srv.terminate()
+        srv.wait(10)
+        host.close()
