@@ -10,14 +10,24 @@ import json
 import logging
 import sys
 import time
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
-from .core.config import load_config
 from .core.ids import MAX_INPUT_BYTES
 from .errors import MailTLSError, Rejected, UnknownTarget
-from .result import DeployResult
+
+if TYPE_CHECKING:
+    from .core.config import HostConfig
+    from .result import DeployResult
+
+
+def load_config(path: str | None) -> HostConfig:
+    """The targets file, imported only by the commands that read it (the config model
+    costs a tenth of a second to import: a distributed deploy never needs it)."""
+    from .core.config import load_config as load
+
+    return load(path)
 
 
 def _fail(message: str, code: int, as_json: bool = False, **extra: Any) -> NoReturn:
@@ -147,6 +157,8 @@ def _deploy_local(cfg: Any, target: str, cert: bytes, key: bytes, chain: bytes |
         rec = Journal(cfg.state_dir).load(cfg.target(target).name, deploy_id)
         if rec is None or not rec.finished:
             _fail(f"deploy {deploy_id} interrupted; `mailtls recover` finishes it", 1)
+        from .result import DeployResult
+
         return DeployResult.from_record(rec)
 
 
@@ -240,6 +252,8 @@ def recover(config_path: str | None, force: bool, boot: bool, as_json: bool) -> 
     except MailTLSError as err:
         _fail(str(err), err.exit_code, as_json)
     if as_json:
+        from .result import DeployResult
+
         click.echo(json.dumps([DeployResult.from_record(r).as_json() for r in done]))
     else:
         for rec in done:
@@ -278,6 +292,8 @@ def status(deploy_id: str, broker: str | None, as_json: bool, wait_s: float) -> 
     if rec is None:
         _fail(f"no record of deploy {deploy_id}", 1, as_json)
     if rec.get("outcome"):
+        from .result import DeployResult
+
         _emit(DeployResult.from_public(rec), as_json)
     click.echo(json.dumps(rec) if as_json else f"{rec.get('target')}: {rec.get('phase')} (not finished)")
 
