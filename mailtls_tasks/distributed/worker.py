@@ -21,9 +21,14 @@ from .app import BROKER_ENV, queue_for, use_broker
 log = logging.getLogger("mailtls.worker")
 
 
-def worker_argv(host: str, loglevel: str = "INFO", concurrency: int = 1) -> list[str]:
-    return ["worker", "-Q", queue_for(host), "-c", str(concurrency), "-E", "-n", f"mailtls@{host}",
-            "-l", loglevel, "--without-gossip", "--without-mingle", "-O", "fair"]
+def worker_options(host: str, loglevel: str = "INFO", concurrency: int = 1) -> dict[str, Any]:
+    """What ``celery worker -Q mailtls.<host> -c 1 -E -n mailtls@<host> -l LEVEL
+    --without-gossip --without-mingle -O fair`` would pass to the worker."""
+    from celery.utils.log import mlevel
+
+    return {"queues": [queue_for(host)], "concurrency": concurrency, "task_events": True,
+            "hostname": f"mailtls@{host}", "loglevel": mlevel(loglevel.upper()), "without_gossip": True,
+            "without_mingle": True, "optimization": "fair"}
 
 
 def run_worker(config: str | None = None, broker: str | None = None, loglevel: str = "INFO",
@@ -44,7 +49,12 @@ def run_worker(config: str | None = None, broker: str | None = None, loglevel: s
         from . import metrics
 
         metrics.prepare(rt.cfg.state_dir)  # before the pool forks: children inherit where to write
-    app.worker_main(worker_argv(rt.host, loglevel, concurrency))
+    # The worker itself, not Celery's command line (`app.worker_main`): that one imports
+    # Celery's whole CLI (click-repl, prompt-toolkit: some 450 modules, 24 MiB) into a
+    # process that then forks its pool child with all of it.
+    worker = app.Worker(**worker_options(rt.host, loglevel, concurrency))
+    worker.start()
+    sys.exit(worker.exitcode)
 
 
 def _register_when_redis_answers(rt: Any, tasks: Any) -> None:
