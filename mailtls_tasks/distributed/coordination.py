@@ -114,6 +114,9 @@ def _loads(raw: str | None) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+_coordinators: dict[str, Coordinator] = {}
+
+
 class Coordinator:
     def __init__(self, url_or_client: str | redis.Redis) -> None:  # type: ignore[type-arg]
         self.url = url_or_client if isinstance(url_or_client, str) else None
@@ -127,6 +130,16 @@ class Coordinator:
         self._publish = self.r.register_script(_PUBLISH)
         self._release = self.r.register_script(_RELEASE)
         self._claim_host = self.r.register_script(_CLAIM_HOST)
+
+    @classmethod
+    def for_url(cls, url: str) -> Coordinator:
+        """One per broker URL and process: a pipeline enqueueing many deploys reuses
+        one connection pool instead of connecting (and handshaking TLS) per call.
+        redis-py's pool notices a fork and starts afresh in the child."""
+        co = _coordinators.get(url)
+        if co is None:
+            co = _coordinators[url] = cls(url)
+        return co
 
     def _k(self, *parts: str) -> str:
         return PREFIX + ":".join(parts)

@@ -187,7 +187,7 @@ def rollout(cert_pem: bytes, key_pem: bytes, chain_pem: bytes | None = None, *,
         raise Rejected("cert: no certificate to roll out")
     fingerprint = material.fingerprint(leaf)
     app = client_app(broker_url)
-    co = Coordinator(str(app.conf.broker_url))
+    co = Coordinator.for_url(str(app.conf.broker_url))
     chosen, not_covered = select(co.fleet(), targets=targets, label=label, covers=covers, leaf=leaf)
     rid = rollout_id or default_rollout_id(fingerprint, chosen)
     sizes = plan_waves(len(chosen), waves)

@@ -95,7 +95,7 @@ def deploy(target: str, cert_pem: bytes, key_pem: bytes, chain_pem: bytes | None
     """
     keys = pipeline if isinstance(pipeline, PipelineKeys) else load_pipeline(pipeline)
     app = client_app(broker_url)
-    co = Coordinator(str(app.conf.broker_url))
+    co = Coordinator.for_url(str(app.conf.broker_url))
     if host is not None and "/" not in target:
         target = f"{host}/{target}"
     handle, signature = prepare(co, app, keys, target, cert_pem, key_pem, chain_pem, force=force,
