@@ -52,17 +52,19 @@ BINDIR ?= /usr/local/bin
 SRC    ?= .
 # The system's Python, not one under /root (pyenv): the Flower unit's dynamic user must run it.
 INSTALL_PYTHON ?= $(firstword $(wildcard /usr/bin/python3) python3)
+# umask 022 on every line: the venv must be readable by the Flower unit's dynamic user,
+# whatever root's own umask is.
 install:
 	@$(INSTALL_PYTHON) -c 'import venv, ensurepip' 2>/dev/null || apt-get install -y -qq python3-venv
-	@test -x $(PREFIX)/bin/python || $(INSTALL_PYTHON) -m venv $(PREFIX)
-	$(PREFIX)/bin/pip install -q --upgrade pip
-	$(PREFIX)/bin/pip install -q '$(SRC)[flower]'
+	@umask 022; test -x $(PREFIX)/bin/python || $(INSTALL_PYTHON) -m venv $(PREFIX)
+	umask 022; $(PREFIX)/bin/pip install -q --upgrade pip
+	umask 022; $(PREFIX)/bin/pip install -q '$(SRC)[flower]'
 	@mkdir -p $(BINDIR)
 	ln -sfn $(PREFIX)/bin/mailtls $(BINDIR)/mailtls
 	@$(BINDIR)/mailtls --version
 
-wheel: deps    ## dist/mailtls_tasks-*.whl
-	$(BIN)/python -m build --wheel --outdir dist .
+wheel:         ## dist/mailtls_tasks-*.whl (nothing else installed: fine on a build or mail host)
+	$(INSTALL_PYTHON) -m pip wheel --no-deps -w dist .
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache dist build

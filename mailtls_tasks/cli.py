@@ -429,7 +429,8 @@ def flower(env_file: str | None, address: str, port: int, no_auth: bool, flower_
 
     from .distributed.app import broker_url
 
-    if any(a.startswith(("--basic-auth", "--broker", "-b")) for a in flower_args):
+    # Flower and Celery take both spellings (--basic-auth, --basic_auth), and -b for --broker
+    if any(a.replace("_", "-").startswith(("--basic-auth", "--broker", "-b")) for a in flower_args):
         _fail("give the broker URL and basic auth in MAILTLS_BROKER_URL / MAILTLS_FLOWER_BASIC_AUTH (or --env-file), "
               "not on the command line", 1)
     try:

@@ -1,6 +1,6 @@
 """Enqueueing a deploy from a pipeline, and waiting for how it ended.
 
-    handle = mailtls_tasks.deploy("mx1-smtp", cert_pem, key_pem, chain_pem)
+    handle = mailtls_tasks.deploy("mx1/smtp", cert_pem, key_pem, chain_pem)
     result = handle.get(timeout=600)      # the same DeployResult as a local run
     if not result.ok: ...
 

@@ -92,7 +92,7 @@ def test_check_config_worker_on_the_example_with_keys_made_as_the_readme_says(in
     cfg.write_text("\n".join(lines) + "\n")
     ok = _run([mailtls, "check-config", "--worker", "--config", str(cfg)])
     assert ok.returncode == 0, ok.stderr
-    assert "mx1-smtp" in ok.stdout and "mx1-imap" in ok.stdout
+    assert "[smtp]" in ok.stdout and "[imap]" in ok.stdout
 
     # A key that others can read, or a state_dir open to them: the worker would refuse,
     # and check-config --worker says so first.

@@ -27,7 +27,7 @@ from tests.integration.test_workflow import _secret_needles, redis_dump
 from tests.support.host import MailHost
 from tests.support.keys import Pipeline
 from tests.support.pki import PKI, Issued, issue, make_pki
-from tests.support.services import REPO, RedisServer, Worker
+from tests.support.services import REPO, Flower, RedisServer, Worker
 
 pytestmark = pytest.mark.integration
 
@@ -255,18 +255,21 @@ def test_least_rights_acl_users(tmp_path: Path, pki: PKI, pipeline: Pipeline) ->
     audit --now, rollout) and Redis denies nothing; the pipeline cannot take a message
     off a queue, and neither user can run an admin command."""
     acl = (REPO / "workers" / "redis-users.acl").read_text()
-    acl = acl.replace("CHANGE-ME-worker", "w-pw").replace("CHANGE-ME-pipeline", "p-pw")
-    (tmp_path / "users.acl").write_text(acl + "user admin on >admin-pw ~* &* +@all\n")
+    acl = (acl.replace("CHANGE-ME-worker", "w-pw").replace("CHANGE-ME-pipeline", "p-pw")
+           .replace("CHANGE-ME-flower", "f-pw").replace("CHANGE-ME-admin", "admin-pw"))
+    (tmp_path / "users.acl").write_text(acl)
     srv = RedisServer(tmp_path / "redis", extra=["--aclfile", str(tmp_path / "users.acl")])
-    admin = redis.Redis(port=srv.port, username="admin", password="admin-pw", decode_responses=True)
+    admin = redis.Redis(port=srv.port, username="mailtls-admin", password="admin-pw", decode_responses=True)
     w_url = f"redis://mailtls-worker:w-pw@127.0.0.1:{srv.port}/0"
     p_url = f"redis://mailtls-pipeline:p-pw@127.0.0.1:{srv.port}/0"
+    f_url = f"redis://mailtls-flower:f-pw@127.0.0.1:{srv.port}/0"
     host = MailHost(tmp_path / "mx8", host="mx8")
     host.enroll(pipeline)
     host.add_target("acl-t")
-    worker = None
+    worker = flower = None
     try:
         worker = Worker(host.config_path, w_url, tmp_path / "worker.log")
+        flower = Flower(f_url, tmp_path / "flower.log")
         leaf = pki.leaf()
         res = deploy("mx8/acl-t", leaf.fullchain_pem, leaf.key_pem, broker_url=p_url).get(60)
         assert res.outcome == "deployed", res.error
@@ -278,7 +281,24 @@ def test_least_rights_acl_users(tmp_path: Path, pki: PKI, pipeline: Pipeline) ->
             p = subprocess.run([sys.executable, "-m", "mailtls_tasks.cli", *args], env=env, cwd=tmp_path,
                                capture_output=True, text=True, timeout=120)
             assert p.returncode == 0, (args, p.stdout[-500:], p.stderr[-1500:])
-        assert admin.execute_command("ACL", "LOG") == []  # nothing was denied along the way
+        # Flower, as its own user: sees the deploy's tasks (events), the worker (a
+        # broadcast and its reply), queue lengths; reads no record, sends nothing
+        deadline = time.monotonic() + 20
+        names: set[str] = set()
+        while time.monotonic() < deadline and "mailtls.verify" not in names:
+            names = {t["name"] for t in json.loads(flower.get("/api/tasks")).values()}
+            time.sleep(0.2)
+        assert {"mailtls.deploy", "mailtls.stage", "mailtls.verify"} <= names, admin.execute_command("ACL", "LOG")
+        assert "mailtls@mx8" in json.loads(flower.get("/api/workers?refresh=1"))
+        assert "active_queues" in json.loads(flower.get("/api/queues/length"))  # LLEN of the queues it knows
+        denied = admin.execute_command("ACL", "LOG")  # nothing was denied along the way
+        assert denied == [], [(d["username"], d["reason"], d["object"], d["client-info"][-120:]) for d in denied]
+        assert "failed" not in (tmp_path / "flower.log").read_text()  # e.g. "Inspect method stats failed: NOPERM"
+        flower_client = redis.Redis.from_url(f_url)
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            flower_client.get(f"mailtls:deploy:{res.deploy_id}")
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            flower_client.lpush("mailtls.mx8", "x")
         pipe_client = redis.Redis.from_url(p_url)
         with pytest.raises(redis.exceptions.NoPermissionError):
             pipe_client.brpop(["mailtls.mx8"], timeout=1)
@@ -286,6 +306,8 @@ def test_least_rights_acl_users(tmp_path: Path, pki: PKI, pipeline: Pipeline) ->
             with pytest.raises(redis.exceptions.NoPermissionError):
                 redis.Redis.from_url(url).flushall()
     finally:
+        if flower is not None:
+            flower.stop()
         if worker is not None:
             worker.stop()
         host.close()

@@ -183,6 +183,7 @@ def test_flower_never_gets_the_broker_password_on_a_command_line(tmp_path, redis
 
 @pytest.mark.parametrize(("args", "env_mode", "why"), [
     (["--basic-auth=ops:pw"], None, "not on the command line"),
+    (["--basic_auth=ops:pw"], None, "not on the command line"),
     (["--broker=redis://:pw@127.0.0.1:1/0"], None, "not on the command line"),
     (["--address", "0.0.0.0"], None, "MAILTLS_FLOWER_BASIC_AUTH"),
     (["--env-file", "{env}"], 0o644, "chmod 0600"),

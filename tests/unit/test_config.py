@@ -121,7 +121,7 @@ def test_shipped_example_targets_file_loads() -> None:
 
     c = load_config(str(Path(__file__).resolve().parents[2] / "workers" / "targets.example.toml"))
     assert c.host == "mx1"
-    assert c.target("mx1-imap").mode == "dovecot" and c.target("mx1-smtp").post_deploy_verify.enabled
+    assert c.target("imap").mode == "dovecot" and c.target("smtp").post_deploy_verify.enabled
 
 
 def test_compose_targets_file_loads_and_core_does_not_import_celery() -> None:
