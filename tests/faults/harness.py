@@ -370,7 +370,8 @@ class WorkerRig:
         assert self.worker.proc is not None
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
-            out = subprocess.run(["pgrep", "-P", str(self.worker.proc.pid)], capture_output=True, text=True).stdout
+            newest = ["pgrep", "-n", "-P", str(self.worker.proc.pid)]
+            out = subprocess.run(newest, capture_output=True, text=True).stdout
             pids = [int(p) for p in out.split()]
             if pids:
                 return pids[0]
@@ -378,16 +379,30 @@ class WorkerRig:
         raise RuntimeError("no pool child")
 
     def attach(self, args: list[str]) -> subprocess.Popen[bytes]:
-        pid = self.child()
-        tracer = subprocess.Popen([require("strace"), "-qq", "-p", str(pid), *args], stdin=subprocess.DEVNULL,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            status = Path(f"/proc/{pid}/status").read_text()
-            if "TracerPid:\t0\n" not in status:
-                return tracer
-            time.sleep(0.02)
-        raise RuntimeError("strace did not attach")
+        """strace attached to the pool child. The child listed may be one a previous case
+        killed, still being reaped while billiard starts its replacement: if it is gone
+        before strace holds it, attach to the replacement."""
+        for _ in range(5):
+            pid = self.child()
+            tracer = subprocess.Popen([require("strace"), "-qq", "-p", str(pid), *args], stdin=subprocess.DEVNULL,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                try:
+                    status = Path(f"/proc/{pid}/status").read_text()
+                except FileNotFoundError:
+                    break
+                if "State:\tZ" in status:
+                    break
+                if "TracerPid:\t0\n" not in status:
+                    return tracer
+                time.sleep(0.02)
+            else:
+                raise RuntimeError("strace did not attach")
+            tracer.kill()
+            tracer.wait()
+            time.sleep(0.2)
+        raise RuntimeError("the pool child kept exiting before strace could attach")
 
     def enqueue(self, deploy_id: str) -> Any:
         from mailtls_tasks.distributed.workflow import deploy
