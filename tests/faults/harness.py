@@ -380,10 +380,17 @@ class WorkerRig:
 
     def attach(self, args: list[str]) -> subprocess.Popen[bytes]:
         """strace attached to the pool child. The child listed may be one a previous case
-        killed, still being reaped while billiard starts its replacement: if it is gone
-        before strace holds it, attach to the replacement."""
-        for _ in range(5):
+        killed, still being reaped while billiard starts its replacement: such a child is
+        skipped. Once strace runs, a child that dies has been killed by the injection
+        itself (an early N): that is the case running, not a failure to attach."""
+        for _ in range(50):
             pid = self.child()
+            try:
+                if "State:\tZ" in Path(f"/proc/{pid}/status").read_text():
+                    raise FileNotFoundError
+            except FileNotFoundError:
+                time.sleep(0.1)
+                continue
             tracer = subprocess.Popen([require("strace"), "-qq", "-p", str(pid), *args], stdin=subprocess.DEVNULL,
                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
             deadline = time.monotonic() + 10
@@ -391,18 +398,12 @@ class WorkerRig:
                 try:
                     status = Path(f"/proc/{pid}/status").read_text()
                 except FileNotFoundError:
-                    break
-                if "State:\tZ" in status:
-                    break
-                if "TracerPid:\t0\n" not in status:
+                    return tracer
+                if "TracerPid:\t0\n" not in status or "State:\tZ" in status:
                     return tracer
                 time.sleep(0.02)
-            else:
-                raise RuntimeError("strace did not attach")
-            tracer.kill()
-            tracer.wait()
-            time.sleep(0.2)
-        raise RuntimeError("the pool child kept exiting before strace could attach")
+            raise RuntimeError("strace did not attach")
+        raise RuntimeError("no live pool child to attach to")
 
     def enqueue(self, deploy_id: str) -> Any:
         from mailtls_tasks.distributed.workflow import deploy
