@@ -30,6 +30,7 @@ from mailtls_tasks.cli import cli
 from mailtls_tasks.core import material
 from mailtls_tasks.core.config import HostConfig, Target, load_config
 from mailtls_tasks.security.keys import encode_public, load_pipeline, public_of
+from tests.support.services import require
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE = REPO / "compose"
@@ -253,6 +254,8 @@ def compose_command(tool: str) -> list[str] | None:
 def test_compose_config_accepts_the_file(tool: str) -> None:
     cmd = compose_command(tool)
     if cmd is None:
+        # Docker is optional everywhere, CI=true included: the issue asks for this check
+        # "where Docker is available", bootstrap does not install it, and no test needs it.
         pytest.skip(f"{tool} is not installed (the static checks of this file still ran)")
     res = subprocess.run([*cmd, "-f", str(COMPOSE_FILE), "config"], capture_output=True, text=True, timeout=60,
                          cwd=COMPOSE)
@@ -310,9 +313,8 @@ def test_targets_file_has_a_postfix_and_a_dovecot_target_with_their_own_files(tm
 def test_postfix_setup_against_a_scratch_config_dir(tmp_path: Path) -> None:
     """mailhost-setup.sh with Debian's postconf, on an empty directory like the
     package's "No configuration" install leaves (no main.cf)."""
-    postconf = shutil.which("postconf") or ("/usr/sbin/postconf" if Path("/usr/sbin/postconf").exists() else None)
-    if postconf is None or not Path("/usr/share/postfix/main.cf.debian").exists():
-        pytest.skip("Debian's postfix is not installed here")
+    postconf = require("postconf")  # bootstrap installs Debian's postfix: under CI=true missing fails
+    assert Path("/usr/share/postfix/main.cf.debian").exists(), "Debian's postfix ships main.cf.debian"
     env = {**os.environ, "POSTFIX_DIR": str(tmp_path), "PATH": f"{Path(postconf).parent}:{os.environ['PATH']}"}
     res = subprocess.run(["sh", str(COMPOSE / "mailhost-setup.sh")], env=env, capture_output=True, text=True,
                          timeout=60)
