@@ -176,6 +176,14 @@ def file_key(real: str) -> str:
     return hashlib.sha256(real.encode()).hexdigest()[:32]
 
 
+def _names(directory: str) -> list[str]:
+    """The entries of a journal directory; none if it was never created."""
+    try:
+        return os.listdir(directory)
+    except FileNotFoundError:
+        return []
+
+
 @contextlib.contextmanager
 def _io(what: str, path: str) -> Iterator[None]:
     """Turn an OSError on the journal into a JournalError naming the file and errno."""
@@ -253,17 +261,16 @@ class Journal:
             finally:
                 os.close(fd)
 
+    def _deploy_ids(self, target: str) -> list[str]:
+        """The names under the target's ``deploys/`` that are deploy ids (nothing else is trusted)."""
+        return [n for n in _names(os.path.join(self.target_dir(target), "deploys")) if DEPLOY_ID_RE.match(n)]
+
     def abandoned(self, target: str) -> list[tuple[str, str, str | None]]:
         """(deploy_id, origin, runner) of deploys with an intent and no record yet."""
-        base = os.path.join(self.target_dir(target), "deploys")
-        try:
-            names = os.listdir(base)
-        except FileNotFoundError:
-            return []
         out = []
-        for name in names:
-            d = os.path.join(base, name)
-            if not DEPLOY_ID_RE.match(name) or os.path.exists(os.path.join(d, "record.json")):
+        for name in self._deploy_ids(target):
+            d = self.deploy_dir(target, name)
+            if os.path.exists(os.path.join(d, "record.json")):
                 continue
             raw = files.read_bytes(os.path.join(d, "intent"))
             try:
@@ -287,15 +294,8 @@ class Journal:
             return files.read_bytes(path)
 
     def records(self, target: str) -> list[DeployRecord]:
-        base = os.path.join(self.target_dir(target), "deploys")
-        try:
-            names = os.listdir(base)
-        except FileNotFoundError:
-            return []
         out = []
-        for name in names:
-            if not DEPLOY_ID_RE.match(name):
-                continue
+        for name in self._deploy_ids(target):
             with contextlib.suppress(JournalError):
                 rec = self.load(target, name)
                 if rec is not None:
@@ -418,12 +418,8 @@ class Journal:
     def owners(self) -> list[Owner]:
         """Every owner entry on the host: the deploys in flight (cheap: not per target)."""
         d = self._files_dir()
-        try:
-            names = os.listdir(d)
-        except FileNotFoundError:
-            return []
         out = []
-        for name in names:
+        for name in _names(d):
             if name.endswith(".owner"):
                 owner = self._parse_owner(files.read_bytes(os.path.join(d, name)))
                 if owner is not None:
@@ -434,30 +430,29 @@ class Journal:
     def _outbox_dir(self) -> str:
         return os.path.join(self.root, "outbox")
 
+    def _outbox_path(self, target: str, deploy_id: str) -> str:
+        return os.path.join(self._outbox_dir(), f"{target}{_OUTBOX_SEP}{deploy_id}")
+
     def outbox_add(self, target: str, deploy_id: str) -> None:
         self._ensure_dir(self._outbox_dir())
-        path = os.path.join(self._outbox_dir(), f"{target}{_OUTBOX_SEP}{deploy_id}")
+        path = self._outbox_path(target, deploy_id)
         with _io("write", path):
             os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
 
     def outbox(self) -> list[tuple[str, str]]:
-        try:
-            names = os.listdir(self._outbox_dir())
-        except FileNotFoundError:
-            return []
         out = []
-        for name in sorted(names):
+        for name in sorted(_names(self._outbox_dir())):
             target, sep, deploy_id = name.rpartition(_OUTBOX_SEP)
             if sep and DEPLOY_ID_RE.match(deploy_id):
                 out.append((target, deploy_id))
         return out
 
     def has_outbox(self, target: str, deploy_id: str) -> bool:
-        return os.path.exists(os.path.join(self._outbox_dir(), f"{target}{_OUTBOX_SEP}{deploy_id}"))
+        return os.path.exists(self._outbox_path(target, deploy_id))
 
     def outbox_age(self, target: str, deploy_id: str) -> float:
         try:
-            mtime = os.stat(os.path.join(self._outbox_dir(), f"{target}{_OUTBOX_SEP}{deploy_id}")).st_mtime
+            mtime = os.stat(self._outbox_path(target, deploy_id)).st_mtime
         except FileNotFoundError:
             return 0.0
         return time.time() - mtime
@@ -466,7 +461,7 @@ class Journal:
         """Drop the entry once Redis has the ending. True for exactly one caller (the
         unlink is atomic): that one counts the ending, so each is counted once."""
         try:
-            os.unlink(os.path.join(self._outbox_dir(), f"{target}{_OUTBOX_SEP}{deploy_id}"))
+            os.unlink(self._outbox_path(target, deploy_id))
         except FileNotFoundError:
             return False
         return True
