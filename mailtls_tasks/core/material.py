@@ -131,6 +131,11 @@ def _blocks(data: bytes, what: str) -> list[tuple[bytes, bytes]]:
     return blocks
 
 
+# What cryptography raises for a certificate it cannot read: a ValueError, except for a
+# version field other than v1-v3, which raises InvalidVersion (an Exception of its own).
+_UNPARSABLE = (ValueError, x509.InvalidVersion)
+
+
 def parse_certs(data: bytes, what: str) -> list[x509.Certificate]:
     _check_size(data, what)
     certs = []
@@ -141,7 +146,7 @@ def parse_certs(data: bytes, what: str) -> list[x509.Certificate]:
             raise MaterialError(f"{what}: block {i + 1} is {label.decode()!r}, not CERTIFICATE")
         try:
             certs.append(x509.load_pem_x509_certificate(block))
-        except ValueError:
+        except _UNPARSABLE:
             raise MaterialError(f"{what}: certificate {i + 1} does not parse") from None
     return certs
 
@@ -270,7 +275,7 @@ def leaf_of_file(data: bytes) -> x509.Certificate | None:
         return None
     try:
         return x509.load_pem_x509_certificate(m.group(0))
-    except ValueError:
+    except _UNPARSABLE:
         return None
 
 
@@ -368,7 +373,7 @@ def load_anchors(path: str) -> list[x509.Certificate]:
     try:
         with open(path, "rb") as f:
             return x509.load_pem_x509_certificates(f.read())
-    except (OSError, ValueError) as err:
+    except (OSError, *_UNPARSABLE) as err:
         raise MaterialError(f"trust_anchors: cannot read CA certificates from {path}: {err}") from None
 
 

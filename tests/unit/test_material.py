@@ -118,3 +118,23 @@ def test_ca_as_leaf_no_server_auth_weak_rsa(pki: PKI) -> None:
     weak = pki.leaf(key=new_key("rsa", 1024))
     with pytest.raises(MaterialError, match="too weak"):
         build_bundle(weak.cert_pem, weak.key_pem, weak.chain_pem)
+
+
+def test_a_certificate_with_an_invalid_x509_version_is_rejected_not_a_crash(pki: PKI) -> None:
+    """cryptography raises InvalidVersion (not a ValueError) for a version field of 6:
+    found by the hypothesis fuzzing of mangled PEM. It must be a MaterialError naming
+    the certificate, like any other unparsable one, and an on-disk leaf reads as none."""
+    import base64
+
+    from mailtls_tasks.core.material import leaf_of_file
+
+    leaf = pki.leaf()
+    der = leaf.cert.public_bytes(serialization.Encoding.DER)
+    assert b"\xa0\x03\x02\x01\x02" in der  # [0] EXPLICIT INTEGER 2: X.509 v3
+    bad_der = der.replace(b"\xa0\x03\x02\x01\x02", b"\xa0\x03\x02\x01\x06", 1)
+    b64 = base64.encodebytes(bad_der).replace(b"\n", b"")
+    bad = b"-----BEGIN CERTIFICATE-----\n" + b"\n".join(b64[i:i + 64] for i in range(0, len(b64), 64)) \
+        + b"\n-----END CERTIFICATE-----\n"
+    with pytest.raises(MaterialError, match="certificate 1 does not parse"):
+        build_bundle(bad, leaf.key_pem, None)
+    assert leaf_of_file(bad) is None
