@@ -156,16 +156,23 @@ def _backoff(retries: int) -> float:
     return random.uniform(0, min(MAX_RETRY_BACKOFF, 2.0 ** retries))  # noqa: S311 -- jitter, not crypto
 
 
-def _run(task: Task, step: str, address: str, host: str, deploy_id: str,
-         call: Callable[[HostRuntime, str], DeployRecord]) -> dict[str, Any]:
+def _open(address: str, host: str, deploy_id: str) -> tuple[HostRuntime, Coordinator, str, DeployRecord | None]:
+    """What every step message starts with: this host's runtime, the registry, the
+    target's local name and the deploy's journal record. A target this host does not
+    define ends the deploy ``rejected`` in Redis, then raises UnknownTarget."""
     rt = _runtime_for(host)
     co = coordinator()
     try:
         target = _local_name(address, host)
-        rec = rt.record(target, deploy_id)
+        return rt, co, target, rt.record(target, deploy_id)
     except UnknownTarget as err:
         co.finish_unstarted(deploy_id, "rejected", str(err))
         raise
+
+
+def _run(task: Task, step: str, address: str, host: str, deploy_id: str,
+         call: Callable[[HostRuntime, str], DeployRecord]) -> dict[str, Any]:
+    rt, co, target, rec = _open(address, host, deploy_id)
     if step != "stage" and (rec is None or not _forward(rec)):
         # A late or redelivered message: the deploy ended (or is being rolled back, or
         # never reached this host). Say so in Redis, touch nothing.
@@ -292,13 +299,9 @@ def rollback(self: Task, *, target: str, host: str, deploy_id: str) -> dict[str,
     Restores the old files only if something was committed; for a deploy that never
     reached this host's journal it makes sure Redis has an outcome.
     """
-    rt = _runtime_for(host)
-    co = coordinator()
     try:
-        target = _local_name(target, host)
-        rec = rt.record(target, deploy_id)
+        rt, co, target, rec = _open(target, host, deploy_id)
     except UnknownTarget as err:
-        co.finish_unstarted(deploy_id, "rejected", str(err))
         return _summary(None, "rollback", str(err))
     if rec is None:
         co.finish_unstarted(deploy_id, "rejected", f"deploy {deploy_id} failed before it reached host {rt.host}; "
