@@ -109,23 +109,22 @@ def _imap(r: _Lines) -> None:
     if not greet.startswith(b"* OK"):
         raise ProbeError(f"IMAP greeting was not OK: {greet[:80]!r}")
     r.send("a1 CAPABILITY")
-    caps = b""
-    while True:
-        line = r.readline()
-        if line.startswith(b"a1 "):
-            if not line.startswith(b"a1 OK"):
-                raise ProbeError(f"CAPABILITY failed: {line[:80]!r}")
-            break
-        caps += line + b" "
-    if b"STARTTLS" not in caps.upper().split():
+    if b"STARTTLS" not in _imap_tagged(r, b"a1", "CAPABILITY failed").upper().split():
         raise ProbeError("IMAP server does not offer STARTTLS")
     r.send("a2 STARTTLS")
+    _imap_tagged(r, b"a2", "STARTTLS refused")
+
+
+def _imap_tagged(r: _Lines, tag: bytes, failed: str) -> bytes:
+    """Read to the tagged reply (raising ``failed`` unless it is OK); the untagged lines before it."""
+    untagged = b""
     while True:
         line = r.readline()
-        if line.startswith(b"a2 "):
-            if not line.startswith(b"a2 OK"):
-                raise ProbeError(f"STARTTLS refused: {line[:80]!r}")
-            return
+        if line.startswith(tag + b" "):
+            if not line.startswith(tag + b" OK"):
+                raise ProbeError(f"{failed}: {line[:80]!r}")
+            return untagged
+        untagged += line + b" "
 
 
 def _pop3(r: _Lines) -> None:
