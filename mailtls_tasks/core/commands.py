@@ -53,69 +53,60 @@ def parse_command(command: str, field: str = "command") -> list[str]:
     return argv
 
 
-class Running:
-    """A command started and not yet waited for."""
-
-    def __init__(self, command: str, timeout: float, field: str) -> None:
-        self.command, self.timeout, self.field = command, timeout, field
-        self.argv = parse_command(command, field)
-        self.started = time.monotonic()
-        self.out = tempfile.TemporaryFile()
-        try:
-            self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=self.out,
-                                         stderr=subprocess.STDOUT, start_new_session=True, close_fds=True)
-        except OSError as err:
-            self.out.close()
-            raise CommandFailed(f"{field}: cannot run `{self.argv[0]}`: {err.strerror or err}") from None
-
-    def wait(self) -> CommandResult:
-        """Its result; CommandTimeout once ``timeout`` seconds have passed since it started."""
-        try:
-            rc = self._wait(max(0.0, self.timeout - (time.monotonic() - self.started)))
-        except subprocess.TimeoutExpired:
-            _kill_group(self.proc)
-            self.out.close()
-            raise CommandTimeout(
-                f"{self.field}: `{' '.join(self.argv)}` did not finish within {self.timeout:g}s; "
-                "its process group was killed"
-            ) from None
-        except BaseException:
-            _kill_group(self.proc)  # SIGTERM or Ctrl-C while waiting: never leave it running behind us
-            self.out.close()
-            raise
-        with self.out:
-            self.out.seek(0, os.SEEK_END)
-            size = self.out.tell()
-            self.out.seek(max(0, size - OUTPUT_CAP))
-            tail = self.out.read().decode("utf-8", "replace")
-        return CommandResult(tuple(self.argv), rc, tail, int((time.monotonic() - self.started) * 1000))
-
-
-    def _wait(self, timeout: float) -> int:
-        """Wake the moment the child exits: ``Popen.wait(timeout)`` polls with sleeps of
-        up to 50 ms, which every validate and reload would pay. A pidfd (Linux 5.3+)
-        becomes readable when the process exits; without one, fall back to polling."""
-        try:
-            fd = os.pidfd_open(self.proc.pid)
-        except (AttributeError, OSError):
-            return self.proc.wait(timeout=timeout)
-        try:
-            poller = select.poll()
-            poller.register(fd, select.POLLIN)
-            if not poller.poll(int(timeout * 1000) + 1):
-                raise subprocess.TimeoutExpired(self.argv, timeout)
-        finally:
-            os.close(fd)
-        return self.proc.wait()
-
-
 def run_command(command: str, *, timeout: float, field: str = "command") -> CommandResult:
     """Run ``command``; raise CommandTimeout if it outlives ``timeout`` seconds.
 
     A non-zero exit is returned, not raised: the caller knows whether that means
     ``rejected`` (validate) or ``rolled back`` (reload).
     """
-    return Running(command, timeout, field).wait()
+    argv = parse_command(command, field)
+    start = time.monotonic()
+    with tempfile.TemporaryFile() as out:
+        try:
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                close_fds=True,
+            )
+        except OSError as err:
+            raise CommandFailed(f"{field}: cannot run `{argv[0]}`: {err.strerror or err}") from None
+        try:
+            rc = _wait(proc, timeout)
+        except subprocess.TimeoutExpired:
+            _kill_group(proc)
+            raise CommandTimeout(
+                f"{field}: `{' '.join(argv)}` did not finish within {timeout:g}s; "
+                "its process group was killed"
+            ) from None
+        except BaseException:
+            _kill_group(proc)  # SIGTERM or Ctrl-C while waiting: never leave it running behind us
+            raise
+        out.seek(0, os.SEEK_END)
+        size = out.tell()
+        out.seek(max(0, size - OUTPUT_CAP))
+        tail = out.read().decode("utf-8", "replace")
+    return CommandResult(tuple(argv), rc, tail, int((time.monotonic() - start) * 1000))
+
+
+def _wait(proc: subprocess.Popen[bytes], timeout: float) -> int:
+    """Wake the moment the child exits: ``Popen.wait(timeout)`` polls with sleeps of
+    up to 50 ms, which every validate and reload would pay. A pidfd (Linux 5.3+)
+    becomes readable when the process exits; without one, fall back to polling."""
+    try:
+        fd = os.pidfd_open(proc.pid)
+    except (AttributeError, OSError):
+        return proc.wait(timeout=timeout)
+    try:
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        if not poller.poll(int(timeout * 1000) + 1):
+            raise subprocess.TimeoutExpired(proc.args, timeout)
+    finally:
+        os.close(fd)
+    return proc.wait()
 
 
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:
