@@ -395,6 +395,8 @@ def validate(ctx: StepContext, deploy_id: str) -> DeployRecord:
     rec = ctx.load(deploy_id)
     if _done(rec, "validated"):
         return rec
+    if ORDER[rec.phase] < ORDER["staged"]:  # a stage that died half-way: its files are not all named yet
+        raise StepFailed(f"deploy {deploy_id} cannot validate from phase {rec.phase!r}")
     with _timed(ctx, rec, "validate"):
         try:
             _local_handshake(ctx, rec)

@@ -35,3 +35,30 @@ def test_redelivered_stage_after_staging_returns_the_record_even_if_its_envelope
     again = rt.stage_envelope("mx", "d-1", envelope(time.time() - 7200), fence=1)
 
     assert again.phase == "staged" and again.fingerprint == leaf.fingerprint
+
+
+def test_a_validate_message_for_a_stage_that_died_half_way_is_refused_and_touches_nothing(
+        host: MailHost, pki: PKI) -> None:
+    """Found by the protocol model: stage dies at its 9th durable file operation (its
+    record names only some of the files), then a validate message arrives (redelivered
+    or late). validate must refuse it like commit refuses an unvalidated deploy, not
+    run the handshake on half a file list (it crashed with KeyError: 'cert')."""
+    import pytest
+
+    from mailtls_tasks.core import steps
+    from mailtls_tasks.errors import StepFailed
+    from tests.unit.test_protocol_model import Crash, crash_before_op
+
+    old, new = pki.leaf(), pki.leaf()
+    host.add_target("mx")
+    host.install("mx", old)
+    before = host.snapshot()
+    rt = HostRuntime(host.config)
+    with pytest.raises(Crash), crash_before_op(9):
+        rt.stage("mx", "half-1", new.fullchain_pem, new.key_pem, None, force=False, fence=1)
+    rec = rt.record("mx", "half-1")
+    assert rec is not None and rec.phase == "staging"  # the model's state: died inside stage
+
+    with pytest.raises(StepFailed, match="cannot validate from phase 'staging'"):
+        steps.validate(rt.context("mx"), "half-1")
+    assert host.snapshot() == before
