@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 
 from ..errors import CommandFailed, CommandTimeout, ConfigError
-from .config import check_command
+from .configfile import check_command
 
 OUTPUT_CAP = 4096
 
@@ -53,42 +53,66 @@ def parse_command(command: str, field: str = "command") -> list[str]:
     return argv
 
 
+class Running:
+    """A command started and not yet waited for: `mailtls deploy --local` starts the
+    validate_command as soon as it has read the targets file, and the validate step
+    collects the verdict (``wait``) or, when the deploy ends before it, kills it
+    (``cancel``)."""
+
+    def __init__(self, command: str, field: str = "command") -> None:
+        self.command, self.field = command, field
+        self.argv = parse_command(command, field)
+        self.started = time.monotonic()
+        self._out = tempfile.TemporaryFile()
+        try:
+            self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=self._out,
+                                         stderr=subprocess.STDOUT, start_new_session=True, close_fds=True)
+        except OSError as err:
+            self._out.close()
+            raise CommandFailed(f"{field}: cannot run `{self.argv[0]}`: {err.strerror or err}") from None
+
+    def age(self) -> float:
+        return time.monotonic() - self.started
+
+    @property
+    def done(self) -> bool:
+        """Waited for or cancelled: its verdict is no longer to be had."""
+        return self._out.closed
+
+    def wait(self, timeout: float) -> CommandResult:
+        """Its result; CommandTimeout once ``timeout`` seconds have passed since it started."""
+        try:
+            rc = _wait(self.proc, max(0.0, timeout - self.age()))
+        except subprocess.TimeoutExpired:
+            self.cancel()
+            raise CommandTimeout(
+                f"{self.field}: `{' '.join(self.argv)}` did not finish within {timeout:g}s; "
+                "its process group was killed"
+            ) from None
+        except BaseException:
+            self.cancel()  # SIGTERM or Ctrl-C while waiting: never leave it running behind us
+            raise
+        with self._out:
+            self._out.seek(0, os.SEEK_END)
+            size = self._out.tell()
+            self._out.seek(max(0, size - OUTPUT_CAP))
+            tail = self._out.read().decode("utf-8", "replace")
+        return CommandResult(tuple(self.argv), rc, tail, int(self.age() * 1000))
+
+    def cancel(self) -> None:
+        """Kill its process group if it still runs (a no-op once waited for)."""
+        if self.proc.returncode is None:
+            _kill_group(self.proc)
+        self._out.close()
+
+
 def run_command(command: str, *, timeout: float, field: str = "command") -> CommandResult:
     """Run ``command``; raise CommandTimeout if it outlives ``timeout`` seconds.
 
     A non-zero exit is returned, not raised: the caller knows whether that means
     ``rejected`` (validate) or ``rolled back`` (reload).
     """
-    argv = parse_command(command, field)
-    start = time.monotonic()
-    with tempfile.TemporaryFile() as out:
-        try:
-            proc = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                close_fds=True,
-            )
-        except OSError as err:
-            raise CommandFailed(f"{field}: cannot run `{argv[0]}`: {err.strerror or err}") from None
-        try:
-            rc = _wait(proc, timeout)
-        except subprocess.TimeoutExpired:
-            _kill_group(proc)
-            raise CommandTimeout(
-                f"{field}: `{' '.join(argv)}` did not finish within {timeout:g}s; "
-                "its process group was killed"
-            ) from None
-        except BaseException:
-            _kill_group(proc)  # SIGTERM or Ctrl-C while waiting: never leave it running behind us
-            raise
-        out.seek(0, os.SEEK_END)
-        size = out.tell()
-        out.seek(max(0, size - OUTPUT_CAP))
-        tail = out.read().decode("utf-8", "replace")
-    return CommandResult(tuple(argv), rc, tail, int((time.monotonic() - start) * 1000))
+    return Running(command, field).wait(timeout)
 
 
 def _wait(proc: subprocess.Popen[bytes], timeout: float) -> int:

@@ -12,50 +12,35 @@ from __future__ import annotations
 
 import grp
 import ipaddress
-import json
 import math
 import os
 import pwd
 import re
-import shlex
 import socket
-import tomllib
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..errors import ConfigError, UnknownTarget
+from .configfile import (
+    CONFIG_ENV,
+    DEFAULT_CONFIG_PATH,
+    HOST_ENV,
+    MODE_DEFAULTS,
+    SHELL_METACHARACTERS,
+    check_command,
+    config_path,
+    read_config,
+)
 from .ids import HOST_NAME_RE, TARGET_NAME_RE
 
-DEFAULT_CONFIG_PATH = "/etc/mailtls/targets.toml"
-CONFIG_ENV = "MAILTLS_CONFIG"
+__all__ = ["CONFIG_ENV", "DEFAULT_CONFIG_PATH", "HOST_ENV", "MODE_DEFAULTS", "SHELL_METACHARACTERS", "check_command",
+           "config_path", "load_config", "parse_config", "read_config"]
 
 Mode = Literal["postfix", "dovecot"]
 Protocol = Literal["auto", "smtp", "smtps", "imap", "imaps", "pop3", "pop3s", "tls"]
 
-MODE_DEFAULTS: dict[str, dict[str, str]] = {
-    "postfix": {
-        "cert_path": "/etc/postfix/certs/cert.pem",
-        "key_path": "/etc/postfix/certs/key.pem",
-        "chain_path": "",
-        "reload_command": "postfix reload",
-        "validate_command": "postfix check",
-    },
-    "dovecot": {
-        "cert_path": "/etc/dovecot/certs/cert.pem",
-        "key_path": "/etc/dovecot/certs/key.pem",
-        "chain_path": "",
-        "reload_command": "doveadm reload",
-        "validate_command": "doveconf -n",
-    },
-}
-
-# Rejected anywhere in a command string: the shell would give them meaning, and we
-# never run a shell -- refusing them makes a mistaken config fail loudly at load time
-# instead of running something the operator did not mean.
-SHELL_METACHARACTERS = frozenset(";|&$`(){}<>\\\"'\n\r\x00")
 
 # The hard and soft time limits of one step, whoever runs it (the Celery adapter uses
 # them as task limits). A target's timeouts must fit inside, checked at load time.
@@ -87,17 +72,6 @@ def parse_duration(value: Any, field: str) -> float:
     if seconds <= 0:
         raise ValueError(f"{field}: must be positive")
     return seconds
-
-
-def check_command(value: str, field: str) -> str:
-    """Reject shell metacharacters and unparsable strings; return the string as given."""
-    bad = sorted({c for c in value if c in SHELL_METACHARACTERS})
-    if bad:
-        shown = ", ".join(repr(c) for c in bad)
-        raise ValueError(f"{field}: shell metacharacter(s) {shown} are not allowed (no shell is used)")
-    if value.strip() and not shlex.split(value):
-        raise ValueError(f"{field}: empty command")
-    return value
 
 
 def _check_abs_path(value: str, field: str, *, allow_empty: bool = False) -> str:
@@ -716,34 +690,6 @@ def _unsafe_paths(host: HostConfig, targets: dict[str, Target]) -> list[str]:
     return problems
 
 
-HOST_ENV = "MAILTLS_HOST"
-
-
-def config_path(explicit: str | None = None) -> str:
-    return explicit or os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG_PATH
-
-
 def load_config(path: str | None = None) -> HostConfig:
     """Load TOML or JSON (by extension; anything but ``.json`` is read as TOML)."""
-    from .files import unsafe_component
-
-    p = Path(config_path(path))
-    try:
-        data = p.read_bytes()
-        st = p.stat()
-    except OSError as err:
-        raise ConfigError(f"cannot read config {p}: {err.strerror or err}") from None
-    why = unsafe_component(str(p))
-    if why is None and st.st_mode & 0o022:
-        why = f"the file is writable by group or others (mode {st.st_mode & 0o777:04o})"
-    if why:
-        raise ConfigError(f"{p}: refusing a targets file others could change (it names the commands run as "
-                          f"root): {why}")
-    try:
-        raw = json.loads(data) if p.suffix == ".json" else tomllib.loads(data.decode("utf-8"))
-    except (ValueError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{p}: not valid {'JSON' if p.suffix == '.json' else 'TOML'}: {err}") from None
-    if os.environ.get(HOST_ENV) and isinstance(raw, dict):
-        # One targets file for the whole fleet: each host names itself (`mailtls worker --host`).
-        raw = {**raw, "host": os.environ[HOST_ENV]}
-    return parse_config(raw, str(p))
+    return parse_config(*read_config(path))

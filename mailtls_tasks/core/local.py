@@ -15,10 +15,12 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from types import FrameType
 
 from ..errors import MailTLSError
 from ..result import DeployResult
+from .commands import Running
 from .config import HostConfig
 from .ids import check_deploy_id, new_deploy_id
 from .journal import DeployRecord, Journal, Owner
@@ -99,16 +101,30 @@ def run_local(cfg: HostConfig, target: str, cert_pem: bytes, key_pem: bytes,
               chain_pem: bytes | None = None, *, force: bool = False,
               deploy_id: str | None = None, lock_timeout: float = 300.0,
               journal: Journal | None = None,
-              also: list[tuple[bytes, bytes, bytes | None]] | None = None) -> DeployResult:
+              also: list[tuple[bytes, bytes, bytes | None]] | None = None,
+              early_validate: Running | None = None) -> DeployResult:
     """Deploy in-process and return the result; never raises for a deploy that ran.
     ``also``: the second certificate of a dual RSA + ECDSA target (cert, key, chain).
+    ``early_validate``: the target's validate_command already started by the caller
+    (see ``StepContext``); killed if the deploy ends without needing it.
 
     Waits up to ``lock_timeout`` for another live deploy owning one of the target's
     files to end; then raises TargetBusy (exit 1, nothing touched), naming it."""
+    try:
+        return _run(cfg, target, cert_pem, key_pem, chain_pem, force, deploy_id, lock_timeout, journal, also,
+                    early_validate)
+    finally:
+        if early_validate is not None:
+            early_validate.cancel()
+
+
+def _run(cfg: HostConfig, target: str, cert_pem: bytes, key_pem: bytes, chain_pem: bytes | None, force: bool,
+         deploy_id: str | None, lock_timeout: float, journal: Journal | None,
+         also: list[tuple[bytes, bytes, bytes | None]] | None, early_validate: Running | None) -> DeployResult:
     t = cfg.target(target)
     deploy_id = check_deploy_id(deploy_id or new_deploy_id())
     contexts = contexts_for(cfg, journal)
-    ctx = contexts[t.name]
+    ctx = replace(contexts[t.name], early_validate=early_validate)
     recover(contexts, ctx.journal)
 
     def take_over(owner: Owner) -> None:

@@ -25,7 +25,7 @@ import os
 import ssl
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, TypeGuard
 
 from ..errors import (
@@ -44,7 +44,7 @@ from ..errors import (
     VerifyFailed,
 )
 from . import files, material, probe
-from .commands import run_command
+from .commands import CommandResult, Running, run_command
 from .config import Target
 from .ids import check_deploy_id
 from .journal import DeployRecord, FileEntry, Journal, Origin, Phase, StepRecord
@@ -56,6 +56,10 @@ ORDER: dict[Phase, int] = {
     "reloaded": 5, "verified": 6, "rolling_back": 7, "done": 8,
 }
 DEFAULT_LEASE = 600.0
+# An early-started validate_command (``StepContext.early_validate``) stands for the
+# validate step only if that step begins within this many seconds of its start: after
+# a long wait for the target's lock, the config is checked afresh.
+EARLY_VALIDATE_MAX_AGE = 10.0
 RESTORE_ATTEMPTS = 3
 
 
@@ -64,12 +68,16 @@ class StepContext:
     """What every step needs: the target's config, the host journal and host name.
 
     ``lease``: how long a distributed deploy stays alive between two of its steps.
+    ``early_validate``: the target's validate_command, started before the deploy
+    staged (it checks the daemon's config, which a deploy never changes); validate
+    collects its verdict instead of running it again.
     """
 
     target: Target
     journal: Journal
     host: str = ""
     lease: float = DEFAULT_LEASE
+    early_validate: Running | None = field(default=None, compare=False)
 
     def load(self, deploy_id: str) -> DeployRecord:
         rec = self.journal.load(self.target.name, check_deploy_id(deploy_id))
@@ -401,8 +409,7 @@ def validate(ctx: StepContext, deploy_id: str) -> DeployRecord:
         try:
             _local_handshake(ctx, rec)
             if ctx.target.validate_command.strip():
-                res = run_command(ctx.target.validate_command, timeout=ctx.target.command_timeout,
-                                  field="validate_command")
+                res = _validate_command(ctx)
                 if not res.ok:
                     raise ValidationFailed(f"validate_command failed: {res.summary()}")
         except Rejected as err:
@@ -412,6 +419,15 @@ def validate(ctx: StepContext, deploy_id: str) -> DeployRecord:
             raise
         rec.phase = "validated"
     return rec
+
+
+def _validate_command(ctx: StepContext) -> CommandResult:
+    t, early = ctx.target, ctx.early_validate
+    if early is not None and not early.done:
+        if early.command == t.validate_command and early.age() <= EARLY_VALIDATE_MAX_AGE:
+            return early.wait(t.command_timeout)
+        early.cancel()
+    return run_command(t.validate_command, timeout=t.command_timeout, field="validate_command")
 
 
 def _local_handshake(ctx: StepContext, rec: DeployRecord) -> None:

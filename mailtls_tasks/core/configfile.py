@@ -1,0 +1,103 @@
+"""Reading the targets file, before (and without) validating it.
+
+Kept apart from the config model so that what must happen early costs nothing to
+import: `mailtls deploy --local` starts the target's ``validate_command`` straight
+from the file it has just read, while the model (pydantic, about a tenth of a second
+to import) and the rest of the deploy load beside it. The file is read once; the
+model validates those very bytes, and the early start is used only when the
+validated target names the same command (``core.local``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+
+DEFAULT_CONFIG_PATH = "/etc/mailtls/targets.toml"
+CONFIG_ENV = "MAILTLS_CONFIG"
+HOST_ENV = "MAILTLS_HOST"
+
+MODE_DEFAULTS: dict[str, dict[str, str]] = {
+    "postfix": {
+        "cert_path": "/etc/postfix/certs/cert.pem",
+        "key_path": "/etc/postfix/certs/key.pem",
+        "chain_path": "",
+        "reload_command": "postfix reload",
+        "validate_command": "postfix check",
+    },
+    "dovecot": {
+        "cert_path": "/etc/dovecot/certs/cert.pem",
+        "key_path": "/etc/dovecot/certs/key.pem",
+        "chain_path": "",
+        "reload_command": "doveadm reload",
+        "validate_command": "doveconf -n",
+    },
+}
+
+# Rejected anywhere in a command string: the shell would give them meaning, and we
+# never run a shell -- refusing them makes a mistaken config fail loudly at load time
+# instead of running something the operator did not mean.
+SHELL_METACHARACTERS = frozenset(";|&$`(){}<>\\\"'\n\r\x00")
+
+
+def check_command(value: str, field: str) -> str:
+    """Reject shell metacharacters and unparsable strings; return the string as given."""
+    bad = sorted({c for c in value if c in SHELL_METACHARACTERS})
+    if bad:
+        shown = ", ".join(repr(c) for c in bad)
+        raise ValueError(f"{field}: shell metacharacter(s) {shown} are not allowed (no shell is used)")
+    if value.strip() and not shlex.split(value):
+        raise ValueError(f"{field}: empty command")
+    return value
+
+
+def config_path(explicit: str | None = None) -> str:
+    return explicit or os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG_PATH
+
+
+def read_config(path: str | None = None) -> tuple[Any, str]:
+    """The parsed, not yet validated, targets file and its path. Refuses a file that
+    someone other than root could change: it names the commands run as root."""
+    from .files import unsafe_component
+
+    p = Path(config_path(path))
+    try:
+        data = p.read_bytes()
+        st = p.stat()
+    except OSError as err:
+        raise ConfigError(f"cannot read config {p}: {err.strerror or err}") from None
+    why = unsafe_component(str(p))
+    if why is None and st.st_mode & 0o022:
+        why = f"the file is writable by group or others (mode {st.st_mode & 0o777:04o})"
+    if why:
+        raise ConfigError(f"{p}: refusing a targets file others could change (it names the commands run as "
+                          f"root): {why}")
+    try:
+        raw = json.loads(data) if p.suffix == ".json" else tomllib.loads(data.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{p}: not valid {'JSON' if p.suffix == '.json' else 'TOML'}: {err}") from None
+    if os.environ.get(HOST_ENV) and isinstance(raw, dict):
+        # One targets file for the whole fleet: each host names itself (`mailtls worker --host`).
+        raw = {**raw, "host": os.environ[HOST_ENV]}
+    return raw, str(p)
+
+
+def validate_command_of(raw: Any, target: str) -> str | None:
+    """The ``validate_command`` the model will give ``target`` (NAME or HOST/NAME), read
+    from the unvalidated file; None when unsure. Only a guess to start early: the deploy
+    uses the early run only if the validated target names the same command."""
+    try:
+        body = raw["targets"][target.rpartition("/")[2]]
+        mode = body.get("mode") or "postfix"
+        command = body.get("validate_command", MODE_DEFAULTS[mode]["validate_command"])
+        if not isinstance(command, str) or not command.strip():
+            return None
+        return check_command(command, "validate_command")
+    except (KeyError, TypeError, AttributeError, ValueError):
+        return None

@@ -1,0 +1,114 @@
+"""The ``mailtls`` command's entry point: it starts a local deploy's ``validate_command``
+before anything heavy is imported, then hands over to ``cli``.
+
+`postfix check` takes about 0.4 s and checks the daemon's configuration, which a
+deploy never changes; the command line's own start (click, the config model, the
+X.509 code: 0.2 s) can run beside it instead of before it. Only ``deploy ... --local``
+does this, and only as a guess: the deploy uses the early run only if the validated
+targets file gives the target the very same command (``cli._config_and_early_validate``,
+``steps._validate_command``); otherwise it is killed and the validate step runs the
+command itself. Every exit kills an early run nobody collected.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+# Options of `mailtls deploy` that take a value (the rest are flags): enough to find
+# the TARGET argument and --config without loading click. A command line this does
+# not understand simply gets no early start.
+_VALUED = frozenset({"--cert", "--key", "--chain", "--config", "--deploy-id", "--broker", "--pipeline", "--wait"})
+_FLAGS = frozenset({"--local", "--force", "--json", "--no-wait", "-v", "--verbose"})
+
+
+class Early:
+    """What the launcher read and started, for ``cli`` to take."""
+
+    def __init__(self, config: str | None, target: str, raw: Any, source: str, running: Any) -> None:
+        self.config, self.target, self.raw, self.source, self.running = config, target, raw, source, running
+
+
+_early: Early | None = None
+
+
+def _peek(argv: list[str]) -> tuple[str | None, str] | None:
+    """(--config, TARGET) of a `deploy --local` command line; None for anything else."""
+    args = list(argv)
+    while args and args[0] in ("-v", "--verbose"):
+        args.pop(0)
+    if not args or args[0] != "deploy" or "--local" not in args:
+        return None
+    config, target, i = None, None, 1
+    while i < len(args):
+        a = args[i]
+        name, eq, value = a.partition("=")
+        if name in _VALUED:
+            if not eq:
+                i += 1
+                if i >= len(args):
+                    return None
+                value = args[i]
+            if name == "--config":
+                config = value
+        elif a.startswith("-"):
+            if a not in _FLAGS:
+                return None
+        elif target is None:
+            target = a
+        else:
+            return None
+        i += 1
+    return (config, target) if target else None
+
+
+def start_early(argv: list[str]) -> None:
+    """Read the targets file and start the target's validate_command, if this is a
+    local deploy and the file names one. Never raises: the deploy reports problems."""
+    global _early
+    peeked = _peek(argv)
+    if peeked is None:
+        return
+    from .core.commands import Running
+    from .core.configfile import read_config, validate_command_of
+    from .errors import MailTLSError
+
+    config, target = peeked
+    try:
+        raw, source = read_config(config)
+        command = validate_command_of(raw, target)
+        _early = Early(config, target, raw, source, Running(command, "validate_command") if command else None)
+    except MailTLSError:
+        return
+
+
+def take_early(config: str | None, target: str) -> tuple[Any, str, Any] | None:
+    """(raw file, its path, the running command or None) if the launcher read the same
+    file for the same target; else None, after killing whatever it started."""
+    global _early
+    early, _early = _early, None
+    if early is None:
+        return None
+    if (early.config, early.target) == (config, target):
+        return early.raw, early.source, early.running
+    if early.running is not None:
+        early.running.cancel()
+    return None
+
+
+def cancel_early() -> None:
+    """Kill an early run nobody took (the command ended before its deploy ran)."""
+    global _early
+    early, _early = _early, None
+    if early is not None and early.running is not None:
+        early.running.cancel()
+
+
+def main() -> None:
+    start_early(sys.argv[1:])
+    try:
+        from .cli import main as cli_main
+
+        cli_main()
+    finally:
+        cancel_early()

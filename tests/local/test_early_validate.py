@@ -1,0 +1,145 @@
+"""`mailtls deploy --local` starts the validate_command as soon as it has read the
+targets file, so the config check runs beside the command's own start-up. The deploy
+collects that run's verdict only when it is the validated target's very command and
+recent; every other way out kills it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mailtls_tasks.core import steps
+from mailtls_tasks.core.commands import Running
+from mailtls_tasks.core.local import run_local
+from mailtls_tasks.launcher import _peek
+from tests.support.host import MailHost
+from tests.support.pki import PKI
+
+LAUNCHER = [sys.executable, "-c", "from mailtls_tasks.launcher import main; main()"]
+
+
+def _mailtls(host: MailHost, *args: str) -> subprocess.CompletedProcess[str]:
+    """The installed entry point (the launcher), as `mailtls` runs it."""
+    return subprocess.run([*LAUNCHER, *args], capture_output=True, text=True, cwd=host.root, timeout=60,
+                          env={**os.environ, "MAILTLS_CONFIG": str(host.config_path)})
+
+
+def _files(host: MailHost, pki: PKI) -> tuple[str, str]:
+    leaf = pki.leaf()
+    c, k = host.root / f"{leaf.fingerprint[:8]}.crt", host.root / f"{leaf.fingerprint[:8]}.key"
+    c.write_bytes(leaf.fullchain_pem)
+    k.write_bytes(leaf.key_pem)
+    return str(c), str(k)
+
+
+@pytest.mark.parametrize(("argv", "expected"), [
+    (["deploy", "mx", "--local", "--cert", "c", "--key", "k"], (None, "mx")),
+    (["-v", "deploy", "--cert=c", "--key", "k", "--local", "--config", "/etc/t.toml", "mx1/mx"],
+     ("/etc/t.toml", "mx1/mx")),
+    (["deploy", "mx", "--cert", "c", "--key", "k"], None),  # distributed: its worker validates
+    (["deploy", "mx", "--local", "--bogus"], None),  # not understood: no guess
+    (["deploy", "mx", "other", "--local"], None),
+    (["deploy", "--local", "--cert"], None),
+    (["rollout", "--local"], None),
+    (["deploy", "--local", "--help"], None),
+])
+def test_peek_finds_target_and_config_of_local_deploys_only(argv: list[str],
+                                                            expected: tuple[str | None, str] | None) -> None:
+    assert _peek(argv) == expected
+
+
+def test_validate_command_starts_before_the_deploy_and_its_run_is_the_verdict(host: MailHost, pki: PKI) -> None:
+    host.add_target("mx")
+    host.install("mx", pki.leaf())
+    sleep = 1.0
+    host.validate.hang(sleep)
+    cert, key = _files(host, pki)
+
+    p = _mailtls(host, "deploy", "mx", "--local", "--json", "--cert", cert, "--key", key)
+
+    out = json.loads(p.stdout)
+    assert p.returncode == 0 and out["outcome"] == "deployed", p.stdout + p.stderr
+    assert len(host.validate.calls) == 1  # the early run was the one used, not a second one
+    # It started before the step did: a step that ran the command itself would last the whole sleep.
+    assert out["steps"]["validate"]["ms"] < sleep * 1000, out["steps"]
+
+
+def test_a_failing_early_run_rejects_the_deploy(host: MailHost, pki: PKI) -> None:
+    host.add_target("mx")
+    old = pki.leaf()
+    host.install("mx", old)
+    before = host.snapshot()
+    host.validate.fail(1)
+    cert, key = _files(host, pki)
+
+    p = _mailtls(host, "deploy", "mx", "--local", "--json", "--cert", cert, "--key", key)
+
+    assert p.returncode == 2 and json.loads(p.stdout)["outcome"] == "rejected", p.stdout + p.stderr
+    assert "validate_command failed" in json.loads(p.stdout)["error"]
+    assert host.snapshot() == before and host.reload.calls == []
+
+
+@pytest.mark.parametrize("how", ["unchanged", "unreadable key file", "invalid targets file"])
+def test_an_early_run_nobody_needs_is_killed_on_exit(host: MailHost, pki: PKI, how: str) -> None:
+    host.add_target("mx")
+    leaf = pki.leaf()
+    host.install("mx", leaf)
+    cert, key = host.root / "same.crt", host.root / "same.key"
+    cert.write_bytes(leaf.fullchain_pem)
+    key.write_bytes(leaf.key_pem)
+    if how == "unreadable key file":
+        key.unlink()
+    marker = host.root / "validate-finished"
+    host.validate.touches(marker)  # touched only by a run that was let finish
+    host.validate.hang(1.5)
+    target = "mx"
+    if how == "invalid targets file":  # the launcher starts the command from it, then validation fails
+        host.add_target("bad", key_mode="not a mode")
+        target = "bad"
+
+    t0 = time.monotonic()
+    p = _mailtls(host, "deploy", target, "--local", "--cert", str(cert), "--key", str(key))
+    took = time.monotonic() - t0
+
+    assert (p.returncode == 0) == (how == "unchanged"), p.stdout + p.stderr
+    if how == "unchanged":  # the others end before the started interpreter has even logged
+        assert len(host.validate.calls) == 1, "the launcher did start it"
+    assert took < 1.5, "the exit did not wait for a run it does not need"
+    time.sleep(2.0)
+    assert not marker.exists(), "the early run outlived the command"
+
+
+def test_a_stale_or_different_early_run_is_not_the_verdict(host: MailHost, pki: PKI,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    host.add_target("mx")
+    host.install("mx", pki.leaf())
+    cfg = host.config
+
+    # Another command than the validated target's: killed, and the configured one decides.
+    host.validate.fail(1)
+    other = Running("/bin/true", "validate_command")
+    new = pki.leaf()
+    r = run_local(cfg, "mx", new.fullchain_pem, new.key_pem, early_validate=other)
+    assert r.outcome == "rejected" and "validate_command failed" in (r.error or "")
+    assert other.done and len(host.validate.calls) == 1
+    host.validate.succeed()
+
+    # The very command, but started too long before the step (a long wait for the lock).
+    monkeypatch.setattr(steps, "EARLY_VALIDATE_MAX_AGE", 0.0)
+    host.validate.hang(1.0)
+    early = Running(cfg.target("mx").validate_command, "validate_command")
+    r = run_local(cfg, "mx", new.fullchain_pem, new.key_pem, early_validate=early)
+    assert r.outcome == "deployed", r.error
+    assert early.done and early.proc.returncode == -9  # killed, not waited for: a fresh run decided
+    assert r.steps["validate"].ms >= 1000
+
+
+def test_the_mailtls_command_is_the_launcher() -> None:
+    text = (Path(__file__).parents[2] / "pyproject.toml").read_text()
+    assert 'mailtls = "mailtls_tasks.launcher:main"' in text
