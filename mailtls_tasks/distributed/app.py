@@ -16,50 +16,20 @@ Every setting here is a decision about failure:
 
 from __future__ import annotations
 
-import os
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from celery import Celery
 
 from ..core.config import STEP_SOFT_TIME_LIMIT, STEP_TIME_LIMIT
-from ..errors import ConfigError
+from .broker import BROKER_ENV, DEFAULT_BROKER, broker_url, normalize_url, queue_for
 
-BROKER_ENV = "MAILTLS_BROKER_URL"
-DEFAULT_BROKER = "redis://127.0.0.1:6379/0"
+__all__ = ["BROKER_ENV", "DEFAULT_BROKER", "app", "broker_url", "client_app", "configure", "normalize_url",
+           "queue_for", "route_task", "use_broker"]
 
 TASK_TIME_LIMIT = int(STEP_TIME_LIMIT)          # hard limit of any step, seconds (config checks
 TASK_SOFT_TIME_LIMIT = int(STEP_SOFT_TIME_LIMIT)  # that every target's timeouts fit inside)
 MAX_RETRY_BACKOFF = 30
 VISIBILITY_TIMEOUT = 2 * 3600  # > TASK_TIME_LIMIT + all retries' backoff
-
-
-def broker_url(explicit: str | None = None) -> str:
-    return normalize_url(explicit or os.environ.get(BROKER_ENV) or DEFAULT_BROKER)
-
-
-def normalize_url(url: str) -> str:
-    """``rediss://`` always verifies the server certificate.
-
-    Accepts ``?ssl_ca_certs=/path/ca.pem`` (and client ``ssl_certfile``/``ssl_keyfile``);
-    adds ``ssl_cert_reqs=required`` when absent and refuses anything weaker, because a
-    broker connection that can be intercepted carries every deploy's metadata.
-    """
-    parts = urlsplit(url)
-    if parts.scheme not in ("redis", "rediss", "unix"):
-        raise ConfigError(f"broker URL scheme {parts.scheme!r} is not supported (redis://, rediss://, unix://)")
-    if parts.scheme != "rediss":
-        return url
-    query = dict(parse_qsl(parts.query))
-    reqs = query.get("ssl_cert_reqs", "required").lower()
-    if reqs not in ("required", "cert_required"):
-        raise ConfigError("broker URL: ssl_cert_reqs must be 'required' (certificate verification cannot be off)")
-    query["ssl_cert_reqs"] = "required"
-    return urlunsplit(parts._replace(query=urlencode(query, safe="/")))
-
-
-def queue_for(host: str) -> str:
-    return f"mailtls.{host}"
 
 
 def route_task(name: str, args: Any, kwargs: Any, options: Any, task: Any = None, **kw: Any) -> dict[str, str] | None:

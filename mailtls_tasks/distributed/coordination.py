@@ -30,12 +30,14 @@ import datetime as dt
 import json
 import time
 from collections.abc import Callable
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import redis
 
-from ..core.journal import DeployRecord
 from ..errors import AmbiguousTarget, BrokerError, HostTaken, UnknownTarget
+
+if TYPE_CHECKING:
+    from ..core.journal import DeployRecord
 
 PREFIX = "mailtls:"
 RECORD_TTL = 30 * 24 * 3600
@@ -213,14 +215,18 @@ class Coordinator:
     def put_record(self, data: dict[str, Any]) -> None:
         self.r.set(self._k("deploy", data["deploy_id"]), json.dumps(data), ex=RECORD_TTL)
 
-    def create_deploy(self, data: dict[str, Any], envelope: dict[str, Any]) -> None:
-        """A new deploy's record, history entry and envelope, in one round trip (the
-        envelope travels beside the messages, never in them)."""
+    def create_deploy(self, data: dict[str, Any], envelope: dict[str, Any],
+                      message: tuple[str, str] | None = None) -> None:
+        """A new deploy's record, history entry and envelope, and then its first message
+        (``message``: queue, payload), in one round trip and in that order (the envelope
+        travels beside the messages, never in them)."""
         deploy_id = data["deploy_id"]
         pipe = self.r.pipeline(transaction=False)
         pipe.set(self._k("deploy", deploy_id), json.dumps(data), ex=RECORD_TTL)
         self._queue_history(pipe, data["target"], deploy_id)
         pipe.set(self._k("envelope", deploy_id), json.dumps(envelope), ex=ENVELOPE_TTL)
+        if message is not None:
+            pipe.lpush(*message)
         pipe.execute()
 
     def publish(self, rec: DeployRecord, inventory: dict[str, Any] | None = None) -> None:

@@ -13,18 +13,22 @@ from __future__ import annotations
 
 import datetime as dt
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
-from celery import Celery, Signature
 
 from ..core.ids import MAX_INPUT_BYTES, TARGET_NAME_RE, check_deploy_id, new_deploy_id
 from ..errors import BrokerError, MailTLSError, Rejected, UnknownTarget
-from ..result import DeployResult
 from ..security.envelope import seal
 from ..security.keys import PipelineKeys, load_pipeline
-from .app import client_app
+from .broker import broker_url as resolve_broker_url
+from .broker import queue_for, task_message
 from .coordination import Coordinator
+
+if TYPE_CHECKING:
+    from celery import Celery, Signature
+
+    from ..result import DeployResult
 
 
 class DeployTimeout(MailTLSError):
@@ -55,6 +59,8 @@ class DeployHandle:
         and DeployTimeout says so; one already running is left to finish (the host
         ends it, if need be by recovery when its lease runs out) and DeployTimeout
         says how to follow it."""
+        from ..result import DeployResult  # the model loads while the host works, not before the send
+
         try:
             rec = self.coordinator.wait_record(self.deploy_id, timeout)
             if rec and rec.get("outcome"):
@@ -94,23 +100,11 @@ def deploy(target: str, cert_pem: bytes, key_pem: bytes, chain_pem: bytes | None
     unreachable. The material itself is checked on the host.
     """
     keys = pipeline if isinstance(pipeline, PipelineKeys) else load_pipeline(pipeline)
-    app = client_app(broker_url)
-    co = Coordinator.for_url(str(app.conf.broker_url))
+    co = Coordinator.for_url(resolve_broker_url(broker_url))
     if host is not None and "/" not in target:
         target = f"{host}/{target}"
-    handle, signature = prepare(co, app, keys, target, cert_pem, key_pem, chain_pem, force=force,
-                                deploy_id=deploy_id, also=also)
-    _send(signature)
-    return handle
-
-
-def _send(signature: Signature) -> None:
-    try:
-        signature.apply_async(ignore_result=True)  # clients wait on the record, never on Celery results
-    except redis.RedisError as err:
-        raise BrokerError(f"cannot enqueue deploy: Redis error: {err}") from None
-    except (OSError, ConnectionError) as err:
-        raise BrokerError(f"cannot enqueue deploy: broker unreachable: {err}") from None
+    envelope = _seal(co, keys, target, cert_pem, key_pem, chain_pem, force=force, deploy_id=deploy_id, also=also)
+    return _enqueue(co, envelope)
 
 
 def prepare(co: Coordinator, app: Celery, keys: PipelineKeys, target: str, cert_pem: bytes, key_pem: bytes,
@@ -119,6 +113,14 @@ def prepare(co: Coordinator, app: Celery, keys: PipelineKeys, target: str, cert_
             also: list[tuple[bytes, bytes, bytes | None]] | None = None) -> tuple[DeployHandle, Signature]:
     """Resolve, seal, record and stash one deploy; return its handle and the root task's
     signature, not yet sent (a rollout sends a wave's signatures as one group)."""
+    envelope = _seal(co, keys, target, cert_pem, key_pem, chain_pem, force=force, deploy_id=deploy_id, also=also)
+    return _register(co, envelope, app, rollout_id)
+
+
+def _seal(co: Coordinator, keys: PipelineKeys, target: str, cert_pem: bytes, key_pem: bytes,
+          chain_pem: bytes | None, *, force: bool, deploy_id: str | None,
+          also: list[tuple[bytes, bytes, bytes | None]] | None) -> dict[str, Any]:
+    """Check the address and sizes, resolve the host, and seal the bundle for it."""
     host, sep, name = target.partition("/")
     if not ((sep and TARGET_NAME_RE.match(name)) or (not sep and TARGET_NAME_RE.match(host))):
         raise UnknownTarget(f"{target!r} is not a target address (HOST/NAME or NAME)")
@@ -131,48 +133,76 @@ def prepare(co: Coordinator, app: Celery, keys: PipelineKeys, target: str, cert_
         now = time.time()
         # the fence grows with the time signed below: it survives Redis losing its data
         host, name, fence = co.resolve_with_fence(target, now)
-        recipient = keys.host_key(host)  # pinned here, never taken from Redis
-        envelope = seal(target=name, host=host, deploy_id=deploy_id, fence=fence, cert=cert_pem, key=key_pem,
-                        chain=chain_pem, force=force, signing_key=keys.signing_key, recipient=recipient,
-                        issued_at=now, also=also)
-        return _register(co, envelope, app, rollout_id)
     except redis.RedisError as err:
         raise BrokerError(f"cannot enqueue deploy: Redis error: {err}") from None
     except (OSError, ConnectionError) as err:
         raise BrokerError(f"cannot enqueue deploy: broker unreachable: {err}") from None
+    recipient = keys.host_key(host)  # pinned here, never taken from Redis
+    return seal(target=name, host=host, deploy_id=deploy_id, fence=fence, cert=cert_pem, key=key_pem,
+                chain=chain_pem, force=force, signing_key=keys.signing_key, recipient=recipient, issued_at=now,
+                also=also)
 
 
-def enqueue_sealed(co: Coordinator, envelope: dict[str, Any], app: Celery | None = None) -> DeployHandle:
+def enqueue_sealed(co: Coordinator, envelope: dict[str, Any]) -> DeployHandle:
     """Enqueue an envelope sealed and signed elsewhere (e.g. by a signer holding the
     pipeline key in an HSM): records the deploy and sends it.
 
     Target, host, deploy id and fence are taken from the envelope's signed header; the
     worker refuses it unless they match the message, so nothing here is trusted.
     """
-    handle, signature = _register(co, envelope, app or client_app(co.url), None)
-    _send(signature)
-    return handle
+    return _enqueue(co, envelope)
+
+
+def _refs(envelope: dict[str, Any]) -> tuple[str, str, str, Any]:
+    try:
+        return envelope["target"], envelope["host"], envelope["deploy_id"], envelope["fence"]
+    except (KeyError, TypeError):
+        raise Rejected("envelope: missing target, host, deploy_id or fence") from None
+
+
+def _record(co: Coordinator, envelope: dict[str, Any], rollout_id: str | None,
+            message: tuple[str, str] | None = None) -> DeployHandle:
+    """Record the deploy and stash its envelope (and push ``message``: queue, payload),
+    in one round trip, in that order: a worker never sees a message before its record."""
+    name, host, deploy_id, fence = _refs(envelope)
+    address = f"{host}/{name}"
+    # The envelope travels beside the messages, not in them: every task's arguments are
+    # references only, whatever Celery does with them (a retry drops kwargsrepr).
+    try:
+        co.create_deploy({"deploy_id": deploy_id, "target": address, "host": host, "phase": "queued",
+                          "outcome": None, "fence": fence, "steps": {}, "error": None, "rollout": rollout_id,
+                          "created": dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")}, envelope,
+                         message=message)
+    except redis.RedisError as err:
+        raise BrokerError(f"cannot enqueue deploy: Redis error: {err}") from None
+    except (OSError, ConnectionError) as err:
+        raise BrokerError(f"cannot enqueue deploy: broker unreachable: {err}") from None
+    return DeployHandle(co, deploy_id, address, host)
+
+
+def _root_kwargs(envelope: dict[str, Any], rollout_id: str | None) -> dict[str, Any]:
+    name, host, deploy_id, _ = _refs(envelope)
+    return {"target": f"{host}/{name}", "host": host, "deploy_id": deploy_id, "rollout": rollout_id}
+
+
+def _enqueue(co: Coordinator, envelope: dict[str, Any]) -> DeployHandle:
+    """One deploy: its record, envelope and root message (``mailtls.deploy``, run on the
+    host, which sends the steps as its children: Flower shows a deploy as one tree),
+    pushed together without loading Celery (``broker.task_message``)."""
+    kwargs = _root_kwargs(envelope, None)
+    queue = queue_for(kwargs["host"])
+    message = task_message("mailtls.deploy", kwargs, queue, readable(kwargs["target"], kwargs["deploy_id"]))
+    return _record(co, envelope, None, (queue, message))
 
 
 def _register(co: Coordinator, envelope: dict[str, Any], app: Celery,
               rollout_id: str | None) -> tuple[DeployHandle, Signature]:
-    try:
-        name, host, deploy_id, fence = (envelope["target"], envelope["host"], envelope["deploy_id"],
-                                        envelope["fence"])
-    except (KeyError, TypeError):
-        raise Rejected("envelope: missing target, host, deploy_id or fence") from None
-    address = f"{host}/{name}"
-    # The envelope travels beside the messages, not in them: every task's arguments are
-    # references only, whatever Celery does with them (a retry drops kwargsrepr).
-    co.create_deploy({"deploy_id": deploy_id, "target": address, "host": host, "phase": "queued",
-                      "outcome": None, "fence": fence, "steps": {}, "error": None, "rollout": rollout_id,
-                      "created": dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")}, envelope)
-    # One root task per deploy, run on the host: it sends the steps as its children, so
-    # Flower shows a deploy as one tree.
-    signature = app.signature("mailtls.deploy", kwargs={"target": address, "host": host, "deploy_id": deploy_id,
-                                                        "rollout": rollout_id}).set(
-        argsrepr=readable(address, deploy_id), kwargsrepr="")
-    return DeployHandle(co, deploy_id, address, host), signature
+    """Record one deploy of a rollout; return its root task's signature, not yet sent."""
+    handle = _record(co, envelope, rollout_id)
+    kwargs = _root_kwargs(envelope, rollout_id)
+    signature = app.signature("mailtls.deploy", kwargs=kwargs).set(
+        argsrepr=readable(kwargs["target"], kwargs["deploy_id"]), kwargsrepr="")
+    return handle, signature
 
 
 def readable(address: str, deploy_id: str) -> str:
