@@ -235,12 +235,14 @@ class Coordinator:
         round trip. Atomic (a script), and never turns an ended record back into a
         running one: a late writer cannot undo an outcome."""
         view = public_record(rec)
+        keys = [self._k("deploy", rec.deploy_id), self._k("ended", rec.deploy_id)]
+        args = [json.dumps(view), "1" if rec.finished else "0", RECORD_TTL, rec.outcome or ""]
+        if inventory is None:  # most steps: one EVALSHA (a pipeline would first ask SCRIPT EXISTS)
+            self._publish(keys=keys, args=args)
+            return
         pipe = self.r.pipeline(transaction=False)
-        self._publish(keys=[self._k("deploy", rec.deploy_id), self._k("ended", rec.deploy_id)],
-                      args=[json.dumps(view), "1" if rec.finished else "0", RECORD_TTL, rec.outcome or ""],
-                      client=pipe)
-        if inventory is not None:
-            self._queue_target(pipe, inventory, None)
+        self._publish(keys=keys, args=args, client=pipe)
+        self._queue_target(pipe, inventory, None)
         pipe.execute()
 
     def finish_unstarted(self, deploy_id: str, outcome: str, error: str, reason: str | None = None) -> None:
