@@ -69,7 +69,7 @@ class HostRuntime:
         # retried with backoff instead (within busy_retries).
         self.cfg = cfg
         self.journal = journal or Journal(cfg.state_dir)
-        self.contexts = {n: StepContext(t, self.journal, cfg.host, cfg.deploy_lease) for n, t in cfg.targets.items()}
+        self.contexts = steps.HostContexts(cfg, self.journal)
         self.lock_wait = lock_wait
         self._keys: HostKeys | None = None
 

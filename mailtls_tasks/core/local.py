@@ -26,7 +26,7 @@ from .ids import check_deploy_id, new_deploy_id
 from .journal import DeployRecord, Journal, Owner
 from .ownership import holding
 from .recovery import recover, recover_deploy
-from .steps import StepContext, commit, reload, rollback, stage, target_reals, validate, verify
+from .steps import HostContexts, StepContext, commit, reload, rollback, stage, target_reals, validate, verify
 
 log = logging.getLogger("mailtls.local")
 
@@ -37,9 +37,8 @@ class Terminated(BaseException):
     """SIGTERM arrived during a local run (a BaseException, like KeyboardInterrupt)."""
 
 
-def contexts_for(cfg: HostConfig, journal: Journal | None = None) -> dict[str, StepContext]:
-    journal = journal or Journal(cfg.state_dir)
-    return {name: StepContext(t, journal, cfg.host, cfg.deploy_lease) for name, t in cfg.targets.items()}
+def contexts_for(cfg: HostConfig, journal: Journal | None = None) -> HostContexts:
+    return HostContexts(cfg, journal or Journal(cfg.state_dir))
 
 
 def recover_host(cfg: HostConfig, *, journal: Journal | None = None, full_scan: bool = True,
@@ -47,8 +46,7 @@ def recover_host(cfg: HostConfig, *, journal: Journal | None = None, full_scan: 
     """Finish every dead deploy on this host (``force``: every unfinished one;
     ``boot``: before the daemons start, see ``steps.rollback``)."""
     contexts = contexts_for(cfg, journal)
-    j = next(iter(contexts.values())).journal if contexts else (journal or Journal(cfg.state_dir))
-    return recover(contexts, j, full_scan=full_scan, force=force, boot=boot)
+    return recover(contexts, contexts.journal, full_scan=full_scan, force=force, boot=boot)
 
 
 def _retrying(step: Callable[[StepContext, str], DeployRecord], ctx: StepContext, deploy_id: str) -> DeployRecord:

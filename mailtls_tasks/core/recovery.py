@@ -9,6 +9,7 @@ cost does not grow with the number of targets. See docs/protocol.md, "Recovery".
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
 from ..errors import JournalError, TargetBusy
 from .journal import DeployRecord, Journal, Owner
@@ -20,7 +21,7 @@ log = logging.getLogger("mailtls.recovery")
 INTERRUPTED = "the deploy was interrupted before it finished"
 
 
-def recover_deploy(contexts: dict[str, StepContext], journal: Journal, target: str,
+def recover_deploy(contexts: Mapping[str, StepContext], journal: Journal, target: str,
                    deploy_id: str, *, force: bool = False, boot: bool = False) -> DeployRecord | None:
     """Finish one deploy if it is dead (or ``force``: the operator says so), holding
     all its locks. Returns the finished record, or None if it was alive or gone."""
@@ -68,7 +69,7 @@ def _clear_if_stale(journal: Journal, owner: Owner) -> None:
         return
 
 
-def _abandoned(contexts: dict[str, StepContext], journal: Journal, target: str) -> list[DeployRecord]:
+def _abandoned(contexts: Mapping[str, StepContext], journal: Journal, target: str) -> list[DeployRecord]:
     """Deploys that died before their first record (only an intent left): end them,
     under the target's locks (a stage still running holds them), if the runner is gone."""
     ctx = contexts.get(target)
@@ -90,7 +91,7 @@ def _abandoned(contexts: dict[str, StepContext], journal: Journal, target: str) 
     return out
 
 
-def recover(contexts: dict[str, StepContext], journal: Journal, *, full_scan: bool = False,
+def recover(contexts: Mapping[str, StepContext], journal: Journal, *, full_scan: bool = False,
             force: bool = False, boot: bool = False) -> list[DeployRecord]:
     """Finish every dead deploy on this host. Returns what it finished.
 

@@ -24,7 +24,7 @@ import datetime as dt
 import os
 import ssl
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Literal, TypeGuard
 
@@ -45,7 +45,7 @@ from ..errors import (
 )
 from . import files, material, probe
 from .commands import CommandResult, Running, run_command
-from .config import Target
+from .config import HostConfig, Target
 from .ids import check_deploy_id
 from .journal import DeployRecord, FileEntry, Journal, Origin, Phase, StepRecord
 from .material import Bundle
@@ -88,6 +88,29 @@ class StepContext:
 
     def save(self, rec: DeployRecord) -> DeployRecord:
         return self.journal.save(rec)
+
+
+class HostContexts(Mapping[str, StepContext]):
+    """Every target's StepContext by name, each made on first use: a run touches one or
+    two of a host's targets, and making all of them cost every in-process run time in
+    proportion to the size of the host."""
+
+    def __init__(self, cfg: HostConfig, journal: Journal) -> None:
+        self.cfg, self.journal = cfg, journal
+        self._made: dict[str, StepContext] = {}
+
+    def __getitem__(self, name: str) -> StepContext:
+        ctx = self._made.get(name)
+        if ctx is None:
+            t = self.cfg.targets[name]
+            ctx = self._made[name] = StepContext(t, self.journal, self.cfg.host, self.cfg.deploy_lease)
+        return ctx
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.cfg.targets)
+
+    def __len__(self) -> int:
+        return len(self.cfg.targets)
 
 
 def target_reals(t: Target) -> list[str]:
