@@ -17,7 +17,7 @@ import signal
 import subprocess
 import tempfile
 import time
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from ..errors import CommandFailed, CommandTimeout, ConfigError
 from .configfile import check_command
@@ -25,8 +25,7 @@ from .configfile import check_command
 OUTPUT_CAP = 4096
 
 
-@dataclass(frozen=True)
-class CommandResult:
+class CommandResult(NamedTuple):  # not a dataclass: this module loads before the command starts
     argv: tuple[str, ...]
     returncode: int
     output_tail: str

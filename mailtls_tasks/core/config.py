@@ -675,7 +675,7 @@ def _shared_file_roles(targets: dict[str, Target]) -> list[str]:
 
 
 def _unsafe_paths(host: HostConfig, targets: dict[str, Target]) -> list[str]:
-    from .files import unsafe_component
+    from .pathsafety import unsafe_component
 
     checks = [("state_dir", host.state_dir)]
     checks += [(f"targets.{n}.{role}_path", p) for n, t in targets.items() for role, p in t.files()]

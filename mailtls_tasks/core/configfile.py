@@ -10,11 +10,8 @@ validated target names the same command (``core.local``).
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
-import tomllib
-from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
@@ -64,28 +61,37 @@ def config_path(explicit: str | None = None) -> str:
 def read_config(path: str | None = None) -> tuple[Any, str]:
     """The parsed, not yet validated, targets file and its path. Refuses a file that
     someone other than root could change: it names the commands run as root."""
-    from .files import unsafe_component
+    from .pathsafety import unsafe_component
 
-    p = Path(config_path(path))
+    p = config_path(path)
     try:
-        data = p.read_bytes()
-        st = p.stat()
+        with open(p, "rb") as f:
+            data = f.read()
+            st = os.fstat(f.fileno())
     except OSError as err:
         raise ConfigError(f"cannot read config {p}: {err.strerror or err}") from None
-    why = unsafe_component(str(p))
+    why = unsafe_component(p)
     if why is None and st.st_mode & 0o022:
         why = f"the file is writable by group or others (mode {st.st_mode & 0o777:04o})"
     if why:
         raise ConfigError(f"{p}: refusing a targets file others could change (it names the commands run as "
                           f"root): {why}")
+    is_json = p.endswith(".json")
     try:
-        raw = json.loads(data) if p.suffix == ".json" else tomllib.loads(data.decode("utf-8"))
+        if is_json:
+            import json
+
+            raw = json.loads(data)
+        else:
+            import tomllib
+
+            raw = tomllib.loads(data.decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{p}: not valid {'JSON' if p.suffix == '.json' else 'TOML'}: {err}") from None
+        raise ConfigError(f"{p}: not valid {'JSON' if is_json else 'TOML'}: {err}") from None
     if os.environ.get(HOST_ENV) and isinstance(raw, dict):
         # One targets file for the whole fleet: each host names itself (`mailtls worker --host`).
         raw = {**raw, "host": os.environ[HOST_ENV]}
-    return raw, str(p)
+    return raw, p
 
 
 def validate_command_of(raw: Any, target: str) -> str | None:
