@@ -62,3 +62,41 @@ def test_a_validate_message_for_a_stage_that_died_half_way_is_refused_and_touche
     with pytest.raises(StepFailed, match="cannot validate from phase 'staging'"):
         steps.validate(rt.context("mx"), "half-1")
     assert host.snapshot() == before
+
+
+def test_the_worker_starts_validate_command_before_stage_and_the_step_collects_it(host: MailHost, pki: PKI) -> None:
+    """What the root task does on the host (HostRuntime.start_validate): the config check
+    runs while the deploy stages and its step messages travel."""
+    host.add_target("mx")
+    host.install("mx", pki.leaf())
+    host.validate.hang(1.0)
+    rt = HostRuntime(host.config)
+    leaf = pki.leaf()
+
+    rt.start_validate("mx", "d-early")
+    time.sleep(0.6)  # stage, and the hops between the step messages, standing in
+    rt.stage("mx", "d-early", leaf.fullchain_pem, leaf.key_pem, None, force=False, fence=None)
+    rec = rt.step("validate", "mx", "d-early")
+
+    assert rec.phase == "validated"
+    assert rec.steps["validate"].ms < 700, rec.steps  # it had run 0.6 s of its 1 s before the step began
+    assert len(host.validate.calls) == 1
+
+
+def test_a_deploy_that_needs_no_validate_kills_the_early_run(host: MailHost, pki: PKI, tmp_path: Path) -> None:
+    host.add_target("mx")
+    leaf = pki.leaf()
+    host.install("mx", leaf)
+    marker = tmp_path / "validate-finished"
+    host.validate.touches(marker)
+    host.validate.hang(1.0)
+    rt = HostRuntime(host.config)
+
+    rt.start_validate("mx", "d-same")
+    rec = rt.stage("mx", "d-same", leaf.fullchain_pem, leaf.key_pem, None, force=False, fence=None)
+    assert rec.outcome == "unchanged"
+    rt.start_validate("mx", "d-other")  # and a deploy nobody came back for is killed when replaced
+    rt.drop_early("d-other")
+
+    time.sleep(1.5)
+    assert not marker.exists(), "an early validate_command outlived the deploy that did not need it"
