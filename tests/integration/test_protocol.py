@@ -75,13 +75,19 @@ class Rig:
         os.killpg(self.worker.proc.pid, signal.SIGSTOP)
         try:
             handle = self.deploy("a", leaf)
-            self.deploy("b", self.pki.leaf())
+            hb = self.deploy("b", self.pki.leaf())
         finally:
             os.killpg(self.worker.proc.pid, signal.SIGCONT)
+        # b's root task already starts its blocker (the early validate_command), so wait
+        # for b's validate step itself, which then waits for that run
         deadline = time.monotonic() + 30
-        while not self.blocker.calls and time.monotonic() < deadline:
+        while time.monotonic() < deadline:
+            rb = self.record("b", hb.deploy_id)
+            if rb is not None and rb.in_step == "validate":
+                break
             time.sleep(0.02)
-        assert self.blocker.calls, "b's validate never started"
+        else:
+            raise AssertionError("b's validate never started")
         rec = self.record("a", handle.deploy_id)
         assert rec is not None and not rec.finished and rec.in_step is None, rec
         assert rec.phase == "validated", rec.phase
