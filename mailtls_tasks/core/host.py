@@ -7,19 +7,17 @@ a file: it passes names (target, deploy id, step) and gets journal records back.
 from __future__ import annotations
 
 import datetime as dt
-import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from ..errors import ConfigError, MailTLSError
+from ..errors import ConfigError
 from ..security.envelope import open_envelope
 from ..security.keys import load_host_key, parse_ed25519_public
 from . import files, material, steps
 from .audit import TargetAudit, audit_target
-from .commands import Running
 from .config import HostConfig
 from .ids import check_deploy_id
 from .journal import DeployRecord, Journal, Owner
@@ -37,8 +35,6 @@ class HostKeys:
     def __repr__(self) -> str:
         return f"<HostKeys {len(self.host_keys)} host key(s), {len(self.trusted)} trusted signer(s)>"
 
-
-log = logging.getLogger("mailtls.host")
 
 STEP_FUNCTIONS = {
     "validate": steps.validate,
@@ -74,7 +70,6 @@ class HostRuntime:
         self.cfg = cfg
         self.journal = journal or Journal(cfg.state_dir)
         self.contexts = steps.HostContexts(cfg, self.journal)
-        self._early: dict[str, Running] = {}  # deploy id -> its validate_command, started early
         self.lock_wait = lock_wait
         self._keys: HostKeys | None = None
 
@@ -128,65 +123,25 @@ class HostRuntime:
     def _take_over(self, owner: Owner) -> None:
         recover_deploy(self.contexts, self.journal, owner.target, owner.deploy_id)
 
-    def start_validate(self, target: str, deploy_id: str) -> None:
-        """Start the target's validate_command for a deploy about to stage, as the local
-        runner does (``StepContext.early_validate``): it checks the daemon's config, which
-        a deploy never changes, so it runs while the deploy stages and the step messages
-        travel; the validate step collects it if it runs in this process within
-        ``steps.EARLY_VALIDATE_MAX_AGE``. Never raises: the validate step runs the command
-        itself and reports whatever stops it."""
-        for other, running in list(self._early.items()):  # nobody came for them (e.g. another process did)
-            if other == deploy_id or running.age() > steps.EARLY_VALIDATE_MAX_AGE:
-                del self._early[other]
-                running.cancel()
-        t = self.context(target).target
-        if t.validate_command.strip():
-            try:
-                self._early[deploy_id] = Running(t.validate_command, "validate_command")
-                log.info("deploy %s of %s: validate_command started early", deploy_id, target)
-            except MailTLSError:
-                pass
-
-    def drop_early(self, deploy_id: str) -> None:
-        """Kill a deploy's early validate_command: the deploy ended or rolls back without it."""
-        running = self._early.pop(deploy_id, None)
-        if running is not None:
-            running.cancel()
-
     def stage(self, target: str, deploy_id: str, cert_pem: bytes, key_pem: bytes, chain_pem: bytes | None,
               *, force: bool, fence: int | None, also: list[steps.RawBundle] | None = None) -> DeployRecord:
         ctx = self.context(target)
-        try:
-            with holding(self.journal, steps.target_reals(ctx.target), deploy_id, timeout=self.lock_wait,
-                         recover=self._take_over, target=target, wait_for_owner=False):
-                rec = steps.stage(ctx, deploy_id, cert_pem, key_pem, chain_pem, force=force, fence=fence,
-                                  origin="distributed", also=also)
-        except BaseException:
-            self.drop_early(deploy_id)  # retried later (busy), if at all: that retry validates afresh
-            raise
-        if rec.finished:
-            self.drop_early(deploy_id)  # unchanged or rejected: no validate follows
-        return rec
+        with holding(self.journal, steps.target_reals(ctx.target), deploy_id, timeout=self.lock_wait,
+                     recover=self._take_over, target=target, wait_for_owner=False):
+            return steps.stage(ctx, deploy_id, cert_pem, key_pem, chain_pem, force=force, fence=fence,
+                               origin="distributed", also=also)
 
     def _locked(self, target: str, deploy_id: str) -> tuple[StepContext, DeployRecord]:
         ctx = self.context(target)
         return ctx, ctx.load(deploy_id)
 
     def step(self, name: str, target: str, deploy_id: str) -> DeployRecord:
-        early = self._early.pop(deploy_id, None) if name == "validate" else None
-        try:
-            ctx, rec = self._locked(target, deploy_id)
-            if early is not None:
-                ctx = replace(ctx, early_validate=early)
-            with self.journal.lock_files(rec.reals, self.lock_wait, busy=lambda r: busy_message(self.journal, r)):
-                return STEP_FUNCTIONS[name](ctx, deploy_id)
-        finally:
-            if early is not None:
-                early.cancel()  # a no-op once the step collected it
+        ctx, rec = self._locked(target, deploy_id)
+        with self.journal.lock_files(rec.reals, self.lock_wait, busy=lambda r: busy_message(self.journal, r)):
+            return STEP_FUNCTIONS[name](ctx, deploy_id)
 
     def rollback(self, target: str, deploy_id: str, error: str | None = None,
                  reason: str | None = None) -> DeployRecord:
-        self.drop_early(deploy_id)
         ctx, rec = self._locked(target, deploy_id)
         with self.journal.lock_files(rec.reals, self.lock_wait, busy=lambda r: busy_message(self.journal, r)):
             return steps.rollback(ctx, deploy_id, error=error, reason=reason)

@@ -13,7 +13,6 @@ re-publishes the journal's outbox: endings Redis did not hear of when they happe
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import json
 import logging
@@ -232,11 +231,7 @@ def _forward(rec: DeployRecord) -> bool:
 def deploy(self: Task, *, target: str, host: str, deploy_id: str, rollout: str | None = None) -> dict[str, Any]:
     """The root of one deploy on its host: sends the steps, chained, as its children
     (with ``mailtls.rollback`` as their errback), so Flower shows a deploy as one tree."""
-    rt = _runtime_for(host)
-    try:  # postfix check runs while the steps travel and stage works (HostRuntime.start_validate)
-        rt.start_validate(_local_name(target, host), deploy_id)
-    except MailTLSError:
-        pass  # stage ends it, saying why
+    _runtime_for(host)
     refs = {"target": target, "host": host, "deploy_id": deploy_id}
     shown = readable(target, deploy_id)
 
@@ -255,15 +250,6 @@ def stage(self: Task, *, target: str, host: str, deploy_id: str, fence: int | No
     The envelope waits in Redis beside the message (never in the task's arguments);
     the fence used is the one inside its signed header. ``fence`` in a message, if
     any, must agree with it."""
-    try:
-        return _stage(self, target, host, deploy_id, fence)
-    except BaseException:
-        with contextlib.suppress(Exception):
-            runtime().drop_early(deploy_id)  # no validate follows this attempt
-        raise
-
-
-def _stage(self: Task, target: str, host: str, deploy_id: str, fence: int | None) -> dict[str, Any]:
     co = coordinator()
     claim, envelope = co.claim_with_envelope(deploy_id)
     if claim != "started":

@@ -164,34 +164,6 @@ def test_transient_command_timeout_is_retried(fleet: Fleet) -> None:
     assert "retry" in fleet.w1.log().lower()
 
 
-def test_worker_starts_validate_command_at_the_root_task(fleet: Fleet) -> None:
-    """The host's validate_command runs while stage works and the step messages travel,
-    started by the root task; the validate step collects that run instead of its own
-    (the timing itself: tests/local/test_host_runtime.py)."""
-    calls = len(fleet.mx1.validate.calls)
-    res = fleet.deploy("plain", fleet.pki.leaf())
-    assert res.outcome == "deployed", res.error
-    log = fleet.w1.wait_log("mailtls.verify[", "succeeded", res.deploy_id)
-    assert f"deploy {res.deploy_id} of plain: validate_command started early" in log
-    time.sleep(0.2)  # the fake command logs its start a moment after it is spawned
-    assert len(fleet.mx1.validate.calls) == calls + 1  # one run: the early one was the verdict
-
-
-def test_an_unchanged_deploy_kills_the_early_validate_command(fleet: Fleet, tmp_path: Path) -> None:
-    leaf = fleet.pki.leaf()
-    assert fleet.deploy("plain", leaf).outcome == "deployed"
-    marker = tmp_path / "validate-finished"
-    fleet.mx1.validate.touches(marker)  # only a run let finish touches it
-    fleet.mx1.validate.hang(1.5)
-    try:
-        assert fleet.deploy("plain", leaf).outcome == "unchanged"
-        time.sleep(2.5)
-    finally:
-        fleet.mx1.validate.hang(0)
-        fleet.mx1.validate.touches()
-    assert not marker.exists(), "the early validate_command outlived the deploy that did not need it"
-
-
 def test_ten_concurrent_deploys_run_one_at_a_time(fleet: Fleet) -> None:
     leaves = [fleet.pki.leaf() for _ in range(10)]
     handles = [deploy("plain", leaf.fullchain_pem, leaf.key_pem, broker_url=fleet.redis.url) for leaf in leaves]
