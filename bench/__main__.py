@@ -73,8 +73,12 @@ def _install(root: Path) -> str:
                           capture_output=True, text=True, check=True).stdout.strip()
     # a path line only: the dev venv's own .pth files (the editable hook) are not run
     Path(site, "mailtls-bench-deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps",
-                    str(REPO)], check=True, cwd=root, env={**os.environ, "PIP_NO_CACHE_DIR": "1"})
+    # from a copy: setuptools leaves build/ behind in the tree it builds from
+    src = root / "src"
+    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(".venv", ".git", "build", "dist", "*.egg-info",
+                                                             "__pycache__", ".*_cache", "bench-report.json"))
+    subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", str(src)], check=True, cwd=root,
+                   env={**os.environ, "PIP_NO_CACHE_DIR": "1"})
     return str(venv / "bin" / "mailtls")
 
 

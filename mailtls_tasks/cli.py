@@ -168,7 +168,7 @@ def _config_and_early_validate(config_path: str | None, target: str) -> tuple[Ho
         command = validate_command_of(raw, target)
         early = None
         if command:
-            with contextlib.suppress(MailTLSError):  # e.g. not installed: the validate step says so
+            with contextlib.suppress(MailTLSError, OSError):  # e.g. not installed: the validate step says so
                 early = Running(command, "validate_command")
     try:
         from .core.config import parse_config
@@ -817,6 +817,8 @@ def keys_trusted(config_path: str | None) -> None:
 
 
 def main() -> None:
+    global _exit_now
+    _exit_now = False
     try:
         try:
             cli.main(standalone_mode=False)
@@ -851,10 +853,13 @@ def _hard_exit(code: object) -> NoReturn:
     if isinstance(code, str):
         print(code, file=sys.stderr)
     logging.shutdown()
+    status = code if isinstance(code, int) else 0 if code is None else 1
     for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(OSError, ValueError):  # a reader that went away
+        try:
             stream.flush()
-    os._exit(code if isinstance(code, int) else 0 if code is None else 1)
+        except (OSError, ValueError):  # the reader went away: output was lost, as Python says with 120
+            status = status or 120
+    os._exit(status)
 
 
 if __name__ == "__main__":

@@ -62,6 +62,12 @@ def _peek(argv: list[str]) -> tuple[str | None, str] | None:
     return (config, target) if target else None
 
 
+def _exit_on_signal(signum: int, frame: object) -> None:
+    """Until the deploy installs its own handlers (``core.local``): unwind, so the
+    ``finally`` below kills an early run instead of leaving it behind us."""
+    raise SystemExit(128 + signum)
+
+
 def start_early(argv: list[str]) -> None:
     """Read the targets file and start the target's validate_command, if this is a
     local deploy and the file names one. Never raises: the deploy reports problems."""
@@ -74,11 +80,15 @@ def start_early(argv: list[str]) -> None:
     from .errors import MailTLSError
 
     config, target = peeked
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):  # from here on, a signal must not orphan the run
+        signal.signal(sig, _exit_on_signal)
     try:
         raw, source = read_config(config)
         command = validate_command_of(raw, target)
         _early = Early(config, target, raw, source, Running(command, "validate_command") if command else None)
-    except MailTLSError:
+    except (MailTLSError, OSError):  # the deploy reads the file again and says what is wrong
         return
 
 
@@ -105,8 +115,8 @@ def cancel_early() -> None:
 
 
 def main() -> None:
-    start_early(sys.argv[1:])
     try:
+        start_early(sys.argv[1:])
         from .cli import main as cli_main
 
         cli_main()

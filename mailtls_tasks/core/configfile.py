@@ -5,7 +5,7 @@ import: `mailtls deploy --local` starts the target's ``validate_command`` straig
 from the file it has just read, while the model (pydantic, about a tenth of a second
 to import) and the rest of the deploy load beside it. The file is read once; the
 model validates those very bytes, and the early start is used only when the
-validated target names the same command (``core.local``).
+validated target names the same command (``steps._validate_command``).
 """
 
 from __future__ import annotations

@@ -63,8 +63,9 @@ def _retrying(step: Callable[[StepContext, str], DeployRecord], ctx: StepContext
 
 @contextlib.contextmanager
 def _signals_as_exceptions() -> Iterator[None]:
-    """SIGTERM raises Terminated (SIGINT already raises KeyboardInterrupt), so the
-    run can compensate before exiting. Only possible in the main thread."""
+    """SIGTERM and SIGHUP raise Terminated (SIGINT already raises KeyboardInterrupt), so
+    the run can compensate before exiting: a closed SSH session must not end a deploy
+    half-way either. Only possible in the main thread."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -72,27 +73,27 @@ def _signals_as_exceptions() -> Iterator[None]:
     def on_term(signum: int, frame: FrameType | None) -> None:
         raise Terminated()
 
-    previous = signal.signal(signal.SIGTERM, on_term)
+    previous = {sig: signal.signal(sig, on_term) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 @contextlib.contextmanager
 def _shielded() -> Iterator[None]:
-    """While compensating, a second SIGTERM or Ctrl-C must not abort the rollback half-way
-    (SIGKILL still can: recovery finishes it)."""
+    """While compensating, a second SIGTERM, SIGHUP or Ctrl-C must not abort the rollback
+    half-way (SIGKILL still can: recovery finishes it)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    old_term = signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    old = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, old_term)
-        signal.signal(signal.SIGINT, old_int)
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
 
 
 def run_local(cfg: HostConfig, target: str, cert_pem: bytes, key_pem: bytes,

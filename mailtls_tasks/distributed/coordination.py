@@ -218,10 +218,11 @@ class Coordinator:
     def create_deploy(self, data: dict[str, Any], envelope: dict[str, Any],
                       message: tuple[str, str] | None = None) -> None:
         """A new deploy's record, history entry and envelope, and then its first message
-        (``message``: queue, payload), in one round trip and in that order (the envelope
+        (``message``: queue, payload): one transaction, so a worker never sees a message
+        without its record and envelope, nor Redis a record half written (the envelope
         travels beside the messages, never in them)."""
         deploy_id = data["deploy_id"]
-        pipe = self.r.pipeline(transaction=False)
+        pipe = self.r.pipeline(transaction=True)
         pipe.set(self._k("deploy", deploy_id), json.dumps(data), ex=RECORD_TTL)
         self._queue_history(pipe, data["target"], deploy_id)
         pipe.set(self._k("envelope", deploy_id), json.dumps(envelope), ex=ENVELOPE_TTL)

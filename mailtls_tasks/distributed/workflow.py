@@ -143,9 +143,10 @@ def _seal(co: Coordinator, keys: PipelineKeys, target: str, cert_pem: bytes, key
                 also=also)
 
 
-def enqueue_sealed(co: Coordinator, envelope: dict[str, Any]) -> DeployHandle:
+def enqueue_sealed(co: Coordinator, envelope: dict[str, Any], app: Any = None) -> DeployHandle:
     """Enqueue an envelope sealed and signed elsewhere (e.g. by a signer holding the
-    pipeline key in an HSM): records the deploy and sends it.
+    pipeline key in an HSM): records the deploy and sends it. (``app``: no longer
+    used, kept for callers that pass their Celery app.)
 
     Target, host, deploy id and fence are taken from the envelope's signed header; the
     worker refuses it unless they match the message, so nothing here is trusted.

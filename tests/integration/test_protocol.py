@@ -78,8 +78,8 @@ class Rig:
             hb = self.deploy("b", self.pki.leaf())
         finally:
             os.killpg(self.worker.proc.pid, signal.SIGCONT)
-        # b's root task already starts its blocker (the early validate_command), so wait
-        # for b's validate step itself, which then waits for that run
+        # b's validate step itself, hanging on its blocker, is the sign that a waits
+        # between its steps (its commit queued behind it)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             rb = self.record("b", hb.deploy_id)

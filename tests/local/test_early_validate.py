@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -113,6 +114,33 @@ def test_an_early_run_nobody_needs_is_killed_on_exit(host: MailHost, pki: PKI, h
     assert took < 1.5, "the exit did not wait for a run it does not need"
     time.sleep(2.0)
     assert not marker.exists(), "the early run outlived the command"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_a_signal_while_the_command_starts_up_kills_the_early_run(host: MailHost, pki: PKI,
+                                                                   sig: signal.Signals) -> None:
+    """Before the deploy installs its own handlers (it compensates on SIGTERM and SIGHUP),
+    the launcher's unwind the process so that the early run dies with it."""
+    host.add_target("mx")
+    host.install("mx", pki.leaf())
+    marker = host.root / "validate-finished"
+    host.validate.touches(marker)
+    host.validate.hang(2.0)
+    cert, key = _files(host, pki)
+    p = subprocess.Popen([*LAUNCHER, "deploy", "mx", "--local", "--cert", cert, "--key", key], cwd=host.root,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "MAILTLS_CONFIG": str(host.config_path)})
+    deadline = time.monotonic() + 10
+    while not host.validate.calls and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert host.validate.calls, "the launcher did not start the validate_command"
+    p.send_signal(sig)
+    out, err = p.communicate(timeout=30)
+
+    assert p.returncode != 0, out + err
+    time.sleep(2.5)
+    assert not marker.exists(), "the early run outlived the command"
+    assert host.stray_temps() == []
 
 
 def test_a_stale_or_different_early_run_is_not_the_verdict(host: MailHost, pki: PKI,

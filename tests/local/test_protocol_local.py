@@ -37,7 +37,8 @@ def _wait(cond, timeout: float = 20) -> None:  # type: ignore[no-untyped-def]
         time.sleep(0.02)
 
 
-def test_sigterm_during_a_local_deploy_rolls_it_back(host: MailHost, pki: PKI) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])  # SIGHUP: the SSH session it ran in closed
+def test_sigterm_during_a_local_deploy_rolls_it_back(host: MailHost, pki: PKI, sig: signal.Signals) -> None:
     old, new = pki.leaf(), pki.leaf()
     host.add_target("mx")
     host.install("mx", old)
@@ -46,7 +47,7 @@ def test_sigterm_during_a_local_deploy_rolls_it_back(host: MailHost, pki: PKI) -
     _wait(lambda: host.reload.calls)
     assert host.path("mx", "key").read_bytes() == new.key_pem  # committed; the reload hangs
 
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     out, err = proc.communicate(timeout=30)
 
     assert proc.returncode == 3, out + err
