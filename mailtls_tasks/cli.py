@@ -6,7 +6,6 @@ infrastructure error (config unreadable, broker down, target busy too long).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import sys
@@ -156,20 +155,15 @@ def _config_and_early_validate(config_path: str | None, target: str) -> tuple[Ho
     `postfix check` (0.4 s) then runs while the model and the deploy's code load and
     the deploy stages, instead of after them. The early run is used only if the
     validated target names the same command (``steps``)."""
-    from .core.commands import Running
-    from .core.configfile import read_config, validate_command_of
-    from .launcher import take_early
+    from .core.configfile import read_config
+    from .launcher import start_validate, take_early
 
     taken = take_early(config_path, target)
     if taken is not None:
         raw, source, early = taken
     else:
         raw, source = read_config(config_path)
-        command = validate_command_of(raw, target)
-        early = None
-        if command:
-            with contextlib.suppress(MailTLSError, OSError):  # e.g. not installed: the validate step says so
-                early = Running(command, "validate_command")
+        early = start_validate(raw, target)
     try:
         from .core.config import parse_config
 

@@ -13,7 +13,10 @@ command itself. Every exit kills an early run nobody collected.
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .core.commands import Running
 
 # Options of `mailtls deploy` that take a value (the rest are flags): enough to find
 # the TARGET argument and --config without loading click. A command line this does
@@ -75,8 +78,7 @@ def start_early(argv: list[str]) -> None:
     peeked = _peek(argv)
     if peeked is None:
         return
-    from .core.commands import Running
-    from .core.configfile import read_config, validate_command_of
+    from .core.configfile import read_config
     from .errors import MailTLSError
 
     config, target = peeked
@@ -86,10 +88,26 @@ def start_early(argv: list[str]) -> None:
         signal.signal(sig, _exit_on_signal)
     try:
         raw, source = read_config(config)
-        command = validate_command_of(raw, target)
-        _early = Early(config, target, raw, source, Running(command, "validate_command") if command else None)
     except (MailTLSError, OSError):  # the deploy reads the file again and says what is wrong
         return
+    _early = Early(config, target, raw, source, start_validate(raw, target))
+
+
+def start_validate(raw: Any, target: str) -> Running | None:
+    """The validate_command the unvalidated targets file ``raw`` gives ``target``,
+    started; None if it names none or it cannot start (the validate step then runs it
+    and says why)."""
+    from .core.commands import Running
+    from .core.configfile import validate_command_of
+    from .errors import MailTLSError
+
+    command = validate_command_of(raw, target)
+    if not command:
+        return None
+    try:
+        return Running(command, "validate_command")
+    except (MailTLSError, OSError):
+        return None
 
 
 def take_early(config: str | None, target: str) -> tuple[Any, str, Any] | None:

@@ -11,8 +11,10 @@ record) long before Redis would redeliver the unacked message.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import redis
@@ -129,14 +131,10 @@ def _seal(co: Coordinator, keys: PipelineKeys, target: str, cert_pem: bytes, key
         if data is not None and len(data) > MAX_INPUT_BYTES:
             raise Rejected(f"{what}: over the {MAX_INPUT_BYTES}-byte limit")
     deploy_id = check_deploy_id(deploy_id or new_deploy_id())
-    try:
-        now = time.time()
+    now = time.time()
+    with _broker_errors():
         # the fence grows with the time signed below: it survives Redis losing its data
         host, name, fence = co.resolve_with_fence(target, now)
-    except redis.RedisError as err:
-        raise BrokerError(f"cannot enqueue deploy: Redis error: {err}") from None
-    except (OSError, ConnectionError) as err:
-        raise BrokerError(f"cannot enqueue deploy: broker unreachable: {err}") from None
     recipient = keys.host_key(host)  # pinned here, never taken from Redis
     return seal(target=name, host=host, deploy_id=deploy_id, fence=fence, cert=cert_pem, key=key_pem,
                 chain=chain_pem, force=force, signing_key=keys.signing_key, recipient=recipient, issued_at=now,
@@ -169,16 +167,23 @@ def _record(co: Coordinator, envelope: dict[str, Any], rollout_id: str | None,
     address = f"{host}/{name}"
     # The envelope travels beside the messages, not in them: every task's arguments are
     # references only, whatever Celery does with them (a retry drops kwargsrepr).
-    try:
+    with _broker_errors():
         co.create_deploy({"deploy_id": deploy_id, "target": address, "host": host, "phase": "queued",
                           "outcome": None, "fence": fence, "steps": {}, "error": None, "rollout": rollout_id,
                           "created": dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")}, envelope,
                          message=message)
+    return DeployHandle(co, deploy_id, address, host)
+
+
+@contextlib.contextmanager
+def _broker_errors() -> Iterator[None]:
+    """Redis trouble while enqueueing, as the BrokerError a caller can act on."""
+    try:
+        yield
     except redis.RedisError as err:
         raise BrokerError(f"cannot enqueue deploy: Redis error: {err}") from None
     except (OSError, ConnectionError) as err:
         raise BrokerError(f"cannot enqueue deploy: broker unreachable: {err}") from None
-    return DeployHandle(co, deploy_id, address, host)
 
 
 def _root_kwargs(envelope: dict[str, Any], rollout_id: str | None) -> dict[str, Any]:
