@@ -30,7 +30,7 @@ from mailtls_tasks.cli import cli
 from mailtls_tasks.core import material
 from mailtls_tasks.core.config import HostConfig, Target, load_config
 from mailtls_tasks.security.keys import encode_public, load_pipeline, public_of
-from tests.support.services import require
+from tests.support.services import require, unavailable
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE = REPO / "compose"
@@ -343,15 +343,15 @@ def test_postfix_setup_against_a_scratch_config_dir(tmp_path: Path) -> None:
 
 
 def test_dovecot_config_with_doveconf(tmp_path: Path) -> None:
-    doveconf = shutil.which("doveconf") or ("/usr/bin/doveconf" if Path("/usr/bin/doveconf").exists() else None)
+    doveconf = require("doveconf")
     etc = Path("/etc/dovecot")
-    if doveconf is None or not os.access(etc / "dovecot.conf", os.R_OK):
-        pytest.skip("Dovecot is not installed here (or its config is not readable)")
+    if not os.access(etc / "dovecot.conf", os.R_OK):
+        unavailable("Dovecot's config is not readable by this user")
     conf = tmp_path / "dovecot"
     try:
         shutil.copytree(etc, conf, ignore=shutil.ignore_patterns("private"))
     except (PermissionError, shutil.Error):
-        pytest.skip("Debian's Dovecot config is not readable by this user")
+        unavailable("Debian's Dovecot config is not readable by this user")
     shutil.copy(COMPOSE / "dovecot-mailtls.conf", conf / "conf.d" / "99-mailtls.conf")
 
     def dc(*names: str) -> list[str]:
@@ -390,8 +390,7 @@ def check_material(cert_pem: bytes, key_pem: bytes, target: Target) -> str:
 
 
 def test_entrypoint_makes_keys_targets_and_certificates(tmp_path: Path) -> None:
-    if not shutil.which("openssl"):
-        pytest.skip("no openssl binary")
+    require("openssl")
     root = tmp_path / "image"
     (root / "bin").mkdir(parents=True)
     for d in IMAGE_PATHS:  # as the Dockerfile and the volumes leave them
