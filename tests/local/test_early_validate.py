@@ -86,7 +86,7 @@ def test_a_failing_early_run_rejects_the_deploy(host: MailHost, pki: PKI) -> Non
     assert host.snapshot() == before and host.reload.calls == []
 
 
-@pytest.mark.parametrize("how", ["unchanged", "unreadable key file", "invalid targets file"])
+@pytest.mark.parametrize("how", ["unchanged", "rejected material", "unreadable key file", "invalid targets file"])
 def test_an_early_run_nobody_needs_is_killed_on_exit(host: MailHost, pki: PKI, how: str) -> None:
     host.add_target("mx")
     leaf = pki.leaf()
@@ -96,6 +96,8 @@ def test_an_early_run_nobody_needs_is_killed_on_exit(host: MailHost, pki: PKI, h
     key.write_bytes(leaf.key_pem)
     if how == "unreadable key file":
         key.unlink()
+    if how == "rejected material":  # the key of another certificate
+        key.write_bytes(pki.leaf().key_pem)
     marker = host.root / "validate-finished"
     host.validate.touches(marker)  # touched only by a run that was let finish
     host.validate.hang(1.5)
