@@ -114,13 +114,10 @@ def take_early(config: str | None, target: str) -> tuple[Any, str, Any] | None:
     """(raw file, its path, the running command or None) if the launcher read the same
     file for the same target; else None, after killing whatever it started."""
     global _early
-    early, _early = _early, None
-    if early is None:
-        return None
-    if (early.config, early.target) == (config, target):
+    if _early is not None and (_early.config, _early.target) == (config, target):
+        early, _early = _early, None
         return early.raw, early.source, early.running
-    if early.running is not None:
-        early.running.cancel()
+    cancel_early()
     return None
 
 
