@@ -39,24 +39,6 @@ def _files(host: MailHost, pki: PKI) -> tuple[str, str]:
     return str(c), str(k)
 
 
-def _live_runs(host: MailHost, within: float = 5.0) -> list[int]:
-    """Pids still running the validate_command after ``within`` seconds (a killed run
-    may take a moment to go; a zombie has no command line and does not count)."""
-    deadline = time.monotonic() + within
-    while True:
-        pids = []
-        for d in Path("/proc").iterdir():
-            if d.name.isdigit():
-                try:
-                    if str(host.validate.path).encode() in (d / "cmdline").read_bytes():
-                        pids.append(int(d.name))
-                except OSError:
-                    continue
-        if not pids or time.monotonic() > deadline:
-            return pids
-        time.sleep(0.02)
-
-
 @pytest.mark.parametrize(("argv", "expected"), [
     (["deploy", "mx", "--local", "--cert", "c", "--key", "k"], (None, "mx")),
     (["-v", "deploy", "--cert=c", "--key", "k", "--local", "--config", "/etc/t.toml", "mx1/mx"],
@@ -130,7 +112,7 @@ def test_an_early_run_nobody_needs_is_killed_on_exit(host: MailHost, pki: PKI, h
     if how == "unchanged":  # the others end before the started interpreter has even logged
         assert len(host.validate.calls) == 1, "the launcher did start it"
     assert took < 15, "the exit waited for a run it does not need"
-    assert _live_runs(host) == [], "the early run outlived the command"
+    assert host.validate.running() == [], "the early run outlived the command"
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
@@ -153,7 +135,7 @@ def test_a_signal_while_the_command_starts_up_kills_the_early_run(host: MailHost
     out, err = p.communicate(timeout=30)
 
     assert p.returncode != 0, out + err
-    assert _live_runs(host) == [], "the early run outlived the command"
+    assert host.validate.running() == [], "the early run outlived the command"
     assert host.stray_temps() == []
 
 

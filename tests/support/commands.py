@@ -10,7 +10,9 @@ reload tells a test TLS server to re-read its files).
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 SCRIPT = '''#!{python}
@@ -67,6 +69,18 @@ class FakeCommand:
 
     def touches(self, *paths: Path) -> None:
         self._f(".touches").write_text("\n".join(str(p) for p in paths))
+
+    def running(self, settle: float = 5.0) -> list[int]:
+        """Pids of processes still running this command, once they have had up to
+        ``settle`` seconds to go (a killed group takes a moment; a zombie, its command
+        line gone, does not count)."""
+        deadline = time.monotonic() + settle
+        while True:
+            out = subprocess.run(["pgrep", "-f", str(self.path)], capture_output=True, text=True).stdout
+            pids = [int(p) for p in out.split()]
+            if not pids or time.monotonic() >= deadline:
+                return pids
+            time.sleep(0.02)
 
     def reset(self) -> None:
         self._f(".log").unlink(missing_ok=True)
