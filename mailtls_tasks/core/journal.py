@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -170,6 +171,39 @@ class Owner:
     path: str
     target: str
     deploy_id: str
+
+
+class _HeldLocks:
+    """The lock files this process has open, so a forked child can let go of them.
+
+    A flock belongs to the open file description, and a child made by fork() shares
+    it: were the child to live on holding a copy, the file would stay locked after its
+    holder closed it. That is the worker's case: the recovery sweep, a thread of
+    Celery's main process, may hold locks (through a whole rollback) when billiard
+    forks a pool child. ``O_CLOEXEC`` covers exec, not fork; so the child closes its
+    copies first thing, and the fork waits while a lock file is being opened."""
+
+    def __init__(self) -> None:
+        self.guard = threading.Lock()
+        self.fds: set[int] = set()
+
+    def before_fork(self) -> None:
+        self.guard.acquire()
+
+    def after_fork_in_parent(self) -> None:
+        self.guard.release()
+
+    def after_fork_in_child(self) -> None:
+        for fd in self.fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.fds = set()
+        self.guard = threading.Lock()  # the parent's, held by the forking thread: not ours
+
+
+_HELD = _HeldLocks()
+os.register_at_fork(before=_HELD.before_fork, after_in_parent=_HELD.after_fork_in_parent,
+                    after_in_child=_HELD.after_fork_in_child)
 
 
 def file_key(real: str) -> str:
@@ -362,8 +396,9 @@ class Journal:
         try:
             for real in sorted(set(reals), key=file_key):
                 path = os.path.join(d, file_key(real) + ".lock")
-                with _io("open lock", path):
+                with _io("open lock", path), _HELD.guard:  # no fork between the open and the record
                     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                    _HELD.fds.add(fd)
                 fds.append(fd)
                 while True:
                     try:
@@ -377,8 +412,10 @@ class Journal:
                         time.sleep(0.02)
             yield
         finally:
-            for fd in fds:
-                os.close(fd)  # closing drops the flock
+            with _HELD.guard:
+                for fd in fds:
+                    _HELD.fds.discard(fd)
+                    os.close(fd)  # closing drops the flock
 
     # -- owners -------------------------------------------------------------
     def _owner_path(self, real: str) -> str:
