@@ -20,7 +20,7 @@ import socket
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from ..errors import ConfigError, UnknownTarget
 from .configfile import (
@@ -567,6 +567,13 @@ class HostConfig(BaseModel):
     targets: dict[str, Target] = Field(default_factory=dict)
     security: SecuritySettings | None = None
     source: str = ""
+    # Target -> the other targets that share a real file with it (found at load, where
+    # every path is resolved anyway): a deploy must not leave one of them half-replaced.
+    _sharing: dict[str, tuple[str, ...]] = PrivateAttr(default_factory=dict)
+
+    def sharing_with(self, name: str) -> tuple[Target, ...]:
+        """The other targets reading at least one of ``name``'s files."""
+        return tuple(self.targets[n] for n in self._sharing.get(name, ()))
 
     @field_validator("deploy_lease", "recovery_interval", "audit_interval", mode="before")
     @classmethod
@@ -650,19 +657,24 @@ def parse_config(raw: dict[str, Any], source: str = "<config>") -> HostConfig:
     except ValidationError as err:
         problems.append(_format_validation_error(err))
         host = None
-    problems += _shared_file_roles(targets)
+    shared_problems, sharing = _shared_files(targets)
+    problems += shared_problems
     if host is not None:
         problems += _unsafe_paths(host, targets)
     if problems:
         raise ConfigError(f"{source}: " + "; ".join(problems))
     assert host is not None
-    return host.model_copy(update={"targets": targets})
+    loaded = host.model_copy(update={"targets": targets})
+    loaded._sharing = sharing
+    return loaded
 
 
-def _shared_file_roles(targets: dict[str, Target]) -> list[str]:
+def _shared_files(targets: dict[str, Target]) -> tuple[list[str], dict[str, tuple[str, ...]]]:
     """Two targets may share a file (Postfix and Dovecot reading one cert), but only in
-    the same role: one target's key must never be another's certificate."""
+    the same role: one target's key must never be another's certificate. Returns the
+    problems, and which targets share a file with which."""
     seen: dict[str, tuple[str, str]] = {}
+    readers: dict[str, list[str]] = {}
     problems = []
     for name, t in targets.items():
         for role, path in t.files():
@@ -671,7 +683,15 @@ def _shared_file_roles(targets: dict[str, Target]) -> list[str]:
             if other[1] != role:
                 problems.append(f"targets.{name}.{role}_path: {path} is the same file ({real}) as "
                                 f"targets.{other[0]}.{other[1]}_path; a shared file must have the same role")
-    return problems
+            names = readers.setdefault(real, [])
+            if name not in names:
+                names.append(name)
+    sharing: dict[str, list[str]] = {}
+    for names in readers.values():
+        for name in names:
+            mine = sharing.setdefault(name, [])
+            mine += [n for n in names if n != name and n not in mine]
+    return problems, {n: tuple(others) for n, others in sharing.items() if others}
 
 
 def _unsafe_paths(host: HostConfig, targets: dict[str, Target]) -> list[str]:

@@ -279,6 +279,25 @@ def leaf_of_file(data: bytes) -> x509.Certificate | None:
         return None
 
 
+def set_problems(cert_file: bytes, key_file: bytes, chain_file: bytes | None) -> set[str]:
+    """What a daemon would find wrong with these files, as it loads them: a key that is
+    not its certificate's, a chain file whose first certificate did not issue it, or
+    (no chain file) a certificate file holding a CA-issued leaf alone."""
+    leaf = leaf_of_file(cert_file)
+    if leaf is None:
+        return {"no certificate"}
+    out = set()
+    if not key_matches_cert(key_file, cert_file):
+        out.add("a key that does not match its certificate")
+    if chain_file is not None:
+        first = leaf_of_file(chain_file)
+        if first is None or not _issued_by(leaf, first):
+            out.add("a chain that did not issue its certificate")
+    elif leaf.issuer != leaf.subject and sum(m.group(1) == b"CERTIFICATE" for m in _PEM_BLOCK.finditer(cert_file)) == 1:
+        out.add("no chain (its certificate file would hold the leaf alone)")
+    return out
+
+
 def key_of_file(data: bytes) -> bytes | None:
     """The private key block of an on-disk key (or combined) file, or None."""
     m = next((m for m in _PEM_BLOCK.finditer(data) if m.group(1).endswith(b"PRIVATE KEY")), None)

@@ -71,6 +71,8 @@ class StepContext:
     ``early_validate``: the target's validate_command, started before the deploy
     staged (it checks the daemon's config, which a deploy never changes); validate
     collects its verdict instead of running it again.
+    ``sharing``: the host's other targets that read at least one of this target's
+    files; stage refuses to leave one of them with files its daemon cannot serve.
     """
 
     target: Target
@@ -78,6 +80,7 @@ class StepContext:
     host: str = ""
     lease: float = DEFAULT_LEASE
     early_validate: Running | None = field(default=None, compare=False)
+    sharing: tuple[Target, ...] = ()  # the host's other targets reading one of these files
 
     def load(self, deploy_id: str) -> DeployRecord:
         rec = self.journal.load(self.target.name, check_deploy_id(deploy_id))
@@ -103,7 +106,8 @@ class HostContexts(Mapping[str, StepContext]):
         ctx = self._made.get(name)
         if ctx is None:
             t = self.cfg.targets[name]
-            ctx = self._made[name] = StepContext(t, self.journal, self.cfg.host, self.cfg.deploy_lease)
+            ctx = self._made[name] = StepContext(t, self.journal, self.cfg.host, self.cfg.deploy_lease,
+                                                 sharing=self.cfg.sharing_with(name))
         return ctx
 
     def __iter__(self) -> Iterator[str]:
@@ -394,6 +398,7 @@ def _stage(ctx: StepContext, rec: DeployRecord, raw: list[RawBundle], *, force: 
         rec.phase = "staged"
         return
 
+    _check_sharing(ctx, entries, wanted)
     ctx.save(rec)  # temps named in the journal before they exist: recovery can find them
     for e in entries:
         if e.existed:
@@ -410,6 +415,35 @@ def _stage(ctx: StepContext, rec: DeployRecord, raw: list[RawBundle], *, force: 
             _remove_temps(rec)
             raise Rejected(f"{e.role}: cannot stage next to {e.real}: {err.strerror or err}") from None
     rec.phase = "staged"
+
+
+def _check_sharing(ctx: StepContext, entries: list[FileEntry], wanted: dict[str, bytes]) -> None:
+    """Another target reading some of these files but not the same whole certificate
+    (say the key, each with a certificate of its own; or the certificate, one of them
+    with a chain file) must not be left with files its daemon cannot serve: a key that
+    is not its certificate's, a chain that did not issue it, a chain taken away. Only
+    what this deploy would break counts; what was wrong before is not ours to judge."""
+    after = {e.real: wanted[e.role] for e in entries}
+    for other in ctx.sharing:
+        for _, _, cert, key, chain, combined in other.slots():
+            if combined:  # shared only as a combined file of ours too: it is written whole
+                continue
+            paths = {"cert": cert, "key": key, **({"chain": chain} if chain else {})}
+            reals = {role: files.real_path(p) for role, p in paths.items()}
+            if not any(r in after for r in reals.values()):
+                continue
+            before = {role: files.read_bytes(r) for role, r in reals.items()}
+            if any(b is None for b in before.values()):
+                continue  # not all in place: nothing of its is live to break
+            now = {role: after.get(reals[role], b) for role, b in before.items()}
+            broken = (material.set_problems(now["cert"] or b"", now["key"] or b"", now.get("chain"))
+                      - material.set_problems(before["cert"] or b"", before["key"] or b"", before.get("chain")))
+            if broken:
+                shared = ", ".join(sorted(p for role, p in paths.items() if reals[role] in after))
+                raise MaterialError(
+                    f"shared files: target {other.name!r} also reads {shared}; this deploy would leave it with "
+                    f"{' and '.join(sorted(broken))}. Deploy the same certificate to both, or give "
+                    f"{other.name!r} files of its own")
 
 
 def _finish_unchanged(ctx: StepContext, rec: DeployRecord, detail: str) -> None:

@@ -1,0 +1,91 @@
+"""Targets that share some files but not a whole certificate.
+
+Two daemons reading one key file, each with a certificate of its own (certbot's
+--reuse-key makes such hosts), or one certificate file that one target pairs with a
+chain file and the other reads whole: a deploy to one must not leave the other with
+files its daemon cannot serve. It is refused (``rejected``, nothing touched) when it
+would; it goes ahead when the other target's files stay whole.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mailtls_tasks.core import material
+from tests.support.host import MailHost
+from tests.support.pki import PKI, issue
+
+
+def _share_key(host: MailHost) -> Path:
+    key = host.certs / "shared-key.pem"
+    host.add_target("smtp", key_path=str(key))
+    host.add_target("imap", key_path=str(key))
+    return key
+
+
+def _assert_whole(host: MailHost, target: str) -> None:
+    cert, key = host.path(target, "cert").read_bytes(), host.path(target, "key").read_bytes()
+    assert material.key_matches_cert(key, cert)
+
+
+def test_a_new_key_for_one_of_two_targets_sharing_the_key_is_refused(host: MailHost, pki: PKI) -> None:
+    _share_key(host)
+    first = pki.leaf()
+    host.install("smtp", first)
+    host.install("imap", issue("imap.example.test", pki.inter, key=first.key))
+    before = host.snapshot()
+
+    r = host.deploy("smtp", pki.leaf())  # a new key
+
+    assert r.outcome == "rejected"
+    assert "'imap'" in (r.error or "") and "shared-key.pem" in (r.error or "")
+    assert "a key that does not match its certificate" in (r.error or "")
+    assert host.snapshot() == before and host.stray_temps() == []
+    assert host.reload.calls == []
+    _assert_whole(host, "imap")
+
+
+def test_the_same_key_again_goes_ahead_and_both_stay_whole(host: MailHost, pki: PKI) -> None:
+    _share_key(host)
+    first = pki.leaf()
+    host.install("smtp", first)
+    host.install("imap", issue("imap.example.test", pki.inter, key=first.key))
+    renewed = issue("mail.example.test", pki.inter, key=first.key)
+    renewed.chain = [pki.inter.cert]
+
+    r = host.deploy("smtp", renewed)
+
+    assert r.outcome == "deployed", r.error
+    assert host.path("smtp", "cert").read_bytes() == renewed.fullchain_pem
+    _assert_whole(host, "smtp")
+    _assert_whole(host, "imap")
+
+
+def test_a_shared_cert_file_is_not_stripped_of_the_chain_the_other_target_reads_in_it(host: MailHost,
+                                                                                      pki: PKI) -> None:
+    cert = host.certs / "shared-cert.pem"
+    host.add_target("smtp", cert_path=str(cert), key_path=str(host.certs / "k.pem"),
+                    chain_path=str(host.certs / "chain.pem"))
+    host.add_target("imap", cert_path=str(cert), key_path=str(host.certs / "k.pem"))  # chain in the cert file
+    old = pki.leaf()
+    host.install("imap", old)  # the full chain in the cert file
+    (host.certs / "chain.pem").write_bytes(old.chain_pem)
+    before = host.snapshot()
+
+    r = host.deploy("smtp", pki.leaf())
+
+    assert r.outcome == "rejected"
+    assert "'imap'" in (r.error or "") and "no chain" in (r.error or "")
+    assert host.snapshot() == before and host.stray_temps() == []
+
+
+def test_two_targets_sharing_the_whole_pair_are_not_refused(host: MailHost, pki: PKI) -> None:
+    cert, key = host.certs / "c.pem", host.certs / "k.pem"
+    host.add_target("smtp", cert_path=str(cert), key_path=str(key))
+    host.add_target("imap", cert_path=str(cert), key_path=str(key))
+    host.install("smtp", pki.leaf())
+
+    r = host.deploy("imap", pki.leaf())
+
+    assert r.outcome == "deployed", r.error
+    _assert_whole(host, "smtp")
