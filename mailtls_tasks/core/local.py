@@ -18,8 +18,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import replace
 from types import FrameType
 
-from ..errors import MailTLSError
+from ..errors import MailTLSError, Rejected
 from ..result import DeployResult
+from . import material
 from .commands import Running
 from .config import HostConfig
 from .ids import check_deploy_id, new_deploy_id
@@ -124,6 +125,7 @@ def _run(cfg: HostConfig, target: str, cert_pem: bytes, key_pem: bytes, chain_pe
     deploy_id = check_deploy_id(deploy_id or new_deploy_id())
     contexts = contexts_for(cfg, journal)
     ctx = replace(contexts[t.name], early_validate=early_validate)
+    _check_id_reuse(ctx.journal, t.name, deploy_id, cert_pem)
     recover(contexts, ctx.journal)
 
     def take_over(owner: Owner) -> None:
@@ -153,6 +155,28 @@ def _run(cfg: HostConfig, target: str, cert_pem: bytes, key_pem: bytes, chain_pe
                 _compensate(ctx, deploy_id, "interrupted by a signal", reason="interrupted")
             raise
     return DeployResult.from_record(rec)
+
+
+def _check_id_reuse(journal: Journal, target: str, deploy_id: str, cert_pem: bytes) -> None:
+    """An id names one deploy of one bundle. Run again with the same bundle, it
+    converges (its recorded result, or the rest of its steps after a crash). Another
+    bundle under that id, or a distributed deploy's id, is refused before anything is
+    touched: the first would report the old deploy as this one (a certbot hook with a
+    fixed id: exit 0 forever); the second would run the steps of a deploy its worker
+    owns, or roll it back on a failure of its own."""
+    rec = journal.load(target, deploy_id)
+    if rec is None:
+        return
+    if rec.origin != "local":
+        state = f"ended {rec.outcome}" if rec.finished else f"in phase {rec.phase}"
+        raise Rejected(f"deploy id {deploy_id} is a distributed deploy of target {target!r} ({state}); a local "
+                       "run cannot take it over: leave out --deploy-id, or give a new one")
+    leaf = material.leaf_of_file(cert_pem)
+    known = {fp for fp in (rec.fingerprint, *rec.leaves.values()) if fp}  # a dual target's either leaf
+    if known and (leaf is None or material.fingerprint(leaf) not in known):
+        raise Rejected(f"deploy id {deploy_id} was already used for another certificate (leaf "
+                       f"{(rec.fingerprint or min(known))[:16]}…); an id names one bundle: leave out --deploy-id, "
+                       "or give a new one")
 
 
 def _compensate(ctx: StepContext, deploy_id: str, error: str, reason: str | None = None) -> DeployRecord:

@@ -1,0 +1,67 @@
+"""``--deploy-id`` names one deploy of one bundle.
+
+Run again with the same bundle it converges (the recorded result, or the rest of its
+steps after a crash). Under another bundle, or under the id of a distributed deploy,
+it is refused before anything is touched: a certbot hook with a fixed id would
+otherwise report its first deploy, exit 0, forever; and a local run would run the
+steps of a deploy a worker owns -- or roll that deploy back when it failed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from mailtls_tasks.core import steps
+from mailtls_tasks.core.journal import Journal
+from mailtls_tasks.core.local import contexts_for
+from mailtls_tasks.errors import Rejected
+from tests.support.host import MailHost
+from tests.support.pki import PKI
+
+
+def test_a_fixed_id_with_another_certificate_is_refused_and_nothing_changes(host: MailHost, pki: PKI) -> None:
+    first, second = pki.leaf(), pki.leaf()
+    host.add_target("mx")
+    assert host.deploy("mx", first, deploy_id="hook-1").outcome == "deployed"
+    before = host.snapshot()
+
+    with pytest.raises(Rejected, match=r"deploy id hook-1 was already used for another certificate"):
+        host.deploy("mx", second, deploy_id="hook-1")
+
+    assert host.snapshot() == before
+    assert len(host.reload.calls) == 1
+    rec = Journal(str(host.state)).load("mx", "hook-1")
+    assert rec is not None and rec.outcome == "deployed" and rec.fingerprint == first.fingerprint
+
+
+def test_the_cli_says_so_with_exit_2(host: MailHost, pki: PKI) -> None:
+    first, second = pki.leaf(), pki.leaf()
+    host.add_target("mx")
+    assert host.deploy("mx", first, deploy_id="hook-2").outcome == "deployed"
+
+    p = host.cli("deploy", "mx", "--local", "--deploy-id", "hook-2", "--cert", "c.pem", "--key", "k.pem",
+                 input_files={"c.pem": second.fullchain_pem, "k.pem": second.key_pem})
+
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert "already used for another certificate" in p.stderr
+    assert host.path("mx", "cert").read_bytes() == first.fullchain_pem
+
+
+def test_a_local_run_does_not_take_over_a_distributed_deploy_in_flight(host: MailHost, pki: PKI) -> None:
+    old, new = pki.leaf(), pki.leaf()
+    host.add_target("mx")
+    host.install("mx", old)
+    cfg = host.config
+    ctx = replace(contexts_for(cfg)["mx"])
+    staged = steps.stage(ctx, "dist-1", new.fullchain_pem, new.key_pem, origin="distributed", fence=1)
+    assert staged.phase == "staged"  # a worker staged it; its validate message is on its way
+
+    with pytest.raises(Rejected, match=r"deploy id dist-1 is a distributed deploy of target 'mx'"):
+        host.deploy("mx", new, deploy_id="dist-1")
+
+    rec = Journal(str(host.state)).load("mx", "dist-1")
+    assert rec is not None and rec.phase == "staged" and not rec.finished  # left to its worker
+    assert host.path("mx", "cert").read_bytes() == old.fullchain_pem
+    assert host.reload.calls == [] and host.validate.calls == []
