@@ -393,6 +393,7 @@ class Journal:
         self._ensure_dir(d)
         fds: list[int] = []
         deadline = time.monotonic() + timeout
+        pid = os.getpid()
         try:
             for real in sorted(set(reals), key=file_key):
                 path = os.path.join(d, file_key(real) + ".lock")
@@ -412,10 +413,11 @@ class Journal:
                         time.sleep(0.02)
             yield
         finally:
-            with _HELD.guard:
-                for fd in fds:
-                    _HELD.fds.discard(fd)
-                    os.close(fd)  # closing drops the flock
+            if os.getpid() == pid:  # a child forked in between closed its copies at the fork
+                with _HELD.guard:
+                    for fd in fds:
+                        _HELD.fds.discard(fd)
+                        os.close(fd)  # closing drops the flock
 
     # -- owners -------------------------------------------------------------
     def _owner_path(self, real: str) -> str:

@@ -279,6 +279,9 @@ def leaf_of_file(data: bytes) -> x509.Certificate | None:
         return None
 
 
+NO_CHAIN = "no chain (its certificate file would hold the leaf alone)"
+
+
 def set_problems(cert_file: bytes, key_file: bytes, chain_file: bytes | None) -> set[str]:
     """What a daemon would find wrong with these files, as it loads them: a key that is
     not its certificate's, a chain file whose first certificate did not issue it, or
@@ -294,7 +297,7 @@ def set_problems(cert_file: bytes, key_file: bytes, chain_file: bytes | None) ->
         if first is None or not _issued_by(leaf, first):
             out.add("a chain that did not issue its certificate")
     elif leaf.issuer != leaf.subject and sum(m.group(1) == b"CERTIFICATE" for m in _PEM_BLOCK.finditer(cert_file)) == 1:
-        out.add("no chain (its certificate file would hold the leaf alone)")
+        out.add(NO_CHAIN)
     return out
 
 

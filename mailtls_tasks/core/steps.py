@@ -398,7 +398,7 @@ def _stage(ctx: StepContext, rec: DeployRecord, raw: list[RawBundle], *, force: 
         rec.phase = "staged"
         return
 
-    _check_sharing(ctx, entries, wanted)
+    _check_sharing(ctx, slots, entries, wanted, now)
     ctx.save(rec)  # temps named in the journal before they exist: recovery can find them
     for e in entries:
         if e.existed:
@@ -417,33 +417,81 @@ def _stage(ctx: StepContext, rec: DeployRecord, raw: list[RawBundle], *, force: 
     rec.phase = "staged"
 
 
-def _check_sharing(ctx: StepContext, entries: list[FileEntry], wanted: dict[str, bytes]) -> None:
-    """Another target reading some of these files but not the same whole certificate
-    (say the key, each with a certificate of its own; or the certificate, one of them
-    with a chain file) must not be left with files its daemon cannot serve: a key that
-    is not its certificate's, a chain that did not issue it, a chain taken away. Only
-    what this deploy would break counts; what was wrong before is not ours to judge."""
+def _check_sharing(ctx: StepContext, slots: list[tuple[str, str, Bundle]], entries: list[FileEntry],
+                   wanted: dict[str, bytes], now: dt.datetime | None) -> None:
+    """What this deploy writes, judged for the host's other targets that read any of it.
+
+    One that will serve the new leaf (it reads the certificate file) must accept it as
+    it would its own: key type, names, trust anchors, DANE readiness. One that shares
+    only part of a certificate's files (the key, each with a certificate of its own;
+    or the certificate, one of them with a chain file) must not be left with files its
+    daemon cannot serve: a key that is not its certificate's, a chain that did not issue
+    it, its chain taken away. Only what this deploy would break counts; what was wrong
+    before is not ours to judge."""
     after = {e.real: wanted[e.role] for e in entries}
+    ours: dict[str, dict[str, str]] = {}  # our slot prefix -> role -> real file
+    slot_of: dict[str, str] = {}  # real file -> the prefix of our slot that writes it
+    for e in entries:
+        prefix = "alt_" if e.role.startswith("alt_") else ""
+        ours.setdefault(prefix, {})[e.role.removeprefix(prefix)] = e.real
+        slot_of[e.real] = prefix
+    bundles = {prefix: bundle for prefix, _, bundle in slots}
     for other in ctx.sharing:
-        for _, _, cert, key, chain, combined in other.slots():
-            if combined:  # shared only as a combined file of ours too: it is written whole
+        for _, kind, cert, key, chain, combined in other.slots():
+            paths = {"combined": combined} if combined else {"cert": cert, "key": key,
+                                                              **({"chain": chain} if chain else {})}
+            reals = {role: files.real_path(path) for role, path in paths.items()}
+            touched = [role for role, real in reals.items() if real in after]
+            if not touched:
                 continue
-            paths = {"cert": cert, "key": key, **({"chain": chain} if chain else {})}
-            reals = {role: files.real_path(p) for role, p in paths.items()}
-            if not any(r in after for r in reals.values()):
+            where = (f"shared files: target {other.name!r} also reads "
+                     f"{', '.join(sorted(paths[r] for r in touched))}")
+            bundle = bundles[slot_of[reals[touched[0]]]]
+            leaf_real = reals.get("combined") or reals["cert"]
+            if leaf_real in after:  # it will serve our leaf
+                _judge_for(ctx, other, kind, bundles[slot_of[leaf_real]], leaf_real, where, now)
+            if combined or reals in ours.values():  # the very files of one of our slots, laid out alike
                 continue
-            before = {role: files.read_bytes(r) for role, r in reals.items()}
+            try:
+                before = {role: files.read_bytes(real) for role, real in reals.items()}
+            except OSError as err:
+                raise Rejected(f"{where}, and {err.filename or 'one of its files'} cannot be read to check that "
+                               f"it stays whole: {err.strerror or err}") from None
             if any(b is None for b in before.values()):
                 continue  # not all in place: nothing of its is live to break
-            now = {role: after.get(reals[role], b) for role, b in before.items()}
-            broken = (material.set_problems(now["cert"] or b"", now["key"] or b"", now.get("chain"))
-                      - material.set_problems(before["cert"] or b"", before["key"] or b"", before.get("chain")))
+            was = {role: b or b"" for role, b in before.items()}
+            will = {role: after.get(reals[role], was[role]) for role in reals}
+            broken = (material.set_problems(will["cert"], will["key"], will.get("chain"))
+                      - material.set_problems(was["cert"], was["key"], was.get("chain")))
+            if not bundle.chain:  # a leaf that needs no chain leaves none to take away
+                broken.discard(material.NO_CHAIN)
             if broken:
-                shared = ", ".join(sorted(p for role, p in paths.items() if reals[role] in after))
-                raise MaterialError(
-                    f"shared files: target {other.name!r} also reads {shared}; this deploy would leave it with "
-                    f"{' and '.join(sorted(broken))}. Deploy the same certificate to both, or give "
-                    f"{other.name!r} files of its own")
+                raise MaterialError(f"{where}; this deploy would leave it with {' and '.join(sorted(broken))}. "
+                                    f"Deploy the same certificate to both, or give {other.name!r} files of its own")
+
+
+def _judge_for(ctx: StepContext, other: Target, kind: str, bundle: Bundle, leaf_real: str, where: str,
+               now: dt.datetime | None) -> None:
+    """The checks stage makes of a bundle for its own target, made for ``other``."""
+    try:
+        if kind != "any" and bundle.key_type != kind:
+            raise MaterialError(f"it takes an {kind.upper()} certificate there, this one is "
+                                f"{bundle.key_type.upper()}")
+        missing = uncovered(other.names, bundle.leaf)
+        if missing:
+            raise MaterialError(f"the certificate does not cover {', '.join(missing)}, which it must serve")
+        material.check_path(bundle, other.trust_anchors, allow_self_signed=other.allow_self_signed,
+                            names=other.names, now=now)
+        if other.dane is not None:
+            from . import dane
+
+            old = material.leaf_of_file(files.read_bytes(leaf_real) or b"")
+            if old is None or material.spki_sha256(old.public_key()) != bundle.spki_sha256():
+                dane.require_ready(other, ctx.journal, [bundle.spki_sha256()])
+    except Rejected as err:
+        raised = type(err)(f"{where}: {err}")
+        raised.reason = err.reason
+        raise raised from None
 
 
 def _finish_unchanged(ctx: StepContext, rec: DeployRecord, detail: str) -> None:

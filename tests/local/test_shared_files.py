@@ -89,3 +89,36 @@ def test_two_targets_sharing_the_whole_pair_are_not_refused(host: MailHost, pki:
 
     assert r.outcome == "deployed", r.error
     _assert_whole(host, "smtp")
+
+
+def _share_pair(host: MailHost, **imap: object) -> None:
+    cert, key = host.certs / "c.pem", host.certs / "k.pem"
+    host.add_target("smtp", cert_path=str(cert), key_path=str(key))
+    host.add_target("imap", cert_path=str(cert), key_path=str(key), **imap)
+
+
+def test_a_whole_shared_pair_takes_a_leaf_that_needs_no_chain(host: MailHost, pki: PKI) -> None:
+    anchors = host.root / "anchors.pem"
+    anchors.write_bytes(pki.root.cert_pem)
+    _share_pair(host, trust_anchors=str(anchors))
+    host.targets["smtp"]["trust_anchors"] = str(anchors)
+    host.write_config()
+    host.install("smtp", pki.leaf())  # with its chain
+    direct = issue("mail.example.test", pki.root)  # issued by the root itself: nothing to chain
+
+    r = host.deploy("smtp", direct)
+
+    assert r.outcome == "deployed", r.error
+    assert host.path("imap", "cert").read_bytes() == direct.cert_pem
+
+
+def test_the_other_target_must_accept_the_leaf_it_will_serve(host: MailHost, pki: PKI) -> None:
+    _share_pair(host, names=["imap.example.test"])
+    host.install("smtp", pki.leaf(sans=["mail.example.test", "imap.example.test"]))
+    before = host.snapshot()
+
+    r = host.deploy("smtp", pki.leaf(sans=["mail.example.test"]))
+
+    assert r.outcome == "rejected"
+    assert "'imap'" in (r.error or "") and "does not cover imap.example.test" in (r.error or "")
+    assert host.snapshot() == before and host.stray_temps() == []
