@@ -141,6 +141,9 @@ class DeployRecord(BaseModel):
     reason: str | None = None
     error: str | None = None
     fingerprint: str | None = None
+    # SHA-256 over the certificates it was given (``material.input_digest``): what makes
+    # a second run under the same id the same deploy (no key bytes go into it)
+    input_sha256: str | None = None
     previous_fingerprint: str | None = None
     served_fingerprint: str | None = None
     # per certificate slot (its key type: "any", "rsa", "ecdsa"): a dual target has two

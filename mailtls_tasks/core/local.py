@@ -125,7 +125,8 @@ def _run(cfg: HostConfig, target: str, cert_pem: bytes, key_pem: bytes, chain_pe
     deploy_id = check_deploy_id(deploy_id or new_deploy_id())
     contexts = contexts_for(cfg, journal)
     ctx = replace(contexts[t.name], early_validate=early_validate)
-    _check_id_reuse(ctx.journal, t.name, deploy_id, cert_pem)
+    certs = [cert_pem, *(c for c, _, _ in also or [])]
+    _check_id_reuse(ctx.journal, t.name, deploy_id, certs)  # before waiting for locks it would not need
     recover(contexts, ctx.journal)
 
     def take_over(owner: Owner) -> None:
@@ -136,6 +137,7 @@ def _run(cfg: HostConfig, target: str, cert_pem: bytes, key_pem: bytes, chain_pe
 
     with _signals_as_exceptions(), holding(ctx.journal, target_reals(t), deploy_id, timeout=lock_timeout,
                                            recover=take_over, on_wait=waiting, target=t.name):
+        _check_id_reuse(ctx.journal, t.name, deploy_id, certs)  # again: a worker may have staged it meanwhile
         try:
             rec = stage(ctx, deploy_id, cert_pem, key_pem, chain_pem, force=force, also=also)
             for step in (validate, commit, reload, verify):
@@ -157,13 +159,13 @@ def _run(cfg: HostConfig, target: str, cert_pem: bytes, key_pem: bytes, chain_pe
     return DeployResult.from_record(rec)
 
 
-def _check_id_reuse(journal: Journal, target: str, deploy_id: str, cert_pem: bytes) -> None:
-    """An id names one deploy of one bundle. Run again with the same bundle, it
-    converges (its recorded result, or the rest of its steps after a crash). Another
-    bundle under that id, or a distributed deploy's id, is refused before anything is
-    touched: the first would report the old deploy as this one (a certbot hook with a
-    fixed id: exit 0 forever); the second would run the steps of a deploy its worker
-    owns, or roll it back on a failure of its own."""
+def _check_id_reuse(journal: Journal, target: str, deploy_id: str, certs: list[bytes]) -> None:
+    """An id names one deploy of one bundle. Run again with the same certificates, it
+    converges (its recorded result; after a crash, recovery's ending). Other
+    certificates under that id, or a distributed deploy's id, are refused before
+    anything is touched: the first would report the old deploy as this one (a certbot
+    hook with a fixed id: exit 0 forever); the second would run the steps of a deploy
+    its worker owns, or roll it back on a failure of its own."""
     rec = journal.load(target, deploy_id)
     if rec is None:
         return
@@ -171,12 +173,16 @@ def _check_id_reuse(journal: Journal, target: str, deploy_id: str, cert_pem: byt
         state = f"ended {rec.outcome}" if rec.finished else f"in phase {rec.phase}"
         raise Rejected(f"deploy id {deploy_id} is a distributed deploy of target {target!r} ({state}); a local "
                        "run cannot take it over: leave out --deploy-id, or give a new one")
-    leaf = material.leaf_of_file(cert_pem)
-    known = {fp for fp in (rec.fingerprint, *rec.leaves.values()) if fp}  # a dual target's either leaf
-    if known and (leaf is None or material.fingerprint(leaf) not in known):
-        raise Rejected(f"deploy id {deploy_id} was already used for another certificate (leaf "
-                       f"{(rec.fingerprint or min(known))[:16]}…); an id names one bundle: leave out --deploy-id, "
-                       "or give a new one")
+    if rec.input_sha256 is not None:
+        same = rec.input_sha256 == material.input_digest(certs)
+    else:  # a record from before input_sha256: judged by its leaves
+        known = set(rec.leaves.values()) or ({rec.fingerprint} if rec.fingerprint else set())
+        leaves = {material.leaf_of_file(c) for c in certs}
+        same = not known or {material.fingerprint(x) for x in leaves if x is not None} == known
+    if not same:
+        raise Rejected(f"deploy id {deploy_id} was already used for other certificates (that deploy ended "
+                       f"{rec.outcome or 'unfinished'}); an id names one bundle: leave out --deploy-id, or give a "
+                       "new one")
 
 
 def _compensate(ctx: StepContext, deploy_id: str, error: str, reason: str | None = None) -> DeployRecord:

@@ -279,6 +279,15 @@ def leaf_of_file(data: bytes) -> x509.Certificate | None:
         return None
 
 
+def input_digest(certs: Sequence[bytes]) -> str:
+    """What names the certificates a deploy was given, in any order (a dual target's
+    two): SHA-256 over their input bytes."""
+    h = hashlib.sha256()
+    for c in sorted(certs):
+        h.update(hashlib.sha256(c).digest())
+    return h.hexdigest()
+
+
 NO_CHAIN = "no chain (its certificate file would hold the leaf alone)"
 
 

@@ -27,7 +27,7 @@ def test_a_fixed_id_with_another_certificate_is_refused_and_nothing_changes(host
     assert host.deploy("mx", first, deploy_id="hook-1").outcome == "deployed"
     before = host.snapshot()
 
-    with pytest.raises(Rejected, match=r"deploy id hook-1 was already used for another certificate"):
+    with pytest.raises(Rejected, match=r"deploy id hook-1 was already used for other certificates"):
         host.deploy("mx", second, deploy_id="hook-1")
 
     assert host.snapshot() == before
@@ -45,7 +45,7 @@ def test_the_cli_says_so_with_exit_2(host: MailHost, pki: PKI) -> None:
                  input_files={"c.pem": second.fullchain_pem, "k.pem": second.key_pem})
 
     assert p.returncode == 2, p.stdout + p.stderr
-    assert "already used for another certificate" in p.stderr
+    assert "already used for other certificates" in p.stderr
     assert host.path("mx", "cert").read_bytes() == first.fullchain_pem
 
 
@@ -65,3 +65,37 @@ def test_a_local_run_does_not_take_over_a_distributed_deploy_in_flight(host: Mai
     assert rec is not None and rec.phase == "staged" and not rec.finished  # left to its worker
     assert host.path("mx", "cert").read_bytes() == old.fullchain_pem
     assert host.reload.calls == [] and host.validate.calls == []
+
+
+def test_a_dual_target_rerun_converges_in_either_order_and_a_new_leaf_is_refused(host: MailHost, pki: PKI) -> None:
+    from mailtls_tasks.core.local import run_local
+    from tests.support.pki import make_pki
+
+    rsa_pki = make_pki("rsa")
+    host.add_target("dual", alt={"key_type": "rsa", "cert_path": str(host.certs / "rsa-cert.pem"),
+                                 "key_path": str(host.certs / "rsa-key.pem")})
+    ec, rsa, rsa2 = pki.leaf(), rsa_pki.leaf(kind="rsa"), rsa_pki.leaf(kind="rsa")
+    cfg = host.config
+
+    first = run_local(cfg, "dual", ec.fullchain_pem, ec.key_pem, also=[(rsa.fullchain_pem, rsa.key_pem, None)],
+                      deploy_id="dual-1", lock_timeout=5)
+    again = run_local(cfg, "dual", rsa.fullchain_pem, rsa.key_pem, also=[(ec.fullchain_pem, ec.key_pem, None)],
+                      deploy_id="dual-1", lock_timeout=5)
+    assert first.outcome == "deployed", first.error
+    assert again == first
+    with pytest.raises(Rejected, match="already used for other certificates"):
+        run_local(cfg, "dual", ec.fullchain_pem, ec.key_pem, also=[(rsa2.fullchain_pem, rsa2.key_pem, None)],
+                  deploy_id="dual-1", lock_timeout=5)
+    assert host.path("dual", "cert").read_bytes() == ec.fullchain_pem
+    assert (host.certs / "rsa-cert.pem").read_bytes() == rsa.fullchain_pem
+
+
+def test_an_id_first_rejected_for_bad_input_is_not_reported_again_for_good_input(host: MailHost, pki: PKI) -> None:
+    host.add_target("mx")
+    good = pki.leaf()
+    bad = host.deploy("mx", pki.leaf(), chain=b"-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n",
+                      deploy_id="fix-1", fullchain=False)
+    assert bad.outcome == "rejected"
+
+    with pytest.raises(Rejected, match="already used for other certificates"):
+        host.deploy("mx", good, deploy_id="fix-1")
