@@ -130,15 +130,28 @@ def _seal(co: Coordinator, keys: PipelineKeys, target: str, cert_pem: bytes, key
                        *((w, d) for c, k, ch in also or [] for w, d in (("cert", c), ("key", k), ("chain", ch)))):
         if data is not None and len(data) > MAX_INPUT_BYTES:
             raise Rejected(f"{what}: over the {MAX_INPUT_BYTES}-byte limit")
+    chosen = deploy_id is not None
     deploy_id = check_deploy_id(deploy_id or new_deploy_id())
     now = time.time()
     with _broker_errors():
+        if chosen:  # a generated id is new by construction; a chosen one may have been used
+            _refuse_used(co, deploy_id)
         # the fence grows with the time signed below: it survives Redis losing its data
         host, name, fence = co.resolve_with_fence(target, now)
     recipient = keys.host_key(host)  # pinned here, never taken from Redis
     return seal(target=name, host=host, deploy_id=deploy_id, fence=fence, cert=cert_pem, key=key_pem,
                 chain=chain_pem, force=force, signing_key=keys.signing_key, recipient=recipient, issued_at=now,
                 also=also)
+
+
+def _refuse_used(co: Coordinator, deploy_id: str) -> None:
+    """An id names one deploy. Sent again, the host would answer with the record it has
+    for it, and the caller would take the first deploy's outcome for its own."""
+    rec = co.get_record(deploy_id)
+    if rec is not None:
+        state = f"ended {rec.get('outcome')}" if rec.get("outcome") else f"in phase {rec.get('phase', '?')}"
+        raise Rejected(f"deploy id {deploy_id} is already used (a deploy of {rec.get('target', '?')}, {state}); "
+                       f"follow it with: mailtls status {deploy_id}, or leave out the id to get a new one")
 
 
 def enqueue_sealed(co: Coordinator, envelope: dict[str, Any], app: Any = None) -> DeployHandle:
@@ -149,6 +162,8 @@ def enqueue_sealed(co: Coordinator, envelope: dict[str, Any], app: Any = None) -
     Target, host, deploy id and fence are taken from the envelope's signed header; the
     worker refuses it unless they match the message, so nothing here is trusted.
     """
+    with _broker_errors():
+        _refuse_used(co, _refs(envelope)[2])
     return _enqueue(co, envelope)
 
 

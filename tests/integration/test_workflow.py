@@ -19,7 +19,7 @@ from mailtls_tasks.core import probe
 from mailtls_tasks.core.journal import Journal
 from mailtls_tasks.core.material import key_matches_cert
 from mailtls_tasks.distributed.workflow import deploy
-from mailtls_tasks.errors import UnknownTarget
+from mailtls_tasks.errors import Rejected, UnknownTarget
 from tests.support.host import MailHost
 from tests.support.keys import Pipeline
 from tests.support.pki import PKI, Issued
@@ -121,6 +121,22 @@ def test_deploy_through_queue(fleet: Fleet) -> None:
     assert top["deploy_id"] == res.deploy_id and top["outcome"] == "deployed" and top["host"] == "mx1"
     jrec = Journal(str(fleet.mx1.state)).load("smtp", res.deploy_id)
     assert jrec is not None and jrec.outcome == "deployed"
+
+
+def test_an_explicit_deploy_id_already_used_is_refused_before_anything_is_sent(fleet: Fleet) -> None:
+    """A pipeline with a fixed id would otherwise get the first deploy's outcome as its
+    own: the host returns the record it has for that id."""
+    first = fleet.deploy("plain", fleet.pki.leaf(), deploy_id="pipeline-fixed-1")
+    assert first.outcome == "deployed", first.error
+    r = redis.Redis.from_url(fleet.redis.url)
+    queued = r.llen("mailtls.mx1")
+    record = r.get("mailtls:deploy:pipeline-fixed-1")
+
+    with pytest.raises(Rejected, match=r"deploy id pipeline-fixed-1 is already used .*ended deployed"):
+        fleet.deploy("plain", fleet.pki.leaf(), deploy_id="pipeline-fixed-1")
+
+    assert r.get("mailtls:deploy:pipeline-fixed-1") == record  # the first deploy's record, untouched
+    assert r.llen("mailtls.mx1") == queued
 
 
 def test_two_hosts_get_only_their_own_targets(fleet: Fleet) -> None:
