@@ -38,7 +38,7 @@ faults: deps   ## every N of every injected fault, both modes; writes faults-rep
 	$(BIN)/python -m tests.faults --level full --out faults-report.md
 
 model: deps    ## the protocol model test with many more examples
-	MAILTLS_MODEL_EXAMPLES=2000 MAILTLS_MODEL_STEPS=50 $(BIN)/pytest -q -p no:logging tests/unit/test_protocol_model.py
+	MAILTLS_MODEL_EXAMPLES=2000 MAILTLS_MODEL_STEPS=50 $(BIN)/pytest -q -p no:logging --timeout 3600 tests/unit/test_protocol_model.py
 
 bench: deps
 	$(BIN)/python -m bench
