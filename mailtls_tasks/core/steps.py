@@ -398,7 +398,7 @@ def _stage(ctx: StepContext, rec: DeployRecord, raw: list[RawBundle], *, force: 
         rec.phase = "staged"
         return
 
-    _check_sharing(ctx, slots, entries, wanted, now)
+    _check_sharing(ctx, slots, entries, wanted, old_spkis, now)
     ctx.save(rec)  # temps named in the journal before they exist: recovery can find them
     for e in entries:
         if e.existed:
@@ -418,7 +418,7 @@ def _stage(ctx: StepContext, rec: DeployRecord, raw: list[RawBundle], *, force: 
 
 
 def _check_sharing(ctx: StepContext, slots: list[tuple[str, str, Bundle]], entries: list[FileEntry],
-                   wanted: dict[str, bytes], now: dt.datetime | None) -> None:
+                   wanted: dict[str, bytes], old_spkis: dict[str, str | None], now: dt.datetime | None) -> None:
     """What this deploy writes, judged for the host's other targets that read any of it.
 
     One that will serve the new leaf (it reads the certificate file) must accept it as
@@ -427,7 +427,8 @@ def _check_sharing(ctx: StepContext, slots: list[tuple[str, str, Bundle]], entri
     or the certificate, one of them with a chain file) must not be left with files its
     daemon cannot serve: a key that is not its certificate's, a chain that did not issue
     it, its chain taken away. Only what this deploy would break counts; what was wrong
-    before is not ours to judge."""
+    before is not ours to judge. ``old_spkis``: by our slot's key type, the key of the
+    leaf in place, as stage read it."""
     after = {e.real: wanted[e.role] for e in entries}
     ours: dict[str, dict[str, str]] = {}  # our slot prefix -> role -> real file
     slot_of: dict[str, str] = {}  # real file -> the prefix of our slot that writes it
@@ -436,6 +437,7 @@ def _check_sharing(ctx: StepContext, slots: list[tuple[str, str, Bundle]], entri
         ours.setdefault(prefix, {})[e.role.removeprefix(prefix)] = e.real
         slot_of[e.real] = prefix
     bundles = {prefix: bundle for prefix, _, bundle in slots}
+    kinds = {prefix: kind for prefix, kind, _ in slots}
     for other in ctx.sharing:
         for _, kind, cert, key, chain, combined in other.slots():
             paths = {"combined": combined} if combined else {"cert": cert, "key": key,
@@ -448,8 +450,9 @@ def _check_sharing(ctx: StepContext, slots: list[tuple[str, str, Bundle]], entri
                      f"{', '.join(sorted(paths[r] for r in touched))}")
             bundle = bundles[slot_of[reals[touched[0]]]]
             leaf_real = reals.get("combined") or reals["cert"]
-            if leaf_real in after:  # it will serve our leaf
-                _judge_for(ctx, other, kind, bundles[slot_of[leaf_real]], leaf_real, where, now)
+            if leaf_real in after:  # it will serve our leaf, in place of the one in that file now
+                ours_at = slot_of[leaf_real]
+                _judge_for(ctx, other, kind, bundles[ours_at], old_spkis.get(kinds[ours_at]), where, now)
             if combined or reals in ours.values():  # the very files of one of our slots, laid out alike
                 continue
             try:
@@ -470,9 +473,10 @@ def _check_sharing(ctx: StepContext, slots: list[tuple[str, str, Bundle]], entri
                                     f"Deploy the same certificate to both, or give {other.name!r} files of its own")
 
 
-def _judge_for(ctx: StepContext, other: Target, kind: str, bundle: Bundle, leaf_real: str, where: str,
+def _judge_for(ctx: StepContext, other: Target, kind: str, bundle: Bundle, old_spki: str | None, where: str,
                now: dt.datetime | None) -> None:
-    """The checks stage makes of a bundle for its own target, made for ``other``."""
+    """The checks stage makes of a bundle for its own target, made for ``other``
+    (``old_spki``: the key of the leaf it serves now, None if there is none)."""
     try:
         if kind != "any" and bundle.key_type != kind:
             raise MaterialError(f"it takes an {kind.upper()} certificate there, this one is "
@@ -485,8 +489,7 @@ def _judge_for(ctx: StepContext, other: Target, kind: str, bundle: Bundle, leaf_
         if other.dane is not None:
             from . import dane
 
-            old = material.leaf_of_file(files.read_bytes(leaf_real) or b"")
-            if old is None or material.spki_sha256(old.public_key()) != bundle.spki_sha256():
+            if old_spki != bundle.spki_sha256():
                 dane.require_ready(other, ctx.journal, [bundle.spki_sha256()])
     except Rejected as err:
         raised = type(err)(f"{where}: {err}")
