@@ -190,6 +190,14 @@ def _fan_hosts(root: Path, n: int, pipeline: Pipeline, hosts: tuple[str, str] = 
     return out
 
 
+def _enqueue_all(addrs: list[str], leaves: list[Issued], r: RedisServer, pipeline: Pipeline) -> list[Any]:
+    """One deploy per address, each its own leaf, through mailtls_tasks.deploy(); their handles."""
+    from mailtls_tasks.distributed.workflow import deploy
+
+    return [deploy(a, leaf.fullchain_pem, leaf.key_pem, broker_url=r.url, pipeline=str(pipeline.path))
+            for a, leaf in zip(addrs, leaves, strict=True)]
+
+
 def p3_side_by_side(root: Path, r: RedisServer, pipeline: Pipeline, small: int = 100, big: int = 1000,
                     batch: int = 100) -> dict[str, float]:
     """P3's flatness, measured side by side: a small and a big fleet (two hosts each,
@@ -199,7 +207,6 @@ def p3_side_by_side(root: Path, r: RedisServer, pipeline: Pipeline, small: int =
     ratio; here both sizes see the same minutes. Then the same, in-process."""
     from mailtls_tasks.core.config import load_config
     from mailtls_tasks.core.local import run_local
-    from mailtls_tasks.distributed.workflow import deploy
 
     fleets = {"small": _fan_hosts(root / "sbs-small", small, pipeline, ("sbs-s1", "sbs-s2")),
               "big": _fan_hosts(root / "sbs-big", big, pipeline, ("sbs-b1", "sbs-b2"))}
@@ -215,8 +222,7 @@ def p3_side_by_side(root: Path, r: RedisServer, pipeline: Pipeline, small: int =
                 chosen = [addrs[k][(i * batch + j) % len(addrs[k])] for j in range(batch)]
                 leaves = [pki.leaf() for _ in chosen]
                 t0 = time.perf_counter()
-                handles = [deploy(a, leaf.fullchain_pem, leaf.key_pem, broker_url=r.url, pipeline=str(pipeline.path))
-                           for a, leaf in zip(chosen, leaves, strict=True)]
+                handles = _enqueue_all(chosen, leaves, r, pipeline)
                 outcomes = [h.get(timeout=600).outcome for h in handles]
                 per[f"dist_{k}"].append((time.perf_counter() - t0) / batch)
                 assert outcomes.count("deployed") == batch, outcomes
@@ -254,7 +260,6 @@ def p3_median(root: Path, n: int, r: RedisServer, pipeline: Pipeline) -> dict[st
 def p3(root: Path, n: int, r: RedisServer, pipeline: Pipeline) -> dict[str, float]:
     from mailtls_tasks.core.config import load_config
     from mailtls_tasks.core.local import run_local
-    from mailtls_tasks.distributed.workflow import deploy
 
     files = _fan_hosts(root / f"fan{n}", n, pipeline)
     pki = make_pki("ec")
@@ -265,8 +270,7 @@ def p3(root: Path, n: int, r: RedisServer, pipeline: Pipeline) -> dict[str, floa
     try:
         client.config_resetstat()
         t0 = time.perf_counter()
-        handles = [deploy(a, leaf.fullchain_pem, leaf.key_pem, broker_url=r.url, pipeline=str(pipeline.path))
-                   for a, leaf in zip(addrs, leaves, strict=True)]
+        handles = _enqueue_all(addrs, leaves, r, pipeline)
         enqueue = time.perf_counter() - t0
         outcomes = [h.get(timeout=1800).outcome for h in handles]
         distributed = time.perf_counter() - t0
@@ -328,7 +332,6 @@ def p3_share(root: Path, n: int, r: RedisServer, pipeline: Pipeline) -> dict[str
     MONITOR (kept out of the timed runs: it slows Redis down)."""
     import threading
 
-    from mailtls_tasks.distributed.workflow import deploy
 
     files = _fan_hosts(root / f"share{n}", n, pipeline)
     pki = make_pki("ec")
@@ -350,8 +353,7 @@ def p3_share(root: Path, n: int, r: RedisServer, pipeline: Pipeline) -> dict[str
         th.start()
         ready.wait(10)
         leaves = [pki.leaf() for _ in addrs]
-        handles = [deploy(a, leaf.fullchain_pem, leaf.key_pem, broker_url=r.url, pipeline=str(pipeline.path))
-                   for a, leaf in zip(addrs, leaves, strict=True)]
+        handles = _enqueue_all(addrs, leaves, r, pipeline)
         outcomes = [h.get(timeout=600).outcome for h in handles]
         assert outcomes.count("deployed") == n, outcomes
         captured = list(seen)
