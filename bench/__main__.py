@@ -212,7 +212,8 @@ def p3_side_by_side(root: Path, r: RedisServer, pipeline: Pipeline, small: int =
               "big": _fan_hosts(root / "sbs-big", big, pipeline, ("sbs-b1", "sbs-b2"))}
     sizes = {"small": small, "big": big}
     addrs = {k: [f"{h}/t{i}" for i in range(sizes[k] // 2) for h in f] for k, f in fleets.items()}
-    rounds = big // batch
+    batch = min(batch, small)  # smaller fleets (python -m bench --fanout 20,40): batches of the small one
+    rounds = max(1, big // batch)
     pki = make_pki("ec")
     per: dict[str, list[float]] = {"dist_small": [], "dist_big": [], "local_small": [], "local_big": []}
     workers = [Worker(f, r.url, root / f"sbs-{h}.log") for fl in fleets.values() for h, f in fl.items()]
