@@ -19,8 +19,9 @@ $(STAMP): pyproject.toml
 
 deps: bootstrap $(STAMP)
 
-lint: deps
+lint: deps     ## ruff, and the layer contracts of docs/architecture.md (import-linter, pyproject.toml)
 	$(BIN)/ruff check mailtls_tasks tests bench workers demo
+	$(BIN)/lint-imports --no-cache
 
 typecheck: deps
 	$(BIN)/mypy mailtls_tasks

@@ -49,6 +49,19 @@ from tests.support.services import REPO, RedisServer, Worker
 from tests.support.stack import MailStack
 
 MAILTLS = str(Path(sys.executable).parent / "mailtls")  # replaced by an installed copy's in main()
+MAILTLS_NO_EARLY = MAILTLS  # the same, built with the early validate_command start turned off
+
+# What turns the early start off in a copy built for P1's side-by-side "local_no_early"
+# (never in the product): both starts of cli/early.py become no-ops.
+NO_EARLY = """
+
+def start_early(argv: list[str]) -> None:  # bench: P1 without the early start
+    return None
+
+
+def start_validate(raw: Any, target: str) -> None:  # bench: P1 without the early start
+    return None
+"""
 
 FLOOR = """#!/bin/sh
 # The least a correct deploy does, by hand: $1 fullchain, $2 key, $3 expected SHA-256
@@ -68,14 +81,15 @@ exit 1
 """
 
 
-def _install(root: Path) -> str:
+def _install(root: Path, name: str = "venv", early: bool = True) -> str:
     """The package installed as `make install` does (a wheel, not this editable
     checkout, whose import hook costs every CLI start ~10 ms an operator never pays),
     into a venv of its own that borrows the dev venv's dependencies; returns its
-    `mailtls`. Built from this tree (pip fetches the build backend, as for make install)."""
+    `mailtls`. Built from this tree (pip fetches the build backend, as for make install).
+    ``early=False``: with cli/early.py's starts made no-ops (``NO_EARLY``)."""
     import sysconfig
 
-    venv = root / "venv"
+    venv = root / name
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     py = venv / "bin" / "python"
     site = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
@@ -83,9 +97,12 @@ def _install(root: Path) -> str:
     # a path line only: the dev venv's own .pth files (the editable hook) are not run
     Path(site, "mailtls-bench-deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     # from a copy: setuptools leaves build/ behind in the tree it builds from
-    src = root / "src"
+    src = root / f"src-{name}"
     shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(".venv", ".git", "build", "dist", "*.egg-info",
                                                              "__pycache__", ".*_cache", "bench-report.json"))
+    if not early:
+        with (src / "mailtls_tasks" / "cli" / "early.py").open("a") as f:
+            f.write(NO_EARLY)
     subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", str(src)], check=True, cwd=root,
                    env={**os.environ, "PIP_NO_CACHE_DIR": "1"})
     return str(venv / "bin" / "mailtls")
@@ -139,12 +156,12 @@ def p1_p2(root: Path, rounds: int, r: RedisServer, pipeline: Pipeline) -> dict[s
     floor.write_text(FLOOR.format(cert=stack.shared / "cert.pem", key=stack.shared / "key.pem",
                                   postfix=stack.postfix.bin, pfdir=stack.postfix.dir, port=stack.postfix.smtp_port))
     floor.chmod(0o755)
-    times: dict[str, list[float]] = {k: [] for k in ("floor", "local", "distributed", "local_unchanged",
-                                                     "distributed_unchanged")}
+    times: dict[str, list[float]] = {k: [] for k in ("floor", "local", "local_no_early", "distributed",
+                                                     "local_unchanged", "distributed_unchanged")}
     try:
-        methods = ["floor", "local", "distributed"]
+        methods = ["floor", "local", "local_no_early", "distributed"]
         for i in range(rounds):
-            for m in methods[i % 3:] + methods[:i % 3]:  # rotate who goes first
+            for m in methods[i % 4:] + methods[:i % 4]:  # rotate who goes first
                 leaf = pki.leaf()
                 c, k = _write(root, leaf)
                 if m == "floor":
@@ -154,6 +171,9 @@ def p1_p2(root: Path, rounds: int, r: RedisServer, pipeline: Pipeline) -> dict[s
                                             str(k)], env, root))
                     times["local_unchanged"].append(_timed([MAILTLS, "deploy", "smtp", "--local", "--cert", str(c),
                                                             "--key", str(k)], env, root))
+                elif m == "local_no_early":
+                    times[m].append(_timed([MAILTLS_NO_EARLY, "deploy", "smtp", "--local", "--cert", str(c), "--key",
+                                            str(k)], env, root))
                 else:
                     times[m].append(_timed([MAILTLS, "deploy", "bench-mx/smtp", "--cert", str(c), "--key", str(k)],
                                            env, root))
@@ -384,6 +404,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--fanout", default="100,1000")
     ap.add_argument("--out", default="bench-report.json")
+    ap.add_argument("--p1-only", action="store_true", help="P1 and P2 alone (no fan-out): a quick look")
     args = ap.parse_args()
     # The workers and the in-process runs import this tree: its bytecode compiled once,
     # as an install does, so nothing below compiles it again (under
@@ -392,8 +413,9 @@ def main() -> int:
                    stdout=subprocess.DEVNULL)
     root = Path(tempfile.mkdtemp(prefix="mailtls-bench-"))
     os.chmod(root, 0o755)  # the postfix user must traverse it
-    global MAILTLS
+    global MAILTLS, MAILTLS_NO_EARLY
     MAILTLS = _install(root)
+    MAILTLS_NO_EARLY = _install(root, "venv-no-early", early=False)
     r = RedisServer(root / "redis")
     pipeline = Pipeline(root / "pipeline")
     os.environ["MAILTLS_PIPELINE"] = str(pipeline.path)
@@ -404,10 +426,10 @@ def main() -> int:
               "python_and_redis_s": _import_cost(python, "import redis")}
     try:
         one = p1_p2(root, args.rounds, r, pipeline)
-        fan = [p3_median(root, int(n), r, pipeline) for n in args.fanout.split(",")]
-        sizes = [int(n) for n in args.fanout.split(",")]
+        sizes = [] if args.p1_only else [int(n) for n in args.fanout.split(",")]
+        fan = [p3_median(root, n, r, pipeline) for n in sizes]
         sbs = p3_side_by_side(root, r, pipeline, sizes[0], sizes[-1]) if len(sizes) >= 2 else None
-        share = p3_share(root, 20, r, pipeline)
+        share = None if args.p1_only else p3_share(root, 20, r, pipeline)
     finally:
         r.stop()
         shutil.rmtree(root, ignore_errors=True)
@@ -437,12 +459,16 @@ def main() -> int:
             f["distributed_per_s"] / f["local_per_s"], 0.5)
         if f["n"] >= 1000:
             goals["P3 enqueue 1,000 deploys <= 2 s"] = (f["enqueue_s"] * 1000 / f["n"], 2.0)
+    # Issue 19's rule for the early validate_command start: it stays only while a local
+    # deploy without it is above 1.15x the floor.
+    without = m["local_no_early"] / m["floor"]
+    report["early_start"] = {"local_no_early_vs_floor": round(without, 3), "needed": without > 1.15}
     report["goals"] = {k: {"value": round(v, 3), "limit": lim,
                            "met": (v >= lim) if ">=" in k else (v <= lim)} for k, (v, lim) in goals.items()}
     Path(args.out).write_text(json.dumps(report, indent=2))
     print(f"machine: {report['machine']}; {args.rounds} rounds; medians")
     print(f"  {'method':<24} {'median s':>9} {'vs floor':>9}")
-    for k in ("floor", "local", "distributed", "local_unchanged", "distributed_unchanged"):
+    for k in ("floor", "local", "local_no_early", "distributed", "local_unchanged", "distributed_unchanged"):
         print(f"  {k:<24} {m[k]:>9.3f} {m[k] / m['floor']:>8.2f}x")
     print(f"  {'N':>6} {'runs':>5} {'enqueue s':>10} {'dist/s':>8} {'local/s':>8} {'redis cmds/deploy':>18}")
     for f in fan:
@@ -454,12 +480,15 @@ def main() -> int:
               f"{sbs['dist_big_s_per_deploy'] * 1000:.1f} ({sbs['big']}); in-process "
               f"{sbs['local_small_s_per_deploy'] * 1000:.1f} vs {sbs['local_big_s_per_deploy'] * 1000:.1f}")
     print(f"  worker PSS (main + pool): {one['worker_pss_mib']:.1f} MiB")
-    print(f"  Redis commands per deploy by sender (N={share['n']}, MONITOR): Celery/kombu {share['celery']:.1f}, "
-          f"mailtls {share['mailtls']:.1f}, connection set-up {share['connection']:.1f}")
+    if share is not None:
+        print(f"  Redis commands per deploy by sender (N={share['n']}, MONITOR): Celery/kombu {share['celery']:.1f}, "
+              f"mailtls {share['mailtls']:.1f}, connection set-up {share['connection']:.1f}")
     print(f"  a bare start of this python: {limits['python_start_s']:.3f} s; with `import cryptography.x509`: "
           f"{limits['python_and_x509_s']:.3f} s ({limits['python_and_x509_s'] / m['local']:.2f}x a full local "
           f"deploy); with `import redis`: {limits['python_and_redis_s']:.3f} s "
           f"({limits['python_and_redis_s'] / m['distributed']:.2f}x a full distributed deploy)")
+    print(f"  the early validate_command start: a local deploy without it is {without:.2f}x the floor, "
+          f"{'above' if without > 1.15 else 'within'} 1.15x: {'keep it' if without > 1.15 else 'not needed'}")
     print("goals:")
     for k, g in report["goals"].items():
         print(f"  {'MET ' if g['met'] else 'MISS'} {k}: {g['value']}")

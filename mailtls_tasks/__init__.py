@@ -23,10 +23,10 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .core.config import HostConfig, Target, VerifySettings, load_config
     from .core.local import run_local
+    from .core.result import DeployResult
     from .distributed.rollout import RolloutResult, rollout
     from .distributed.workflow import DeployHandle, deploy
     from .errors import MailTLSError
-    from .result import DeployResult
 
 __all__ = ["DeployHandle", "DeployResult", "HostConfig", "MailTLSError", "RolloutResult", "Target", "VerifySettings",
            "deploy", "load_config", "rollout", "run_local"]
@@ -36,7 +36,7 @@ __version__ = "0.1.0"
 # pay for pydantic, cryptography's X.509 or Celery (PEP 562).
 _WHERE = {"HostConfig": ".core.config", "Target": ".core.config", "VerifySettings": ".core.config",
           "load_config": ".core.config", "run_local": ".core.local", "MailTLSError": ".errors",
-          "DeployResult": ".result", "deploy": ".distributed.workflow", "DeployHandle": ".distributed.workflow",
+          "DeployResult": ".core.result", "deploy": ".distributed.workflow", "DeployHandle": ".distributed.workflow",
           "rollout": ".distributed.rollout", "RolloutResult": ".distributed.rollout"}
 
 

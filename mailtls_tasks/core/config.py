@@ -22,23 +22,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
+from .. import daemons
+from ..commands import check_command
 from ..errors import ConfigError, UnknownTarget
-from .configfile import (
-    CONFIG_ENV,
-    DEFAULT_CONFIG_PATH,
-    HOST_ENV,
-    MODE_DEFAULTS,
-    SHELL_METACHARACTERS,
-    check_command,
-    config_path,
-    read_config,
-)
-from .ids import HOST_NAME_RE, TARGET_NAME_RE
+from ..ids import HOST_NAME_RE, TARGET_NAME_RE
+from .configfile import CONFIG_ENV, DEFAULT_CONFIG_PATH, HOST_ENV, config_path, read_config
 
-__all__ = ["CONFIG_ENV", "DEFAULT_CONFIG_PATH", "HOST_ENV", "MODE_DEFAULTS", "SHELL_METACHARACTERS", "check_command",
-           "config_path", "load_config", "parse_config", "read_config"]
+__all__ = ["CONFIG_ENV", "DEFAULT_CONFIG_PATH", "HOST_ENV", "config_path", "load_config", "parse_config",
+           "read_config"]
 
-Mode = Literal["postfix", "dovecot"]
 Protocol = Literal["auto", "smtp", "smtps", "imap", "imaps", "pop3", "pop3s", "tls"]
 
 
@@ -301,7 +293,7 @@ class Target(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str
-    mode: Mode = "postfix"
+    mode: str = daemons.DEFAULT_MODE  # a module of daemons/; checked (and its defaults filled in) below
     cert_path: str = ""
     key_path: str = ""
     chain_path: str = ""
@@ -335,10 +327,8 @@ class Target(BaseModel):
     def _mode_defaults(cls, data: Any) -> Any:
         if not isinstance(data, dict):
             return data
-        mode = data.get("mode") or "postfix"
-        if mode not in MODE_DEFAULTS:
-            raise ValueError(f"mode: unknown mode {mode!r} (expected 'postfix' or 'dovecot')")
-        merged = dict(MODE_DEFAULTS[mode])
+        mode = data.get("mode") or daemons.DEFAULT_MODE
+        merged = dict(daemons.get(mode).defaults)  # ValueError naming the known modes
         if data.get("combined_path"):  # the single-file layout has no separate cert/key defaults
             merged.pop("cert_path")
             merged.pop("key_path")
@@ -448,6 +438,14 @@ class Target(BaseModel):
         return self
 
     @model_validator(mode="after")
+    def _layout_fits_daemon(self) -> Target:
+        refused = sorted(self.layouts() - self.daemon.layouts)
+        if refused:
+            raise ValueError(f"mode: {self.mode} cannot read a {' or '.join(refused)} layout of files (it takes: "
+                             f"{', '.join(sorted(self.daemon.layouts))})")
+        return self
+
+    @model_validator(mode="after")
     def _fits_step_limits(self) -> Target:
         """The longest step is a rollback: two reload attempts and a verify poll."""
         v = self.post_deploy_verify
@@ -459,6 +457,18 @@ class Target(BaseModel):
                 f"({verify:g}s) + {STEP_MARGIN:g}s margin = {longest:g}s does not fit inside a step's time limit "
                 f"({STEP_SOFT_TIME_LIMIT:g}s): a step would be killed mid-way")
         return self
+
+    @property
+    def daemon(self) -> daemons.Daemon:
+        """The daemon this target's files are for: its config test, reload and listeners."""
+        return daemons.get(self.mode)
+
+    def layouts(self) -> set[daemons.Layout]:
+        """How this target's files are laid out (``daemons.Layout``)."""
+        used: set[daemons.Layout] = {"dual"} if self.alt is not None else set()
+        for *_, combined in self.slots():
+            used.add("combined" if combined else "separate")
+        return used
 
     def verify_endpoints(self) -> list[Listener]:
         """The listeners a deploy verifies (and the audit probes)."""

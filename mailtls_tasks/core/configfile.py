@@ -5,53 +5,21 @@ import: `mailtls deploy --local` starts the target's ``validate_command`` straig
 from the file it has just read, while the model (pydantic, about a tenth of a second
 to import) and the rest of the deploy load beside it. The file is read once; the
 model validates those very bytes, and the early start is used only when the
-validated target names the same command (``steps._validate_command``).
+validated target names the same command (``steps.validate``).
 """
 
 from __future__ import annotations
 
 import os
-import shlex
 from typing import Any
 
+from .. import daemons
+from ..commands import check_command
 from ..errors import ConfigError
 
 DEFAULT_CONFIG_PATH = "/etc/mailtls/targets.toml"
 CONFIG_ENV = "MAILTLS_CONFIG"
 HOST_ENV = "MAILTLS_HOST"
-
-MODE_DEFAULTS: dict[str, dict[str, str]] = {
-    "postfix": {
-        "cert_path": "/etc/postfix/certs/cert.pem",
-        "key_path": "/etc/postfix/certs/key.pem",
-        "chain_path": "",
-        "reload_command": "postfix reload",
-        "validate_command": "postfix check",
-    },
-    "dovecot": {
-        "cert_path": "/etc/dovecot/certs/cert.pem",
-        "key_path": "/etc/dovecot/certs/key.pem",
-        "chain_path": "",
-        "reload_command": "doveadm reload",
-        "validate_command": "doveconf -n",
-    },
-}
-
-# Rejected anywhere in a command string: the shell would give them meaning, and we
-# never run a shell -- refusing them makes a mistaken config fail loudly at load time
-# instead of running something the operator did not mean.
-SHELL_METACHARACTERS = frozenset(";|&$`(){}<>\\\"'\n\r\x00")
-
-
-def check_command(value: str, field: str) -> str:
-    """Reject shell metacharacters and unparsable strings; return the string as given."""
-    bad = sorted({c for c in value if c in SHELL_METACHARACTERS})
-    if bad:
-        shown = ", ".join(repr(c) for c in bad)
-        raise ValueError(f"{field}: shell metacharacter(s) {shown} are not allowed (no shell is used)")
-    if value.strip() and not shlex.split(value):
-        raise ValueError(f"{field}: empty command")
-    return value
 
 
 def config_path(explicit: str | None = None) -> str:
@@ -100,10 +68,10 @@ def validate_command_of(raw: Any, target: str) -> str | None:
     uses the early run only if the validated target names the same command."""
     try:
         body = raw["targets"][target.rpartition("/")[2]]
-        mode = body.get("mode") or "postfix"
-        command = body.get("validate_command", MODE_DEFAULTS[mode]["validate_command"])
+        mode = body.get("mode") or daemons.DEFAULT_MODE
+        command = body.get("validate_command", daemons.get(mode).defaults["validate_command"])
         if not isinstance(command, str) or not command.strip():
             return None
         return check_command(command, "validate_command")
-    except (KeyError, TypeError, AttributeError, ValueError):
+    except (KeyError, TypeError, AttributeError, ValueError):  # ValueError: an unknown mode too
         return None

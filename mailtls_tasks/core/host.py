@@ -14,16 +14,24 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from ..errors import ConfigError
+from ..ids import check_deploy_id
 from ..security.envelope import open_envelope
 from ..security.keys import load_host_key, parse_ed25519_public
-from . import files, material, steps
+from . import files, material
 from .audit import TargetAudit, audit_target
 from .config import HostConfig
-from .ids import check_deploy_id
 from .journal import DeployRecord, Journal, Owner
 from .ownership import busy_message, holding
 from .recovery import recover, recover_deploy
-from .steps import StepContext
+from .steps.commit import commit
+from .steps.context import HostContexts, StepContext, target_reals
+from .steps.phases import already_staged
+from .steps.reload import reload
+from .steps.rollback import rollback as rollback_step
+from .steps.stage import RawBundle
+from .steps.stage import stage as stage_step
+from .steps.validate import validate
+from .steps.verify import verify
 
 
 @dataclass(frozen=True, repr=False)
@@ -37,10 +45,10 @@ class HostKeys:
 
 
 STEP_FUNCTIONS = {
-    "validate": steps.validate,
-    "commit": steps.commit,
-    "reload": steps.reload,
-    "verify": steps.verify,
+    "validate": validate,
+    "commit": commit,
+    "reload": reload,
+    "verify": verify,
 }
 
 
@@ -69,7 +77,7 @@ class HostRuntime:
         # retried with backoff instead (within busy_retries).
         self.cfg = cfg
         self.journal = journal or Journal(cfg.state_dir)
-        self.contexts = steps.HostContexts(cfg, self.journal)
+        self.contexts = HostContexts(cfg, self.journal)
         self.lock_wait = lock_wait
         self._keys: HostKeys | None = None
 
@@ -105,7 +113,7 @@ class HostRuntime:
         with the header and is never used otherwise."""
         keys = self.security()
         existing = self.record(target, deploy_id)
-        if steps.already_staged(existing):
+        if already_staged(existing):
             return existing  # redelivered: its envelope may be past max age by now, and that is fine
         opened = open_envelope(envelope, target=target, host=self.host, deploy_id=deploy_id, fence=fence,
                                host_keys=keys.host_keys, trusted=keys.trusted, max_age=keys.max_age)
@@ -124,11 +132,11 @@ class HostRuntime:
         recover_deploy(self.contexts, self.journal, owner.target, owner.deploy_id)
 
     def stage(self, target: str, deploy_id: str, cert_pem: bytes, key_pem: bytes, chain_pem: bytes | None,
-              *, force: bool, fence: int | None, also: list[steps.RawBundle] | None = None) -> DeployRecord:
+              *, force: bool, fence: int | None, also: list[RawBundle] | None = None) -> DeployRecord:
         ctx = self.context(target)
-        with holding(self.journal, steps.target_reals(ctx.target), deploy_id, timeout=self.lock_wait,
+        with holding(self.journal, target_reals(ctx.target), deploy_id, timeout=self.lock_wait,
                      recover=self._take_over, target=target, wait_for_owner=False):
-            return steps.stage(ctx, deploy_id, cert_pem, key_pem, chain_pem, force=force, fence=fence,
+            return stage_step(ctx, deploy_id, cert_pem, key_pem, chain_pem, force=force, fence=fence,
                                origin="distributed", also=also)
 
     def _locked(self, target: str, deploy_id: str) -> tuple[StepContext, DeployRecord]:
@@ -144,7 +152,7 @@ class HostRuntime:
                  reason: str | None = None) -> DeployRecord:
         ctx, rec = self._locked(target, deploy_id)
         with self.journal.lock_files(rec.reals, self.lock_wait, busy=lambda r: busy_message(self.journal, r)):
-            return steps.rollback(ctx, deploy_id, error=error, reason=reason)
+            return rollback_step(ctx, deploy_id, error=error, reason=reason)
 
     def recover(self, *, full_scan: bool = False) -> list[DeployRecord]:
         return recover(self.contexts, self.journal, full_scan=full_scan)

@@ -35,8 +35,8 @@ from typing import Literal
 from pydantic import BaseModel, Field, ValidationError
 
 from ..errors import JournalError, TargetBusy
+from ..ids import DEPLOY_ID_RE, check_deploy_id
 from . import files
-from .ids import DEPLOY_ID_RE, check_deploy_id
 
 Phase = Literal[
     "staging", "staged", "validated", "committing", "committed", "reloaded", "verified",

@@ -18,16 +18,22 @@ from collections.abc import Callable, Iterator
 from dataclasses import replace
 from types import FrameType
 
+from ..commands import Running
 from ..errors import MailTLSError, Rejected
-from ..result import DeployResult
+from ..ids import check_deploy_id, new_deploy_id
 from . import material
-from .commands import Running
 from .config import HostConfig
-from .ids import check_deploy_id, new_deploy_id
 from .journal import DeployRecord, Journal, Owner
 from .ownership import holding
 from .recovery import recover, recover_deploy
-from .steps import HostContexts, StepContext, commit, reload, rollback, stage, target_reals, validate, verify
+from .result import DeployResult
+from .steps.commit import commit
+from .steps.context import HostContexts, StepContext, target_reals
+from .steps.reload import reload
+from .steps.rollback import rollback
+from .steps.stage import stage
+from .steps.validate import validate
+from .steps.verify import verify
 
 log = logging.getLogger("mailtls.local")
 
@@ -45,7 +51,7 @@ def contexts_for(cfg: HostConfig, journal: Journal | None = None) -> HostContext
 def recover_host(cfg: HostConfig, *, journal: Journal | None = None, full_scan: bool = True,
                  force: bool = False, boot: bool = False) -> list[DeployRecord]:
     """Finish every dead deploy on this host (``force``: every unfinished one;
-    ``boot``: before the daemons start, see ``steps.rollback``)."""
+    ``boot``: before the daemons start, see ``steps.rollback.rollback``)."""
     contexts = contexts_for(cfg, journal)
     return recover(contexts, contexts.journal, full_scan=full_scan, force=force, boot=boot)
 

@@ -26,7 +26,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
 from ..errors import MaterialError
-from .ids import MAX_INPUT_BYTES
+from ..ids import MAX_INPUT_BYTES
 
 MIN_RSA_BITS = 2048
 

@@ -22,11 +22,12 @@ from dataclasses import dataclass
 from cryptography import x509
 from OpenSSL import SSL
 
+from .. import daemons
 from ..errors import VerifyFailed
 from . import material
 from .config import Listener
 
-PORT_PROTOCOLS = {25: "smtp", 587: "smtp", 465: "smtps", 143: "imap", 993: "imaps", 110: "pop3", 995: "pop3s"}
+PORT_PROTOCOLS = daemons.port_protocols()  # 25, 587 smtp; 465 smtps; 143 imap; 993 imaps; 110 pop3; 995 pop3s
 IMPLICIT = {"smtps", "imaps", "pop3s", "tls"}
 
 

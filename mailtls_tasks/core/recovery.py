@@ -14,7 +14,10 @@ from collections.abc import Mapping
 from ..errors import JournalError, TargetBusy
 from .journal import DeployRecord, Journal, Owner
 from .ownership import is_dead
-from .steps import StepContext, finish_forward, rollback, target_reals, tombstone
+from .steps.context import StepContext, target_reals
+from .steps.rollback import rollback
+from .steps.stage import tombstone
+from .steps.verify import finish_forward
 
 log = logging.getLogger("mailtls.recovery")
 

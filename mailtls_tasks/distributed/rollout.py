@@ -32,8 +32,8 @@ from pydantic import BaseModel, Field
 
 from ..core import material
 from ..core.names import leaf_names, name_covered, uncovered
+from ..core.result import EXIT_CODES, NEVER_STARTED
 from ..errors import BrokerError, MailTLSError, Rejected
-from ..result import EXIT_CODES, NEVER_STARTED
 
 Verdict = Literal["deployed", "unchanged", "rejected", "rolled_back", "failed", "skipped", "timeout", "pending"]
 HALTING = frozenset({"rolled_back", "failed", "timeout"})

@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
-from ..core.ids import MAX_INPUT_BYTES, TARGET_NAME_RE, check_deploy_id, new_deploy_id
 from ..errors import BrokerError, MailTLSError, Rejected, UnknownTarget
+from ..ids import MAX_INPUT_BYTES, TARGET_NAME_RE, check_deploy_id, new_deploy_id
 from ..security.envelope import seal
 from ..security.keys import PipelineKeys, load_pipeline
 from .broker import broker_url as resolve_broker_url
@@ -30,7 +30,7 @@ from .coordination import Coordinator
 if TYPE_CHECKING:
     from celery import Celery, Signature
 
-    from ..result import DeployResult
+    from ..core.result import DeployResult
 
 
 class DeployTimeout(MailTLSError):
@@ -61,7 +61,7 @@ class DeployHandle:
         and DeployTimeout says so; one already running is left to finish (the host
         ends it, if need be by recovery when its lease runs out) and DeployTimeout
         says how to follow it."""
-        from ..result import DeployResult  # the model loads while the host works, not before the send
+        from ..core.result import DeployResult  # the model loads while the host works, not before the send
 
         try:
             rec = self.coordinator.wait_record(self.deploy_id, timeout)

@@ -11,7 +11,7 @@ signer trusted -> signature valid -> header matches the message (target, host, d
 id, fence: an envelope cannot be replayed to another target or under another deploy)
 -> issued within ``max_age`` (an old envelope cannot be used later to roll a target
 back) -> recipient is one of our host keys -> decrypts -> a well-formed bundle.
-Fence and deploy id replays are then stopped by the host journal (steps.stage), which
+Fence and deploy id replays are then stopped by the host journal (core.steps.stage), which
 uses the fence from this signed header only: a message's own ``fence`` field, if any,
 must agree with it and is otherwise ignored.
 """
@@ -33,8 +33,8 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from ..core.ids import MAX_INPUT_BYTES
 from ..errors import Rejected
+from ..ids import MAX_INPUT_BYTES
 from .keys import encode_public, key_id
 
 VERSION = 1

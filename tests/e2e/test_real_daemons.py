@@ -15,8 +15,8 @@ from cryptography import x509
 from mailtls_tasks.core import probe
 from mailtls_tasks.core.local import run_local
 from mailtls_tasks.core.material import fingerprint
+from mailtls_tasks.core.result import DeployResult
 from mailtls_tasks.distributed.workflow import deploy
-from mailtls_tasks.result import DeployResult
 from tests.support.keys import Pipeline
 from tests.support.pki import PKI, Issued, make_pki
 from tests.support.services import RedisServer, Worker

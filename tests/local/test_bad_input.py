@@ -13,9 +13,9 @@ from click.testing import CliRunner
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from mailtls_tasks.cli import cli
-from mailtls_tasks.core.ids import MAX_INPUT_BYTES
+from mailtls_tasks.cli.root import cli
 from mailtls_tasks.core.local import run_local
+from mailtls_tasks.ids import MAX_INPUT_BYTES
 from tests.support.host import MailHost
 from tests.support.pki import PKI, issue, new_key
 

@@ -13,9 +13,9 @@ from dataclasses import replace
 
 import pytest
 
-from mailtls_tasks.core import steps
 from mailtls_tasks.core.journal import Journal
 from mailtls_tasks.core.local import contexts_for
+from mailtls_tasks.core.steps.stage import stage
 from mailtls_tasks.errors import Rejected
 from tests.support.host import MailHost
 from tests.support.pki import PKI
@@ -55,7 +55,7 @@ def test_a_local_run_does_not_take_over_a_distributed_deploy_in_flight(host: Mai
     host.install("mx", old)
     cfg = host.config
     ctx = replace(contexts_for(cfg)["mx"])
-    staged = steps.stage(ctx, "dist-1", new.fullchain_pem, new.key_pem, origin="distributed", fence=1)
+    staged = stage(ctx, "dist-1", new.fullchain_pem, new.key_pem, origin="distributed", fence=1)
     assert staged.phase == "staged"  # a worker staged it; its validate message is on its way
 
     with pytest.raises(Rejected, match=r"deploy id dist-1 is a distributed deploy of target 'mx'"):

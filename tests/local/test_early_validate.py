@@ -15,14 +15,14 @@ from pathlib import Path
 
 import pytest
 
-from mailtls_tasks.core import steps
-from mailtls_tasks.core.commands import Running
+from mailtls_tasks.cli.early import _peek
+from mailtls_tasks.commands import Running
 from mailtls_tasks.core.local import run_local
-from mailtls_tasks.launcher import _peek
+from mailtls_tasks.core.steps import validate as validate_step
 from tests.support.host import MailHost
 from tests.support.pki import PKI
 
-LAUNCHER = [sys.executable, "-c", "from mailtls_tasks.launcher import main; main()"]
+LAUNCHER = [sys.executable, "-c", "from mailtls_tasks.cli import main; main()"]
 
 
 def _mailtls(host: MailHost, *args: str) -> subprocess.CompletedProcess[str]:
@@ -155,7 +155,7 @@ def test_a_stale_or_different_early_run_is_not_the_verdict(host: MailHost, pki: 
     host.validate.succeed()
 
     # The very command, but started too long before the step (a long wait for the lock).
-    monkeypatch.setattr(steps, "EARLY_VALIDATE_MAX_AGE", 0.0)
+    monkeypatch.setattr(validate_step, "EARLY_VALIDATE_MAX_AGE", 0.0)
     host.validate.hang(1.0)
     early = Running(cfg.target("mx").validate_command, "validate_command")
     r = run_local(cfg, "mx", new.fullchain_pem, new.key_pem, early_validate=early)
@@ -166,4 +166,4 @@ def test_a_stale_or_different_early_run_is_not_the_verdict(host: MailHost, pki: 
 
 def test_the_mailtls_command_is_the_launcher() -> None:
     text = (Path(__file__).parents[2] / "pyproject.toml").read_text()
-    assert 'mailtls = "mailtls_tasks.launcher:main"' in text
+    assert 'mailtls = "mailtls_tasks.cli:main"' in text

@@ -45,7 +45,7 @@ def test_a_validate_message_for_a_stage_that_died_half_way_is_refused_and_touche
     run the handshake on half a file list (it crashed with KeyError: 'cert')."""
     import pytest
 
-    from mailtls_tasks.core import steps
+    from mailtls_tasks.core.steps.validate import validate
     from mailtls_tasks.errors import StepFailed
     from tests.unit.test_protocol_model import Crash, crash_before_op
 
@@ -60,5 +60,5 @@ def test_a_validate_message_for_a_stage_that_died_half_way_is_refused_and_touche
     assert rec is not None and rec.phase == "staging"  # the model's state: died inside stage
 
     with pytest.raises(StepFailed, match="cannot validate from phase 'staging'"):
-        steps.validate(rt.context("mx"), "half-1")
+        validate(rt.context("mx"), "half-1")
     assert host.snapshot() == before

@@ -12,7 +12,7 @@ from typing import Any
 
 from mailtls_tasks.core.config import HostConfig, load_config
 from mailtls_tasks.core.local import run_local
-from mailtls_tasks.result import DeployResult
+from mailtls_tasks.core.result import DeployResult
 
 from .commands import FakeCommand
 from .pki import Issued

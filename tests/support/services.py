@@ -123,10 +123,11 @@ class Worker:
     """``mailtls worker`` for one host config, as a process group that can be SIGKILLed."""
 
     def __init__(self, config: Path, broker: str, log: Path, env: dict[str, str] | None = None,
-                 wrap: list[str] | None = None) -> None:
+                 wrap: list[str] | None = None, code: Path = REPO) -> None:
         self.config, self.broker, self.log_path = config, broker, log
         self.env = env or {}
         self.wrap = wrap or []  # e.g. a mount namespace of its own: this worker's "machine"
+        self.code = code  # the tree mailtls_tasks is imported from (another release's, for an upgrade)
         self.proc: subprocess.Popen[bytes] | None = None
         self.start()
 
@@ -139,7 +140,7 @@ class Worker:
         self.proc = subprocess.Popen(
             [*self.wrap, *self.argv()],
             stdin=subprocess.DEVNULL, stdout=self.log_path.open("ab"), stderr=subprocess.STDOUT,
-            start_new_session=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), **self.env})
+            start_new_session=True, cwd=self.code, env={**os.environ, "PYTHONPATH": str(self.code), **self.env})
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if " ready." in self.log_path.read_bytes()[offset:].decode(errors="replace"):
@@ -165,6 +166,13 @@ class Worker:
     def kill9(self) -> None:
         assert self.proc is not None
         _kill_group(self.proc, signal.SIGKILL)
+
+    def stop_main(self, timeout: float = 60.0) -> int:
+        """SIGTERM to the main process alone, as systemd's KillMode=mixed sends it: a warm
+        shutdown, which lets the running step finish. Its exit code."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
 
     def stop(self) -> None:
         if self.proc is not None:

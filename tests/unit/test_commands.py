@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from mailtls_tasks.core.commands import OUTPUT_CAP, run_command
+from mailtls_tasks.commands import OUTPUT_CAP, run_command
 from mailtls_tasks.errors import CommandTimeout, ConfigError
 
 

@@ -26,7 +26,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from mailtls_tasks.cli import cli
+from mailtls_tasks.cli.root import cli
 from mailtls_tasks.core import material
 from mailtls_tasks.core.config import HostConfig, Target, load_config
 from mailtls_tasks.security.keys import encode_public, load_pipeline, public_of

@@ -4,7 +4,9 @@ import json
 
 import pytest
 
-from mailtls_tasks.core.config import MODE_DEFAULTS, SHELL_METACHARACTERS, load_config, parse_config
+from mailtls_tasks import daemons
+from mailtls_tasks.commands import SHELL_METACHARACTERS
+from mailtls_tasks.core.config import load_config, parse_config
 from mailtls_tasks.errors import ConfigError, UnknownTarget
 
 
@@ -25,7 +27,7 @@ def test_unset_mode_is_postfix_with_contract_defaults() -> None:
 
 def test_dovecot_defaults() -> None:
     t = parse_config(cfg(mode="dovecot")).target("t")
-    for k, v in MODE_DEFAULTS["dovecot"].items():
+    for k, v in daemons.get("dovecot").defaults.items():
         assert getattr(t, k) == v
     assert t.reload_command == "doveadm reload" and t.validate_command == "doveconf -n"
 

@@ -6,9 +6,9 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from mailtls_tasks.core.ids import MAX_INPUT_BYTES
 from mailtls_tasks.core.material import build_bundle, check_not_older
 from mailtls_tasks.errors import MaterialError
+from mailtls_tasks.ids import MAX_INPUT_BYTES
 from tests.support.pki import PKI, issue, new_key
 
 UTC = dt.UTC

@@ -42,7 +42,7 @@ from mailtls_tasks.core.journal import DeployRecord, Journal
 from mailtls_tasks.core.local import run_local
 from mailtls_tasks.core.material import key_matches_cert
 from mailtls_tasks.core.recovery import recover
-from mailtls_tasks.core.steps import ORDER
+from mailtls_tasks.core.steps.phases import ORDER
 from mailtls_tasks.errors import MailTLSError, TargetBusy
 from tests.support.pki import Issued, make_pki
 
@@ -359,7 +359,7 @@ class ProtocolModel(RuleBasedStateMachine):
     def _assert_busy_is_real(self, target: str) -> None:
         """Refused as busy: some unfinished deploy that is not dead owns one of its files."""
         from mailtls_tasks.core.ownership import is_dead
-        from mailtls_tasks.core.steps import target_reals
+        from mailtls_tasks.core.steps.context import target_reals
 
         reals = set(target_reals(self.cfg.targets[target]))
         owners = [self.journal.owner_of(r) for r in reals]

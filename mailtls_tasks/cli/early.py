@@ -1,22 +1,23 @@
-"""The ``mailtls`` command's entry point: it starts a local deploy's ``validate_command``
-before anything heavy is imported, then hands over to ``cli``.
+"""The early start of a local deploy's ``validate_command``, before anything heavy
+is imported (``mailtls_tasks.cli.main`` calls ``start_early`` first thing).
 
 `postfix check` takes about 0.4 s and checks the daemon's configuration, which a
 deploy never changes; the command line's own start (click, the config model, the
 X.509 code: 0.2 s) can run beside it instead of before it. Only ``deploy ... --local``
 does this, and only as a guess: the deploy uses the early run only if the validated
-targets file gives the target the very same command (``cli._config_and_early_validate``,
-``steps._validate_command``); otherwise it is killed and the validate step runs the
+targets file gives the target the very same command (``deploy._config_and_early_validate``,
+``core.steps.validate``); otherwise it is killed and the validate step runs the
 command itself. Every exit kills an early run nobody collected.
+
+This module imports nothing of the CLI (and nothing heavy at all) at import time.
 """
 
 from __future__ import annotations
 
-import sys
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .core.commands import Running
+    from ..commands import Running
 
 # Options of `mailtls deploy` that take a value (the rest are flags): enough to find
 # the TARGET argument and --config without loading click. A command line this does
@@ -78,8 +79,8 @@ def start_early(argv: list[str]) -> None:
     peeked = _peek(argv)
     if peeked is None:
         return
-    from .core.configfile import read_config
-    from .errors import MailTLSError
+    from ..core.configfile import read_config
+    from ..errors import MailTLSError
 
     config, target = peeked
     import signal
@@ -97,9 +98,9 @@ def start_validate(raw: Any, target: str) -> Running | None:
     """The validate_command the unvalidated targets file ``raw`` gives ``target``,
     started; None if it names none or it cannot start (the validate step then runs it
     and says why)."""
-    from .core.commands import Running
-    from .core.configfile import validate_command_of
-    from .errors import MailTLSError
+    from ..commands import Running
+    from ..core.configfile import validate_command_of
+    from ..errors import MailTLSError
 
     command = validate_command_of(raw, target)
     if not command:
@@ -127,13 +128,3 @@ def cancel_early() -> None:
     early, _early = _early, None
     if early is not None and early.running is not None:
         early.running.cancel()
-
-
-def main() -> None:
-    try:
-        start_early(sys.argv[1:])
-        from .cli import main as cli_main
-
-        cli_main()
-    finally:
-        cancel_early()

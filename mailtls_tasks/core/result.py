@@ -10,7 +10,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from .core.journal import STEP_NAMES, DeployRecord, Outcome
+from .journal import STEP_NAMES, DeployRecord, Outcome
 
 # Endings of deploys that never got to judge their bundle: busy past the retry budget,
 # cancelled by the client, envelope lost with Redis's data. Exit 1, like a busy target.

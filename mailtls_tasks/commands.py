@@ -1,5 +1,10 @@
 """Running the operator's reload/validate commands: argv only, never a shell.
 
+Part of the shared vocabulary at the bottom of the package (with ``errors`` and
+``ids``): the daemons, the core and the CLI's early start all run commands, and the
+rule that a command string never carries a shell metacharacter lives with the runner
+that relies on it. Nothing here knows a daemon, a target or a file it writes.
+
 The command string comes from the host's config (already checked for shell
 metacharacters at load time) and is split with ``shlex``. The child gets its own
 session so that on timeout the whole process group is killed -- a reload script that
@@ -19,10 +24,25 @@ import tempfile
 import time
 from typing import NamedTuple
 
-from ..errors import CommandFailed, CommandTimeout, ConfigError
-from .configfile import check_command
+from .errors import CommandFailed, CommandTimeout, ConfigError
 
 OUTPUT_CAP = 4096
+
+# Rejected anywhere in a command string: the shell would give them meaning, and we
+# never run a shell -- refusing them makes a mistaken config fail loudly at load time
+# instead of running something the operator did not mean.
+SHELL_METACHARACTERS = frozenset(";|&$`(){}<>\\\"'\n\r\x00")
+
+
+def check_command(value: str, field: str) -> str:
+    """Reject shell metacharacters and unparsable strings; return the string as given."""
+    bad = sorted({c for c in value if c in SHELL_METACHARACTERS})
+    if bad:
+        shown = ", ".join(repr(c) for c in bad)
+        raise ValueError(f"{field}: shell metacharacter(s) {shown} are not allowed (no shell is used)")
+    if value.strip() and not shlex.split(value):
+        raise ValueError(f"{field}: empty command")
+    return value
 
 
 class CommandResult(NamedTuple):  # not a dataclass: this module loads before the command starts

@@ -7,7 +7,7 @@ import datetime as dt
 import re
 import secrets
 
-from ..errors import ConfigError
+from .errors import ConfigError
 
 MAX_INPUT_BYTES = 1024 * 1024  # any one PEM input (cert, key, chain)
 TARGET_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")

@@ -1,0 +1,6 @@
+"""``python -m mailtls_tasks.cli``: the command line without the early start (what the
+test harnesses and the fault matrix run; the ``mailtls`` entry point adds it)."""
+
+from .root import main
+
+main()

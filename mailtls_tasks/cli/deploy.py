@@ -1,0 +1,197 @@
+"""``mailtls deploy`` (in-process with --local, else through Redis to the target's
+worker), ``rollout`` (one certificate to many targets, in waves) and
+``rollout-status``."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from ..errors import MailTLSError, Rejected, UnknownTarget
+from .common import broker_option, config_option, coordinator, emit, exit_fast, fail, read_input, split_csv
+
+if TYPE_CHECKING:
+    from ..commands import Running
+    from ..core.config import HostConfig
+    from ..core.result import DeployResult
+
+
+@click.command()
+@click.argument("target")
+@click.option("--cert", "cert_files", required=True, multiple=True, metavar="FILE",
+              help="leaf certificate (or full chain), PEM; twice for a dual RSA + ECDSA target")
+@click.option("--key", "key_files", required=True, multiple=True, metavar="FILE",
+              help="private key, PEM, unencrypted; one per --cert, in the same order")
+@click.option("--chain", "chain_files", multiple=True, metavar="FILE",
+              help="intermediate certificates, PEM, leaf's issuer first; none, or one per --cert")
+@config_option
+@click.option("--local", is_flag=True, help="run in-process on this host (no broker)")
+@click.option("--force", is_flag=True, help="allow a leaf older than the deployed one")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+@click.option("--deploy-id", metavar="ID", help="idempotency key (default: generated)")
+@broker_option
+@click.option("--pipeline", "pipeline_path", metavar="FILE", envvar="MAILTLS_PIPELINE",
+              help="pipeline keys (default: $MAILTLS_PIPELINE or /etc/mailtls/pipeline.toml)")
+@click.option("--wait", "wait_s", default=None, type=float, metavar="SECONDS",
+              help="distributed: how long to wait for the outcome (default 600); --local: how long to wait "
+                   "for another deploy that owns the target's files (default 300)")
+@click.option("--no-wait", is_flag=True, help="enqueue, print the deploy id and exit (distributed mode)")
+def deploy(target: str, cert_files: tuple[str, ...], key_files: tuple[str, ...], chain_files: tuple[str, ...],
+           config_path: str | None, local: bool, force: bool, as_json: bool, deploy_id: str | None,
+           broker: str | None, pipeline_path: str | None, wait_s: float, no_wait: bool) -> None:
+    """Deploy a certificate, key and chain to TARGET.
+
+    With --local, in-process on this host; otherwise enqueued to the target's worker
+    through Redis, waiting for the outcome. Exit: 0 deployed/unchanged, 2 rejected,
+    3 rolled back, 4 failed (operator needed), 1 usage/infrastructure error.
+    """
+    exit_fast()
+    try:
+        (cert, key, chain), *also = _read_bundles(cert_files, key_files, chain_files)
+        if local:
+            cfg, early = _config_and_early_validate(config_path, target)
+            try:
+                result = deploy_local(cfg, target, cert, key, chain, force, deploy_id,
+                                       300.0 if wait_s is None else wait_s, also, early)
+            finally:
+                if early is not None:
+                    early.cancel()
+        else:
+            from ..distributed.workflow import deploy as enqueue
+
+            handle = enqueue(target, cert, key, chain, force=force, broker_url=broker, deploy_id=deploy_id,
+                             pipeline=pipeline_path, also=also)
+            if no_wait:
+                click.echo(json.dumps({"deploy_id": handle.deploy_id, "target": handle.target, "host": handle.host})
+                           if as_json else handle.deploy_id)
+                return
+            result = handle.get(timeout=600.0 if wait_s is None else wait_s)
+    except (UnknownTarget, Rejected) as err:
+        fail(str(err), 2, as_json, outcome="rejected", target=target)
+    except MailTLSError as err:
+        fail(str(err), err.exit_code, as_json, target=target)
+    emit(result, as_json)
+
+
+def _read_bundles(certs: tuple[str, ...], keys: tuple[str, ...],
+                  chains: tuple[str, ...]) -> list[tuple[bytes, bytes, bytes | None]]:
+    """--cert/--key/--chain, paired in order: one bundle per certificate."""
+    if len(certs) != len(keys) or (chains and len(chains) != len(certs)) or len(certs) > 2:
+        raise click.UsageError("give one --key per --cert (and no --chain, or one per --cert); at most two: an RSA "
+                               "and an ECDSA certificate")
+    out = []
+    for i, (c, k) in enumerate(zip(certs, keys, strict=True)):
+        cert, key = read_input(c, "cert"), read_input(k, "key")
+        assert cert is not None and key is not None
+        out.append((cert, key, read_input(chains[i], "chain") if chains else None))
+    return out
+
+
+def _config_and_early_validate(config_path: str | None, target: str) -> tuple[HostConfig, Running | None]:
+    """The targets file, and the target's validate_command already running: started
+    by the launcher before click loaded, or here, before the config model loads.
+    `postfix check` (0.4 s) then runs while the model and the deploy's code load and
+    the deploy stages, instead of after them. The early run is used only if the
+    validated target names the same command (``steps``)."""
+    from ..core.configfile import read_config
+    from .early import start_validate, take_early
+
+    taken = take_early(config_path, target)
+    if taken is not None:
+        raw, source, early = taken
+    else:
+        raw, source = read_config(config_path)
+        early = start_validate(raw, target)
+    try:
+        from ..core.config import parse_config
+
+        return parse_config(raw, source), early
+    except BaseException:
+        if early is not None:
+            early.cancel()
+        raise
+
+
+def deploy_local(cfg: Any, target: str, cert: bytes, key: bytes, chain: bytes | None, force: bool,
+                  deploy_id: str | None, wait_s: float,
+                  also: list[tuple[bytes, bytes, bytes | None]] | None = None,
+                  early: Running | None = None) -> DeployResult:
+    """Run in-process; on SIGTERM or Ctrl-C the run compensates, then we report that."""
+    from ..core.journal import Journal
+    from ..core.local import Terminated, run_local
+    from ..ids import new_deploy_id
+
+    deploy_id = deploy_id or new_deploy_id()
+    try:
+        return run_local(cfg, target, cert, key, chain, force=force, deploy_id=deploy_id, lock_timeout=wait_s,
+                         also=also, early_validate=early)
+    except (KeyboardInterrupt, Terminated):
+        rec = Journal(cfg.state_dir).load(cfg.target(target).name, deploy_id)
+        if rec is None or not rec.finished:
+            fail(f"deploy {deploy_id} interrupted; `mailtls recover` finishes it", 1)
+        from ..core.result import DeployResult
+
+        return DeployResult.from_record(rec)
+
+
+@click.command()
+@click.option("--cert", "cert_files", required=True, multiple=True, metavar="FILE",
+              help="leaf certificate (or full chain), PEM; twice for dual RSA + ECDSA targets")
+@click.option("--key", "key_files", required=True, multiple=True, metavar="FILE", help="one per --cert")
+@click.option("--chain", "chain_files", multiple=True, metavar="FILE", help="none, or one per --cert")
+@click.option("--targets", "targets_csv", metavar="HOST/NAME,...", help="these targets")
+@click.option("--label", metavar="LABEL", help="every target carrying this label")
+@click.option("--covers", "covers_csv", metavar="DNSNAME,...",
+              help="every target serving one of these names whose names the certificate all covers")
+@click.option("--waves", default="1,25%,100%", show_default=True,
+              help="cumulative wave sizes, counts or shares; the first is the canary")
+@click.option("--continue-on-error", is_flag=True, help="do not halt when a target rolls back or fails")
+@click.option("--force", is_flag=True, help="allow a leaf older than the deployed one")
+@click.option("--id", "rollout_id", metavar="ID", help="rollout id (default: from the certificate and the selection, "
+              "so running the same rollout again resumes it)")
+@click.option("--wait", "wait_s", default=600.0, show_default=True, metavar="SECONDS", help="per deploy")
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+@broker_option
+@click.option("--pipeline", "pipeline_path", metavar="FILE", envvar="MAILTLS_PIPELINE", help="pipeline keys")
+def rollout(cert_files: tuple[str, ...], key_files: tuple[str, ...], chain_files: tuple[str, ...],
+            targets_csv: str | None, label: str | None,
+            covers_csv: str | None, waves: str, continue_on_error: bool, force: bool, rollout_id: str | None,
+            wait_s: float, as_json: bool, broker: str | None, pipeline_path: str | None) -> None:
+    """Roll one certificate out to every daemon that serves it, in waves.
+
+    Exit by the worst outcome: 0 all deployed/unchanged, 2 rejected, 3 rolled back
+    (halted), 4 failed (operator needed), 1 usage or infrastructure error."""
+    from ..distributed.rollout import rollout as run_rollout
+
+    try:
+        (cert, key, chain), *also = _read_bundles(cert_files, key_files, chain_files)
+        result = run_rollout(cert, key, chain, targets=split_csv(targets_csv), label=label,
+                             covers=split_csv(covers_csv), waves=waves, continue_on_error=continue_on_error,
+                             force=force, broker_url=broker, pipeline=pipeline_path, rollout_id=rollout_id,
+                             timeout=wait_s, also=also)
+    except MailTLSError as err:
+        fail(str(err), err.exit_code, as_json)
+    click.echo(json.dumps(result.model_dump(mode="json")) if as_json else result.human())
+    sys.exit(result.exit_code)
+
+
+@click.command("rollout-status")
+@click.argument("rollout_id")
+@broker_option
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+def rollout_status(rollout_id: str, broker: str | None, as_json: bool) -> None:
+    """Show a rollout's record: each target's wave, outcome and timing (exit by the worst)."""
+    from ..distributed.rollout import RolloutResult
+
+    try:
+        data = coordinator(broker).get_rollout(rollout_id)
+    except MailTLSError as err:
+        fail(str(err), err.exit_code, as_json)
+    if data is None:
+        fail(f"no record of rollout {rollout_id}", 1, as_json)
+    result = RolloutResult.model_validate(data)
+    click.echo(json.dumps(data) if as_json else result.human())
+    sys.exit(result.exit_code)

@@ -1,0 +1,79 @@
+"""What every step is given: the target, the host journal, the host's name.
+
+``StepContext`` is the one argument of every step function; ``HostContexts`` makes
+them for a host's targets on first use. ``target_reals``: the real files a deploy
+owns while it runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+
+from ...commands import Running
+from ...errors import Rejected
+from ...ids import check_deploy_id
+from .. import files
+from ..config import HostConfig, Target
+from ..journal import DeployRecord, Journal
+
+DEFAULT_LEASE = 600.0
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """What every step needs: the target's config, the host journal and host name.
+
+    ``lease``: how long a distributed deploy stays alive between two of its steps.
+    ``early_validate``: the target's validate_command, started before the deploy
+    staged (it checks the daemon's config, which a deploy never changes); validate
+    collects its verdict instead of running it again.
+    ``sharing``: the host's other targets that read at least one of this target's
+    files; stage refuses to leave one of them with files its daemon cannot serve.
+    """
+
+    target: Target
+    journal: Journal
+    host: str = ""
+    lease: float = DEFAULT_LEASE
+    early_validate: Running | None = field(default=None, compare=False)
+    sharing: tuple[Target, ...] = ()  # the host's other targets reading one of these files
+
+    def load(self, deploy_id: str) -> DeployRecord:
+        rec = self.journal.load(self.target.name, check_deploy_id(deploy_id))
+        if rec is None:
+            raise Rejected(f"deploy {deploy_id} is unknown on this host for target {self.target.name!r} "
+                           "(stage never ran here)")
+        return rec
+
+    def save(self, rec: DeployRecord) -> DeployRecord:
+        return self.journal.save(rec)
+
+
+class HostContexts(Mapping[str, StepContext]):
+    """Every target's StepContext by name, each made on first use: a run touches one or
+    two of a host's targets, and making all of them cost every in-process run time in
+    proportion to the size of the host."""
+
+    def __init__(self, cfg: HostConfig, journal: Journal) -> None:
+        self.cfg, self.journal = cfg, journal
+        self._made: dict[str, StepContext] = {}
+
+    def __getitem__(self, name: str) -> StepContext:
+        ctx = self._made.get(name)
+        if ctx is None:
+            t = self.cfg.targets[name]
+            ctx = self._made[name] = StepContext(t, self.journal, self.cfg.host, self.cfg.deploy_lease,
+                                                 sharing=self.cfg.sharing_with(name))
+        return ctx
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.cfg.targets)
+
+    def __len__(self) -> int:
+        return len(self.cfg.targets)
+
+
+def target_reals(t: Target) -> list[str]:
+    """The real files a deploy of ``t`` writes (symlinks resolved): what it must own."""
+    return [files.real_path(path) for _, path in t.files()]

@@ -1,0 +1,24 @@
+"""Step 4, reload: the daemon reads the committed files (the target's
+``reload_command``, run by its daemon module)."""
+
+from __future__ import annotations
+
+from ...errors import CommandFailed, StepFailed
+from ..journal import DeployRecord
+from .context import StepContext
+from .phases import ORDER, past, timed
+
+
+def reload(ctx: StepContext, deploy_id: str) -> DeployRecord:
+    rec = ctx.load(deploy_id)
+    if past(rec, "reloaded"):
+        return rec
+    if ORDER[rec.phase] < ORDER["committed"]:
+        raise StepFailed(f"deploy {deploy_id} cannot reload from phase {rec.phase!r}")
+    with timed(ctx, rec, "reload"):
+        t = ctx.target
+        res = t.daemon.reload(t.reload_command, timeout=t.command_timeout)
+        if not res.ok:
+            raise CommandFailed(f"reload_command failed: {res.summary()}")
+        rec.phase = "reloaded"
+    return rec

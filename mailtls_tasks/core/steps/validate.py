@@ -1,0 +1,121 @@
+"""Step 2, validate: the staged files load into OpenSSL as the daemon will load them
+and a local handshake with them serves the new leaf; then the daemon's own config
+test (the target's ``validate_command``). Failure ends the deploy ``rejected``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import ssl
+
+from ...commands import CommandResult
+from ...errors import Rejected, StepFailed, ValidationFailed
+from .. import files, material
+from ..journal import DeployRecord, StepRecord
+from .context import StepContext
+from .phases import ORDER, finish, past, remove_temps, timed
+
+# An early-started validate_command (``StepContext.early_validate``) stands for the
+# validate step only if that step begins within this many seconds of its start: after
+# a long wait for the target's lock, the config is checked afresh.
+EARLY_VALIDATE_MAX_AGE = 10.0
+
+
+def validate(ctx: StepContext, deploy_id: str) -> DeployRecord:
+    """Load the staged pair as OpenSSL will and shake hands with it; then the
+    operator's validate_command. Failure ends the deploy ``rejected``, live untouched."""
+    rec = ctx.load(deploy_id)
+    if past(rec, "validated"):
+        return rec
+    if ORDER[rec.phase] < ORDER["staged"]:  # a stage that died half-way: its files are not all named yet
+        raise StepFailed(f"deploy {deploy_id} cannot validate from phase {rec.phase!r}")
+    with timed(ctx, rec, "validate"):
+        try:
+            _local_handshake(ctx, rec)
+            if ctx.target.validate_command.strip():
+                res = _validate_command(ctx)
+                if not res.ok:
+                    raise ValidationFailed(f"validate_command failed: {res.summary()}")
+        except Rejected as err:
+            remove_temps(rec)
+            rec.steps["validate"] = StepRecord(status="failed", detail=str(err))
+            finish(ctx, rec, "rejected", str(err))
+            raise
+        rec.phase = "validated"
+    return rec
+
+
+def _validate_command(ctx: StepContext) -> CommandResult:
+    t, early = ctx.target, ctx.early_validate
+    if early is not None and not early.done:
+        if early.command == t.validate_command and early.age() <= EARLY_VALIDATE_MAX_AGE:
+            return early.wait(t.command_timeout)
+        early.cancel()
+    return t.daemon.config_test(t.validate_command, timeout=t.command_timeout)
+
+
+def _local_handshake(ctx: StepContext, rec: DeployRecord) -> None:
+    """Each certificate slot's staged files load into OpenSSL as the daemon will load
+    them, and a handshake with them serves that slot's new leaf."""
+    by_role = {e.role: (e.real if rec.files_already_live else e.temp) for e in rec.files}
+    for prefix, kind, *_ in ctx.target.slots():
+        expected = rec.leaves.get(kind, rec.fingerprint)
+        made = None
+        if prefix + "combined" in by_role:  # key, leaf and chain in one file: as Postfix reads it
+            certfile = keyfile = by_role[prefix + "combined"]
+        else:
+            certfile, keyfile = by_role[prefix + "cert"], by_role[prefix + "key"]
+            if prefix + "chain" in by_role:  # the daemon is given the chain separately; OpenSSL wants one file
+                cert_bytes = files.read_bytes(certfile) or b""
+                chain_bytes = files.read_bytes(by_role[prefix + "chain"]) or b""
+                made = os.path.join(ctx.journal.deploy_dir(rec.target, rec.deploy_id), f"handshake-{kind}.pem")
+                files.atomic_write(made, cert_bytes + chain_bytes, 0o600)
+                certfile = made
+        try:
+            server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            try:
+                server.load_cert_chain(certfile, keyfile)
+            except (ssl.SSLError, OSError) as err:
+                raise ValidationFailed(f"the staged {kind if kind != 'any' else ''} cert/key do not load into "
+                                       f"OpenSSL: {err}".replace("  ", " ")) from None
+            client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            client.check_hostname = False
+            client.verify_mode = ssl.CERT_NONE
+            if _memory_handshake(client, server) != expected:
+                raise ValidationFailed("a local handshake with the staged files served another certificate")
+        finally:
+            if made:
+                with contextlib.suppress(OSError):
+                    os.unlink(made)
+
+
+def _memory_handshake(client_ctx: ssl.SSLContext, server_ctx: ssl.SSLContext) -> str:
+    c_in, c_out, s_in, s_out = ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO()
+    c = client_ctx.wrap_bio(c_in, c_out, server_side=False)
+    s = server_ctx.wrap_bio(s_in, s_out, server_side=True)
+    c_done = s_done = False
+    for _ in range(20):
+        for obj, is_client in ((c, True), (s, False)):
+            if (c_done if is_client else s_done):
+                continue
+            try:
+                obj.do_handshake()
+                if is_client:
+                    c_done = True
+                else:
+                    s_done = True
+            except ssl.SSLWantReadError:
+                pass
+            except ssl.SSLError as err:
+                raise ValidationFailed(f"local TLS handshake with the staged files failed: {err}") from None
+            s_in.write(c_out.read())
+            c_in.write(s_out.read())
+        if c_done and s_done:
+            break
+    if not c_done:
+        raise ValidationFailed("local TLS handshake with the staged files did not complete")
+    der = c.getpeercert(binary_form=True)
+    if not der:
+        raise ValidationFailed("local TLS handshake presented no certificate")
+    return material.fingerprint_der(der)

@@ -1,0 +1,89 @@
+"""What every daemon module provides: the one interface the core asks.
+
+Modelled on certbot's installer contract (one plugin per server, named operations)
+cut down to what a certificate deploy needs: the defaults of the connector contract,
+the listeners a daemon usually has and how each speaks TLS, the file layouts it can
+be given, and two operations, ``config_test`` and ``reload``. Both run the command the
+host's targets file names (never one from a message) through the shared runner; a
+daemon whose reload is not a command (Exim's HUP to a pid file) overrides them here,
+and nothing above this room changes.
+
+Plain values in, plain values out: no config model, no journal, no files written.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Literal, Protocol
+
+from ..commands import CommandResult, run_command
+
+# How a target's files are laid out: cert + key (+ chain) as separate files; key, leaf
+# and chain in one file (Postfix's smtpd_tls_chain_files); two certificates, RSA and
+# ECDSA, side by side (``alt``).
+Layout = Literal["separate", "combined", "dual"]
+ALL_LAYOUTS: frozenset[Layout] = frozenset({"separate", "combined", "dual"})
+
+
+@dataclass(frozen=True)
+class UsualListener:
+    """A port the daemon usually listens on: how a probe speaks to it (``protocol``:
+    smtp, imap and pop3 mean STARTTLS/STLS first; smtps, imaps and pop3s implicit TLS)
+    and what the daemon calls that service."""
+
+    port: int
+    protocol: str
+    service: str
+
+
+class Daemon(Protocol):
+    """One mail daemon, as the core sees it."""
+
+    @property
+    def name(self) -> str:
+        """The target's ``mode``."""
+        ...
+
+    @property
+    def defaults(self) -> Mapping[str, str]:
+        """cert_path, key_path, chain_path, reload_command, validate_command: the
+        contract's defaults for a target of this mode."""
+        ...
+
+    @property
+    def listeners(self) -> tuple[UsualListener, ...]:
+        ...
+
+    @property
+    def layouts(self) -> frozenset[Layout]:
+        ...
+
+    def config_test(self, command: str, *, timeout: float) -> CommandResult:
+        """Run the target's validate_command: does the daemon accept its configuration?"""
+        ...
+
+    def reload(self, command: str, *, timeout: float) -> CommandResult:
+        """Run the target's reload_command: make the daemon read its files again."""
+        ...
+
+
+@dataclass(frozen=True)
+class CommandDaemon:
+    """A daemon whose config test and reload are the commands the targets file names
+    (Postfix and Dovecot both): the shared implementation of ``Daemon``."""
+
+    name: str
+    defaults: Mapping[str, str]
+    listeners: tuple[UsualListener, ...]
+    layouts: frozenset[Layout] = field(default=ALL_LAYOUTS)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "defaults", MappingProxyType(dict(self.defaults)))
+
+    def config_test(self, command: str, *, timeout: float) -> CommandResult:
+        return run_command(command, timeout=timeout, field="validate_command")
+
+    def reload(self, command: str, *, timeout: float) -> CommandResult:
+        return run_command(command, timeout=timeout, field="reload_command")

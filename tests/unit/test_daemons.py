@@ -1,0 +1,77 @@
+"""The daemons room: what each daemon declares, and the core asking it instead of
+keeping tables keyed by mode."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mailtls_tasks import daemons
+from mailtls_tasks.core import probe
+from mailtls_tasks.core.config import parse_config
+from mailtls_tasks.errors import ConfigError
+
+CONTRACT_FIELDS = {"cert_path", "key_path", "chain_path", "reload_command", "validate_command"}
+
+
+def test_every_daemon_gives_the_contract_defaults_and_its_listeners() -> None:
+    assert daemons.MODES == ("postfix", "dovecot") and daemons.DEFAULT_MODE == "postfix"
+    for mode in daemons.MODES:
+        d = daemons.get(mode)
+        assert d.name == mode and set(d.defaults) == CONTRACT_FIELDS
+        assert d.listeners and d.layouts == daemons.ALL_LAYOUTS
+        with pytest.raises(TypeError):
+            d.defaults["reload_command"] = "rm"  # type: ignore[index]  # read-only: shared by every target
+    assert daemons.get("dovecot").defaults["reload_command"] == "doveadm reload"
+    assert [li.port for li in daemons.get("postfix").listeners] == [25, 465, 587]
+
+
+def test_auto_protocols_come_from_the_daemons_listeners() -> None:
+    assert probe.PORT_PROTOCOLS == {25: "smtp", 587: "smtp", 465: "smtps", 143: "imap", 993: "imaps", 110: "pop3",
+                                    995: "pop3s"}
+    assert probe.resolve_protocol("auto", 587) == "smtp" and probe.resolve_protocol("auto", 4650) == "tls"
+
+
+def test_two_daemons_disagreeing_on_a_port_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    odd = dataclasses.replace(daemons.get("dovecot"), name="odd",
+                              listeners=(daemons.UsualListener(25, "imaps", "smtp?"),))
+    monkeypatch.setattr(daemons, "_ALL", (*daemons._ALL, odd))
+    with pytest.raises(AssertionError, match="port 25"):
+        daemons.port_protocols()
+
+
+def test_an_unknown_mode_names_the_known_ones() -> None:
+    with pytest.raises(ValueError, match=r"unknown mode 'exim' \(expected 'postfix' or 'dovecot'\)"):
+        daemons.get("exim")
+
+
+def test_a_layout_the_daemon_cannot_read_is_refused_by_the_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The config asks the target's daemon which layouts it takes (both of today's take
+    all three, so a daemon that takes fewer is made here)."""
+    strict = dataclasses.replace(daemons.get("postfix"), name="strict", layouts=frozenset({"separate"}))
+    monkeypatch.setitem(daemons.DAEMONS, "strict", strict)
+    body = {"mode": "strict", "cert_path": "/etc/s/c.pem", "key_path": "/etc/s/k.pem"}
+    assert parse_config({"host": "mx1", "targets": {"t": body}}).target("t").daemon is strict
+    with pytest.raises(ConfigError, match=r"targets\.t: mode: strict cannot read a combined layout"):
+        parse_config({"host": "mx1", "targets": {"t": {"mode": "strict", "combined_path": "/etc/s/all.pem"}}})
+    dual = {**body, "key_type": "rsa", "alt": {"cert_path": "/etc/s/ec.pem", "key_path": "/etc/s/ec.key"}}
+    with pytest.raises(ConfigError, match="cannot read a dual layout"):
+        parse_config({"host": "mx1", "targets": {"t": dual}})
+
+
+def test_check_config_hints_come_from_the_daemon(tmp_path: Path) -> None:
+    """`check-config` names the listeners a mode usually has that verify leaves out."""
+    cfg = tmp_path / "targets.json"
+    cfg.write_text(json.dumps({"host": "mx1", "state_dir": str(tmp_path / "state"), "targets": {
+        "imap": {"mode": "dovecot", "cert_path": str(tmp_path / "c.pem"), "key_path": str(tmp_path / "k.pem"),
+                 "post_deploy_verify": {"enabled": True, "endpoint": "127.0.0.1:993"}}}}))
+    cfg.chmod(0o600)
+    out = subprocess.run([sys.executable, "-m", "mailtls_tasks.cli", "check-config", "--config", str(cfg), "--json"],
+                         capture_output=True, text=True, check=True).stdout
+    assert json.loads(out)["targets"]["imap"]["suggested_endpoints"] == [
+        "127.0.0.1:143 (imap)", "127.0.0.1:110 (pop3)", "127.0.0.1:995 (pop3s)"]
