@@ -1,12 +1,13 @@
 # The two commands of the README:
 #   make demo   -- a real deploy to private Postfix + Dovecot via Redis + a worker
-#   make test   -- ruff, mypy and the whole test suite against real services
+#   make test   -- ruff, the layer contracts, mypy and the whole test suite against real
+#                  services, on this Debian and on Debian 13 (a cached root)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: test demo lint typecheck deps bootstrap bench clean faults model install wheel
+.PHONY: test test-here test-trixie demo lint typecheck deps bootstrap bench clean faults model install wheel
 
 bootstrap:
 	@sh scripts/bootstrap.sh
@@ -26,10 +27,20 @@ lint: deps     ## ruff, and the layer contracts of docs/architecture.md (import-
 typecheck: deps
 	$(BIN)/mypy mailtls_tasks
 
-test: lint typecheck
+# Both lanes: the whole suite on this machine's Debian (12 here), then the real-daemon
+# suites on Debian 13 in a cached root (scripts/trixie-root.sh). On a Debian 13 machine
+# the first lane is already that.
+test: lint typecheck test-here test-trixie
+
+test-here: deps
 	@$(BIN)/pytest -q -ra --durations=10 tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests -- that is a failure here"; exit 1; fi; \
 	exit $$rc
+
+test-trixie: deps   ## the Debian 13 lane alone: Postfix 3.10, Dovecot 2.4, Redis 8, Python 3.13
+	@if grep -q '^VERSION_ID="13"' /etc/os-release 2>/dev/null; then \
+	    echo "make test-trixie: this machine is Debian 13, test-here was that lane"; \
+	else sh scripts/trixie-lane.sh; fi
 
 demo: deps
 	$(BIN)/python -m demo $(DEMO_ARGS)

@@ -36,3 +36,13 @@ postconf -c "$pf" -M "465/inet = 465 inet n - n - - smtpd"
 postconf -c "$pf" -P "465/inet/smtpd_tls_wrappermode = yes" "465/inet/smtpd_tls_security_level = encrypt"
 # No chroot: Debian's init script would populate /var/spool/postfix for it; here nothing does.
 postconf -c "$pf" -F "*/*/chroot = n"
+
+# Dovecot: the mailtls settings in the language of the Dovecot installed (2.3 on
+# Debian 12, 2.4 on Debian 13). DOVECOT_DIR and SHARE as POSTFIX_DIR above.
+dv=${DOVECOT_DIR:-/etc/dovecot}
+share=${SHARE:-/usr/local/share/mailtls}
+case "$(dovecot --version 2>/dev/null)" in
+    2.3*) conf=dovecot-mailtls.conf ;;
+    *) conf=dovecot-mailtls-2.4.conf ;;
+esac
+install -m 0644 "$share/$conf" "$dv/conf.d/99-mailtls.conf"

@@ -13,7 +13,9 @@ RUN echo "postfix postfix/main_mailer_type select No configuration" | debconf-se
  && rm -rf /var/lib/apt/lists/*
 
 COPY compose/mailhost-setup.sh /usr/local/sbin/mailhost-setup
-COPY compose/dovecot-mailtls.conf /etc/dovecot/conf.d/99-mailtls.conf
+# Dovecot 2.3 and 2.4 speak different config languages: mailhost-setup installs the one
+# this image's Dovecot reads as conf.d/99-mailtls.conf.
+COPY compose/dovecot-mailtls.conf compose/dovecot-mailtls-2.4.conf /usr/local/share/mailtls/
 # Dovecot's postinst may link its certificate to ssl-cert's snakeoil pair: drop the links,
 # so that the entrypoint makes real files there (a deploy would otherwise rewrite
 # /etc/ssl/certs/ssl-cert-snakeoil.pem through them).

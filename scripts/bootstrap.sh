@@ -21,6 +21,7 @@ command -v ldns-signzone >/dev/null 2>&1 || need="$need ldnsutils"  # ... and a 
 command -v certbot >/dev/null 2>&1 || need="$need certbot"     # the certbot hook, renewed for real ...
 command -v pebble >/dev/null 2>&1 || need="$need pebble"       # ... against a real ACME server
 command -v systemd-analyze >/dev/null 2>&1 || need="$need systemd"  # `systemd-analyze verify` of the units
+command -v debootstrap >/dev/null 2>&1 || need="$need debootstrap"  # the Debian 13 lane's root (scripts/trixie-root.sh)
 if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then need="$need python3-venv"; fi
 
 if [ -n "$need" ]; then

@@ -4,6 +4,7 @@
     deploy     deploy (--local or through Redis), rollout, rollout-status
     fleet      status, history, targets, audit, forget: what Redis knows of the fleet
     services   worker, recover, flower, check-config: what a host's units run
+    discover   a targets file proposed from the daemons' own configuration
     certbot    certbot-hook
     dane       dane next
     keys       keys init-host, init-pipeline, public, trusted

@@ -3,4 +3,5 @@ test harnesses and the fault matrix run; the ``mailtls`` entry point adds it).""
 
 from .root import main
 
-main()
+if __name__ == "__main__":
+    main()

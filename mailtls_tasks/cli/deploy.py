@@ -92,7 +92,7 @@ def _read_bundles(certs: tuple[str, ...], keys: tuple[str, ...],
 
 def _config_and_early_validate(config_path: str | None, target: str) -> tuple[HostConfig, Running | None]:
     """The targets file, and the target's validate_command already running: started
-    by the launcher before click loaded, or here, before the config model loads.
+    by the entry point (``early.start_early``) before click loaded, or here, before the config model loads.
     `postfix check` (0.4 s) then runs while the model and the deploy's code load and
     the deploy stages, instead of after them. The early run is used only if the
     validated target names the same command (``steps``)."""

@@ -27,7 +27,7 @@ _FLAGS = frozenset({"--local", "--force", "--json", "--no-wait", "-v", "--verbos
 
 
 class Early:
-    """What the launcher read and started, for ``cli`` to take."""
+    """What ``start_early`` read and started, for the deploy command to take."""
 
     def __init__(self, config: str | None, target: str, raw: Any, source: str, running: Any) -> None:
         self.config, self.target, self.raw, self.source, self.running = config, target, raw, source, running
@@ -112,7 +112,7 @@ def start_validate(raw: Any, target: str) -> Running | None:
 
 
 def take_early(config: str | None, target: str) -> tuple[Any, str, Any] | None:
-    """(raw file, its path, the running command or None) if the launcher read the same
+    """(raw file, its path, the running command or None) if ``start_early`` read the same
     file for the same target; else None, after killing whatever it started."""
     global _early
     if _early is not None and (_early.config, _early.target) == (config, target):

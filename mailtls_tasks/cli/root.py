@@ -14,6 +14,7 @@ from .certbot import certbot_hook
 from .common import exit_fast, exiting_fast
 from .dane import dane
 from .deploy import deploy, rollout, rollout_status
+from .discover import discover
 from .fleet import audit, forget, history, status, targets
 from .keys import keys
 from .services import check_config, flower, recover, worker
@@ -28,8 +29,8 @@ def cli(verbose: bool) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-for command in (deploy, rollout, rollout_status, check_config, recover, worker, flower, status, history, forget,
-                targets, audit, dane, certbot_hook, keys):
+for command in (deploy, rollout, rollout_status, check_config, discover, recover, worker, flower, status, history,
+                forget, targets, audit, dane, certbot_hook, keys):
     cli.add_command(command)
 
 

@@ -22,20 +22,28 @@ FLOWER_COLUMNS = "name,state,args,result,received,started,runtime,worker"
 @click.option("--worker", "for_worker", is_flag=True,
               help="also check what `mailtls worker` needs to start (keys, trusted signers, state_dir); "
                    "exit 1 saying why it could not")
-def check_config(config_path: str | None, as_json: bool, for_worker: bool) -> None:
-    """Validate the targets file and print every target with its defaults resolved."""
+@click.option("--strict", is_flag=True,
+              help="exit 1 when a daemon does not read a target's files, or serves a TLS file no target covers")
+def check_config(config_path: str | None, as_json: bool, for_worker: bool, strict: bool) -> None:
+    """Validate the targets file and print every target with its defaults resolved;
+    then ask each daemon instance the targets name what it serves, and warn where the
+    two disagree."""
+    from ..core.discover import cross_check
+
     try:
         cfg = load_config(config_path)
         if for_worker:
             _check_worker(cfg)
     except MailTLSError as err:
         fail(str(err), err.exit_code)
+    warnings = cross_check(cfg)
     hints = {n: _listener_hints(t) for n, t in cfg.targets.items()}
     data = {"source": cfg.source, "host": cfg.host, "state_dir": cfg.state_dir,
-            "targets": {n: {**t.public_view(), "suggested_endpoints": hints[n]} for n, t in cfg.targets.items()}}
+            "targets": {n: {**t.public_view(), "suggested_endpoints": hints[n]} for n, t in cfg.targets.items()},
+            "warnings": warnings}
     if as_json:
         click.echo(json.dumps(data, indent=2))
-        return
+        sys.exit(1 if strict and warnings else 0)
     click.echo(f"config    {cfg.source}\nhost      {cfg.host}  (queue mailtls.{cfg.host})\nstate_dir {cfg.state_dir}")
     for name, t in cfg.targets.items():
         click.echo(f"\n[{name}]")
@@ -47,6 +55,9 @@ def check_config(config_path: str | None, as_json: bool, for_worker: bool) -> No
             click.echo(f"  hint: {t.mode} usually also listens on {', '.join(hints[name])}: a listener the deploy "
                        "does not verify may keep serving the old certificate; list them all in "
                        "post_deploy_verify.endpoints")
+    for w in warnings:
+        click.echo(f"mailtls: {'error' if strict else 'warning'}: {w}", err=True)
+    sys.exit(1 if strict and warnings else 0)
 
 
 def _check_worker(cfg: Any) -> None:

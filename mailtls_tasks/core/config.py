@@ -294,6 +294,10 @@ class Target(BaseModel):
 
     name: str
     mode: str = daemons.DEFAULT_MODE  # a module of daemons/; checked (and its defaults filled in) below
+    # The daemon instance that serves these files: Postfix's config directory, Dovecot's
+    # config file; empty: the system's own. check-config and the worker ask it what it
+    # serves (``core.discover.cross_check``).
+    instance: str = ""
     cert_path: str = ""
     key_path: str = ""
     chain_path: str = ""
@@ -346,7 +350,7 @@ class Target(BaseModel):
             )
         return v
 
-    @field_validator("cert_path", "key_path", "chain_path", "combined_path")
+    @field_validator("cert_path", "key_path", "chain_path", "combined_path", "instance")
     @classmethod
     def _paths(cls, v: str, info: Any) -> str:
         return _check_abs_path(v, info.field_name, allow_empty=True)

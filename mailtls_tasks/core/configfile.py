@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from .. import daemons
 from ..commands import check_command
 from ..errors import ConfigError
 
@@ -66,6 +65,8 @@ def validate_command_of(raw: Any, target: str) -> str | None:
     """The ``validate_command`` the model will give ``target`` (NAME or HOST/NAME), read
     from the unvalidated file; None when unsure. Only a guess to start early: the deploy
     uses the early run only if the validated target names the same command."""
+    from .. import daemons  # here, not at the top: nothing but the file's read may delay the early start
+
     try:
         body = raw["targets"][target.rpartition("/")[2]]
         mode = body.get("mode") or daemons.DEFAULT_MODE

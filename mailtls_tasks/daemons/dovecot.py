@@ -7,13 +7,153 @@ what it read when it started. It takes every layout: separate files (2.3 ``ssl_c
 one file holding key and chain (both settings naming it), and RSA + ECDSA side by side
 (``ssl_alt_cert`` / ``ssl_alt_key``).
 
-Reading Dovecot's own configuration (``doveconf``: 2.3 and 2.4 print it differently)
-belongs in this module.
+``discover`` reads an instance's own configuration through ``doveconf``, which 2.3
+and 2.4 print differently (2.4: nested ``ssl_server { cert_file = ... }`` blocks, also
+inside ``local_name``; 2.3: ``ssl_cert = <file``, the key path shown only with -P),
+and its listeners from the services, defaults included.
 """
 
 from __future__ import annotations
 
+import re
+
+from .found import FileSet, FileSlot, Found, FoundListener, Served, cert_key_type, loopback_for, run_tool
 from .interface import CommandDaemon, UsualListener
+
+# ------------------------------------------------------------ reading its own config
+DEFAULT_CONFIG_FILE = "/etc/dovecot/dovecot.conf"
+# login service -> (STARTTLS protocol, implicit-TLS protocol), for the protocols it serves
+LOGIN_SERVICES = {"imap": ("imap-login", "imap", "imaps"), "pop3": ("pop3-login", "pop3", "pop3s"),
+                  "submission": ("submission-login", "smtp", "smtps")}
+
+
+def _doveconf(config_file: str | None, *args: str) -> str:
+    return run_tool(["doveconf", *(["-c", config_file] if config_file else []), *args],
+                    f"dovecot {config_file or DEFAULT_CONFIG_FILE}")
+
+
+def flatten(text: str) -> tuple[dict[str, str], set[str]]:
+    """doveconf's output as ``path -> value`` (``service/imap-login/inet_listener/imap/port``)
+    and the set of block paths: 2.4 prints nested blocks, 2.3 and a path query flat lines;
+    both come out the same."""
+    values: dict[str, str] = {}
+    blocks: set[str] = set()
+    stack: list[str] = []
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line == "}":
+            if stack:
+                stack.pop()
+            continue
+        if line.endswith("{"):
+            head = "/".join(line[:-1].split())
+            stack.append(head)
+            blocks.add("/".join(stack))
+            continue
+        name, sep, value = line.partition("=")
+        if sep:
+            values["/".join([*stack, name.strip()])] = value.strip()
+    return values, blocks
+
+
+def _version(header: str) -> tuple[str, tuple[int, ...], str]:
+    """From doveconf -n's first line, ``# 2.4.1-4 (7d8c0e5759): /etc/dovecot/dovecot.conf``:
+    the version as printed, as numbers, and the config file it read."""
+    m = re.match(r"#\s*(\d+(?:\.\d+)*)(\S*)\s*(?:\([^)]*\))?:\s*(\S+)", header)
+    if not m:
+        return "", (), ""
+    return m.group(1) + m.group(2), tuple(int(n) for n in m.group(1).split(".")), m.group(3)
+
+
+def _file(value: str | None) -> str:
+    """2.3's ``<path`` (the file's contents) as a path; 2.4 gives the path itself."""
+    return (value or "").strip().removeprefix("<").strip()
+
+
+def discover(config_file: str | None = None) -> list[Found]:
+    """The Dovecot instance of ``config_file`` (doveconf's default when None)."""
+    # -P: the key paths are hidden without it. This output holds the passdb's secrets
+    # too: only the settings below are read from it, and it goes nowhere else.
+    text = _doveconf(config_file, "-n", "-P")
+    version, numbers, path = _version(text.splitlines()[0] if text else "")
+    config_file = config_file or path or DEFAULT_CONFIG_FILE
+    mine, _ = flatten(text)
+    every, blocks = flatten(_doveconf(config_file, "-a"))
+    is24 = numbers >= (2, 4)
+    default = config_file == DEFAULT_CONFIG_FILE
+    found = Found(mode="dovecot", instance=config_file, default_instance=default, version=version,
+                  reload_command="doveadm reload" if default else f"doveadm -c {config_file} reload",
+                  validate_command="doveconf -n" if default else f"doveconf -c {config_file} -n")
+    if every.get("ssl", "yes") == "no":
+        found.notes.append("ssl = no: this Dovecot offers no TLS")
+        return [found]
+
+    def tls(prefix: str) -> list[str]:
+        """cert, key, alt cert, alt key under ``prefix`` (top level, or a local_name block)."""
+        if is24:
+            return [_file(mine.get(f"{prefix}ssl_server/{k}") or mine.get(f"{prefix}ssl_server_{k}"))
+                    for k in ("cert_file", "key_file", "alt_cert_file", "alt_key_file")]
+        return [_file(mine.get(prefix + k)) for k in ("ssl_cert", "ssl_key", "ssl_alt_cert", "ssl_alt_key")]
+
+    cert, key, alt_cert, alt_key = tls("")
+    for value in (mine.get("ssl_cert", ""), mine.get("ssl_alt_cert", "")):
+        if value and not value.startswith("<"):
+            found.notes.append("ssl_cert holds the certificate inline, not a file: nothing to manage")
+    for name in sorted({k.split("/")[1] for k in mine if k.startswith("local_name/")}):
+        c, *_ = tls(f"local_name/{name}/")
+        found.sni.append(f"local_name {name}: {c or 'no certificate file'}")
+    if not cert:
+        found.notes.append("no ssl certificate file is configured")
+        return [found]
+    slots = [FileSlot(combined=cert, key_type=cert_key_type(cert)) if (key or cert) == cert
+             else FileSlot(cert=cert, key=key, key_type=cert_key_type(cert))]
+    if alt_cert:
+        alt_key = alt_key or alt_cert
+        slots.append(FileSlot(combined=alt_cert, key_type=cert_key_type(alt_cert)) if alt_key == alt_cert
+                     else FileSlot(cert=alt_cert, key=alt_key, key_type=cert_key_type(alt_cert)))
+    served = Served(FileSet(tuple(slots)), source=config_file)
+    served.listeners = _listeners(config_file, every, blocks, is24)
+    found.served = [served]
+    return [found]
+
+
+def _protocols(every: dict[str, str]) -> list[str]:
+    """2.3: ``protocols = imap pop3``; 2.4: ``protocols { imap = yes }``."""
+    if "protocols" in every:
+        return every["protocols"].split()
+    return [k.split("/", 1)[1] for k, v in every.items() if k.startswith("protocols/") and v == "yes"]
+
+
+def _listeners(config_file: str, every: dict[str, str], blocks: set[str], is24: bool) -> list[FoundListener]:
+    wanted = []
+    for proto in _protocols(every):
+        if proto not in LOGIN_SERVICES:
+            continue
+        service = LOGIN_SERVICES[proto][0]
+        names = sorted({b.split("/")[3] for b in blocks if b.startswith(f"service/{service}/inet_listener/")
+                        and b.count("/") == 3})
+        wanted += [(proto, service, n) for n in names]
+    if is24 and wanted:  # 2.4's -a lists the listeners, not their settings: ask for each (defaults count)
+        keys = [f"service/{s}/inet_listener/{n}/{k}" for _, s, n in wanted for k in ("port", "ssl", "listen")]
+        values, _ = flatten(_doveconf(config_file, *keys))
+    else:
+        values = every
+    address_key = "listen" if is24 else "address"
+    out = []
+    for proto, service, name in wanted:
+        base = f"service/{service}/inet_listener/{name}/"
+        port = values.get(base + "port", "0")
+        if not port.isdigit() or int(port) == 0:
+            continue
+        implicit = values.get(base + "ssl") == "yes"
+        address = values.get(base + address_key) or every.get("listen", "*")
+        first = address.replace(",", " ").split()
+        out.append(FoundListener(loopback_for(first[0] if first else "*"), int(port),
+                                 LOGIN_SERVICES[proto][2 if implicit else 1], f"{service} {name}"))
+    return out
+
 
 DAEMON = CommandDaemon(
     name="dovecot",
@@ -24,6 +164,7 @@ DAEMON = CommandDaemon(
         "reload_command": "doveadm reload",
         "validate_command": "doveconf -n",
     },
+    reader=discover,
     listeners=(
         UsualListener(143, "imap", "imap"),
         UsualListener(993, "imaps", "imaps"),

@@ -4,21 +4,24 @@ Modelled on certbot's installer contract (one plugin per server, named operation
 cut down to what a certificate deploy needs: the defaults of the connector contract,
 the listeners a daemon usually has and how each speaks TLS, the file layouts it can
 be given, and two operations, ``config_test`` and ``reload``. Both run the command the
-host's targets file names (never one from a message) through the shared runner; a
-daemon whose reload is not a command (Exim's HUP to a pid file) overrides them here,
-and nothing above this room changes.
+host's targets file names (never one from a message) through the shared runner. A
+daemon whose reload is not a command (Exim's HUP to a pid file) overrides them here;
+two places then need a look too: ``Target.reload_command`` must be a non-empty
+command today, and a local deploy's early start (``cli/early.py``) runs the
+validate_command itself, before any daemon is asked, when the targets file names one.
 
 Plain values in, plain values out: no config model, no journal, no files written.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Literal, Protocol
 
 from ..commands import CommandResult, run_command
+from .found import Found
 
 # How a target's files are laid out: cert + key (+ chain) as separate files; key, leaf
 # and chain in one file (Postfix's smtpd_tls_chain_files); two certificates, RSA and
@@ -68,6 +71,10 @@ class Daemon(Protocol):
         """Run the target's reload_command: make the daemon read its files again."""
         ...
 
+    def discover(self, instance: str | None = None) -> list[Found]:
+        """What the instance's own configuration says it serves (None: the system's)."""
+        ...
+
 
 @dataclass(frozen=True)
 class CommandDaemon:
@@ -77,6 +84,7 @@ class CommandDaemon:
     name: str
     defaults: Mapping[str, str]
     listeners: tuple[UsualListener, ...]
+    reader: Callable[[str | None], list[Found]]  # the module's ``discover``
     layouts: frozenset[Layout] = field(default=ALL_LAYOUTS)
 
     def __post_init__(self) -> None:
@@ -87,3 +95,6 @@ class CommandDaemon:
 
     def reload(self, command: str, *, timeout: float) -> CommandResult:
         return run_command(command, timeout=timeout, field="reload_command")
+
+    def discover(self, instance: str | None = None) -> list[Found]:
+        return self.reader(instance)

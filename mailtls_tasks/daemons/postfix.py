@@ -7,13 +7,162 @@ layout: separate files (``smtpd_tls_cert_file`` / ``smtpd_tls_key_file``), the k
 and chain in one file (``smtpd_tls_chain_files``, key first), and RSA + ECDSA side by
 side (two pairs in ``smtpd_tls_chain_files``, or ``smtpd_tls_eccert_file``).
 
-Reading Postfix's own configuration (``postconf -n``, ``-M``, ``-P``: which files and
-listeners an instance really uses) belongs in this module.
+``discover`` reads an instance's own configuration as Postfix itself resolves it
+(``postconf -x`` for main.cf, ``-M`` for master.cf's services, ``-Px`` for each
+service's ``-o`` overrides): which files each TLS listener serves, STARTTLS or
+wrapper mode, and the SNI maps it names.
 """
 
 from __future__ import annotations
 
+import socket
+
+from .found import FileSet, FileSlot, Found, FoundListener, Served, cert_key_type, loopback_for, pem_kinds, run_tool
 from .interface import CommandDaemon, UsualListener
+
+# ------------------------------------------------------------ reading its own config
+# The main.cf parameters that decide what a listener serves; a service's -o overrides
+# in master.cf (``postconf -P``) win over them for that service.
+TLS_PARAMETERS = (
+    "smtpd_tls_chain_files", "smtpd_tls_cert_file", "smtpd_tls_key_file", "smtpd_tls_eccert_file",
+    "smtpd_tls_eckey_file", "smtpd_tls_dcert_file", "smtpd_tls_security_level", "smtpd_use_tls",
+    "smtpd_enforce_tls", "smtpd_tls_wrappermode", "tls_server_sni_maps",
+)
+INSTANCE_PARAMETERS = ("config_directory", "mail_version", "inet_interfaces", "multi_instance_directories")
+DEFAULT_CONFIG_DIRECTORY = "/etc/postfix"
+
+
+def _postconf(config_dir: str | None, *args: str) -> str:
+    return run_tool(["postconf", *(["-c", config_dir] if config_dir else []), *args],
+                    f"postfix {config_dir or DEFAULT_CONFIG_DIRECTORY}")
+
+
+def _settings(text: str) -> dict[str, str]:
+    out = {}
+    for line in text.splitlines():
+        name, sep, value = line.partition(" = ")
+        if not sep and line.endswith(" ="):
+            name, sep, value = line[:-2], "=", ""
+        if sep:
+            out[name.strip()] = value.strip()
+    return out
+
+
+def discover(config_dir: str | None = None) -> list[Found]:
+    """Every Postfix instance this configuration directory describes: the one named
+    (``postconf -c DIR``), or the default one and, from its
+    ``multi_instance_directories``, each postmulti instance."""
+    first = _settings(_postconf(config_dir, "-x", *INSTANCE_PARAMETERS))
+    default_dir = first.get("config_directory") or config_dir or DEFAULT_CONFIG_DIRECTORY
+    dirs = [default_dir]
+    if config_dir is None:
+        dirs += [d for d in first.get("multi_instance_directories", "").replace(",", " ").split() if d not in dirs]
+    return [_discover_instance(d, default=config_dir is None and d == default_dir) for d in dirs]
+
+
+def _discover_instance(config_dir: str, *, default: bool) -> Found:
+    main = _settings(_postconf(config_dir, "-x", *INSTANCE_PARAMETERS, *TLS_PARAMETERS))
+    found = Found(mode="postfix", instance=config_dir, default_instance=default,
+                  version=main.get("mail_version", ""),
+                  reload_command="postfix reload" if default else f"postfix -c {config_dir} reload",
+                  validate_command="postfix check" if default else f"postfix -c {config_dir} check")
+    overrides: dict[tuple[str, str], dict[str, str]] = {}
+    for key, value in _settings(_postconf(config_dir, "-Px")).items():
+        service, _, rest = key.partition("/")
+        kind, _, name = rest.partition("/")
+        overrides.setdefault((service, kind), {})[name] = value
+    services = [line.split() for line in _postconf(config_dir, "-M").splitlines() if line.strip()]
+    passes = [s[0] for s in services if len(s) >= 8 and s[1] == "pass" and s[7] == "smtpd"]
+    by_files: dict[FileSet, Served] = {}
+    for fields in services:
+        if len(fields) < 8 or fields[1] != "inet" or fields[7] not in ("smtpd", "postscreen"):
+            continue
+        service, command = fields[0], fields[7]
+        settings = {**main, **overrides.get((service, "inet"), {})}
+        if command == "postscreen":  # the smtpd it hands connections to answers STARTTLS
+            settings = {**main, **overrides.get((passes[0], "pass"), {})} if passes else settings
+        protocol = _tls_protocol(settings)
+        where = f"master.cf service {service}"
+        if protocol is None:
+            continue  # no TLS on it: nothing of ours to serve there
+        listener = _listener(service, main.get("inet_interfaces", "all"), protocol)
+        if listener is None:
+            found.notes.append(f"{where}: cannot tell its port; list it in post_deploy_verify by hand")
+            continue
+        files = _file_set(settings)
+        if files is None:
+            found.notes.append(f"{where} ({listener.endpoint}) offers TLS but names no certificate file")
+            continue
+        if settings.get("smtpd_tls_dcert_file"):
+            found.notes.append(f"{where}: a DSA certificate ({settings['smtpd_tls_dcert_file']}) is not managed")
+        source = "main.cf" if not overrides.get((service, "inet")) or all(
+            settings.get(p) == main.get(p) for p in TLS_PARAMETERS) else f"{where} (-o overrides)"
+        served = by_files.setdefault(files, Served(files, source=source))
+        served.listeners.append(listener)
+        sni = settings.get("tls_server_sni_maps", "")
+        if sni and f"tls_server_sni_maps = {sni}" not in found.sni:
+            found.sni.append(f"tls_server_sni_maps = {sni}")
+    found.served = list(by_files.values())
+    return found
+
+
+def _tls_protocol(s: dict[str, str]) -> str | None:
+    """smtps (wrapper mode), smtp (STARTTLS offered) or None (no TLS)."""
+    if s.get("smtpd_tls_wrappermode") == "yes":
+        return "smtps"
+    level = s.get("smtpd_tls_security_level", "")
+    if level:
+        return None if level == "none" else "smtp"
+    return "smtp" if "yes" in (s.get("smtpd_use_tls"), s.get("smtpd_enforce_tls")) else None
+
+
+def _listener(service: str, interfaces: str, protocol: str) -> FoundListener | None:
+    host, sep, port = service.rpartition(":")
+    if not sep:
+        host, port = "", service
+    if not port.isdigit():
+        try:
+            port = str(socket.getservbyname(port, "tcp"))
+        except OSError:
+            return None
+    if not host:
+        first = interfaces.replace(",", " ").split()
+        host = first[0] if first else "all"
+        if host in ("localhost", "loopback-only", "all"):
+            host = "127.0.0.1"
+    return FoundListener(loopback_for(host), int(port), protocol, service)
+
+
+def _file_set(s: dict[str, str]) -> FileSet | None:
+    chain_files = [f for f in s.get("smtpd_tls_chain_files", "").replace(",", " ").split() if f]
+    slots: list[FileSlot] = []
+    if chain_files:  # each a key followed by its chain, in one file or a key file and a chain file
+        i = 0
+        while i < len(chain_files):
+            f = chain_files[i]
+            has_key, has_cert = pem_kinds(f)
+            if has_key and not has_cert and i + 1 < len(chain_files):
+                cert = chain_files[i + 1]
+                slots.append(FileSlot(cert=cert, key=f, key_type=cert_key_type(cert)))
+                i += 2
+            else:
+                slots.append(FileSlot(combined=f, key_type=cert_key_type(f)))
+                i += 1
+    else:
+        for cert_p, key_p, guess in (("smtpd_tls_cert_file", "smtpd_tls_key_file", "rsa"),
+                                     ("smtpd_tls_eccert_file", "smtpd_tls_eckey_file", "ecdsa")):
+            cert = s.get(cert_p, "")
+            if not cert:
+                continue
+            key = s.get(key_p) or cert
+            kind = cert_key_type(cert)
+            kind = guess if kind == "any" and s.get("smtpd_tls_eccert_file") else kind
+            slots.append(FileSlot(combined=cert, key_type=kind) if key == cert
+                         else FileSlot(cert=cert, key=key, key_type=kind))
+    if not slots:
+        return None
+    return FileSet(tuple(slots[:2]))
+
 
 DAEMON = CommandDaemon(
     name="postfix",
@@ -24,6 +173,7 @@ DAEMON = CommandDaemon(
         "reload_command": "postfix reload",
         "validate_command": "postfix check",
     },
+    reader=discover,
     listeners=(
         UsualListener(25, "smtp", "smtp"),
         UsualListener(465, "smtps", "smtps"),

@@ -345,7 +345,7 @@ def sweep(rt: HostRuntime, co: Coordinator, *, full_scan: bool = False) -> list[
     """Finish dead deploys, then publish every ending Redis has not heard of.
 
     An outbox entry goes only once Redis has its record: one whose record is not
-    (yet) finished stays (``_finish`` writes the entry just before the record)."""
+    (yet) finished stays (``core.steps.phases.finish`` writes the entry just before the record)."""
     done = rt.recover(full_scan=full_scan)
     for target, deploy_id in rt.journal.outbox():
         try:
@@ -480,6 +480,20 @@ def _on_worker_init(**_: Any) -> None:
     _state["background_stop"] = stop
     threading.Thread(target=_background, args=(stop,), name="mailtls-heartbeat", daemon=True).start()
     log.info("mailtls worker for host %s serving targets: %s", rt.host, ", ".join(rt.cfg.targets) or "none")
+    threading.Thread(target=_cross_check, args=(rt,), name="mailtls-cross-check", daemon=True).start()
+
+
+def _cross_check(rt: HostRuntime) -> None:
+    """Ask each daemon instance the targets name what it serves, and say where the two
+    disagree (``check-config --strict`` refuses it; a worker only warns). In a thread of
+    its own: a daemon tool that hangs must not hold the worker's start."""
+    from ..core.discover import cross_check
+
+    try:
+        for warning in cross_check(rt.cfg):
+            log.warning("%s", warning)
+    except Exception:  # a warning that could not be made must not stop a worker
+        log.exception("could not compare the targets with the daemons' configuration")
 
 
 @worker_shutdown.connect

@@ -9,6 +9,7 @@ See shared/notes/real-daemons.md for why each line below is there.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -141,8 +142,22 @@ alias_database =
         return _tails(self.log, self.dir / "maillog")
 
 
+def dovecot_version(binary: str | None = None) -> tuple[int, ...]:
+    """(2, 3, 19, 1) or (2, 4, 1): the installed Dovecot's, from ``dovecot --version``."""
+    out = subprocess.run([binary or require("dovecot"), "--version"], capture_output=True, text=True,
+                         check=True).stdout  # "2.3.19.1 (9b53102964)", "2.4.1-4 (7d8c0e5759)"
+    m = re.match(r"\d+(?:\.\d+)*", out.strip())
+    if not m:
+        raise RuntimeError(f"dovecot --version said {out.strip()!r}")
+    return tuple(int(n) for n in m.group(0).split("."))
+
+
 class Dovecot:
-    """``dovecot -c CONF``: IMAP (STARTTLS), IMAPS, POP3 (STLS), POP3S on free loopback ports."""
+    """``dovecot -c CONF``: IMAP (STARTTLS), IMAPS, POP3 (STLS), POP3S on free loopback ports.
+
+    The config speaks the installed Dovecot's language: 2.3 (Debian 12) or 2.4 (Debian
+    13), whose settings differ in name and shape (``ssl_cert = <file`` against
+    ``ssl_server_cert_file = file``, named passdb/userdb blocks, ``%{user}``...)."""
 
     def __init__(self, root: Path, cert: Path, key: Path, address: str = "127.0.0.1",
                  ports: dict[str, int] | None = None, alt: tuple[Path, Path] | None = None) -> None:
@@ -156,6 +171,7 @@ class Dovecot:
         self.alt = alt
         self.ports = ports or {p: free_port() for p in ("imap", "imaps", "pop3", "pop3s")}
         self.log = root / "dovecot-commands.log"
+        self.version = dovecot_version(self.bin)
         self._write_config()
 
     @property
@@ -166,8 +182,80 @@ class Dovecot:
         d = self.dir
         (d / "run").mkdir(parents=True, exist_ok=True)
         (d / "mail").mkdir(exist_ok=True)
-        p = self.ports
-        self.conf.write_text(f"""\
+        (d / "state").mkdir(exist_ok=True)
+        self.conf.write_text(self._config_24() if self.version >= (2, 4) else self._config_23())
+        _traversable(d)
+
+    def _listeners(self, address_setting: str) -> str:
+        p, a = self.ports, self.address
+        return f"""\
+service imap-login {{
+  inet_listener imap {{
+    {address_setting} = {a}
+    port = {p['imap']}
+  }}
+  inet_listener imaps {{
+    {address_setting} = {a}
+    port = {p['imaps']}
+    ssl = yes
+  }}
+}}
+service pop3-login {{
+  inet_listener pop3 {{
+    {address_setting} = {a}
+    port = {p['pop3']}
+  }}
+  inet_listener pop3s {{
+    {address_setting} = {a}
+    port = {p['pop3s']}
+    ssl = yes
+  }}
+}}
+service stats {{
+  unix_listener stats-reader {{
+    mode = 0600
+  }}
+  unix_listener stats-writer {{
+    mode = 0600
+  }}
+}}
+"""
+
+    def _config_24(self) -> str:
+        d, version = self.dir, ".".join(str(n) for n in self.version[:3])
+        alt = (f"ssl_server_alt_cert_file = {self.alt[0]}\nssl_server_alt_key_file = {self.alt[1]}\n"
+               if self.alt else "")
+        return f"""\
+dovecot_config_version = {version}
+dovecot_storage_version = {version}
+base_dir = {d}/run
+state_dir = {d}/state
+log_path = {d}/dovecot.log
+instance_name = mailtls-test-{self.ports['imap']}
+protocols = imap pop3
+listen = {self.address}
+ssl = yes
+ssl_server_cert_file = {self.cert}
+ssl_server_key_file = {self.key}
+{alt}auth_allow_cleartext = no
+auth_mechanisms = plain
+mail_driver = maildir
+mail_path = {d}/mail/%{{user}}
+passdb static {{
+  password = test
+}}
+userdb static {{
+  fields {{
+    uid = nobody
+    gid = nogroup
+    home = {d}/mail/%{{user}}
+  }}
+}}
+""" + self._listeners("listen")
+
+    def _config_23(self) -> str:
+        d, p = self.dir, self.ports
+        return f"""\
 base_dir = {d}/run
 state_dir = {d}/state
 log_path = {d}/dovecot.log
@@ -189,39 +277,7 @@ userdb {{
   driver = static
   args = uid=nobody gid=nogroup home={d}/mail/%u
 }}
-service imap-login {{
-  inet_listener imap {{
-    address = {self.address}
-    port = {p['imap']}
-  }}
-  inet_listener imaps {{
-    address = {self.address}
-    port = {p['imaps']}
-    ssl = yes
-  }}
-}}
-service pop3-login {{
-  inet_listener pop3 {{
-    address = {self.address}
-    port = {p['pop3']}
-  }}
-  inet_listener pop3s {{
-    address = {self.address}
-    port = {p['pop3s']}
-    ssl = yes
-  }}
-}}
-service stats {{
-  unix_listener stats-reader {{
-    mode = 0600
-  }}
-  unix_listener stats-writer {{
-    mode = 0600
-  }}
-}}
-""")
-        (d / "state").mkdir(exist_ok=True)
-        _traversable(d)
+""" + self._listeners("address")
 
     def reload_command(self) -> str:
         return f"{self.doveadm} -c {self.conf} reload"

@@ -92,6 +92,8 @@ class MailStack:
         reload, check = (self.pf_reload, self.pf_check) if mode == "postfix" else (self.dv_reload, self.dv_check)
         t: dict[str, Any] = {
             "mode": mode,
+            # the private instance serving it: what check-config and the worker ask
+            "instance": str(self.postfix.dir if mode == "postfix" else self.dovecot.conf),
             "cert_path": str(self.root / "certs" / daemon / "cert.pem"),
             "key_path": str(self.root / "certs" / daemon / "key.pem"),
             "reload_command": str(reload.path),

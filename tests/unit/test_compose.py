@@ -29,7 +29,9 @@ from click.testing import CliRunner
 from mailtls_tasks.cli.root import cli
 from mailtls_tasks.core import material
 from mailtls_tasks.core.config import HostConfig, Target, load_config
+from mailtls_tasks.core.discover import read
 from mailtls_tasks.security.keys import encode_public, load_pipeline, public_of
+from tests.support.daemons import dovecot_version
 from tests.support.services import require, unavailable
 
 REPO = Path(__file__).resolve().parents[2]
@@ -297,9 +299,12 @@ def test_targets_file_has_a_postfix_and_a_dovecot_target_with_their_own_files(tm
     # the files each daemon is configured to read are the ones its target deploys
     assert smtp.files() == [("combined", setting(COMPOSE / "mailhost-setup.sh",
                                                  r'"smtpd_tls_chain_files\s*=\s*([^"]+)"'))]
-    dovecot_conf = COMPOSE / "dovecot-mailtls.conf"
+    dovecot_conf = COMPOSE / "dovecot-mailtls.conf"  # 2.3
     assert imap.cert_path == setting(dovecot_conf, r"^ssl_cert\s*=\s*<(.+)$")
     assert imap.key_path == setting(dovecot_conf, r"^ssl_key\s*=\s*<(.+)$")
+    dovecot_24 = COMPOSE / "dovecot-mailtls-2.4.conf"
+    assert imap.cert_path == setting(dovecot_24, r"^ssl_server_cert_file\s*=\s*(.+)$")
+    assert imap.key_path == setting(dovecot_24, r"^ssl_server_key_file\s*=\s*(.+)$")
     ports = {t.name: {int(e.endpoint.rsplit(":", 1)[1]) for e in t.post_deploy_verify.all_endpoints()}
              for t in (smtp, imap)}
     assert smtp.post_deploy_verify.enabled and ports[smtp.name] == {25, 465}
@@ -316,11 +321,17 @@ def test_postfix_setup_against_a_scratch_config_dir(tmp_path: Path) -> None:
     package's "No configuration" install leaves (no main.cf)."""
     postconf = require("postconf")  # bootstrap installs Debian's postfix: under CI=true missing fails
     assert Path("/usr/share/postfix/main.cf.debian").exists(), "Debian's postfix ships main.cf.debian"
-    env = {**os.environ, "POSTFIX_DIR": str(tmp_path), "PATH": f"{Path(postconf).parent}:{os.environ['PATH']}"}
+    dovecot_dir = tmp_path / "dovecot"
+    (dovecot_dir / "conf.d").mkdir(parents=True)
+    env = {**os.environ, "POSTFIX_DIR": str(tmp_path), "DOVECOT_DIR": str(dovecot_dir), "SHARE": str(COMPOSE),
+           "PATH": f"{Path(postconf).parent}:{os.environ['PATH']}"}
     res = subprocess.run(["sh", str(COMPOSE / "mailhost-setup.sh")], env=env, capture_output=True, text=True,
                          timeout=60)
     assert res.returncode == 0, res.stderr
     assert not res.stderr.strip(), res.stderr
+    # the Dovecot settings in the language of the Dovecot installed here
+    wanted = "dovecot-mailtls.conf" if dovecot_version() < (2, 4) else "dovecot-mailtls-2.4.conf"
+    assert (dovecot_dir / "conf.d" / "99-mailtls.conf").read_text() == (COMPOSE / wanted).read_text()
 
     def pc(*args: str) -> str:
         out = subprocess.run([postconf, "-c", str(tmp_path), *args], capture_output=True, text=True, timeout=30)
@@ -338,6 +349,11 @@ def test_postfix_setup_against_a_scratch_config_dir(tmp_path: Path) -> None:
     overrides = pc("-P").splitlines()
     assert "465/inet/smtpd_tls_wrappermode = yes" in overrides  # SMTPS: TLS from the first byte
     assert not [o for o in overrides if o.startswith("smtp/inet/")]  # 25: plain, then STARTTLS
+    # and what Postfix itself says it serves, read back as `mailtls discover` reads it
+    (found,) = read("postfix", str(tmp_path))
+    (served,) = found.served
+    assert served.files.paths() == (smtp.combined_path,)
+    assert {(li.port, li.protocol) for li in served.listeners} == {(25, "smtp"), (465, "smtps")}
     chroot = pc("-F", "*/*/chroot").splitlines()
     assert chroot and all(line.endswith("= n") for line in chroot), chroot
     assert pc("-F", "postlog/unix-dgram/command").endswith("postlogd")  # maillog_file needs it
@@ -353,18 +369,19 @@ def test_dovecot_config_with_doveconf(tmp_path: Path) -> None:
         shutil.copytree(etc, conf, ignore=shutil.ignore_patterns("private"))
     except (PermissionError, shutil.Error):
         unavailable("Debian's Dovecot config is not readable by this user")
-    shutil.copy(COMPOSE / "dovecot-mailtls.conf", conf / "conf.d" / "99-mailtls.conf")
+    ours = "dovecot-mailtls.conf" if dovecot_version() < (2, 4) else "dovecot-mailtls-2.4.conf"
+    shutil.copy(COMPOSE / ours, conf / "conf.d" / "99-mailtls.conf")
+    res = subprocess.run([doveconf, "-c", str(conf / "dovecot.conf"), "-n"], capture_output=True, text=True,
+                         timeout=30)
+    assert res.returncode == 0, res.stderr  # Debian's config with ours, in this Dovecot's language
 
-    def dc(*names: str) -> list[str]:
-        res = subprocess.run([doveconf, "-c", str(conf / "dovecot.conf"), "-h", *names], capture_output=True,
-                             text=True, timeout=30)
-        assert res.returncode == 0, res.stderr
-        return res.stdout.splitlines()
-
+    # what Dovecot says it serves, read as `mailtls discover` reads it: the target's files
     imap = by_mode(load_targets(tmp_path), "dovecot")
-    assert dc("ssl_cert", "ssl_key") == [f"<{imap.cert_path}", f"<{imap.key_path}"]
-    ssl, protocols = dc("ssl", "protocols")
-    assert ssl in ("yes", "required") and {"imap", "pop3"} <= set(protocols.split())
+    (found,) = read("dovecot", str(conf / "dovecot.conf"))
+    (served,) = found.served
+    assert served.files.paths() == (imap.cert_path, imap.key_path)
+    assert {(li.port, li.protocol) for li in served.listeners} == {(143, "imap"), (993, "imaps"), (110, "pop3"),
+                                                                  (995, "pop3s")}
 
 
 # --- the entrypoint and the demo certificates, run for real --------------------------------

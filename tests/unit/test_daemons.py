@@ -75,3 +75,61 @@ def test_check_config_hints_come_from_the_daemon(tmp_path: Path) -> None:
                          capture_output=True, text=True, check=True).stdout
     assert json.loads(out)["targets"]["imap"]["suggested_endpoints"] == [
         "127.0.0.1:143 (imap)", "127.0.0.1:110 (pop3)", "127.0.0.1:995 (pop3s)"]
+
+
+# doveconf's output as 2.3 and 2.4 print it (from Debian 12's 2.3.19 and 13's 2.4.1)
+DOVECONF_23 = """\
+# 2.3.19.1 (9b53102964): /etc/dovecot/dovecot.conf
+ssl_cert = </etc/dovecot/private/dovecot.pem
+ssl_key = </etc/dovecot/private/dovecot.key
+service imap-login {
+  inet_listener imaps {
+    port = 993
+    ssl = yes
+  }
+}
+local_name mail.example.org {
+  ssl_cert = </etc/ssl/mail.pem
+}
+"""
+DOVECONF_24 = """\
+# 2.4.1-4 (7d8c0e5759): /etc/dovecot/dovecot.conf
+dovecot_config_version = 2.4.0
+protocols {
+  imap = yes
+  pop3 = yes
+}
+ssl_server {
+  cert_file = /etc/dovecot/private/dovecot.pem
+  key_file = /etc/dovecot/private/dovecot.key
+}
+local_name mail.example.org {
+  ssl_server {
+    cert_file = /etc/ssl/mail.pem
+  }
+}
+service imap-login {
+  inet_listener imap {
+  }
+}
+"""
+
+
+def test_doveconf_23_and_24_flatten_to_the_same_paths() -> None:
+    from mailtls_tasks.daemons.dovecot import _version, flatten
+
+    v23, _ = flatten(DOVECONF_23)
+    v24, b24 = flatten(DOVECONF_24)
+    assert v23["ssl_cert"] == "</etc/dovecot/private/dovecot.pem"
+    assert v23["service/imap-login/inet_listener/imaps/port"] == "993"
+    assert v23["local_name/mail.example.org/ssl_cert"] == "</etc/ssl/mail.pem"
+    assert v24["ssl_server/cert_file"] == "/etc/dovecot/private/dovecot.pem"
+    assert v24["local_name/mail.example.org/ssl_server/cert_file"] == "/etc/ssl/mail.pem"
+    assert v24["protocols/imap"] == "yes"
+    assert "service/imap-login/inet_listener/imap" in b24  # an empty block is a listener with defaults
+    # a path query on 2.3 answers in flat lines, on 2.4 in blocks: the same keys either way
+    flat, _ = flatten("service/imap-login/inet_listener/imap/port = 143\n")
+    nested, _ = flatten("service imap-login {\n  inet_listener imap {\n    port = 143\n  }\n}\n")
+    assert flat == nested == {"service/imap-login/inet_listener/imap/port": "143"}
+    assert _version(DOVECONF_23.splitlines()[0]) == ("2.3.19.1", (2, 3, 19, 1), "/etc/dovecot/dovecot.conf")
+    assert _version(DOVECONF_24.splitlines()[0]) == ("2.4.1-4", (2, 4, 1), "/etc/dovecot/dovecot.conf")

@@ -1,0 +1,66 @@
+#!/bin/sh
+# The Debian 13 lane of `make test`: the real-daemon suites (local, distributed, e2e and
+# the fault matrix's slice) against trixie's Postfix 3.10, Dovecot 2.4, Redis 8 and
+# Python 3.13, in the cached root that scripts/trixie-root.sh builds.
+#
+#   scripts/trixie-lane.sh                    # the lane's suites
+#   scripts/trixie-lane.sh make demo          # any command, run in a fresh copy of the tree
+#
+# Everything happens in a mount namespace of its own: the root's /proc, /dev, a fresh
+# /tmp and /run, this machine's pip set-up (read-only, so pip inside resolves what pip
+# outside does) are mounted for this run only and vanish with it. The tree is copied
+# into the root (without .venv and caches), never mounted: nothing inside writes here.
+set -eu
+cd "$(dirname "$0")/.."
+ROOT=$(sh scripts/trixie-root.sh)
+if [ "$#" -eq 0 ]; then
+    # Flower's task list, looked at in a headless Chromium, is the same page on both
+    # lanes: it is looked at in the Debian 12 lane only (Chromium would double the root).
+    set -- .venv/bin/pytest -q -ra -p no:cacheprovider --durations=5 tests/local tests/integration tests/e2e \
+        tests/faults --deselect tests/e2e/test_fleet.py::test_flower_task_list_shows_target_deploy_and_outcome
+fi
+
+# Files and folders the machine's pip reads (its config, and whatever that names).
+PIPS=""
+for p in /etc/pip.conf /etc/xdg/pip /root/.config/pip /root/.pip /opt/wheels /opt/pypi /opt/pypi-more; do
+    [ -e "$p" ] && PIPS="$PIPS $p"
+done
+PIPENV=$(env | grep '^PIP_' | tr '\n' ' ' || true)
+
+exec unshare --mount --propagation private -- sh -eu -c '
+ROOT=$1; shift; PIPS=$1; shift; PIPENV=$1; shift
+mount --bind "$ROOT" "$ROOT"
+mount -t proc proc "$ROOT/proc"
+mount --rbind /dev "$ROOT/dev"
+mount -t tmpfs -o mode=1777 tmpfs "$ROOT/tmp"
+mount -t tmpfs -o mode=0755 tmpfs "$ROOT/run"
+mkdir -p "$ROOT/run/lock"
+for p in $PIPS; do
+    if [ -d "$p" ]; then mkdir -p "$ROOT$p"; else mkdir -p "$ROOT$(dirname "$p")"; touch "$ROOT$p"; fi
+    mount --bind "$p" "$ROOT$p" && mount -o remount,bind,ro "$ROOT$p"
+done
+# this machine may reach the package index through a CA of its own: trust its bundle inside
+mount --bind /etc/ssl/certs/ca-certificates.crt "$ROOT/etc/ssl/certs/ca-certificates.crt"
+cp /etc/resolv.conf "$ROOT/etc/resolv.conf" 2>/dev/null || true
+# the tree, copied: the build, the venv and the tests write only inside the root
+rm -rf "$ROOT/src" && mkdir -p "$ROOT/src"
+tar -C . --exclude=./.venv --exclude="*.egg-info" --exclude=__pycache__ --exclude=.pytest_cache \
+    --exclude=.mypy_cache --exclude=.ruff_cache --exclude=./build --exclude=./dist -cf - . | tar -C "$ROOT/src" -xf -
+# one venv per pyproject.toml, kept in the root between runs
+sum=$(sha256sum pyproject.toml | cut -c1-12)
+exec chroot "$ROOT" /usr/bin/env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+    HOME=/root LANG=C.UTF-8 CI="${CI:-}" MAILTLS_LANE=trixie $PIPENV VENV_SUM="$sum" sh -eu -c "
+cd /src
+venv=/opt/mailtls-venv-\$VENV_SUM
+if [ ! -x \$venv/bin/python ]; then
+    rm -rf /opt/mailtls-venv-*
+    python3 -m venv \$venv
+    \$venv/bin/pip install -q --upgrade pip >/tmp/pip.log 2>&1 || { cat /tmp/pip.log; exit 1; }
+fi
+# the dependencies are in place after the first run: seconds
+\$venv/bin/pip install -q -e \".[dev]\" >/tmp/pip.log 2>&1 || { cat /tmp/pip.log; exit 1; }
+rm -rf .venv && ln -s \$venv .venv
+echo \"trixie lane: \$(. /etc/os-release; echo \$PRETTY_NAME), \$(python3 --version), postfix \$(postconf -h mail_version 2>/dev/null), dovecot \$(dovecot --version | cut -d\\  -f1), \$(redis-server --version | cut -d\\  -f3)\"
+exec \"\$@\"
+" sh "$@"
+' sh "$ROOT" "$PIPS" "$PIPENV" "$@"
