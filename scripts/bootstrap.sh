@@ -22,6 +22,7 @@ command -v certbot >/dev/null 2>&1 || need="$need certbot"     # the certbot hoo
 command -v pebble >/dev/null 2>&1 || need="$need pebble"       # ... against a real ACME server
 command -v systemd-analyze >/dev/null 2>&1 || need="$need systemd"  # `systemd-analyze verify` of the units
 command -v debootstrap >/dev/null 2>&1 || need="$need debootstrap"  # the Debian 13 lane's root (scripts/trixie-root.sh)
+command -v systemd-nspawn >/dev/null 2>&1 || need="$need systemd-container"  # ... booted with systemd as PID 1 (tests/systemd)
 if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then need="$need python3-venv"; fi
 
 if [ -n "$need" ]; then
