@@ -1,15 +1,21 @@
-# The compose mail host (see compose/README.md): Debian 12's Postfix and Dovecot, each
+# The compose mail host (see compose/README.md): Debian's Postfix and Dovecot, each
 # with its own certificate files, and the mailtls worker. Flower runs from this image
 # too, with its own entrypoint (compose/docker-compose.yml).
 # Build context: the repository root; compose/mailhost.Dockerfile.dockerignore keeps
 # it to the files copied below (BuildKit, i.e. `docker compose`).
-FROM python:3.11-slim-bookworm
+# BASE_IMAGE: any Debian 12 or 13 image with a python3 (the default is Docker Hub's);
+# where no registry is reachable, scripts/podman-base-images.sh imports one made by
+# debootstrap (compose/docker-compose.yml passes MAILTLS_BASE_IMAGE through).
+ARG BASE_IMAGE=python:3.11-slim-bookworm
+FROM ${BASE_IMAGE}
 
 # "No configuration": Debian's postfix then ships no main.cf; mailhost-setup makes one.
 RUN echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections \
  && apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
       postfix dovecot-imapd dovecot-pop3d openssl \
+ && { python3 -c 'import venv, ensurepip' 2>/dev/null \
+      || DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3-venv; } \
  && rm -rf /var/lib/apt/lists/*
 
 COPY compose/mailhost-setup.sh /usr/local/sbin/mailhost-setup
@@ -26,7 +32,11 @@ RUN sh /usr/local/sbin/mailhost-setup \
 
 COPY pyproject.toml README.md /src/
 COPY mailtls_tasks /src/mailtls_tasks
-RUN pip install --no-cache-dir "/src[flower]"
+# A venv of its own, as `make install` does: Debian's own python3 refuses a system-wide
+# pip install (externally managed), the python images' does not mind either way.
+RUN python3 -m venv /opt/mailtls \
+ && /opt/mailtls/bin/pip install --no-cache-dir "/src[flower]" \
+ && ln -sfn /opt/mailtls/bin/mailtls /usr/local/bin/mailtls
 
 COPY compose/targets.toml /usr/local/share/mailtls/targets.toml
 COPY compose/demo-cert.sh /usr/local/bin/demo-cert

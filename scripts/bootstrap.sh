@@ -23,6 +23,10 @@ command -v pebble >/dev/null 2>&1 || need="$need pebble"       # ... against a r
 command -v systemd-analyze >/dev/null 2>&1 || need="$need systemd"  # `systemd-analyze verify` of the units
 command -v debootstrap >/dev/null 2>&1 || need="$need debootstrap"  # the Debian 13 lane's root (scripts/trixie-root.sh)
 command -v systemd-nspawn >/dev/null 2>&1 || need="$need systemd-container"  # ... booted with systemd as PID 1 (tests/systemd)
+command -v podman >/dev/null 2>&1 || need="$need podman"                  # compose/ for real (tests/compose) ...
+command -v runc >/dev/null 2>&1 || need="$need runc"                      # ... with runc (crun refuses hybrid cgroups),
+[ -x /usr/libexec/podman/catatonit ] || need="$need catatonit"            # ... the compose file's `init: true`,
+[ -x /usr/lib/cni/dnsname ] || need="$need golang-github-containernetworking-plugin-dnsname"  # ... and service names
 if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then need="$need python3-venv"; fi
 
 if [ -n "$need" ]; then
