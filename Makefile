@@ -9,8 +9,10 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: test test-here test-trixie demo lint typecheck deps bootstrap bench clean faults model install wheel
 
+# What the bootstrap installs: everything the tests use, or (make demo) the daemons alone.
+BOOTSTRAP_FOR ?= test
 bootstrap:
-	@sh scripts/bootstrap.sh
+	@sh scripts/bootstrap.sh $(BOOTSTRAP_FOR)
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -42,6 +44,7 @@ test-trixie: deps   ## the Debian 13 lane alone: Postfix 3.10, Dovecot 2.4, Redi
 	    echo "make test-trixie: this machine is Debian 13, test-here was that lane"; \
 	else sh scripts/trixie-lane.sh; fi
 
+demo: BOOTSTRAP_FOR = demo
 demo: deps
 	$(BIN)/python -m demo $(DEMO_ARGS)
 

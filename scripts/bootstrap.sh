@@ -1,8 +1,10 @@
 #!/bin/sh
-# Install what `make test` / `make demo` need on a Debian machine, only if missing.
+# Install what `make test` (`bootstrap.sh test`, the default) or `make demo`
+# (`bootstrap.sh demo`: the daemons alone) need on a Debian machine, only if missing.
 # Never starts or configures the system's own Postfix/Dovecot/Redis: the tests and
 # the demo run private instances from temporary directories.
 set -eu
+for_what=${1:-test}
 
 need=""
 command -v redis-server >/dev/null 2>&1 || need="$need redis-server"
@@ -11,23 +13,31 @@ command -v redis-server >/dev/null 2>&1 || need="$need redis-server"
 [ -x /usr/bin/doveadm ] || case "$need" in *dovecot-imapd*) ;; *) need="$need dovecot-imapd" ;; esac
 command -v openssl >/dev/null 2>&1 || need="$need openssl"
 command -v script >/dev/null 2>&1 || need="$need bsdutils"
-command -v strace >/dev/null 2>&1 || need="$need strace"      # the fault matrix injects with it
 command -v pgrep >/dev/null 2>&1 || need="$need procps"
-command -v unshare >/dev/null 2>&1 || need="$need util-linux"  # the fleet tests: a mount namespace per host
-[ -x /usr/bin/chromium ] || need="$need chromium"              # a screenshot of Flower's task list
-[ -x /usr/sbin/unbound ] || need="$need unbound"               # DANE: a validating resolver ...
-[ -x /usr/sbin/nsd ] || need="$need nsd"                       # ... an authoritative server ...
-command -v ldns-signzone >/dev/null 2>&1 || need="$need ldnsutils"  # ... and a signed zone
-command -v certbot >/dev/null 2>&1 || need="$need certbot"     # the certbot hook, renewed for real ...
-command -v pebble >/dev/null 2>&1 || need="$need pebble"       # ... against a real ACME server
-command -v systemd-analyze >/dev/null 2>&1 || need="$need systemd"  # `systemd-analyze verify` of the units
-command -v debootstrap >/dev/null 2>&1 || need="$need debootstrap"  # the Debian 13 lane's root (scripts/trixie-root.sh)
-command -v systemd-nspawn >/dev/null 2>&1 || need="$need systemd-container"  # ... booted with systemd as PID 1 (tests/systemd)
-command -v podman >/dev/null 2>&1 || need="$need podman"                  # compose/ for real (tests/compose) ...
-command -v runc >/dev/null 2>&1 || need="$need runc"                      # ... with runc (crun refuses hybrid cgroups),
-[ -x /usr/libexec/podman/catatonit ] || need="$need catatonit"            # ... the compose file's `init: true`,
-[ -x /usr/lib/cni/dnsname ] || need="$need golang-github-containernetworking-plugin-dnsname"  # ... and service names
+command -v unshare >/dev/null 2>&1 || need="$need util-linux"  # the fleet (demo, tests): a mount namespace per host
 if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then need="$need python3-venv"; fi
+if [ "$for_what" = test ]; then
+    command -v strace >/dev/null 2>&1 || need="$need strace"      # the fault matrix injects with it
+    [ -x /usr/bin/chromium ] || need="$need chromium"              # a screenshot of Flower's task list
+    [ -x /usr/sbin/unbound ] || need="$need unbound"               # DANE: a validating resolver ...
+    [ -x /usr/sbin/nsd ] || need="$need nsd"                       # ... an authoritative server ...
+    command -v ldns-signzone >/dev/null 2>&1 || need="$need ldnsutils"  # ... and a signed zone
+    command -v certbot >/dev/null 2>&1 || need="$need certbot"     # the certbot hook, renewed for real ...
+    command -v pebble >/dev/null 2>&1 || need="$need pebble"       # ... against a real ACME server
+    command -v systemd-analyze >/dev/null 2>&1 || need="$need systemd"  # `systemd-analyze verify` of the units
+    command -v debootstrap >/dev/null 2>&1 || need="$need debootstrap"  # the Debian 13 lane's root (scripts/trixie-root.sh)
+    command -v systemd-nspawn >/dev/null 2>&1 || need="$need systemd-container"  # ... booted with systemd as PID 1 (tests/systemd)
+    command -v podman >/dev/null 2>&1 || need="$need podman"                  # compose/ for real (tests/compose) ...
+    command -v runc >/dev/null 2>&1 || need="$need runc"                      # ... with runc (crun refuses hybrid cgroups),
+    [ -x /usr/libexec/podman/catatonit ] || need="$need catatonit"            # ... the compose file's `init: true`,
+    # ... and the compose services' names: podman 4.3 (Debian 12) resolves them through
+    # CNI's dnsname plugin, podman 5 (Debian 13) through netavark's aardvark-dns
+    if [ "$(. /etc/os-release && echo "$VERSION_ID")" = 12 ]; then
+        [ -x /usr/lib/cni/dnsname ] || need="$need golang-github-containernetworking-plugin-dnsname"
+    else
+        [ -x /usr/lib/podman/aardvark-dns ] || need="$need aardvark-dns"
+    fi
+fi
 
 if [ -n "$need" ]; then
     if [ "$(id -u)" != 0 ]; then

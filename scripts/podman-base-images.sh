@@ -12,8 +12,11 @@ if [ "$(podman image inspect --format '{{index .Labels "mailtls.root"}}' "$IMAGE
     echo "$IMAGE"
     exit 0
 fi
-# a plain Debian root: what the other tests put into it stays out
+# a plain Debian root: what the other tests put into it stays out. Through a file, not a
+# pipe: a tar that fails must not leave an image labelled as whole.
+tarball=$(mktemp /var/tmp/mailtls-base.XXXXXX.tar)
+trap 'rm -f "$tarball"' EXIT
 tar -C "$ROOT" --exclude=./proc --exclude=./dev --exclude=./sys --exclude=./src --exclude='./opt/*' \
-    --exclude=./usr/local/bin/mailtls -c . \
-    | podman import --change "LABEL mailtls.root=$STAMP" --change 'CMD ["/bin/bash"]' - "$IMAGE" >/dev/null
+    --exclude=./usr/local/bin/mailtls --exclude=./root/.cache --exclude=./etc/resolv.conf -cf "$tarball" .
+podman import --change "LABEL mailtls.root=$STAMP" --change 'CMD ["/bin/bash"]' "$tarball" "$IMAGE" >/dev/null
 echo "$IMAGE"

@@ -1,5 +1,5 @@
 #!/bin/sh
-# The Debian 13 lane of `make test`: the real-daemon suites (local, distributed, e2e and
+# The Debian 13 lane of `make test`: the unit and real-daemon suites (local, distributed, e2e and
 # the fault matrix's slice) against trixie's Postfix 3.10, Dovecot 2.4, Redis 8 and
 # Python 3.13, in the cached root that scripts/trixie-root.sh builds.
 #
@@ -16,7 +16,7 @@ ROOT=$(sh scripts/trixie-root.sh)
 if [ "$#" -eq 0 ]; then
     # Flower's task list, looked at in a headless Chromium, is the same page on both
     # lanes: it is looked at in the Debian 12 lane only (Chromium would double the root).
-    set -- .venv/bin/pytest -q -ra -p no:cacheprovider --durations=5 tests/local tests/integration tests/e2e \
+    set -- .venv/bin/pytest -q -ra -p no:cacheprovider --durations=5 tests/unit tests/local tests/integration tests/e2e \
         tests/faults --deselect tests/e2e/test_fleet.py::test_flower_task_list_shows_target_deploy_and_outcome
 fi
 
@@ -41,9 +41,11 @@ for p in $PIPS; do
 done
 # this machine may reach the package index through a CA of its own: trust its bundle inside
 mount --bind /etc/ssl/certs/ca-certificates.crt "$ROOT/etc/ssl/certs/ca-certificates.crt"
+mount -o remount,bind,ro "$ROOT/etc/ssl/certs/ca-certificates.crt"
 cp /etc/resolv.conf "$ROOT/etc/resolv.conf" 2>/dev/null || true
-# the tree, copied: the build, the venv and the tests write only inside the root
-rm -rf "$ROOT/src" && mkdir -p "$ROOT/src"
+# the tree, copied into a /src of this run alone (a tmpfs in this mount namespace): two
+# lanes at once never see the other tree, and nothing of it stays in the root
+mkdir -p "$ROOT/src" && mount -t tmpfs -o mode=0755 tmpfs "$ROOT/src"
 tar -C . --exclude=./.venv --exclude="*.egg-info" --exclude=__pycache__ --exclude=.pytest_cache \
     --exclude=.mypy_cache --exclude=.ruff_cache --exclude=./build --exclude=./dist -cf - . | tar -C "$ROOT/src" -xf -
 # one venv per pyproject.toml, kept in the root between runs

@@ -8,6 +8,11 @@
 #   MAILTLS_TRIXIE_ROOT=DIR ...       # elsewhere than /var/cache/mailtls-tests/trixie
 set -eu
 ROOT=${MAILTLS_TRIXIE_ROOT:-/var/cache/mailtls-tests/trixie}
+ROOT=${ROOT%/}
+case "$ROOT" in
+    /?*/?*) ;;  # at least two levels deep: it is removed and rebuilt when its package list changes
+    *) echo "trixie-root: MAILTLS_TRIXIE_ROOT=$ROOT: an absolute path at least two levels deep, please" >&2; exit 1 ;;
+esac
 PKGS=postfix,postfix-lmdb,dovecot-imapd,dovecot-pop3d,redis-server,python3,python3-venv,openssl,ca-certificates
 PKGS=$PKGS,strace,procps,util-linux,bsdutils,git,make,unbound,nsd,ldnsutils,certbot,pebble
 # debootstrap resolves no virtual packages: what certbot's python3-cryptography needs, by name
@@ -23,6 +28,14 @@ fi
 if [ "$(id -u)" != 0 ]; then
     echo "trixie-root: building the Debian 13 root needs root" >&2
     exit 1
+fi
+# One build at a time: a second caller waits for the first, then finds the root built.
+mkdir -p "$(dirname "$ROOT")"
+exec 9>"$ROOT.lock"
+flock 9
+if [ -f "$ROOT/.mailtls-root" ] && [ "$(cat "$ROOT/.mailtls-root")" = "$WANT" ]; then
+    echo "$ROOT"
+    exit 0
 fi
 if ! command -v debootstrap >/dev/null 2>&1; then
     echo "trixie-root: installing debootstrap" >&2

@@ -36,7 +36,10 @@ def check_config(config_path: str | None, as_json: bool, for_worker: bool, stric
             _check_worker(cfg)
     except MailTLSError as err:
         fail(str(err), err.exit_code)
-    warnings = cross_check(cfg)
+    try:
+        warnings = cross_check(cfg)
+    except Exception as err:  # noqa: BLE001 -- a check that only warns must never stop the worker's unit
+        warnings = [f"could not compare the targets with the daemons' configuration: {type(err).__name__}: {err}"]
     hints = {n: _listener_hints(t) for n, t in cfg.targets.items()}
     data = {"source": cfg.source, "host": cfg.host, "state_dir": cfg.state_dir,
             "targets": {n: {**t.public_view(), "suggested_endpoints": hints[n]} for n, t in cfg.targets.items()},

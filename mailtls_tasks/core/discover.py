@@ -78,6 +78,9 @@ def render(found: list[Found], host: str, *, header: list[str] | None = None) ->
 
     lines = [f"# {line}" if line else "#" for line in header or []]
     for f in found:
+        if f.error:
+            lines.append(f"# {f.mode} {f.instance}: not read: {f.error}")
+            continue
         lines.append(f"# {f.mode} {f.version} {'(the default instance) ' if f.default_instance else ''}"
                      f"{f.instance}: {len(f.served)} set(s) of TLS files")
         for s in f.served:
@@ -85,7 +88,8 @@ def render(found: list[Found], host: str, *, header: list[str] | None = None) ->
                          f"{', '.join(f'{li.endpoint} ({li.protocol})' for li in s.listeners) or 'no listener'}"
                          f" ({s.source})")
         for sni in f.sni:
-            lines.append(f"#   SNI, not deployable by mailtls yet, listed as found: {sni}")
+            lines.append(f"#   for some connections only, not proposed (SNI and per-address certificates "
+                         f"arrive with the SNI issue): {sni}")
         for note in f.notes:
             lines.append(f"#   note: {note}")
     body: dict[str, Any] = {"host": host, "targets": propose(found)}
@@ -101,15 +105,16 @@ def cross_check(cfg: HostConfig) -> list[str]:
     """For every daemon instance the targets name: a target whose files it does not
     read, and a TLS file it reads that no target covers. Warnings, each naming both
     paths; an instance that cannot be asked (its tool missing, its config broken) is
-    a warning too."""
+    a warning too. An empty ``instance`` and the default one spelled out are the same."""
     groups: dict[tuple[str, str], list[Target]] = {}
     for t in cfg.targets.values():
-        groups.setdefault((t.mode, t.instance), []).append(t)
+        groups.setdefault((t.mode, _real(t.instance or t.daemon.default_instance)), []).append(t)
     warnings: list[str] = []
     for (mode, instance), targets in sorted(groups.items()):
-        where = f"{mode} instance {instance or '(default)'}"
+        default = instance == _real(daemons.get(mode).default_instance)
+        where = f"{mode} instance {instance}"
         try:
-            found = [f for f in read(mode, instance or None) if f.default_instance or instance]
+            found = [f for f in read(mode, None if default else instance) if _real(f.instance) == instance]
         except ConfigError as err:
             warnings.append(f"cannot ask {where} what it serves: {err}")
             continue
@@ -117,21 +122,25 @@ def cross_check(cfg: HostConfig) -> list[str]:
             warnings.append(f"{where}: found no such instance")
             continue
         f = found[0]
-        served = {_real(p): s for s in f.served for p in s.files.paths()}
+        if f.error:
+            warnings.append(f"cannot ask {where} what it serves: {f.error}")
+            continue
+        served = {_real(p) for s in f.served for p in s.files.paths()}
+        read_there = served | {_real(p) for p in f.conditional}
         covered: set[str] = set()
         for t in targets:
-            mine = [(role, path) for role, path in t.files()]
+            mine = list(t.files())
             covered |= {_real(p) for _, p in mine}
-            unread = [path for role, path in mine if _real(path) not in served and not role.endswith("chain")]
+            unread = [path for role, path in mine if _real(path) not in read_there and not role.endswith("chain")]
             if unread:
                 serving = ", ".join(sorted({p for s in f.served for p in s.files.paths()})) or "no TLS file"
-                warnings.append(f"target {t.name!r}: {where} ({f.instance}) does not read {', '.join(unread)}; it "
-                                f"serves {serving}: a deploy there would change nothing on the wire")
+                warnings.append(f"target {t.name!r}: {where} does not read {', '.join(unread)}; it serves "
+                                f"{serving}: a deploy there would change nothing on the wire")
         for s in f.served:
             missing = [p for p in s.files.paths() if _real(p) not in covered]
             if missing:
                 on = ", ".join(li.endpoint for li in s.listeners) or "no listener"
-                warnings.append(f"{where} ({f.instance}) serves {', '.join(missing)} on {on}, which no target "
-                                "covers: it keeps its certificate through every renewal (`mailtls discover` "
-                                "proposes a target for it)")
+                warnings.append(f"{where} serves {', '.join(missing)} on {on}, which no target covers: it keeps "
+                                "its certificate through every renewal (`mailtls discover` proposes a target for "
+                                "it)")
     return warnings

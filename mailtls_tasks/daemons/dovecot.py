@@ -90,33 +90,62 @@ def discover(config_file: str | None = None) -> list[Found]:
         found.notes.append("ssl = no: this Dovecot offers no TLS")
         return [found]
 
+    inline: list[str] = []
+
     def tls(prefix: str) -> list[str]:
-        """cert, key, alt cert, alt key under ``prefix`` (top level, or a local_name block)."""
+        """cert, key, alt cert, alt key under ``prefix`` (top level, or a block's): paths
+        only. A value that is not a file (2.3's inline PEM, without the ``<``) is left
+        out and said in a note, never shown: it may be a key."""
         if is24:
-            return [_file(mine.get(f"{prefix}ssl_server/{k}") or mine.get(f"{prefix}ssl_server_{k}"))
-                    for k in ("cert_file", "key_file", "alt_cert_file", "alt_key_file")]
-        return [_file(mine.get(prefix + k)) for k in ("ssl_cert", "ssl_key", "ssl_alt_cert", "ssl_alt_key")]
+            names = [f"ssl_server/{k}" for k in ("cert_file", "key_file", "alt_cert_file", "alt_key_file")]
+            raw = [mine.get(prefix + n) or mine.get(prefix + n.replace("/", "_")) or "" for n in names]
+            ok = [v for v in raw if not v or v.startswith("/")]
+        else:
+            names = ["ssl_cert", "ssl_key", "ssl_alt_cert", "ssl_alt_key"]
+            raw = [mine.get(prefix + n) or "" for n in names]
+            ok = [v for v in raw if not v or v.startswith("<")]
+        if len(ok) != len(raw):
+            inline.append(prefix.rstrip("/") or "the top level")
+            return ["", "", "", ""]
+        return [_file(v) for v in raw]
 
     cert, key, alt_cert, alt_key = tls("")
-    for value in (mine.get("ssl_cert", ""), mine.get("ssl_alt_cert", "")):
-        if value and not value.startswith("<"):
-            found.notes.append("ssl_cert holds the certificate inline, not a file: nothing to manage")
-    for name in sorted({k.split("/")[1] for k in mine if k.startswith("local_name/")}):
-        c, *_ = tls(f"local_name/{name}/")
-        found.sni.append(f"local_name {name}: {c or 'no certificate file'}")
+    # Blocks that give some connections files of their own: by SNI name (local_name),
+    # by local or remote address (local, remote), or per protocol (protocol NAME).
+    scopes = sorted({"/".join(k.split("/")[:2]) for k in mine
+                     if k.split("/")[0] in ("local_name", "local", "remote", "protocol") and "ssl" in k})
+    per_protocol: dict[str, list[str]] = {}
+    for scope in scopes:
+        kind, _, name = scope.partition("/")
+        files = [f for f in tls(scope + "/") if f]
+        if not files:
+            continue
+        if kind == "protocol":
+            per_protocol[name] = tls(scope + "/")
+        else:
+            found.conditional += files
+            found.sni.append(f"{kind} {name}: {', '.join(files)}")
+    for where in inline:
+        found.notes.append(f"{where}: a TLS setting holds its PEM inline, not a file name: nothing to manage there")
     if not cert:
         found.notes.append("no ssl certificate file is configured")
         return [found]
-    slots = [FileSlot(combined=cert, key_type=cert_key_type(cert)) if (key or cert) == cert
-             else FileSlot(cert=cert, key=key, key_type=cert_key_type(cert))]
-    if alt_cert:
-        alt_key = alt_key or alt_cert
-        slots.append(FileSlot(combined=alt_cert, key_type=cert_key_type(alt_cert)) if alt_key == alt_cert
-                     else FileSlot(cert=alt_cert, key=alt_key, key_type=cert_key_type(alt_cert)))
-    served = Served(FileSet(tuple(slots)), source=config_file)
-    served.listeners = _listeners(config_file, every, blocks, is24)
-    found.served = [served]
+    listeners = _listeners(config_file, every, blocks, is24)
+    sets: list[tuple[str, list[str]]] = [("", [cert, key, alt_cert, alt_key])]
+    sets += [(proto, [f or base for f, base in zip(files, (cert, key, alt_cert, alt_key), strict=True)])
+             for proto, files in sorted(per_protocol.items())]
+    for proto, (c, k, ac, ak) in sets:
+        slots = [_slot(c, k)] + ([_slot(ac, ak)] if ac else [])
+        served = Served(FileSet(tuple(slots)), source=config_file + (f" (protocol {proto})" if proto else ""))
+        served.listeners = [li for p, li in listeners if (p == proto if proto else p not in per_protocol)]
+        found.served.append(served)
     return [found]
+
+
+def _slot(cert: str, key: str) -> FileSlot:
+    key = key or cert
+    kind = cert_key_type(cert)
+    return FileSlot(combined=cert, key_type=kind) if key == cert else FileSlot(cert=cert, key=key, key_type=kind)
 
 
 def _protocols(every: dict[str, str]) -> list[str]:
@@ -126,7 +155,9 @@ def _protocols(every: dict[str, str]) -> list[str]:
     return [k.split("/", 1)[1] for k, v in every.items() if k.startswith("protocols/") and v == "yes"]
 
 
-def _listeners(config_file: str, every: dict[str, str], blocks: set[str], is24: bool) -> list[FoundListener]:
+def _listeners(config_file: str, every: dict[str, str], blocks: set[str],
+               is24: bool) -> list[tuple[str, FoundListener]]:
+    """(protocol, listener) for every TLS listener of the protocols served."""
     wanted = []
     for proto in _protocols(every):
         if proto not in LOGIN_SERVICES:
@@ -147,11 +178,11 @@ def _listeners(config_file: str, every: dict[str, str], blocks: set[str], is24: 
         port = values.get(base + "port", "0")
         if not port.isdigit() or int(port) == 0:
             continue
-        implicit = values.get(base + "ssl") == "yes"
+        implicit = values.get(base + "ssl", "").lower() == "yes"
         address = values.get(base + address_key) or every.get("listen", "*")
         first = address.replace(",", " ").split()
-        out.append(FoundListener(loopback_for(first[0] if first else "*"), int(port),
-                                 LOGIN_SERVICES[proto][2 if implicit else 1], f"{service} {name}"))
+        out.append((proto, FoundListener(loopback_for(first[0] if first else "*"), int(port),
+                                         LOGIN_SERVICES[proto][2 if implicit else 1], f"{service} {name}")))
     return out
 
 
@@ -165,6 +196,7 @@ DAEMON = CommandDaemon(
         "validate_command": "doveconf -n",
     },
     reader=discover,
+    default_instance=DEFAULT_CONFIG_FILE,
     listeners=(
         UsualListener(143, "imap", "imap"),
         UsualListener(993, "imaps", "imaps"),

@@ -10,6 +10,7 @@ algorithm of its key (a dual RSA + ECDSA set needs to know which is which).
 
 from __future__ import annotations
 
+import re
 import subprocess
 from dataclasses import dataclass, field
 
@@ -79,6 +80,10 @@ class Found:
     notes: list[str] = field(default_factory=list)  # what it could not tell, said plainly
     reload_command: str = ""
     validate_command: str = ""
+    # files the daemon reads only for some connections (a local_name, local or remote
+    # block, a protocol of its own...): read, so never "not read"; not proposed as targets
+    conditional: list[str] = field(default_factory=list)
+    error: str = ""  # this instance could not be read (a broken postmulti instance)
 
 
 def run_tool(argv: list[str], what: str) -> str:
@@ -86,26 +91,31 @@ def run_tool(argv: list[str], what: str) -> str:
     -P`` prints passwords): it is parsed by the caller and never logged; an error says
     which tool failed and the first line it printed on standard error only."""
     try:
-        res = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+        # errors="replace": a setting in another charset (a Latin-1 greeting or password)
+        # must not stop the reading of the TLS settings
+        res = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, errors="replace",
                              timeout=COMMAND_TIMEOUT, check=False)
     except FileNotFoundError:
         raise ConfigError(f"{what}: `{argv[0]}` is not installed here") from None
     except subprocess.TimeoutExpired:
         raise ConfigError(f"{what}: `{' '.join(argv)}` did not answer within {COMMAND_TIMEOUT:g}s") from None
+    except OSError as err:
+        raise ConfigError(f"{what}: cannot run `{argv[0]}`: {err.strerror or err}") from None
     if res.returncode != 0:
         first = (res.stderr.strip().splitlines() or ["no message"])[0][:300]
         raise ConfigError(f"{what}: `{' '.join(argv)}` exited {res.returncode}: {first}")
     return res.stdout
 
 
-def pem_kinds(path: str) -> tuple[bool, bool]:
-    """(holds a private key, holds a certificate): the PEM markers only, nothing parsed."""
+def pem_kinds(path: str) -> tuple[int, int]:
+    """(private keys, certificates) in ``path``, counted by their PEM markers, nothing
+    parsed; (-1, -1) when it cannot be read."""
     try:
         with open(path, "rb") as f:
             data = f.read(1024 * 1024)
     except OSError:
-        return False, False
-    return b"PRIVATE KEY-----" in data, b"-----BEGIN CERTIFICATE-----" in data
+        return -1, -1
+    return len(re.findall(rb"-----BEGIN [A-Z ]*PRIVATE KEY-----", data)), data.count(b"-----BEGIN CERTIFICATE-----")
 
 
 def cert_key_type(path: str) -> str:

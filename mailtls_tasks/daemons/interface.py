@@ -63,6 +63,11 @@ class Daemon(Protocol):
     def layouts(self) -> frozenset[Layout]:
         ...
 
+    @property
+    def default_instance(self) -> str:
+        """What a target's empty ``instance`` means: the system's own config dir or file."""
+        ...
+
     def config_test(self, command: str, *, timeout: float) -> CommandResult:
         """Run the target's validate_command: does the daemon accept its configuration?"""
         ...
@@ -85,6 +90,7 @@ class CommandDaemon:
     defaults: Mapping[str, str]
     listeners: tuple[UsualListener, ...]
     reader: Callable[[str | None], list[Found]]  # the module's ``discover``
+    default_instance: str  # the system's own instance: its config directory or file
     layouts: frozenset[Layout] = field(default=ALL_LAYOUTS)
 
     def __post_init__(self) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import socket
 
+from ..errors import ConfigError
 from .found import FileSet, FileSlot, Found, FoundListener, Served, cert_key_type, loopback_for, pem_kinds, run_tool
 from .interface import CommandDaemon, UsualListener
 
@@ -53,15 +54,29 @@ def discover(config_dir: str | None = None) -> list[Found]:
     (``postconf -c DIR``), or the default one and, from its
     ``multi_instance_directories``, each postmulti instance."""
     first = _settings(_postconf(config_dir, "-x", *INSTANCE_PARAMETERS))
-    default_dir = first.get("config_directory") or config_dir or DEFAULT_CONFIG_DIRECTORY
+    # the directory named wins over what postconf says of it (3.10 can print its compiled-in default)
+    default_dir = config_dir or first.get("config_directory") or DEFAULT_CONFIG_DIRECTORY
     dirs = [default_dir]
     if config_dir is None:
         dirs += [d for d in first.get("multi_instance_directories", "").replace(",", " ").split() if d not in dirs]
-    return [_discover_instance(d, default=config_dir is None and d == default_dir) for d in dirs]
+    out = []
+    for d in dirs:
+        try:
+            out.append(_discover_instance(d, default=config_dir is None and d == default_dir))
+        except ConfigError as err:
+            if d == default_dir:
+                raise
+            # one broken postmulti instance must not hide the others
+            out.append(Found(mode="postfix", instance=d, default_instance=False, version="", error=str(err)))
+    return out
 
 
 def _discover_instance(config_dir: str, *, default: bool) -> Found:
     main = _settings(_postconf(config_dir, "-x", *INSTANCE_PARAMETERS, *TLS_PARAMETERS))
+    # Unexpanded: a key file left at its default ($smtpd_tls_cert_file) follows the
+    # certificate of each service, after the service's -o overrides.
+    raw = _settings(_postconf(config_dir, *KEY_DEFAULTS))
+    follows = {key: raw.get(key, "").strip("${}") == cert for key, cert in KEY_DEFAULTS.items()}
     found = Found(mode="postfix", instance=config_dir, default_instance=default,
                   version=main.get("mail_version", ""),
                   reload_command="postfix reload" if default else f"postfix -c {config_dir} reload",
@@ -78,9 +93,13 @@ def _discover_instance(config_dir: str, *, default: bool) -> Found:
         if len(fields) < 8 or fields[1] != "inet" or fields[7] not in ("smtpd", "postscreen"):
             continue
         service, command = fields[0], fields[7]
-        settings = {**main, **overrides.get((service, "inet"), {})}
+        own = overrides.get((service, "inet"), {})
         if command == "postscreen":  # the smtpd it hands connections to answers STARTTLS
-            settings = {**main, **overrides.get((passes[0], "pass"), {})} if passes else settings
+            own = overrides.get((passes[0], "pass"), {}) if passes else own
+        settings = {**main, **own}
+        for key, cert in KEY_DEFAULTS.items():
+            if follows[key] and cert in own and key not in own:
+                settings[key] = own[cert]
         protocol = _tls_protocol(settings)
         where = f"master.cf service {service}"
         if protocol is None:
@@ -89,9 +108,10 @@ def _discover_instance(config_dir: str, *, default: bool) -> Found:
         if listener is None:
             found.notes.append(f"{where}: cannot tell its port; list it in post_deploy_verify by hand")
             continue
-        files = _file_set(settings)
+        files = _file_set(settings, found.notes, where)
         if files is None:
-            found.notes.append(f"{where} ({listener.endpoint}) offers TLS but names no certificate file")
+            if not any(n.startswith(where) for n in found.notes):
+                found.notes.append(f"{where} ({listener.endpoint}) offers TLS but names no certificate file")
             continue
         if settings.get("smtpd_tls_dcert_file"):
             found.notes.append(f"{where}: a DSA certificate ({settings['smtpd_tls_dcert_file']}) is not managed")
@@ -106,14 +126,18 @@ def _discover_instance(config_dir: str, *, default: bool) -> Found:
     return found
 
 
+def _yes(value: str | None) -> bool:
+    return (value or "").strip().lower() in ("yes", "true", "1")  # Postfix booleans, any case
+
+
 def _tls_protocol(s: dict[str, str]) -> str | None:
     """smtps (wrapper mode), smtp (STARTTLS offered) or None (no TLS)."""
-    if s.get("smtpd_tls_wrappermode") == "yes":
+    if _yes(s.get("smtpd_tls_wrappermode")):
         return "smtps"
-    level = s.get("smtpd_tls_security_level", "")
+    level = s.get("smtpd_tls_security_level", "").strip().lower()
     if level:
         return None if level == "none" else "smtp"
-    return "smtp" if "yes" in (s.get("smtpd_use_tls"), s.get("smtpd_enforce_tls")) else None
+    return "smtp" if _yes(s.get("smtpd_use_tls")) or _yes(s.get("smtpd_enforce_tls")) else None
 
 
 def _listener(service: str, interfaces: str, protocol: str) -> FoundListener | None:
@@ -133,35 +157,69 @@ def _listener(service: str, interfaces: str, protocol: str) -> FoundListener | N
     return FoundListener(loopback_for(host), int(port), protocol, service)
 
 
-def _file_set(s: dict[str, str]) -> FileSet | None:
+def _file_set(s: dict[str, str], notes: list[str], where: str) -> FileSet | None:
+    """The files one listener serves, as slots a target can take; None (with a note
+    saying why) when they do not fit one: a proposal must never be a guess."""
     chain_files = [f for f in s.get("smtpd_tls_chain_files", "").replace(",", " ").split() if f]
     slots: list[FileSlot] = []
-    if chain_files:  # each a key followed by its chain, in one file or a key file and a chain file
-        i = 0
-        while i < len(chain_files):
-            f = chain_files[i]
-            has_key, has_cert = pem_kinds(f)
-            if has_key and not has_cert and i + 1 < len(chain_files):
-                cert = chain_files[i + 1]
-                slots.append(FileSlot(cert=cert, key=f, key_type=cert_key_type(cert)))
-                i += 2
+    if len(chain_files) == 1:  # one file: key and chain in it, the only layout Postfix takes
+        if pem_kinds(chain_files[0])[0] > 1:
+            notes.append(f"{where}: {chain_files[0]} holds more than one key (RSA and ECDSA in one file): a "
+                         "target takes one key per file; not proposed")
+            return None
+        slots.append(FileSlot(combined=chain_files[0], key_type=cert_key_type(chain_files[0])))
+    elif chain_files:  # each key followed by its chain: in one file, or in the files after it
+        groups: list[list[str]] = []
+        for f in chain_files:
+            keys, _ = pem_kinds(f)
+            if keys < 0:
+                notes.append(f"{where}: cannot read {f} to tell what it holds (run discover as root)")
+                return None
+            if keys > 1:
+                notes.append(f"{where}: {f} holds {keys} keys (RSA and ECDSA in one file): a target takes one "
+                             "key per file; not proposed")
+                return None
+            if keys:
+                groups.append([f])
+            elif groups:
+                groups[-1].append(f)
             else:
-                slots.append(FileSlot(combined=f, key_type=cert_key_type(f)))
-                i += 1
+                notes.append(f"{where}: smtpd_tls_chain_files starts with {f}, which holds no key; not proposed")
+                return None
+        for g in groups:
+            _, first_certs = pem_kinds(g[0])
+            if len(g) == 1 and first_certs:
+                slots.append(FileSlot(combined=g[0], key_type=cert_key_type(g[0])))
+            elif len(g) in (2, 3) and not first_certs:
+                slots.append(FileSlot(key=g[0], cert=g[1], chain=g[2] if len(g) == 3 else "",
+                                      key_type=cert_key_type(g[1])))
+            else:
+                notes.append(f"{where}: {', '.join(g)}: a key with its chain split this way is not a layout a "
+                             "target takes; not proposed")
+                return None
     else:
-        for cert_p, key_p, guess in (("smtpd_tls_cert_file", "smtpd_tls_key_file", "rsa"),
-                                     ("smtpd_tls_eccert_file", "smtpd_tls_eckey_file", "ecdsa")):
+        for cert_p, key_p in (("smtpd_tls_cert_file", "smtpd_tls_key_file"),
+                              ("smtpd_tls_eccert_file", "smtpd_tls_eckey_file")):
             cert = s.get(cert_p, "")
             if not cert:
                 continue
             key = s.get(key_p) or cert
             kind = cert_key_type(cert)
-            kind = guess if kind == "any" and s.get("smtpd_tls_eccert_file") else kind
             slots.append(FileSlot(combined=cert, key_type=kind) if key == cert
                          else FileSlot(cert=cert, key=key, key_type=kind))
     if not slots:
         return None
-    return FileSet(tuple(slots[:2]))
+    if len(slots) > 2:
+        notes.append(f"{where}: {len(slots)} certificates; a target takes one, or an RSA and an ECDSA: not proposed")
+        return None
+    if len(slots) == 2 and {slots[0].key_type, slots[1].key_type} != {"rsa", "ecdsa"}:
+        notes.append(f"{where}: two certificates, but not one RSA and one ECDSA as far as their files tell "
+                     f"({slots[0].key_type}, {slots[1].key_type}): not proposed")
+        return None
+    return FileSet(tuple(slots))
+
+
+KEY_DEFAULTS = {"smtpd_tls_key_file": "smtpd_tls_cert_file", "smtpd_tls_eckey_file": "smtpd_tls_eccert_file"}
 
 
 DAEMON = CommandDaemon(
@@ -174,6 +232,7 @@ DAEMON = CommandDaemon(
         "validate_command": "postfix check",
     },
     reader=discover,
+    default_instance=DEFAULT_CONFIG_DIRECTORY,
     listeners=(
         UsualListener(25, "smtp", "smtp"),
         UsualListener(465, "smtps", "smtps"),

@@ -155,3 +155,87 @@ def test_an_instance_that_cannot_be_read_is_a_clear_error(mx: Host, tmp_path: Pa
     p = mx.mailtls("discover", "--dovecot-config", str(tmp_path / "missing.conf"))
     assert p.returncode == 1 and "dovecot" in p.stderr and "missing.conf" in p.stderr, p.stderr
     assert p.stdout == ""
+
+
+# --- what an operator's configuration may hold, read as the daemon reads it -------------
+
+def _postfix_scratch(root: Path, main: str, master: str) -> Path:
+    """A Postfix config directory postconf reads (nothing is started)."""
+    d = root / "pf"
+    d.mkdir()
+    (d / "main.cf").write_text(f"compatibility_level = 3.6\ninet_interfaces = loopback-only\n{main}\n")
+    (d / "master.cf").write_text(master)
+    return d
+
+
+def test_postfix_a_service_overriding_only_its_certificate_keeps_its_key_with_it(tmp_path: Path, pki: PKI) -> None:
+    """Postfix expands smtpd_tls_key_file's default ($smtpd_tls_cert_file) per service,
+    after its -o overrides: the submission key is in submission.pem, not main.cf's key."""
+    from mailtls_tasks.daemons import postfix
+
+    d = _postfix_scratch(tmp_path, "smtpd_tls_cert_file = /etc/ssl/main.pem\nsmtpd_tls_security_level = may\n"
+                         "smtpd_tls_wrappermode = NO",
+                         "127.0.0.1:2525 inet n - n - - smtpd\n"
+                         "127.0.0.1:5870 inet n - n - - smtpd -o smtpd_tls_cert_file=/etc/ssl/sub.pem\n"
+                         "127.0.0.1:4650 inet n - n - - smtpd -o smtpd_tls_wrappermode=YES\n")
+    (found,) = postfix.discover(str(d))
+    by_port = {li.port: (s.files.slots, li.protocol) for s in found.served for li in s.listeners}
+    assert by_port[5870][0] == (postfix.FileSlot(combined="/etc/ssl/sub.pem"),)
+    assert by_port[2525][0] == (postfix.FileSlot(combined="/etc/ssl/main.pem"),)
+    assert by_port[4650][1] == "smtps"  # YES, as Postfix reads its booleans: any case
+
+
+def test_postfix_chain_files_are_read_as_postfix_groups_them(tmp_path: Path, pki: PKI) -> None:
+    from mailtls_tasks.daemons import postfix
+
+    leaf = pki.leaf()
+    key, cert, chain = tmp_path / "key.pem", tmp_path / "leaf.pem", tmp_path / "chain.pem"
+    key.write_bytes(leaf.key_pem)
+    cert.write_bytes(leaf.cert_pem)
+    chain.write_bytes(leaf.chain_pem)
+    d = _postfix_scratch(tmp_path, f"smtpd_tls_chain_files = {key}, {cert}, {chain}\n"
+                         "smtpd_tls_security_level = may", "127.0.0.1:2525 inet n - n - - smtpd\n")
+    (found,) = postfix.discover(str(d))
+    (served,) = found.served
+    assert served.files.slots == (postfix.FileSlot(cert=str(cert), key=str(key), chain=str(chain),
+                                                   key_type="ecdsa"),)
+    key.unlink()  # what it cannot read, it does not guess: no target, a note saying why
+    (found,) = postfix.discover(str(d))
+    assert found.served == [] and any(f"cannot read {key}" in n for n in found.notes), found.notes
+
+
+def test_dovecot_per_protocol_files_odd_bytes_and_inline_keys(tmp_path: Path, pki: PKI) -> None:
+    """A protocol block of its own gets a target of its own for its listeners; a
+    setting in another charset does not stop the reading; an inline key is never shown."""
+    from mailtls_tasks.core.discover import render
+    from mailtls_tasks.daemons import dovecot
+
+    leaf = pki.leaf()
+    cert, key = tmp_path / "c.pem", tmp_path / "k.pem"
+    cert.write_bytes(leaf.fullchain_pem)
+    key.write_bytes(leaf.key_pem)
+    d = Dovecot(tmp_path, cert, key)
+    is24 = d.version >= (2, 4)
+    pop = ("protocol pop3 {\n  ssl_server_cert_file = /etc/ssl/pop.pem\n  ssl_server_key_file = /etc/ssl/pop.key\n}\n"
+           if is24 else "protocol pop3 {\n  ssl_cert = </etc/ssl/pop.pem\n  ssl_key = </etc/ssl/pop.key\n}\n")
+    d.conf.write_bytes(d.conf.read_bytes() + b"login_greeting = Gr\xfc\xdfe\n" + pop.encode())
+    (found,) = dovecot.discover(str(d.conf))
+    by_port = {li.port: s.files.paths() for s in found.served for li in s.listeners}
+    assert by_port[d.ports["pop3"]] == by_port[d.ports["pop3s"]] == ("/etc/ssl/pop.pem", "/etc/ssl/pop.key")
+    assert by_port[d.ports["imaps"]] == (str(cert), str(key))
+    if not is24:  # 2.3 takes a PEM inline (no "<"): never printed, never used as a path
+        d.conf.write_text(d.conf.read_text(errors="replace").replace(pop, "") + "local_name inline.test {\n"
+                          "  ssl_cert = </etc/ssl/i.pem\n  ssl_key = -----BEGIN PRIVATE KEY-----SECRET\n}\n")
+        (found,) = dovecot.discover(str(d.conf))
+        text = render([found], "mx")
+        assert "SECRET" not in text and "BEGIN PRIVATE" not in text
+        assert any("inline" in n for n in found.notes), found.notes
+
+
+def test_the_cross_check_takes_an_instance_however_it_is_spelled(mx: Host) -> None:
+    _, proposed = mx.discover()
+    for t in proposed["targets"].values():
+        t["instance"] += "/" if t["mode"] == "postfix" else ""  # /etc/postfix/ is /etc/postfix
+    cfg = mx.write(proposed, "slash.toml")
+    p = mx.mailtls("check-config", "--config", str(cfg), "--strict", "--json")
+    assert p.returncode == 0 and json.loads(p.stdout)["warnings"] == [], p.stdout + p.stderr

@@ -14,6 +14,7 @@ machine's pip set-up.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shlex
@@ -164,7 +165,8 @@ class Machine:
         self._wait_gone()
 
     def shutdown(self) -> None:
-        """A clean halt: SIGTERM to nspawn halts the container."""
+        """A clean halt: SIGTERM to nspawn halts the container (after a boot that never
+        got going, the fallback of ``_wait_gone`` kills it)."""
         if self.proc is not None and self.proc.poll() is None:
             os.kill(self.proc.pid, signal.SIGTERM)  # unshare exec'd sh, sh exec'd nspawn: this is nspawn
         self._wait_gone(60)
@@ -175,6 +177,10 @@ class Machine:
         try:
             self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
+            # the machine's PID 1 is not in nspawn's process group: kill it, and with it
+            # every process of the machine, then nspawn
+            for pid in (self.leader or self._find_leader(), None):
+                with contextlib.suppress(ProcessLookupError, TypeError):
+                    os.kill(pid, signal.SIGKILL) if pid else os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(10)
         self.proc, self.leader = None, None

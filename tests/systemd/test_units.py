@@ -148,8 +148,8 @@ def mx13(tmp_path_factory: pytest.TempPathFactory, pki: PKI) -> Iterator[Host]:
     for tool in ("systemd-nspawn", "unshare", "nsenter", "debootstrap"):
         require(tool)  # the bootstrap installs them: under CI=true one missing fails
     host = Host(tmp_path_factory.mktemp("mx13"), pki)
-    host.m.boot()
     try:
+        host.m.boot()
         yield host
     finally:
         host.m.shutdown()
