@@ -14,10 +14,13 @@ set -eu
 cd "$(dirname "$0")/.."
 ROOT=$(sh scripts/trixie-root.sh)
 if [ "$#" -eq 0 ]; then
-    # Flower's task list, looked at in a headless Chromium, is the same page on both
-    # lanes: it is looked at in the Debian 12 lane only (Chromium would double the root).
-    set -- .venv/bin/pytest -q -ra -p no:cacheprovider --durations=5 tests/unit tests/local tests/integration tests/e2e \
-        tests/faults --deselect tests/e2e/test_fleet.py::test_flower_task_list_shows_target_deploy_and_outcome
+    # ruff, the layer contracts and mypy under Python 3.13 (the root has every package
+    # `make demo` needs, so its bootstrap installs nothing), then the suites. Flower's task
+    # list, looked at in a headless Chromium, is the same page on both lanes: it is looked
+    # at in the Debian 12 lane only (Chromium would double the root).
+    set -- sh -c 'make -s lint typecheck BOOTSTRAP_FOR=demo && exec .venv/bin/pytest -q -ra -p no:cacheprovider \
+        --durations=5 tests/unit tests/local tests/integration tests/e2e tests/faults \
+        --deselect tests/e2e/test_fleet.py::test_flower_task_list_shows_target_deploy_and_outcome'
 fi
 
 # Files and folders the machine's pip reads (its config, and whatever that names).

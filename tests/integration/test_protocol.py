@@ -146,7 +146,9 @@ def test_paused_worker_local_deploy_and_recover(rig: Rig) -> None:
     res = x.get(timeout=30)
     assert (res.outcome, res.reason) == ("rolled_back", "interrupted"), res
     assert rig.live() == (mine.fullchain_pem, mine.key_pem)  # the newer local set stays
-    log = rig.worker.wait_log("deploy already ended")
+    # the resumed worker first re-establishes its broker connection, lost while it was
+    # stopped (kombu backs off between tries): give its late message time to arrive
+    log = rig.worker.wait_log(x.deploy_id, "deploy already ended", timeout=45)
     assert any(x.deploy_id in ln and "deploy already ended" in ln for ln in log.splitlines())
 
 
