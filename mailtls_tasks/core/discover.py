@@ -29,12 +29,15 @@ def read(mode: str, instance: str | None) -> list[Found]:
 # -------------------------------------------------------------------- proposing
 def propose(found: list[Found]) -> dict[str, dict[str, Any]]:
     """A target per daemon instance per distinct file set, each with its mode,
-    instance, commands and every TLS listener as a verify endpoint."""
+    instance, commands and every TLS listener as a verify endpoint. A set no target
+    can take (``FileSet.unproposable``) is left out; ``render`` says why."""
     out: dict[str, dict[str, Any]] = {}
     for f in found:
         slug = _slug(f.instance)
         base = f.mode if f.default_instance else slug if slug.startswith(f.mode) else f"{f.mode}-{slug}"
         for i, served in enumerate(f.served):
+            if served.files.unproposable():
+                continue
             name = base if i == 0 else f"{base}-{served.listeners[0].port if served.listeners else i + 1}"
             while name in out:
                 name += "-2"
@@ -63,12 +66,10 @@ def _layout(files: FileSet) -> dict[str, Any]:
 
     first = files.slots[0]
     body = slot(first)
-    if len(files.slots) > 1:
+    if len(files.slots) > 1:  # one RSA and one ECDSA: propose() takes no other pair
         second = files.slots[1]
-        kinds = {first.key_type, second.key_type}
-        primary, alt = (first.key_type, second.key_type) if kinds == {"rsa", "ecdsa"} else ("rsa", "ecdsa")
-        body["key_type"] = primary
-        body["alt"] = {**slot(second), "key_type": alt}
+        body["key_type"] = first.key_type
+        body["alt"] = {**slot(second), "key_type": second.key_type}
     return body
 
 
@@ -87,6 +88,9 @@ def render(found: list[Found], host: str, *, header: list[str] | None = None) ->
             lines.append(f"#   {', '.join(s.files.paths())} on "
                          f"{', '.join(f'{li.endpoint} ({li.protocol})' for li in s.listeners) or 'no listener'}"
                          f" ({s.source})")
+            why = s.files.unproposable()
+            if why:
+                lines.append(f"#   note: {s.source}: {why}: not proposed")
         for sni in f.sni:
             lines.append(f"#   for some connections only, not proposed (SNI and per-address certificates "
                          f"arrive with the SNI issue): {sni}")

@@ -43,6 +43,14 @@ class FileSet:
     def paths(self) -> tuple[str, ...]:
         return tuple(p for s in self.slots for p in s.paths())
 
+    def unproposable(self) -> str | None:
+        """Why no target can take these files as they are; None when one can. Two
+        certificates must be one RSA and one ECDSA, as their files tell."""
+        if len(self.slots) == 2 and {s.key_type for s in self.slots} != {"rsa", "ecdsa"}:
+            kinds = ", ".join(s.key_type for s in self.slots)
+            return f"two certificates, but not one RSA and one ECDSA as far as their files tell ({kinds})"
+        return None
+
 
 @dataclass(frozen=True)
 class FoundListener:

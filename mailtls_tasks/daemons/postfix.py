@@ -212,10 +212,6 @@ def _file_set(s: dict[str, str], notes: list[str], where: str) -> FileSet | None
     if len(slots) > 2:
         notes.append(f"{where}: {len(slots)} certificates; a target takes one, or an RSA and an ECDSA: not proposed")
         return None
-    if len(slots) == 2 and {slots[0].key_type, slots[1].key_type} != {"rsa", "ecdsa"}:
-        notes.append(f"{where}: two certificates, but not one RSA and one ECDSA as far as their files tell "
-                     f"({slots[0].key_type}, {slots[1].key_type}): not proposed")
-        return None
     return FileSet(tuple(slots))
 
 

@@ -133,3 +133,20 @@ def test_doveconf_23_and_24_flatten_to_the_same_paths() -> None:
     assert flat == nested == {"service/imap-login/inet_listener/imap/port": "143"}
     assert _version(DOVECONF_23.splitlines()[0]) == ("2.3.19.1", (2, 3, 19, 1), "/etc/dovecot/dovecot.conf")
     assert _version(DOVECONF_24.splitlines()[0]) == ("2.4.1-4", (2, 4, 1), "/etc/dovecot/dovecot.conf")
+
+
+def test_a_pair_of_certificates_no_target_can_take_is_noted_not_proposed() -> None:
+    """Both daemons' dual sets meet one check: one RSA and one ECDSA, or no target (a
+    Dovecot alt pair whose files could not be read was proposed with invented types)."""
+    from mailtls_tasks.core.discover import propose, render
+    from mailtls_tasks.daemons.found import FileSet, FileSlot, Found, FoundListener, Served
+
+    li = FoundListener("127.0.0.1", 993, "imaps", "imap-login imaps")
+    unknown = FileSet((FileSlot(cert="/c1", key="/k1"), FileSlot(cert="/c2", key="/k2")))
+    dual = FileSet((FileSlot(cert="/r", key="/rk", key_type="rsa"), FileSlot(cert="/e", key="/ek", key_type="ecdsa")))
+    found = [Found("dovecot", "/d.conf", False, "2.4.1", served=[Served(unknown, [li], "/d.conf")]),
+             Found("postfix", "/pf", False, "3.10", served=[Served(dual, [li], "main.cf")])]
+    targets = propose(found)
+    assert list(targets) == ["postfix-pf"]
+    assert targets["postfix-pf"]["key_type"] == "rsa" and targets["postfix-pf"]["alt"]["key_type"] == "ecdsa"
+    assert "not one RSA and one ECDSA as far as their files tell (any, any): not proposed" in render(found, "mx")
