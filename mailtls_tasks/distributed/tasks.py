@@ -479,14 +479,18 @@ def _on_worker_init(**_: Any) -> None:
     stop = threading.Event()
     _state["background_stop"] = stop
     threading.Thread(target=_background, args=(stop,), name="mailtls-heartbeat", daemon=True).start()
+    _cross_check(rt)
     log.info("mailtls worker for host %s serving targets: %s", rt.host, ", ".join(rt.cfg.targets) or "none")
-    threading.Thread(target=_cross_check, args=(rt,), name="mailtls-cross-check", daemon=True).start()
 
 
 def _cross_check(rt: HostRuntime) -> None:
     """Ask each daemon instance the targets name what it serves, and say where the two
-    disagree (``check-config --strict`` refuses it; a worker only warns). In a thread of
-    its own: a daemon tool that hangs must not hold the worker's start."""
+    disagree (``check-config --strict`` refuses it; a worker only warns). Here, before
+    the pool forks, not in a thread of its own beside the fork: with such a thread, a
+    pool child twice sat in a step until the test gave up (test_protocol's paused
+    worker), cause not pinned down; without it nothing runs beside the fork but what
+    always did. Each daemon tool has COMMAND_TIMEOUT: a hanging one delays the start,
+    boundedly."""
     from ..core.discover import cross_check
 
     try:

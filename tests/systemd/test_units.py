@@ -164,6 +164,10 @@ def test_units_start_and_a_deploy_through_the_worker_reaches_both_daemons(mx13: 
     recover = m.run("systemctl", "show", "mailtls-recover.service", "-p", "ActiveState", "-p", "Result").stdout
     assert "ActiveState=active" in recover and "Result=success" in recover, recover
     assert mx13.served(25, "smtp") == mx13.first.fingerprint
+    deadline = time.monotonic() + 60  # "active" is the process started; a deploy needs it registered
+    while f"{HOST}" not in mx13.mailtls("targets", "--json", check=False)[1]:
+        assert time.monotonic() < deadline, mx13.m.journal("-u", "mailtls-worker.service")[-2000:]
+        time.sleep(0.5)
 
     new = mx13.pki.leaf()
     cert, key = mx13.bundle(new)
