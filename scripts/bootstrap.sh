@@ -36,6 +36,9 @@ if [ "$for_what" = test ]; then
         [ -x /usr/lib/cni/dnsname ] || need="$need golang-github-containernetworking-plugin-dnsname"
     else
         [ -x /usr/lib/podman/aardvark-dns ] || need="$need aardvark-dns"
+        # netavark's firewall is nftables (only recommended, and so not installed by
+        # --no-install-recommends): without nft every container with a network fails
+        command -v nft >/dev/null 2>&1 || need="$need nftables"
     fi
 fi
 

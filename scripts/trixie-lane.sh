@@ -5,14 +5,32 @@
 #
 #   scripts/trixie-lane.sh                    # the lane's suites
 #   scripts/trixie-lane.sh make demo          # any command, run in a fresh copy of the tree
+#   scripts/trixie-lane.sh --as-host make test  # as on a Debian 13 machine (make test-as-trixie)
 #
 # Everything happens in a mount namespace of its own: the root's /proc, /dev, a fresh
 # /tmp and /run, this machine's pip set-up (read-only, so pip inside resolves what pip
 # outside does) are mounted for this run only and vanish with it. The tree is copied
 # into the root (without .venv and caches), never mounted: nothing inside writes here.
+#
+# --as-host: the root is a Debian 13 machine of its own for this run, as far as a chroot
+# can be one: a throw-away copy of the cached root (what its bootstrap installs, podman's
+# images, its venv vanish with it), /sys with the cgroups (systemd-nspawn and podman need
+# them), and this machine's /var/cache/mailtls-tests, so that the systemd and compose
+# suites inside find the cached root they boot and import instead of building another.
 set -eu
 cd "$(dirname "$0")/.."
+AS_HOST=""
+if [ "${1:-}" = --as-host ]; then AS_HOST=1; shift; fi
 ROOT=$(sh scripts/trixie-root.sh)
+WORK=""
+if [ -n "$AS_HOST" ]; then
+    WORK=$(mktemp -d /var/tmp/mailtls-trixie-host.XXXXXX)
+    trap 'rm -rf "$WORK"' EXIT
+    trap 'exit 130' INT TERM
+    echo "trixie lane: copying the root to $WORK for this run" >&2
+    cp -a "$ROOT" "$WORK/root"
+    ROOT=$WORK/root
+fi
 if [ "$#" -eq 0 ]; then
     # ruff, the layer contracts and mypy under Python 3.13 (the root has every package
     # `make demo` needs, so its bootstrap installs nothing), then the suites. Flower's task
@@ -30,11 +48,20 @@ for p in /etc/pip.conf /etc/xdg/pip /root/.config/pip /root/.pip /opt/wheels /op
 done
 PIPENV=$(env | grep '^PIP_' | tr '\n' ' ' || true)
 
-exec unshare --mount --propagation private -- sh -eu -c '
-ROOT=$1; shift; PIPS=$1; shift; PIPENV=$1; shift
+rc=0
+unshare --mount --propagation private -- sh -eu -c '
+ROOT=$1; shift; PIPS=$1; shift; PIPENV=$1; shift; AS_HOST=$1; shift
 mount --bind "$ROOT" "$ROOT"
 mount -t proc proc "$ROOT/proc"
 mount --rbind /dev "$ROOT/dev"
+if [ -n "$AS_HOST" ]; then
+    mount --rbind /sys "$ROOT/sys"
+    mkdir -p /var/cache/mailtls-tests "$ROOT/var/cache/mailtls-tests"
+    mount --bind /var/cache/mailtls-tests "$ROOT/var/cache/mailtls-tests"
+    # podman'"'"'s images and build cache outlive the copy: the compose suite builds once
+    mkdir -p /var/cache/mailtls-tests/trixie-containers "$ROOT/var/lib/containers"
+    mount --bind /var/cache/mailtls-tests/trixie-containers "$ROOT/var/lib/containers"
+fi
 mount -t tmpfs -o mode=1777 tmpfs "$ROOT/tmp"
 mount -t tmpfs -o mode=0755 tmpfs "$ROOT/run"
 mkdir -p "$ROOT/run/lock"
@@ -53,6 +80,13 @@ tar -C . --exclude=./.venv --exclude="*.egg-info" --exclude=__pycache__ --exclud
     --exclude=.mypy_cache --exclude=.ruff_cache --exclude=./build --exclude=./dist -cf - . | tar -C "$ROOT/src" -xf -
 # one venv per pyproject.toml, kept in the root between runs
 sum=$(sha256sum pyproject.toml | cut -c1-12)
+if [ -n "$AS_HOST" ]; then
+    # The root becomes this mount namespace'"'"'s root (pivot_root), not a chroot in it: the
+    # kernel refuses a user namespace to a chrooted process (systemd'"'"'s PrivateUsers= in the
+    # nspawn machines inside), and nspawn'"'"'s own root moves would land on the chroot.
+    cd "$ROOT" && mkdir -p .host && pivot_root . .host && umount -l /.host && rmdir /.host && cd /
+    ROOT=/
+fi
 exec chroot "$ROOT" /usr/bin/env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     HOME=/root LANG=C.UTF-8 CI="${CI:-}" MAILTLS_LANE=trixie $PIPENV VENV_SUM="$sum" sh -eu -c "
 cd /src
@@ -68,4 +102,5 @@ rm -rf .venv && ln -s \$venv .venv
 echo \"trixie lane: \$(. /etc/os-release; echo \$PRETTY_NAME), \$(python3 --version), postfix \$(postconf -h mail_version 2>/dev/null), dovecot \$(dovecot --version | cut -d\\  -f1), \$(redis-server --version | cut -d\\  -f3)\"
 exec \"\$@\"
 " sh "$@"
-' sh "$ROOT" "$PIPS" "$PIPENV" "$@"
+' sh "$ROOT" "$PIPS" "$PIPENV" "$AS_HOST" "$@" || rc=$?
+exit $rc

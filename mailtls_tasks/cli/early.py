@@ -66,9 +66,20 @@ def _peek(argv: list[str]) -> tuple[str | None, str] | None:
     return (config, target) if target else None
 
 
+_starting = False
+_pending: int | None = None
+
+
 def _exit_on_signal(signum: int, frame: object) -> None:
     """Until the deploy installs its own handlers (``core.local``): unwind, so the
-    ``finally`` below kills an early run instead of leaving it behind us."""
+    ``finally`` of ``main`` kills an early run instead of leaving it behind us. While the
+    run is being started the signal waits until it is recorded in ``_early``: raised
+    between the command's start and that assignment, the run was nobody's to kill (its
+    output kept the caller's pipes open until it ended by itself)."""
+    global _pending
+    if _starting:
+        _pending = signum
+        return
     raise SystemExit(128 + signum)
 
 
@@ -91,7 +102,14 @@ def start_early(argv: list[str]) -> None:
         raw, source = read_config(config)
     except (MailTLSError, OSError):  # the deploy reads the file again and says what is wrong
         return
-    _early = Early(config, target, raw, source, start_validate(raw, target))
+    global _starting
+    _starting = True
+    try:
+        _early = Early(config, target, raw, source, start_validate(raw, target))
+    finally:
+        _starting = False
+    if _pending is not None:
+        raise SystemExit(128 + _pending)
 
 
 def start_validate(raw: Any, target: str) -> Running | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -24,15 +25,24 @@ from mailtls_tasks.core import probe
 from mailtls_tasks.core.material import fingerprint, leaf_of_file
 from tests.support.services import REPO, require
 
-pytestmark = pytest.mark.e2e
+# The first build on a machine installs the daemons and the package into the image (apt
+# and pip in the build): minutes, beyond the suite's usual 300 s; later ones take layers
+# from podman's cache.
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1200)]
 
 PROJECT = "mailtlstest"
 FILES = ["-f", str(REPO / "compose" / "docker-compose.yml"), "-f", str(REPO / "compose" / "redis-on-loopback.yml")]
 BROKER = "redis://127.0.0.1:16379/0"
 NAME = "mail.compose.test"
 # podman on this kind of machine: the default ulimits are not permitted, and crun
-# refuses its hybrid cgroups (shared/notes/platforms.md)
-CONTAINERS_CONF = "[containers]\ndefault_ulimits = []\n[engine]\nruntime = \"runc\"\n"
+# refuses its hybrid cgroups (shared/notes/platforms.md). Podman 5 (Debian 13) run as root
+# also raises every container's open-files limit to 1048576 unless one is named: the
+# limit this process has is one this machine permits.
+_NOFILE = resource.getrlimit(resource.RLIMIT_NOFILE)
+_NPROC = resource.getrlimit(resource.RLIMIT_NPROC)
+CONTAINERS_CONF = ("[containers]\n"
+                   f"default_ulimits = [\"nofile={_NOFILE[0]}:{_NOFILE[1]}\", \"nproc={_NPROC[0]}:{_NPROC[1]}\"]\n"
+                   "[engine]\nruntime = \"runc\"\n")
 PIP_PATHS = ("/etc/pip.conf", "/etc/xdg/pip", "/root/.config/pip", "/opt/wheels", "/opt/pypi", "/opt/pypi-more")
 
 

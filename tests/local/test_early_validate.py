@@ -139,6 +139,45 @@ def test_a_signal_while_the_command_starts_up_kills_the_early_run(host: MailHost
     assert host.stray_temps() == []
 
 
+# A SIGTERM exactly between the validate_command's start and its record in cli.early's
+# `_early`: start_validate is wrapped to signal the process before it returns.
+IN_THE_WINDOW = """
+import os, signal, sys
+from mailtls_tasks.cli import early
+real = early.start_validate
+def start_then_signal(raw, target):
+    run = real(raw, target)
+    print("validate pid", run.proc.pid, file=sys.stderr, flush=True)
+    os.kill(os.getpid(), signal.SIGTERM)
+    return run
+early.start_validate = start_then_signal
+sys.argv[0] = "mailtls"
+from mailtls_tasks.cli import main
+main()
+"""
+
+
+def test_a_signal_between_the_early_runs_start_and_its_record_kills_it(host: MailHost, pki: PKI) -> None:
+    """It was left running: the handler unwound the process before the run was recorded,
+    and its output held the caller's pipes open until it ended by itself."""
+    host.add_target("mx")
+    host.install("mx", pki.leaf())
+    host.validate.hang(30)
+    cert, key = _files(host, pki)
+    p = subprocess.Popen([sys.executable, "-c", IN_THE_WINDOW, "deploy", "mx", "--local", "--cert", cert,
+                          "--key", key], cwd=host.root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "MAILTLS_CONFIG": str(host.config_path)})
+    out, err = p.communicate(timeout=15)
+    assert p.returncode == 128 + signal.SIGTERM, out + err
+    pids = [int(line.split()[-1]) for line in err.splitlines() if line.startswith("validate pid ")]
+    assert pids, f"the validate_command never started: the window was not reached\n{err}"
+    deadline = time.monotonic() + 5  # killed; then reaped by whoever inherited it
+    while Path(f"/proc/{pids[0]}").exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not Path(f"/proc/{pids[0]}").exists(), "the early run outlived the command"
+    assert host.validate.running() == []
+
+
 def test_a_stale_or_different_early_run_is_not_the_verdict(host: MailHost, pki: PKI,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     host.add_target("mx")

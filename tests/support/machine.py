@@ -21,6 +21,7 @@ import shlex
 import signal
 import subprocess
 import time
+import uuid
 from pathlib import Path
 
 from .services import REPO, require
@@ -71,6 +72,13 @@ class Machine:
         for d in (self.upper, self.scratch, self.merged):
             d.mkdir(parents=True, exist_ok=True)
         self.console = work / "console.log"
+        # A machine id of its own, kept across its reboots: the root's (written when its
+        # packages were installed) is every machine's, and the host's own where the host is
+        # a copy of the root (make test-as-trixie), which nspawn refuses to boot beside.
+        machine_id = self.path("/etc/machine-id")
+        if not machine_id.exists():
+            machine_id.parent.mkdir(parents=True, exist_ok=True)
+            machine_id.write_text(uuid.uuid4().hex + "\n")
         self.proc: subprocess.Popen[bytes] | None = None
         self.leader: int | None = None
 
@@ -117,7 +125,8 @@ class Machine:
                 return
             if time.monotonic() > deadline:
                 raise RuntimeError(f"boot not finished after {timeout}s ({state}):\n"
-                                   + self.run("systemctl", "--failed", "--no-pager", check=False).stdout)
+                                   + self.run("systemctl", "--failed", "--no-pager", check=False).stdout
+                                   + "\n-- console --\n" + self.console.read_text(errors="replace")[-3000:])
             time.sleep(0.3)
 
     def _find_leader(self) -> int | None:
@@ -145,8 +154,12 @@ class Machine:
         """A command inside the booted machine, as root, in all of its namespaces."""
         assert self.leader is not None, "not booted"
         extra = [f"{k}={v}" for k, v in (env or {}).items()]
-        res = subprocess.run([require("nsenter"), "-t", str(self.leader), "-a", "/usr/bin/env", "-i", f"PATH={PATH}",
-                              "LANG=C.UTF-8", *extra, *argv], capture_output=True, text=True, timeout=timeout)
+        # -r -w: the machine's root and working directory too. Entering its mount namespace
+        # alone leaves a caller that is itself chrooted (make test-as-trixie) at the
+        # namespace's root mount, which is the real machine's /, not the container's.
+        res = subprocess.run([require("nsenter"), "-t", str(self.leader), "-a", "-r", "-w", "/usr/bin/env", "-i",
+                              f"PATH={PATH}", "LANG=C.UTF-8", *extra, *argv], capture_output=True, text=True,
+                             timeout=timeout)
         if check and res.returncode != 0:
             raise RuntimeError(f"{argv} in the machine exited {res.returncode}:\n{res.stdout}{res.stderr}")
         return res

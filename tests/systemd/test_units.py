@@ -135,6 +135,14 @@ class Host:
         p = self.file(f"/var/lib/mailtls/targets/{target}/deploys/{deploy_id}/record.json")
         return json.loads(p.read_text()) if p.exists() else {}
 
+    def wait_registered(self, timeout: float = 60) -> None:
+        """"active" is the worker's process started; a deploy needs it registered (each
+        test waits for it: run alone, or after a reboot, none before it did)."""
+        deadline = time.monotonic() + timeout
+        while f"{HOST}" not in self.mailtls("targets", "--json", check=False)[1]:
+            assert time.monotonic() < deadline, self.m.journal("-u", "mailtls-worker.service")[-2000:]
+            time.sleep(0.5)
+
     def wait_record(self, target: str, deploy_id: str, what: str, ok: object, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
         while self.record(target, deploy_id).get(what) != ok:
@@ -164,10 +172,7 @@ def test_units_start_and_a_deploy_through_the_worker_reaches_both_daemons(mx13: 
     recover = m.run("systemctl", "show", "mailtls-recover.service", "-p", "ActiveState", "-p", "Result").stdout
     assert "ActiveState=active" in recover and "Result=success" in recover, recover
     assert mx13.served(25, "smtp") == mx13.first.fingerprint
-    deadline = time.monotonic() + 60  # "active" is the process started; a deploy needs it registered
-    while f"{HOST}" not in mx13.mailtls("targets", "--json", check=False)[1]:
-        assert time.monotonic() < deadline, mx13.m.journal("-u", "mailtls-worker.service")[-2000:]
-        time.sleep(0.5)
+    mx13.wait_registered()
 
     new = mx13.pki.leaf()
     cert, key = mx13.bundle(new)
@@ -183,6 +188,7 @@ def test_units_start_and_a_deploy_through_the_worker_reaches_both_daemons(mx13: 
 
 
 def test_systemctl_stop_lets_the_step_finish_and_the_deploy_goes_on_after_start(mx13: Host) -> None:
+    mx13.wait_registered()
     new = mx13.pki.leaf()
     cert, key = mx13.bundle(new)
     mx13.file(SLOW).parent.mkdir(exist_ok=True)
@@ -223,8 +229,9 @@ def test_a_worker_killed_inside_commit_and_a_reboot_end_it_as_the_design_says(mx
     m = mx13.m
     old_cert = mx13.file("/etc/postfix/certs/cert.pem").read_bytes()
     old_key = mx13.file("/etc/postfix/certs/key.pem").read_bytes()
+    mx13.wait_registered()
     main_pid = m.run("systemctl", "show", "-p", "MainPID", "--value", "mailtls-worker.service").stdout.strip()
-    children = m.run("pgrep", "-P", main_pid).stdout.split()
+    children = m.run("pgrep", "-P", main_pid, check=False).stdout.split()
     assert children, "the worker has no pool child"
     # The certificate's staged temp, by its name (strace 6.13's -P matches a rename by
     # its source path): the rename fails with EIO and the child stops on its way back,
@@ -264,9 +271,13 @@ def test_a_worker_killed_inside_commit_and_a_reboot_end_it_as_the_design_says(mx
     assert deploy_id in recovered and "rolled_back" in recovered, recovered
     order = m.run("systemctl", "show", "-p", "ExecMainExitTimestampMonotonic", "--value",
                   "mailtls-recover.service").stdout.strip()
-    started = m.run("systemctl", "show", "-p", "ExecMainStartTimestampMonotonic", "--value",
+    # When Postfix's unit began to start (its ExecStartPre, `postfix check`, reads the files
+    # too). Not ExecMainStart: Postfix's unit is Type=forking, and that stamp is 0 when
+    # systemd learns the main pid (master) instead of spawning it.
+    started = m.run("systemctl", "show", "-p", "InactiveExitTimestampMonotonic", "--value",
                     "postfix.service").stdout.strip()
-    assert int(order) <= int(started), "recover ran after Postfix started"
+    assert int(started) > 0, m.run("systemctl", "status", "--no-pager", "postfix.service", check=False).stdout
+    assert 0 < int(order) <= int(started), "recover ran after Postfix started"
     assert mx13.served(25, "smtp") != new.fingerprint
     code, out = mx13.mailtls("status", deploy_id, "--wait", "60", "--json")
     assert code == 3 and json.loads(out)["outcome"] == "rolled_back", out  # the ending reached Redis too
