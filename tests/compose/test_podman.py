@@ -36,13 +36,21 @@ BROKER = "redis://127.0.0.1:16379/0"
 NAME = "mail.compose.test"
 # podman on this kind of machine: the default ulimits are not permitted, and crun
 # refuses its hybrid cgroups (shared/notes/platforms.md). Podman 5 (Debian 13) run as root
-# also raises every container's open-files limit to 1048576 unless one is named: the
-# limit this process has is one this machine permits.
-_NOFILE = resource.getrlimit(resource.RLIMIT_NOFILE)
-_NPROC = resource.getrlimit(resource.RLIMIT_NPROC)
-CONTAINERS_CONF = ("[containers]\n"
-                   f"default_ulimits = [\"nofile={_NOFILE[0]}:{_NOFILE[1]}\", \"nproc={_NPROC[0]}:{_NPROC[1]}\"]\n"
-                   "[engine]\nruntime = \"runc\"\n")
+# also raises every container's open-files and process limits to its own defaults unless
+# they are named: the limits this process has are ones this machine permits. Podman 4.3
+# (Debian 12) refuses a named nproc here ("error setting rlimit type 6") and needs none.
+
+
+def containers_conf(podman: str) -> str:
+    version = subprocess.run([podman, "--version"], capture_output=True, text=True, timeout=30).stdout.split()[-1]
+    ulimits = ""
+    if int(version.split(".")[0]) >= 5:
+        (nofile, nofile_max), (nproc, nproc_max) = (resource.getrlimit(resource.RLIMIT_NOFILE),
+                                                    resource.getrlimit(resource.RLIMIT_NPROC))
+        ulimits = f'"nofile={nofile}:{nofile_max}", "nproc={nproc}:{nproc_max}"'
+    return f'[containers]\ndefault_ulimits = [{ulimits}]\n[engine]\nruntime = "runc"\n'
+
+
 PIP_PATHS = ("/etc/pip.conf", "/etc/xdg/pip", "/root/.config/pip", "/opt/wheels", "/opt/pypi", "/opt/pypi-more")
 
 
@@ -55,7 +63,7 @@ class Compose:
             pytest.fail("podman-compose is not installed in this venv (pyproject's dev extra installs it)")
         self.work = work
         conf = work / "containers.conf"
-        conf.write_text(CONTAINERS_CONF)
+        conf.write_text(containers_conf(self.podman))
         base = subprocess.run(["sh", str(REPO / "scripts" / "podman-base-images.sh")], capture_output=True,
                               text=True, timeout=900, env={**os.environ, "CONTAINERS_CONF": str(conf)})
         assert base.returncode == 0, base.stderr[-3000:]
