@@ -46,11 +46,10 @@ PIPS=""
 for p in /etc/pip.conf /etc/xdg/pip /root/.config/pip /root/.pip /opt/wheels /opt/pypi /opt/pypi-more; do
     [ -e "$p" ] && PIPS="$PIPS $p"
 done
-PIPENV=$(env | grep '^PIP_' | tr '\n' ' ' || true)
 
 rc=0
 unshare --mount --propagation private -- sh -eu -c '
-ROOT=$1; shift; PIPS=$1; shift; PIPENV=$1; shift; AS_HOST=$1; shift
+ROOT=$1; shift; PIPS=$1; shift; AS_HOST=$1; shift
 mount --bind "$ROOT" "$ROOT"
 mount -t proc proc "$ROOT/proc"
 mount --rbind /dev "$ROOT/dev"
@@ -65,6 +64,9 @@ fi
 mount -t tmpfs -o mode=1777 tmpfs "$ROOT/tmp"
 mount -t tmpfs -o mode=0755 tmpfs "$ROOT/run"
 mkdir -p "$ROOT/run/lock"
+# this machine'"'"'s PIP_* settings (an index URL may hold a password): through a file of
+# this run'"'"'s /run, 0600, never on a command line that ps shows
+(umask 077; env | grep "^PIP_" | sed "s/'"'"'/'"'"'\\\\'"'"''"'"'/g; s/=/='"'"'/; s/\$/'"'"'/" > "$ROOT/run/mailtls-pip.env" || true)
 for p in $PIPS; do
     if [ -d "$p" ]; then mkdir -p "$ROOT$p"; else mkdir -p "$ROOT$(dirname "$p")"; touch "$ROOT$p"; fi
     mount --bind "$p" "$ROOT$p" && mount -o remount,bind,ro "$ROOT$p"
@@ -88,7 +90,8 @@ if [ -n "$AS_HOST" ]; then
     ROOT=/
 fi
 exec chroot "$ROOT" /usr/bin/env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
-    HOME=/root LANG=C.UTF-8 CI="${CI:-}" MAILTLS_LANE=trixie $PIPENV VENV_SUM="$sum" sh -eu -c "
+    HOME=/root LANG=C.UTF-8 CI="${CI:-}" MAILTLS_LANE=trixie VENV_SUM="$sum" sh -eu -c "
+set -a; . /run/mailtls-pip.env; set +a
 cd /src
 venv=/opt/mailtls-venv-\$VENV_SUM
 if [ ! -x \$venv/bin/python ]; then
@@ -102,5 +105,5 @@ rm -rf .venv && ln -s \$venv .venv
 echo \"trixie lane: \$(. /etc/os-release; echo \$PRETTY_NAME), \$(python3 --version), postfix \$(postconf -h mail_version 2>/dev/null), dovecot \$(dovecot --version | cut -d\\  -f1), \$(redis-server --version | cut -d\\  -f3)\"
 exec \"\$@\"
 " sh "$@"
-' sh "$ROOT" "$PIPS" "$PIPENV" "$AS_HOST" "$@" || rc=$?
+' sh "$ROOT" "$PIPS" "$AS_HOST" "$@" || rc=$?
 exit $rc
