@@ -47,7 +47,7 @@ for p in /etc/pip.conf /etc/xdg/pip /root/.config/pip /root/.pip /opt/wheels /op
     [ -e "$p" ] && PIPS="$PIPS $p"
 done
 
-rc=0
+# Not exec'd: with --as-host the EXIT trap removes the copy; the script's status is unshare's.
 unshare --mount --propagation private -- sh -eu -c '
 ROOT=$1; shift; PIPS=$1; shift; AS_HOST=$1; shift
 mount --bind "$ROOT" "$ROOT"
@@ -105,5 +105,4 @@ rm -rf .venv && ln -s \$venv .venv
 echo \"trixie lane: \$(. /etc/os-release; echo \$PRETTY_NAME), \$(python3 --version), postfix \$(postconf -h mail_version 2>/dev/null), dovecot \$(dovecot --version | cut -d\\  -f1), \$(redis-server --version | cut -d\\  -f3)\"
 exec \"\$@\"
 " sh "$@"
-' sh "$ROOT" "$PIPS" "$AS_HOST" "$@" || rc=$?
-exit $rc
+' sh "$ROOT" "$PIPS" "$AS_HOST" "$@"

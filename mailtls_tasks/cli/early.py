@@ -85,8 +85,9 @@ def _exit_on_signal(signum: int, frame: object) -> None:
 
 def start_early(argv: list[str]) -> None:
     """Read the targets file and start the target's validate_command, if this is a
-    local deploy and the file names one. Never raises: the deploy reports problems."""
-    global _early
+    local deploy and the file names one. Never raises: the deploy reports problems
+    (a signal meanwhile unwinds it, as ``_exit_on_signal`` says)."""
+    global _early, _starting
     peeked = _peek(argv)
     if peeked is None:
         return
@@ -102,7 +103,6 @@ def start_early(argv: list[str]) -> None:
         raw, source = read_config(config)
     except (MailTLSError, OSError):  # the deploy reads the file again and says what is wrong
         return
-    global _starting
     _starting = True
     try:
         _early = Early(config, target, raw, source, start_validate(raw, target))
