@@ -57,6 +57,7 @@ demo: deps
 # The long sweeps (make test runs a representative slice of each):
 faults: deps   ## every N of every injected fault, both modes; writes faults-report.md
 	$(BIN)/python -m tests.faults --level full --out faults-report.md
+	MAILTLS_FAULTS=full $(BIN)/pytest -q tests/faults/test_sni_faults.py
 
 model: deps    ## the protocol model test with many more examples
 	MAILTLS_MODEL_EXAMPLES=2000 MAILTLS_MODEL_STEPS=50 $(BIN)/pytest -q -p no:logging --timeout 3600 tests/unit/test_protocol_model.py

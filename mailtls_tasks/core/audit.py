@@ -133,7 +133,7 @@ def _names(t: Target, li: Listener, leaf: x509.Certificate) -> list[str]:
 def _audit_listener(t: Target, li: Listener, out: TargetAudit, on_disk: str | None,
                     kind: str | None) -> tuple[ListenerAudit, probe.Served | None]:
     proto = probe.resolve_protocol(li.protocol, li.port)
-    endpoint = li.endpoint + (f" ({kind.upper()})" if kind else "")
+    endpoint = li.where + (f" ({kind.upper()})" if kind else "")
     la = ListenerAudit(endpoint=endpoint, protocol=proto)
     try:
         served = probe.probe_listener(li, kind if kind in ("rsa", "ecdsa") else None)

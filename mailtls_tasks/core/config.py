@@ -10,6 +10,7 @@ Field names and defaults follow the connector contract in DESIGN.md exactly; ext
 
 from __future__ import annotations
 
+import dataclasses
 import grp
 import ipaddress
 import math
@@ -122,6 +123,11 @@ class Listener:
     timeout: float
     interval: float
     connect_timeout: float
+
+    @property
+    def where(self) -> str:
+        """The listener, and the SNI name a probe of it sends: what messages show."""
+        return f"{self.endpoint} (SNI {self.server_name})" if self.server_name else self.endpoint
 
 
 class VerifySettings(BaseModel):
@@ -248,6 +254,24 @@ class Slot(BaseModel):
         return self
 
 
+# What a wildcard name is probed with: smtpd looks up this name, then ``.example.net``.
+SNI_PROBE_LABEL = "mailtls-probe"
+# The name a probe sends to see the default certificate behind an SNI table.
+SNI_UNKNOWN_NAME = "mailtls-unknown.invalid"
+
+
+class SniSettings(BaseModel):
+    """``sni``: the daemon picks this target's certificate by SNI for its ``names``:
+    Postfix through the ``tls_server_sni_maps`` table ``map`` (its entries name this
+    target's files), Dovecot through ``local_name`` blocks. ``default``: the target's
+    files are also the daemon's default certificate (no SNI, or a name no entry has)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    map: str = ""
+    default: bool = False
+
+
 def _check_layout(combined: str, cert: str, key: str, chain: str, where: str) -> None:
     if combined and (cert or key or chain):
         raise ValueError(f"{where}combined_path holds key, certificate and chain in one file: leave "
@@ -306,6 +330,7 @@ class Target(BaseModel):
     combined_path: str = ""
     key_type: KeyType = "any"
     alt: Slot | None = None
+    sni: SniSettings | None = None
     allow_self_signed: bool = False
     dane: DaneSettings | None = None
     reload_command: str
@@ -442,6 +467,24 @@ class Target(BaseModel):
         return self
 
     @model_validator(mode="after")
+    def _sni_fits_daemon(self) -> Target:
+        if self.sni is None:
+            return self
+        if not self.names:
+            raise ValueError("sni: names are required: they are the SNI names this target's certificate is "
+                             "served for, and each is verified by its name")
+        parse = self.daemon.sni_map
+        if parse is None and self.sni.map:
+            raise ValueError(f"sni.map: mode {self.mode} picks a certificate by SNI from its own configuration "
+                             "(local_name blocks), not from a table: leave sni.map unset")
+        if parse is not None:
+            if not self.sni.map:
+                raise ValueError(f"sni.map: mode {self.mode} picks a certificate by SNI from a table: name it "
+                                 "as main.cf's tls_server_sni_maps does (e.g. \"lmdb:/etc/postfix/sni\")")
+            parse(self.sni.map)  # ValueError naming what is wrong
+        return self
+
+    @model_validator(mode="after")
     def _layout_fits_daemon(self) -> Target:
         refused = sorted(self.layouts() - self.daemon.layouts)
         if refused:
@@ -475,8 +518,25 @@ class Target(BaseModel):
         return used
 
     def verify_endpoints(self) -> list[Listener]:
-        """The listeners a deploy verifies (and the audit probes)."""
-        return self.post_deploy_verify.listeners()
+        """The listeners a deploy verifies (and the audit probes). An SNI target's: each
+        listener once per name, with that name as SNI; the default target's also without
+        SNI and with a name no entry has (both get the default certificate)."""
+        listeners = self.post_deploy_verify.listeners()
+        if self.sni is None:
+            return listeners
+        names = self.sni_probe_names() + ([None, SNI_UNKNOWN_NAME] if self.sni.default else [])
+        return [dataclasses.replace(li, server_name=n) for li in listeners for n in names]
+
+    def default_listeners(self) -> list[Listener]:
+        """An SNI target that is not the default: the listeners without SNI, whose
+        certificate a deploy of it must leave as it was. Otherwise none."""
+        if self.sni is None or self.sni.default:
+            return []
+        return [dataclasses.replace(li, server_name=None) for li in self.post_deploy_verify.listeners()]
+
+    def sni_probe_names(self) -> list[str]:
+        """The SNI name a probe sends for each of ``names`` (a wildcard: one label below it)."""
+        return [f"{SNI_PROBE_LABEL}.{n[2:]}" if n.startswith("*.") else n for n in self.names]
 
     def slots(self) -> list[tuple[str, KeyType, str, str, str, str]]:
         """(role prefix, key type, cert, key, chain, combined) per certificate: one, or two

@@ -118,6 +118,24 @@ def write_new(path: str, data: bytes, mode: int, uid: int | None = None, gid: in
     os.close(fd)
 
 
+def adopt(path: str, mode: int, uid: int | None = None, gid: int | None = None) -> str:
+    """Give a file another program wrote (postmap's table) its final owner and mode,
+    fsync it and its directory; returns its SHA-256 (read once, in place)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    try:
+        if uid is not None or gid is not None:
+            os.fchown(fd, -1 if uid is None else uid, -1 if gid is None else gid)
+        os.fchmod(fd, mode)  # after fchown, which clears setuid bits
+        digest = hashlib.sha256()
+        while chunk := os.read(fd, 1 << 20):
+            digest.update(chunk)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    fsync_dir(os.path.dirname(path))
+    return digest.hexdigest()
+
+
 def replace(src: str, dest: str) -> None:
     """Atomically rename ``src`` over ``dest`` and make the rename durable."""
     os.replace(src, dest)

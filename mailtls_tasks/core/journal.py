@@ -106,6 +106,9 @@ class FileEntry(BaseModel):
     path: str
     real: str
     temp: str
+    # Files of our own made on the way to ``temp`` (the source postmap builds a table
+    # from): removed with the temp.
+    scratch: list[str] = Field(default_factory=list)
     new_sha256: str
     new_mode: int
     new_uid: int | None = None
@@ -154,6 +157,9 @@ class DeployRecord(BaseModel):
     claimed: list[str] = Field(default_factory=list)
     files: list[FileEntry] = Field(default_factory=list)
     files_already_live: bool = False
+    # An SNI target that is not the default: what each listener served without SNI at
+    # stage (endpoint -> leaf); verify checks the deploy left it so.
+    default_served: dict[str, str] = Field(default_factory=dict)
     steps: dict[str, StepRecord] = Field(default_factory=dict)
     fence: int | None = None
 

@@ -310,6 +310,23 @@ def set_problems(cert_file: bytes, key_file: bytes, chain_file: bytes | None) ->
     return out
 
 
+def pem_blocks(data: bytes) -> list[bytes]:
+    """Every PEM block, as written: what two files (or a file and a table's value)
+    hold alike however they are joined."""
+    return [m.group(0) for m in _PEM_BLOCK.finditer(data)]
+
+
+def key_chains(data: bytes) -> list[bytes]:
+    """Split key-first material (Postfix's chain files, an SNI table's value) into one
+    PEM text per private key: the key, then the certificates that follow it."""
+    groups: list[list[bytes]] = []
+    for m in _PEM_BLOCK.finditer(data):
+        if m.group(1).endswith(b"PRIVATE KEY") or not groups:
+            groups.append([])
+        groups[-1].append(m.group(0) + b"\n")
+    return [b"".join(g) for g in groups]
+
+
 def key_of_file(data: bytes) -> bytes | None:
     """The private key block of an on-disk key (or combined) file, or None."""
     m = next((m for m in _PEM_BLOCK.finditer(data) if m.group(1).endswith(b"PRIVATE KEY")), None)

@@ -265,7 +265,7 @@ def wait_for(li: Listener, expected: str, timeout: float | None = None, algorith
             last = str(err)
         if time.monotonic() + li.interval > deadline:
             raise VerifyFailed(
-                f"{li.endpoint}{kind} did not serve {expected[:16]}… within {budget:g}s "
+                f"{li.where}{kind} did not serve {expected[:16]}… within {budget:g}s "
                 f"({attempts} attempts; last: {last})",
                 served=last_served,
             )

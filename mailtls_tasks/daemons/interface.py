@@ -22,6 +22,7 @@ from typing import Literal, Protocol
 
 from ..commands import CommandResult, run_command
 from .found import Found
+from .postfix_sni import SniMap
 
 # How a target's files are laid out: cert + key (+ chain) as separate files; key, leaf
 # and chain in one file (Postfix's smtpd_tls_chain_files); two certificates, RSA and
@@ -80,6 +81,13 @@ class Daemon(Protocol):
         """What the instance's own configuration says it serves (None: the system's)."""
         ...
 
+    @property
+    def sni_map(self) -> Callable[[str], SniMap] | None:
+        """How the daemon picks a certificate by SNI, when a compiled table decides it
+        (Postfix's ``tls_server_sni_maps``): the parser of a target's ``sni.map``. None:
+        it reads each name's files by path (Dovecot's ``local_name`` blocks)."""
+        ...
+
 
 @dataclass(frozen=True)
 class CommandDaemon:
@@ -92,6 +100,7 @@ class CommandDaemon:
     reader: Callable[[str | None], list[Found]]  # the module's ``discover``
     default_instance: str  # the system's own instance: its config directory or file
     layouts: frozenset[Layout] = field(default=ALL_LAYOUTS)
+    sni_map: Callable[[str], SniMap] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "defaults", MappingProxyType(dict(self.defaults)))

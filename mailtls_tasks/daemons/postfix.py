@@ -20,6 +20,7 @@ import socket
 from ..errors import ConfigError
 from .found import FileSet, FileSlot, Found, FoundListener, Served, cert_key_type, loopback_for, pem_kinds, run_tool
 from .interface import CommandDaemon, UsualListener
+from .postfix_sni import parse_map
 
 # ------------------------------------------------------------ reading its own config
 # The main.cf parameters that decide what a listener serves; a service's -o overrides
@@ -229,6 +230,7 @@ DAEMON = CommandDaemon(
     },
     reader=discover,
     default_instance=DEFAULT_CONFIG_DIRECTORY,
+    sni_map=parse_map,
     listeners=(
         UsualListener(25, "smtp", "smtp"),
         UsualListener(465, "smtps", "smtps"),

@@ -66,8 +66,9 @@ class Postfix:
 
     def __init__(self, root: Path, cert: Path, key: Path, address: str = "127.0.0.1",
                  ports: tuple[int, int] | None = None, chain_files: list[Path] | None = None,
-                 submission_files: tuple[Path, Path] | None = None) -> None:
+                 submission_files: tuple[Path, Path] | None = None, extra_main: str = "") -> None:
         self.bin = require("postfix")
+        self.extra_main = extra_main  # more main.cf lines (tls_server_sni_maps ...)
         self.root = root
         self.dir = root / "postfix"
         self.cert, self.key = cert, key
@@ -105,6 +106,7 @@ smtpd_tls_loglevel = 1
 smtpd_relay_restrictions = permit_mynetworks, reject_unauth_destination
 alias_maps =
 alias_database =
+{self.extra_main}
 """)
         (d / "master.cf").write_text(
             f"{self.address}:{self.smtp_port} inet n - n - - smtpd\n"
@@ -160,8 +162,10 @@ class Dovecot:
     ``ssl_server_cert_file = file``, named passdb/userdb blocks, ``%{user}``...)."""
 
     def __init__(self, root: Path, cert: Path, key: Path, address: str = "127.0.0.1",
-                 ports: dict[str, int] | None = None, alt: tuple[Path, Path] | None = None) -> None:
+                 ports: dict[str, int] | None = None, alt: tuple[Path, Path] | None = None,
+                 local_names: dict[str, tuple[Path, Path]] | None = None) -> None:
         self.bin = require("dovecot")
+        self.local_names = local_names or {}  # SNI name -> (cert, key): a local_name block each
         self.doveadm = require("doveadm")
         self.doveconf = require("doveconf")
         self.root = root
@@ -183,7 +187,8 @@ class Dovecot:
         (d / "run").mkdir(parents=True, exist_ok=True)
         (d / "mail").mkdir(exist_ok=True)
         (d / "state").mkdir(exist_ok=True)
-        self.conf.write_text(self._config_24() if self.version >= (2, 4) else self._config_23())
+        self.conf.write_text((self._config_24() if self.version >= (2, 4) else self._config_23())
+                             + self._local_name_blocks())
         _traversable(d)
 
     def _listeners(self, address_setting: str) -> str:
@@ -278,6 +283,15 @@ userdb {{
   args = uid=nobody gid=nogroup home={d}/mail/%u
 }}
 """ + self._listeners("address")
+
+    def _local_name_blocks(self) -> str:
+        """A ``local_name`` block per SNI name, in the installed version's words."""
+        out = []
+        for name, (cert, key) in self.local_names.items():
+            files = (f"  ssl_server_cert_file = {cert}\n  ssl_server_key_file = {key}\n" if self.version >= (2, 4)
+                     else f"  ssl_cert = <{cert}\n  ssl_key = <{key}\n")
+            out.append(f"local_name {name} {{\n{files}}}\n")
+        return "".join(out)
 
     def reload_command(self) -> str:
         return f"{self.doveadm} -c {self.conf} reload"

@@ -55,5 +55,8 @@ def commit(ctx: StepContext, deploy_id: str) -> DeployRecord:
                     files.replace(e.temp, e.real)
                 except OSError as err:
                     raise CommitFailed(f"{e.role}: cannot replace {e.real}: {err.strerror or err}") from None
+            for e in rec.files:
+                for path in e.scratch:  # the temp source of an SNI table: done with
+                    files.remove(path)
         rec.phase = "committed"
     return rec

@@ -75,5 +75,9 @@ class HostContexts(Mapping[str, StepContext]):
 
 
 def target_reals(t: Target) -> list[str]:
-    """The real files a deploy of ``t`` writes (symlinks resolved): what it must own."""
-    return [files.real_path(path) for _, path in t.files()]
+    """The real files a deploy of ``t`` writes (symlinks resolved): what it must own.
+    An SNI target's compiled table is one: two targets of one table take turns."""
+    from ..sni import compiled_real
+
+    table = compiled_real(t) if t.sni is not None else None
+    return [files.real_path(path) for _, path in t.files()] + ([table] if table else [])

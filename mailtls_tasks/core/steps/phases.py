@@ -102,5 +102,6 @@ def temp_for(real: str, deploy_id: str) -> str:
 
 def remove_temps(rec: DeployRecord) -> None:
     for f in rec.files:
-        with contextlib.suppress(OSError):
-            files.remove(f.temp)
+        for path in (f.temp, *f.scratch):
+            with contextlib.suppress(OSError):
+                files.remove(path)

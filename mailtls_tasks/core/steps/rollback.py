@@ -152,9 +152,9 @@ def _state_report(ctx: StepContext, rec: DeployRecord) -> str:
     parts.append(f"on disk: {on_disk} ({which} set, key {'matches' if match else 'DOES NOT match'})")
     for li in t.verify_endpoints():
         try:
-            parts.append(f"served on {li.endpoint}: {probe.probe_listener(li).fingerprint}")
+            parts.append(f"served on {li.where}: {probe.probe_listener(li).fingerprint}")
         except probe.ProbeError as err:
-            parts.append(f"served on {li.endpoint}: unknown ({err})")
+            parts.append(f"served on {li.where}: unknown ({err})")
     return "; ".join(parts)
 
 

@@ -30,7 +30,7 @@ def wait_served(t: Target, leaves: dict[str, str], chains: dict[str, list[str]] 
             first = first or served.fingerprint
             if chains is None:
                 continue
-            what = f"{li.endpoint}" + (f" ({kind.upper()})" if len(leaves) > 1 else "")
+            what = f"{li.where}" + (f" ({kind.upper()})" if len(leaves) > 1 else "")
             if served.chain_fingerprints != chains.get(kind, served.chain_fingerprints):
                 raise VerifyFailed(f"{what} serves the new leaf with another chain ({len(served.chain) - 1} "
                                    f"certificate(s) after the leaf, {len(chains.get(kind, []))} deployed): the daemon "

@@ -10,9 +10,9 @@ import contextlib
 import datetime as dt
 import os
 
-from ...errors import MaterialError, Rejected, Superseded, TargetBusy
+from ...errors import ConfigError, MaterialError, Rejected, Superseded, TargetBusy
 from ...ids import check_deploy_id
-from .. import files, material
+from .. import files, material, probe, sni
 from ..config import Target
 from ..journal import DeployRecord, FileEntry, Origin, StepRecord
 from ..material import Bundle
@@ -171,9 +171,14 @@ def _stage(ctx: StepContext, rec: DeployRecord, raw: list[RawBundle], *, force: 
             new_gid=gid_cfg if gid_cfg is not None else st.gid,
             existed=st.exists, old_sha256=st.sha256, old_mode=st.mode, old_uid=st.uid, old_gid=st.gid,
         ))
+    plan = sni.plan(t) if t.sni is not None else None
+    files_live = all(e.existed and e.old_sha256 == e.new_sha256 for e in entries)
+    # An indexed SNI table holds the files' bytes: it is built again unless it already
+    # holds, for each of the target's entries, exactly the files' bytes (live ones).
+    rebuild = plan is not None and plan.table.indexed and not (files_live and sni.holds_live(plan))
     rec.files = entries
 
-    if all(e.existed and e.old_sha256 == e.new_sha256 for e in entries):
+    if files_live and not rebuild:
         rec.files_already_live = True
         if not t.verify_endpoints():
             _finish_unchanged(ctx, rec, "bytes already live; verify is off")
@@ -189,6 +194,15 @@ def _stage(ctx: StepContext, rec: DeployRecord, raw: list[RawBundle], *, force: 
         return
 
     _check_sharing(ctx, slots, entries, wanted, old_spkis, now)
+    if rebuild:
+        assert plan is not None
+        key_entry = next(e for e in entries if e.role in ("key", "combined"))
+        table = sni.map_entry(plan, rec.deploy_id, key_entry)
+        current[table.role] = files.inspect(table.real)
+        rec.files = entries = [*entries, table]
+    for li in t.default_listeners():  # what a deploy of an SNI name must not change
+        with contextlib.suppress(probe.ProbeError):
+            rec.default_served[li.endpoint] = probe.probe_listener(li).fingerprint
     ctx.save(rec)  # temps named in the journal before they exist: recovery can find them
     for e in entries:
         if e.existed:
@@ -196,6 +210,8 @@ def _stage(ctx: StepContext, rec: DeployRecord, raw: list[RawBundle], *, force: 
             assert data is not None
             ctx.journal.write_backup(t.name, rec.deploy_id, e.role, data)
     for e in entries:
+        if e.role == sni.MAP_ROLE:
+            continue  # built below, from the staged files
         os.makedirs(os.path.dirname(e.real), mode=0o755, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(e.temp)  # our own name, left by an attempt that died
@@ -204,6 +220,16 @@ def _stage(ctx: StepContext, rec: DeployRecord, raw: list[RawBundle], *, force: 
         except OSError as err:
             remove_temps(rec)
             raise Rejected(f"{e.role}: cannot stage next to {e.real}: {err.strerror or err}") from None
+    if rebuild:
+        assert plan is not None
+        table = entries[-1]
+        try:
+            table.new_sha256 = sni.build_beside(plan, table, {e.real: e.temp for e in entries[:-1]},
+                                                t.command_timeout)
+        except (ConfigError, OSError) as err:
+            remove_temps(rec)
+            why = err if isinstance(err, ConfigError) else (err.strerror or err)
+            raise Rejected(f"sni.map: cannot build the table beside {table.real}: {why}") from None
     rec.phase = "staged"
 
 

@@ -10,8 +10,9 @@ import os
 import ssl
 
 from ...commands import CommandResult
-from ...errors import Rejected, StepFailed, ValidationFailed
-from .. import files, material
+from ...daemons import postfix_sni
+from ...errors import ConfigError, Rejected, StepFailed, ValidationFailed
+from .. import files, material, sni
 from ..journal import DeployRecord, StepRecord
 from .context import StepContext
 from .phases import ORDER, finish, past, remove_temps, timed
@@ -33,6 +34,7 @@ def validate(ctx: StepContext, deploy_id: str) -> DeployRecord:
     with timed(ctx, rec, "validate"):
         try:
             _local_handshake(ctx, rec)
+            _check_table(ctx, rec)
             if ctx.target.validate_command.strip():
                 res = _validate_command(ctx)
                 if not res.ok:
@@ -73,21 +75,70 @@ def _local_handshake(ctx: StepContext, rec: DeployRecord) -> None:
                 files.atomic_write(made, cert_bytes + chain_bytes, 0o600)
                 certfile = made
         try:
-            server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            try:
-                server.load_cert_chain(certfile, keyfile)
-            except (ssl.SSLError, OSError) as err:
-                raise ValidationFailed(f"the staged {kind if kind != 'any' else ''} cert/key do not load into "
-                                       f"OpenSSL: {err}".replace("  ", " ")) from None
-            client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-            client.check_hostname = False
-            client.verify_mode = ssl.CERT_NONE
-            if _memory_handshake(client, server) != expected:
+            what = f"the staged {kind if kind != 'any' else ''} cert/key".replace("  ", " ")
+            if _handshake_with(certfile, keyfile, what) != expected:
                 raise ValidationFailed("a local handshake with the staged files served another certificate")
         finally:
             if made:
                 with contextlib.suppress(OSError):
                     os.unlink(made)
+
+
+def _handshake_with(certfile: str, keyfile: str | None, what: str) -> str:
+    """Load the files into OpenSSL as a server, shake hands in memory: the leaf served."""
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        server.load_cert_chain(certfile, keyfile)
+    except (ssl.SSLError, OSError) as err:
+        raise ValidationFailed(f"{what} do not load into OpenSSL: {err}") from None
+    client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client.check_hostname = False
+    client.verify_mode = ssl.CERT_NONE
+    return _memory_handshake(client, server)
+
+
+def _check_table(ctx: StepContext, rec: DeployRecord) -> None:
+    """The SNI table built at stage serves, for each of the target's names, the new
+    pair (looked up as smtpd does: the name, then its parent domains); and for every
+    other name exactly what the live table serves it now."""
+    built = next((e for e in rec.files if e.role == sni.MAP_ROLE), None)
+    if built is None:
+        return
+    t = ctx.target
+    p = sni.plan(t)
+    assert p is not None
+    try:
+        new = postfix_sni.dump(p.table, built.scratch[0], p.config_dir, t.command_timeout)
+        old = postfix_sni.dump(p.table, p.table.source, p.config_dir, t.command_timeout) if built.existed else None
+    except ConfigError as err:
+        raise ValidationFailed(f"sni.map: {err}") from None
+    want = set(rec.leaves.values())
+    scratch = os.path.join(ctx.journal.deploy_dir(rec.target, rec.deploy_id), "handshake-sni.pem")
+    try:
+        for name in t.sni_probe_names():
+            key = next((k for k in postfix_sni.lookup_keys(name) if k in new), None)
+            if key not in p.ours:
+                raise ValidationFailed(f"sni.map: the table built for {name} gives it "
+                                       f"{'no entry' if key is None else 'the entry ' + key + ', not this target'}")
+            served = set()
+            for group in material.key_chains(new[key]):
+                files.atomic_write(scratch, group, 0o600)
+                served.add(_handshake_with(scratch, None, f"the table built for {name}: its files"))
+            if served != want:
+                raise ValidationFailed(f"sni.map: a local handshake with the table built for {name} served "
+                                       "another certificate than the staged one")
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(scratch)
+    if old is not None:
+        changed = sorted(k for k in set(new) | set(old) if k not in p.ours and new.get(k) != old.get(k))
+        if changed:
+            shown = ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
+            raise ValidationFailed(
+                f"sni.map: built from {p.table.source} and the files it names, the table would change what "
+                f"{len(changed)} other name(s) are served ({shown}): the live {p.table.compiled} is older than "
+                "its source or those files. Rebuild it (postmap -F) once those files are right, or deploy their "
+                "targets; nothing was changed")
 
 
 def _memory_handshake(client_ctx: ssl.SSLContext, server_ctx: ssl.SSLContext) -> str:

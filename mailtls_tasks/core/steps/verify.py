@@ -5,6 +5,8 @@ same way when a fresh look proves the new set is live and served."""
 from __future__ import annotations
 
 from ...errors import StepFailed, VerifyFailed
+from .. import probe
+from ..config import Target
 from ..journal import DeployRecord
 from .context import StepContext
 from .live import holds_new
@@ -33,9 +35,26 @@ def verify(ctx: StepContext, deploy_id: str) -> DeployRecord:
                 rec.served_fingerprint = err.served
                 raise
             rec.served_fingerprint = served
+            _check_default_kept(t, rec)
         rec.phase = "verified"
         finish(ctx, rec, "deployed")
     return rec
+
+
+def _check_default_kept(t: Target, rec: DeployRecord) -> None:
+    """An SNI target that is not the default: each listener serves, without SNI, the
+    certificate it served at stage (the default's, which this deploy is not)."""
+    for li in t.default_listeners():
+        before = rec.default_served.get(li.endpoint)
+        if before is None:
+            continue  # stage could not see it: nothing to compare with
+        try:
+            now = probe.probe_listener(li).fingerprint
+        except probe.ProbeError as err:
+            raise VerifyFailed(f"{li.where} (no SNI, the default certificate): {err}") from None
+        if now != before:
+            raise VerifyFailed(f"{li.where} serves another default certificate (no SNI) since this deploy of an "
+                               f"SNI name: {now[:16]}…, was {before[:16]}…", served=now)
 
 
 def finish_forward(ctx: StepContext, deploy_id: str) -> DeployRecord | None:

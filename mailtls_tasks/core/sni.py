@@ -1,0 +1,137 @@
+"""A target served by SNI from a Postfix table: which entries of the table are its
+own, and the table built beside the live one from the staged files.
+
+The steps use it: stage plans the table (``plan``) and builds it (``build_beside``),
+validate compares the built table with the live one (``steps.validate``), commit and
+rollback rename it like any other file of the deploy. Why beside: ``postmap -F``
+stores the file contents in the table, rewrites an existing one in place and copies
+its source's mode (``daemons.postfix_sni``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from ..daemons.postfix_sni import SniEntry, SniMap, build, dump, format_source, key_for_name, parse_source
+from ..errors import ConfigError, Rejected
+from . import files, material
+from .config import Target
+from .journal import FileEntry
+
+MAP_ROLE = "sni_map"
+TOOL_TIMEOUT = 60.0  # postmap -s of a table of thousands of names takes well under a second
+
+
+class SniMismatch(Rejected):
+    """The targets file and the SNI table disagree about a target's names."""
+
+    reason = "sni_map"
+
+
+@dataclass(frozen=True)
+class MapPlan:
+    """The table a target's entries live in, read at stage."""
+
+    table: SniMap
+    entries: tuple[SniEntry, ...]
+    ours: frozenset[str]  # the keys whose files are the target's
+    config_dir: str
+
+    @property
+    def others(self) -> list[str]:
+        return [e.key for e in self.entries if e.key not in self.ours]
+
+
+def table_of(t: Target) -> SniMap | None:
+    parse = t.daemon.sni_map
+    if t.sni is None or parse is None:
+        return None
+    return parse(t.sni.map)
+
+
+def compiled_real(t: Target) -> str | None:
+    """The compiled table a deploy of ``t`` rewrites (symlinks resolved): a file it
+    owns, like its own. None for a table read from its source, or no table."""
+    table = table_of(t)
+    return files.real_path(table.compiled) if table is not None and table.indexed else None
+
+
+def plan(t: Target) -> MapPlan | None:
+    """Read the table's source; refuse (nothing touched) when its entries for the
+    target's files are not exactly the target's ``names``."""
+    table = table_of(t)
+    if table is None:
+        return None
+    try:
+        with open(table.source, "rb") as f:
+            text = f.read().decode("utf-8", "replace")
+    except OSError as err:
+        raise SniMismatch(f"sni.map: cannot read {table.source}: {err.strerror or err}") from None
+    try:
+        entries = parse_source(text, table.source)
+    except ConfigError as err:
+        raise SniMismatch(f"sni.map: {err}") from None
+    reals = {files.real_path(p) for _, p in t.files()}
+    ours = {e.key for e in entries if any(files.real_path(f) in reals for f in e.files)}
+    wanted = {key_for_name(n) for n in t.names}
+    problems = []
+    by_key = {e.key: e for e in entries}
+    for key in sorted(wanted - ours):
+        e = by_key.get(key)
+        problems.append(f"{key} has no entry" if e is None else f"{key} names other files ({', '.join(e.files)})")
+    for key in sorted(ours - wanted):
+        problems.append(f"{key} names this target's files but is not in its names")
+    if problems:
+        raise SniMismatch(f"sni.map: {table.source} and target {t.name!r}'s names disagree: {'; '.join(problems)} "
+                          "(a name served by SNI must have its entry, and its entries must be in names: "
+                          "'*.example.net' is the entry '.example.net')")
+    return MapPlan(table, tuple(entries), frozenset(ours), t.instance or t.daemon.default_instance)
+
+
+def holds_live(p: MapPlan) -> bool:
+    """The live table holds, for each of the target's entries, the bytes of its files
+    as they are now (a table never built, or built before they changed, does not)."""
+    if not os.path.exists(p.table.compiled):
+        return False
+    live = dump(p.table, p.table.source, p.config_dir, TOOL_TIMEOUT)
+    for e in p.entries:
+        if e.key not in p.ours:
+            continue
+        value = live.get(e.key)
+        data = [files.read_bytes(f) for f in e.files]
+        if value is None or any(d is None for d in data):
+            return False
+        if material.pem_blocks(value) != material.pem_blocks(b"\n".join(d or b"" for d in data)):
+            return False
+    return True
+
+
+def temp_source(table: SniMap, deploy_id: str) -> str:
+    return os.path.join(os.path.dirname(table.source), f".{os.path.basename(table.source)}.mailtls-{deploy_id}.src")
+
+
+def map_entry(p: MapPlan, deploy_id: str, key_entry: FileEntry) -> FileEntry:
+    """The compiled table as a file of the deploy. Its new owner and mode are the key
+    file's: it holds every private key of the table."""
+    st, _ = files.inspect(files.real_path(p.table.compiled))
+    src = temp_source(p.table, deploy_id)
+    return FileEntry(role=MAP_ROLE, path=p.table.compiled, real=st.path, temp=p.table.compiled_for(src),
+                     scratch=[src], new_sha256="", new_mode=key_entry.new_mode, new_uid=key_entry.new_uid,
+                     new_gid=key_entry.new_gid, existed=st.exists, old_sha256=st.sha256, old_mode=st.mode,
+                     old_uid=st.uid, old_gid=st.gid)
+
+
+def build_beside(p: MapPlan, e: FileEntry, temps: dict[str, str], timeout: float) -> str:
+    """Write the temp source (root's, 0600: postmap as root runs as the source's owner
+    and copies its mode bits) naming the staged files in place of the live ones,
+    compile it next to the live table, give the result its final owner and mode,
+    fsync it. Returns its SHA-256."""
+    entries = [SniEntry(x.key, tuple(temps.get(files.real_path(f), f) for f in x.files)) for x in p.entries]
+    src = e.scratch[0]
+    for stale in (src, e.temp):
+        files.remove(stale)  # our own names, left by an attempt that died
+    files.write_new(src, format_source(entries), 0o600)
+    built = build(p.table, src, p.config_dir, timeout)
+    assert built == e.temp
+    return files.adopt(built, e.new_mode, e.new_uid, e.new_gid)

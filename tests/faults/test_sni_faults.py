@@ -1,0 +1,197 @@
+"""Crashes while an SNI table is built and renamed, on a real Postfix.
+
+A ``mailtls deploy --local`` of one SNI name of an ``lmdb:`` table is SIGKILLed at the
+N-th ``rename`` or ``fsync`` of any of its processes (postmap included: strace -f),
+then ``mailtls recover`` runs, as after a reboot. After each case, for every name of
+the table: its entry holds a key and certificate that match, the old pair or the new
+one for the name deployed and the very bytes it held before for every other name;
+the target's files are that same pair; Postfix serves, by SNI, the leaf the table
+holds; the deploy has ended, and nothing of ours is left beside the files or the table.
+
+``make test`` kills at every rename and fsync that touches the target's files or the
+table (the staged files, the temp source, the built table, the renames, the fsyncs
+of their directories) and one either side of each: where a crash could leave a name
+with a half-built table or one file of its pair. ``MAILTLS_FAULTS=full`` kills at
+every N of the whole deploy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from mailtls_tasks.core import probe
+from mailtls_tasks.core.journal import Journal
+from mailtls_tasks.core.material import fingerprint, key_chains, key_matches_cert, leaf_of_file
+from mailtls_tasks.daemons.postfix_sni import dump, parse_map
+from tests.support.daemons import Postfix
+from tests.support.pki import PKI, Issued
+from tests.support.services import REPO, require
+
+pytestmark = pytest.mark.e2e
+
+LEVEL = os.environ.get("MAILTLS_FAULTS", "slice")
+NAMES = {"a": "a.example.test", "b": "b.example.test", "c": "c.example.test"}
+
+
+class SniFaultHost:
+    def __init__(self, root: Path, pki: PKI) -> None:
+        self.root = root
+        self.postmap = require("postmap")
+        certs = root / "certs"
+        self.leaves: dict[str, Issued] = {}
+        for short, name in NAMES.items():
+            d = certs / short
+            d.mkdir(parents=True)
+            self.leaves[short] = leaf = pki.leaf(name)
+            (d / "fullchain.pem").write_bytes(leaf.fullchain_pem)
+            (d / "key.pem").write_bytes(leaf.key_pem)
+            os.chmod(d / "key.pem", 0o600)
+        self.old, self.new = self.leaves["a"], pki.leaf(NAMES["a"])
+        (root / "new-cert.pem").write_bytes(self.new.fullchain_pem)
+        (root / "new-key.pem").write_bytes(self.new.key_pem)
+        default = pki.leaf("mx.example.test")
+        (certs / "default.pem").write_bytes(default.key_pem + default.fullchain_pem)
+        os.chmod(certs / "default.pem", 0o600)
+        self.tables = root / "tables"
+        self.tables.mkdir()
+        self.source = self.tables / "sni"
+        self.source.write_text("".join(f"{n} {certs / s / 'key.pem'}, {certs / s / 'fullchain.pem'}\n"
+                                       for s, n in NAMES.items()))
+        self.spec = f"lmdb:{self.source}"
+        self.compiled = Path(f"{self.source}.lmdb")
+        self.postfix = Postfix(root, certs / "default.pem", certs / "default.pem", chain_files=[certs / "default.pem"],
+                               extra_main=f"tls_server_sni_maps = {self.spec}")
+        subprocess.run([self.postmap, "-c", str(self.postfix.dir), "-F", self.spec], check=True)
+        os.chmod(self.compiled, 0o600)
+        self.saved = {p: p.read_bytes() for p in [self.compiled, *certs.rglob("*.pem")]}
+        self.state = root / "state"
+        self.config = root / "targets.json"
+        self.config.write_text(json.dumps({"host": "sni-faults", "state_dir": str(self.state), "targets": {"pf-a": {
+            "mode": "postfix", "instance": str(self.postfix.dir),
+            "cert_path": str(certs / "a" / "fullchain.pem"), "key_path": str(certs / "a" / "key.pem"),
+            "names": [NAMES["a"]], "sni": {"map": self.spec},
+            "reload_command": self.postfix.command("reload"), "validate_command": "", "command_timeout": 20,
+            "post_deploy_verify": {"enabled": True, "endpoint": f"127.0.0.1:{self.postfix.smtps_port}",
+                                   "protocol": "smtps", "timeout": 3.0, "interval": 0.1}}}}))
+        self.postfix.start()
+
+    def cli(self, *args: str, prefix: list[str] | None = None) -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, "MAILTLS_CONFIG": str(self.config), "PYTHONPATH": str(REPO)}
+        return subprocess.run([*(prefix or []), sys.executable, "-m", "mailtls_tasks.cli", *args],
+                              capture_output=True, text=True, env=env, cwd=self.root, timeout=120)
+
+    def deploy_args(self, deploy_id: str) -> list[str]:
+        return ["deploy", "pf-a", "--local", "--cert", str(self.root / "new-cert.pem"), "--key",
+                str(self.root / "new-key.pem"), "--deploy-id", deploy_id, "--json"]
+
+    def reset(self) -> None:
+        """The files and the table as they were: written beside and renamed, as a deploy
+        does, so that smtpd never opens a half-written table."""
+        shutil.rmtree(self.state, ignore_errors=True)
+        for p, data in self.saved.items():
+            tmp = p.with_name(p.name + ".reset")
+            tmp.write_bytes(data)
+            os.chmod(tmp, 0o600 if p.name.endswith(("key.pem", ".lmdb", "default.pem")) else 0o644)
+            os.replace(tmp, p)
+
+    def table(self) -> dict[str, bytes]:
+        return dump(parse_map(self.spec), str(self.source), str(self.postfix.dir), 30)
+
+    def check(self, deploy_id: str) -> tuple[str | None, str]:
+        """The invariant, for every name of the table; returns (outcome, old/new)."""
+        table = self.table()
+        old_table = {}
+        for short, name in NAMES.items():
+            value = table.get(name)
+            assert value is not None, f"{name}: no entry in the table"
+            groups = key_chains(value)
+            assert len(groups) == 1 and key_matches_cert(groups[0], groups[0]), f"{name}: a mismatched pair"
+            old_table[short] = fingerprint(leaf_of_file(groups[0]))  # type: ignore[arg-type]
+        for short in ("b", "c"):
+            assert old_table[short] == self.leaves[short].fingerprint, f"{NAMES[short]} changed"
+        served_a = old_table["a"]
+        live = {self.old.fingerprint: "old", self.new.fingerprint: "new"}.get(served_a)
+        assert live, "a.example.test: the table holds neither the old pair nor the new one"
+        cert = (self.root / "certs" / "a" / "fullchain.pem").read_bytes()
+        key = (self.root / "certs" / "a" / "key.pem").read_bytes()
+        assert key_matches_cert(key, cert), "the live key does not match the live cert"
+        assert fingerprint(leaf_of_file(cert)) == served_a, "the files and the table hold different pairs"  # type: ignore[arg-type]
+        rec = Journal(str(self.state)).load("pf-a", deploy_id)
+        outcome = None
+        if rec is not None:
+            assert rec.finished, f"unfinished after recovery: {rec.phase}"
+            outcome = rec.outcome
+            expected = {"deployed": "new", "rolled_back": "old", "rejected": "old"}.get(outcome or "")
+            assert expected in (None, live), f"outcome {outcome} but the {live} pair is live"
+        else:
+            assert live == "old", "the new pair is live and the journal knows no deploy"
+        assert not Journal(str(self.state)).owners(), "files still owned after recovery"
+        strays = [p.name for d in (self.tables, self.root / "certs" / "a") for p in d.iterdir()
+                  if ".mailtls-" in p.name]
+        assert not strays, f"left beside the files: {strays}"
+        for short, name in NAMES.items():
+            served = probe.probe("127.0.0.1", self.postfix.smtps_port, "smtps", server_name=name, timeout=5)
+            assert served.fingerprint == old_table[short], f"{name}: Postfix serves another leaf than its entry"
+        return outcome, live
+
+    def close(self) -> None:
+        self.postfix.stop()
+
+
+def strace(syscall: str, n: int) -> list[str]:
+    return [require("strace"), "-f", "-qq", "-o", "/dev/null", "-e", f"trace={syscall}",
+            "-e", f"inject={syscall}:signal=KILL:when={n}"]
+
+
+def calls(h: SniFaultHost, syscall: str) -> list[str]:
+    """Each ``syscall`` a fault-free deploy makes, in order (all its processes)."""
+    out = h.root / f"trace-{syscall}.txt"
+    h.reset()
+    res = h.cli(*h.deploy_args("count"), prefix=[require("strace"), "-f", "-qq", "-y", "-o", str(out), "-e",
+                                                 f"trace={syscall}"])
+    assert res.returncode == 0, res.stdout + res.stderr
+    return [ln for ln in out.read_text().splitlines() if f"{syscall}(" in ln and "resumed" not in ln]
+
+
+@pytest.fixture(scope="module")
+def sni_faults(tmp_path_factory: pytest.TempPathFactory, pki: PKI) -> Iterator[SniFaultHost]:
+    require("strace")
+    h = SniFaultHost(tmp_path_factory.mktemp("sni-faults"), pki)
+    try:
+        yield h
+    finally:
+        h.close()
+
+
+@pytest.mark.parametrize("syscall", ["rename", "fsync"])
+def test_a_crash_while_the_table_is_built_or_renamed_leaves_every_name_a_matching_pair(
+        sni_faults: SniFaultHost, syscall: str) -> None:
+    h = sni_faults
+    seen = calls(h, syscall)
+    # the moments that touch the target's files or the table (the staged files, the
+    # temp source, the built table, the renames, the fsyncs of their directories) and
+    # one syscall either side of each
+    touching = {i for i, ln in enumerate(seen, 1) if f"{h.tables}" in ln or f"{h.root / 'certs' / 'a'}" in ln}
+    near = sorted({j for i in touching for j in (i - 1, i, i + 1) if 1 <= j <= len(seen)})
+    points = range(1, len(seen) + 1) if LEVEL == "full" else near
+    assert len(points) >= 3, (syscall, len(seen))  # a sweep over nothing proves nothing
+    outcomes = []
+    for n in points:
+        h.reset()
+        did = f"crash-{syscall}-{n}"
+        h.cli(*h.deploy_args(did), prefix=strace(syscall, n))
+        after = h.cli("recover")
+        assert after.returncode in (0, 4), after.stdout + after.stderr
+        try:
+            outcomes.append(h.check(did))
+        except AssertionError as err:
+            raise AssertionError(f"killed at {syscall} #{n} of {len(seen)}: {err}") from None
+    assert {live for _, live in outcomes} <= {"old", "new"}
