@@ -7,8 +7,12 @@ disk is what the daemon reads. Layout under ``state_dir`` (directories 0700, fil
     targets/<target>/deploys/<deploy_id>/record.json
     targets/<target>/deploys/<deploy_id>/backup/<role>   old bytes, before commit
     files/<K>.lock        flock held by whoever runs a step touching real file K
-    files/<K>.owner       the unfinished deploy that owns real file K
     files/<K>.fence       the highest fence staged on real file K, and by which deploy
+    owners/<K>            the unfinished deploy that owns real file K: a directory of
+                          its own, so that listing the deploys in flight costs what is
+                          in flight, not every file the host ever deployed
+    owners/.layout        written once the entries of a previous release's journal
+                          (``files/<K>.owner``) have been moved here
     outbox/<target>~<deploy_id>   a distributed deploy ended here; Redis may not know yet
 
 K is the SHA-256 of the file's real path (symlinks resolved): two targets reaching
@@ -25,6 +29,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import threading
 import time
@@ -47,6 +52,8 @@ Origin = Literal["local", "distributed"]
 STEP_NAMES = ("stage", "validate", "commit", "reload", "verify", "rollback")
 
 _OUTBOX_SEP = "~"
+LAYOUT_MARKER = ".layout"
+_FILE_KEY_RE = re.compile(r"^[0-9a-f]{32}$")
 
 
 def now_iso() -> str:
@@ -175,7 +182,7 @@ class DeployRecord(BaseModel):
 
 @dataclass(frozen=True)
 class Owner:
-    """What ``files/K.owner`` says: which deploy owns the real file ``path``."""
+    """What ``owners/K`` says: which deploy owns the real file ``path``."""
 
     path: str
     target: str
@@ -248,6 +255,7 @@ class Journal:
                  alive: Callable[[str | None], bool] = process_alive,
                  token: Callable[[], str] = process_token) -> None:
         self.root = os.path.abspath(state_dir)
+        self._owners_ready = False  # owners/ checked (and a previous release's entries moved)
         self.clock = clock
         self.alive = alive
         self.token = token
@@ -429,8 +437,39 @@ class Journal:
                         os.close(fd)  # closing drops the flock
 
     # -- owners -------------------------------------------------------------
+    def _owners_dir(self) -> str:
+        return os.path.join(self.root, "owners")
+
     def _owner_path(self, real: str) -> str:
-        return os.path.join(self._files_dir(), file_key(real) + ".owner")
+        self._upgrade_owners()
+        return os.path.join(self._owners_dir(), file_key(real))
+
+    def _upgrade_owners(self) -> None:
+        """Move a previous release's owner entries (``files/<K>.owner``) to
+        ``owners/<K>``, once: the marker is written after the last one is moved, so a
+        crash half-way moves the rest next time. Each move is one rename (an entry is
+        in one place or the other, never lost); two processes upgrading at once each
+        move what the other has not. The previous release must not be running beside
+        this one on the same state directory (a package upgrade restarts its units)."""
+        if self._owners_ready:
+            return
+        marker = os.path.join(self._owners_dir(), LAYOUT_MARKER)
+        if os.path.exists(marker):
+            self._owners_ready = True
+            return
+        self._ensure_dir(self._owners_dir())
+        legacy = self._files_dir()
+        moved = False
+        for name in _names(legacy):
+            if name.endswith(".owner"):
+                with contextlib.suppress(FileNotFoundError), _io("move owner entry", os.path.join(legacy, name)):
+                    os.rename(os.path.join(legacy, name), os.path.join(self._owners_dir(), name[:-len(".owner")]))
+                    moved = True
+        with _io("write", marker):
+            if moved:
+                files.fsync_dir(legacy)
+            files.atomic_write(marker, b"1\n", 0o600)
+        self._owners_ready = True
 
     def owner_of(self, real: str) -> Owner | None:
         path = self._owner_path(real)
@@ -450,7 +489,6 @@ class Journal:
 
     def set_owner(self, real: str, rec: DeployRecord) -> None:
         """Caller holds the file's lock and has checked no other live deploy owns it."""
-        self._ensure_dir(self._files_dir())
         path = self._owner_path(real)
         body = json.dumps({"path": real, "target": rec.target, "deploy_id": rec.deploy_id}).encode()
         with _io("write", path):
@@ -465,10 +503,11 @@ class Journal:
 
     def owners(self) -> list[Owner]:
         """Every owner entry on the host: the deploys in flight (cheap: not per target)."""
-        d = self._files_dir()
+        self._upgrade_owners()
+        d = self._owners_dir()
         out = []
         for name in _names(d):
-            if name.endswith(".owner"):
+            if _FILE_KEY_RE.match(name):  # not the layout marker, nor an atomic write's temp
                 owner = self._parse_owner(files.read_bytes(os.path.join(d, name)))
                 if owner is not None:
                     out.append(owner)

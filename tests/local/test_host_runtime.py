@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 from mailtls_tasks.core.host import HostRuntime
+from mailtls_tasks.core.journal import Journal
 from mailtls_tasks.security.envelope import seal
 from mailtls_tasks.security.keys import load_pipeline
 from tests.support.host import MailHost
@@ -54,6 +55,7 @@ def test_a_validate_message_for_a_stage_that_died_half_way_is_refused_and_touche
     host.install("mx", old)
     before = host.snapshot()
     rt = HostRuntime(host.config)
+    Journal(str(host.state)).owners()  # the journal's layout marker written: not one of the 9 below
     with pytest.raises(Crash), crash_before_op(9):
         rt.stage("mx", "half-1", new.fullchain_pem, new.key_pem, None, force=False, fence=1)
     rec = rt.record("mx", "half-1")
