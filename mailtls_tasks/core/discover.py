@@ -46,8 +46,31 @@ def propose(found: list[Found]) -> dict[str, dict[str, Any]]:
             if served.listeners:
                 body["post_deploy_verify"] = {"enabled": True, "endpoints": [
                     {"endpoint": li.endpoint, "protocol": li.protocol} for li in served.listeners]}
+            default = next((s for s in f.sni_served if s.files == served.files), None)
+            if default is not None:  # the default certificate, with entries of its own in the table
+                body["names"] = default.names
+                body["sni"] = {**({"map": default.table} if default.table else {}), "default": True}
+            out[name] = body
+        listeners = list({li.endpoint: li for s in f.served for li in s.listeners}.values())
+        for sni in f.sni_served:
+            if sni.files.unproposable() or any(s.files == sni.files for s in f.served):
+                continue
+            name = f"{base}-{_name_slug(sni.names[0])}"
+            while name in out:
+                name += "-2"
+            body = {"mode": f.mode, "instance": f.instance, **_layout(sni.files), "names": sni.names,
+                    "sni": {"map": sni.table} if sni.table else {},
+                    "reload_command": f.reload_command, "validate_command": f.validate_command}
+            if listeners:  # every listener, each probed with each of the names as SNI
+                body["post_deploy_verify"] = {"enabled": True, "endpoints": [
+                    {"endpoint": li.endpoint, "protocol": li.protocol} for li in listeners]}
             out[name] = body
     return out
+
+
+def _name_slug(name: str) -> str:
+    """``*.example.net`` -> ``wildcard.example.net``: a target name from an SNI name."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "-", name.replace("*", "wildcard"))[:60]
 
 
 def _slug(instance: str) -> str:
@@ -91,9 +114,15 @@ def render(found: list[Found], host: str, *, header: list[str] | None = None) ->
             why = s.files.unproposable()
             if why:
                 lines.append(f"#   note: {s.source}: {why}: not proposed")
+        for sni_set in f.sni_served:
+            lines.append(f"#   by SNI, for {', '.join(sni_set.names)}: {', '.join(sni_set.files.paths())} "
+                         f"({sni_set.source})")
+            why = sni_set.files.unproposable()
+            if why:
+                lines.append(f"#   note: {sni_set.source}: {why}: not proposed")
         for sni in f.sni:
-            lines.append(f"#   for some connections only, not proposed (SNI and per-address certificates "
-                         f"arrive with the SNI issue): {sni}")
+            lines.append(f"#   for some connections only, not proposed (a per-address block, or a table not "
+                         f"read): {sni}")
         for note in f.notes:
             lines.append(f"#   note: {note}")
     body: dict[str, Any] = {"host": host, "targets": propose(found)}
@@ -140,6 +169,11 @@ def cross_check(cfg: HostConfig) -> list[str]:
                 serving = ", ".join(sorted({p for s in f.served for p in s.files.paths()})) or "no TLS file"
                 warnings.append(f"target {t.name!r}: {where} does not read {', '.join(unread)}; it serves "
                                 f"{serving}: a deploy there would change nothing on the wire")
+        for sni in f.sni_served:
+            if not any(_real(p) in covered for p in sni.files.paths()):
+                warnings.append(f"{where} serves {', '.join(sni.files.paths())} by SNI for {', '.join(sni.names)} "
+                                f"({sni.source}), which no target covers: it keeps its certificate through every "
+                                "renewal (`mailtls discover` proposes a target for it)")
         for s in f.served:
             missing = [p for p in s.files.paths() if _real(p) not in covered]
             if missing:

@@ -111,15 +111,45 @@ def temp_source(table: SniMap, deploy_id: str) -> str:
     return os.path.join(os.path.dirname(table.source), f".{os.path.basename(table.source)}.mailtls-{deploy_id}.src")
 
 
+def table_access(p: MapPlan, key_entry: FileEntry) -> tuple[int, int | None, int | None]:
+    """The mode, owner and group the compiled table gets: it holds every key of the
+    table, so no one may read it who cannot read each of them. The key files are each
+    entry's first file (Postfix requires a value to begin with a key), the target's
+    own as this deploy leaves it. Mode: what all of them allow; owner and group: theirs
+    when they all share one, else this process's (root's), the group bits then dropped."""
+    modes, uids, gids = {key_entry.new_mode}, {key_entry.new_uid}, {key_entry.new_gid}
+    ours = {key_entry.real}
+    for e in p.entries:
+        real = files.real_path(e.files[0])
+        if e.key in p.ours or real in ours:
+            continue
+        ours.add(real)
+        try:
+            st = os.stat(real)
+        except OSError:
+            continue  # postmap will say it cannot read it
+        modes.add(st.st_mode & 0o777)
+        uids.add(st.st_uid)
+        gids.add(st.st_gid)
+    mode = 0o777
+    for m in modes:
+        mode &= m if m is not None else 0o600
+    uid = uids.pop() if len(uids) == 1 else os.geteuid()
+    gid = gids.pop() if len(gids) == 1 else None
+    if gid is None:
+        mode &= ~0o070
+        gid = os.getegid()
+    return mode, uid, gid
+
+
 def map_entry(p: MapPlan, deploy_id: str, key_entry: FileEntry) -> FileEntry:
-    """The compiled table as a file of the deploy. Its new owner and mode are the key
-    file's: it holds every private key of the table."""
+    """The compiled table as a file of the deploy (``table_access``: its owner and mode)."""
     st, _ = files.inspect(files.real_path(p.table.compiled))
     src = temp_source(p.table, deploy_id)
+    mode, uid, gid = table_access(p, key_entry)
     return FileEntry(role=MAP_ROLE, path=p.table.compiled, real=st.path, temp=p.table.compiled_for(src),
-                     scratch=[src], new_sha256="", new_mode=key_entry.new_mode, new_uid=key_entry.new_uid,
-                     new_gid=key_entry.new_gid, existed=st.exists, old_sha256=st.sha256, old_mode=st.mode,
-                     old_uid=st.uid, old_gid=st.gid)
+                     scratch=[src], new_sha256="", new_mode=mode, new_uid=uid, new_gid=gid, existed=st.exists,
+                     old_sha256=st.sha256, old_mode=st.mode, old_uid=st.uid, old_gid=st.gid)
 
 
 def build_beside(p: MapPlan, e: FileEntry, temps: dict[str, str], timeout: float) -> str:

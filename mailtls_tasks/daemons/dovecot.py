@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 
-from .found import FileSet, FileSlot, Found, FoundListener, Served, cert_key_type, loopback_for, run_tool
+from .found import FileSet, FileSlot, Found, FoundListener, Served, SniServed, cert_key_type, loopback_for, run_tool
 from .interface import CommandDaemon, UsualListener
 
 # ------------------------------------------------------------ reading its own config
@@ -122,8 +122,14 @@ def discover(config_file: str | None = None) -> list[Found]:
             continue
         if kind == "protocol":
             per_protocol[name] = tls(scope + "/")
+            continue
+        found.conditional += files
+        c, k, ac, ak = tls(scope + "/")
+        if kind == "local_name" and c:  # by SNI name: a target of its own can take it
+            slots = [_slot(c, k)] + ([_slot(ac, ak)] if ac else [])
+            found.sni_served.append(SniServed(FileSet(tuple(slots)), name.strip('"').split(),
+                                              source=f"{config_file} (local_name {name})"))
         else:
-            found.conditional += files
             found.sni.append(f"{kind} {name}: {', '.join(files)}")
     for where in inline:
         found.notes.append(f"{where}: a TLS setting holds its PEM inline, not a file name: nothing to manage there")

@@ -76,6 +76,17 @@ class Served:
 
 
 @dataclass
+class SniServed:
+    """One file set a daemon serves for some SNI names only: a Postfix table's entries
+    that name the same files, or a Dovecot ``local_name`` block."""
+
+    files: FileSet
+    names: list[str]  # as a target's names: the table key ``.example.net`` is ``*.example.net``
+    table: str = ""  # Postfix: the tls_server_sni_maps table (``lmdb:/etc/postfix/sni``); Dovecot: ""
+    source: str = ""
+
+
+@dataclass
 class Found:
     """One daemon instance, as its own configuration describes it."""
 
@@ -84,7 +95,8 @@ class Found:
     default_instance: bool
     version: str
     served: list[Served] = field(default_factory=list)
-    sni: list[str] = field(default_factory=list)  # SNI maps / local_name blocks, as found
+    sni: list[str] = field(default_factory=list)  # per-address blocks, and SNI tables it could not read
+    sni_served: list[SniServed] = field(default_factory=list)  # what it serves by SNI name
     notes: list[str] = field(default_factory=list)  # what it could not tell, said plainly
     reload_command: str = ""
     validate_command: str = ""

@@ -18,9 +18,20 @@ from __future__ import annotations
 import socket
 
 from ..errors import ConfigError
-from .found import FileSet, FileSlot, Found, FoundListener, Served, cert_key_type, loopback_for, pem_kinds, run_tool
+from .found import (
+    FileSet,
+    FileSlot,
+    Found,
+    FoundListener,
+    Served,
+    SniServed,
+    cert_key_type,
+    loopback_for,
+    pem_kinds,
+    run_tool,
+)
 from .interface import CommandDaemon, UsualListener
-from .postfix_sni import parse_map
+from .postfix_sni import name_for_key, parse_map, parse_source
 
 # ------------------------------------------------------------ reading its own config
 # The main.cf parameters that decide what a listener serves; a service's -o overrides
@@ -90,6 +101,7 @@ def _discover_instance(config_dir: str, *, default: bool) -> Found:
     services = [line.split() for line in _postconf(config_dir, "-M").splitlines() if line.strip()]
     passes = [s[0] for s in services if len(s) >= 8 and s[1] == "pass" and s[7] == "smtpd"]
     by_files: dict[FileSet, Served] = {}
+    tables: list[str] = []  # tls_server_sni_maps, as main.cf and each service's -o give it
     for fields in services:
         if len(fields) < 8 or fields[1] != "inet" or fields[7] not in ("smtpd", "postscreen"):
             continue
@@ -121,10 +133,39 @@ def _discover_instance(config_dir: str, *, default: bool) -> Found:
         served = by_files.setdefault(files, Served(files, source=source))
         served.listeners.append(listener)
         sni = settings.get("tls_server_sni_maps", "")
-        if sni and f"tls_server_sni_maps = {sni}" not in found.sni:
-            found.sni.append(f"tls_server_sni_maps = {sni}")
+        if sni and sni not in tables:
+            tables.append(sni)
     found.served = list(by_files.values())
+    for value in tables:
+        for spec in value.replace(",", " ").split():
+            _sni_table(spec, found)
     return found
+
+
+def _sni_table(spec: str, found: Found) -> None:
+    """The file sets a ``tls_server_sni_maps`` table serves, one per distinct list of
+    files, with the names (keys) that get it; what cannot be read is said in a note."""
+    try:
+        table = parse_map(spec, "tls_server_sni_maps")
+    except ValueError as err:
+        found.sni.append(f"tls_server_sni_maps = {spec}: not read ({err})")
+        return
+    try:
+        with open(table.source, "rb") as f:
+            entries = parse_source(f.read().decode("utf-8", "replace"), table.source)
+    except (OSError, ConfigError) as err:
+        why = err.strerror if isinstance(err, OSError) else str(err)
+        found.sni.append(f"tls_server_sni_maps = {spec}: cannot read its source {table.source}: {why}")
+        return
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for e in entries:
+        groups.setdefault(e.files, []).append(name_for_key(e.key))
+    for paths, names in groups.items():
+        where = f"{spec} ({names[0]})"
+        files = _file_set({"smtpd_tls_chain_files": ", ".join(paths)}, found.notes, where)
+        found.conditional += list(paths)
+        if files is not None:
+            found.sni_served.append(SniServed(files, names, table=spec, source=spec))
 
 
 def _yes(value: str | None) -> bool:

@@ -154,6 +154,11 @@ def key_for_name(name: str) -> str:
     return name[1:] if name.startswith("*.") else name
 
 
+def name_for_key(key: str) -> str:
+    """The name a target lists for a table key: ``.example.net`` -> ``*.example.net``."""
+    return "*" + key if key.startswith(".") else key
+
+
 def _postmap(args: list[str], config_dir: str, timeout: float, what: str) -> bytes:
     argv = [POSTMAP, "-c", config_dir, *args]
     try:

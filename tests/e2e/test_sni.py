@@ -10,6 +10,7 @@ and mode after a deploy (it holds every private key of the table).
 
 from __future__ import annotations
 
+import grp
 import hashlib
 import os
 import stat
@@ -20,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from mailtls_tasks.core.config import load_config
+from mailtls_tasks.core.journal import Journal
 from mailtls_tasks.core.local import run_local
 from tests.support.daemons import Dovecot, Postfix
 from tests.support.pki import PKI, Issued
@@ -79,9 +81,11 @@ class SniHost:
         self.spec = f"{table_type}:{self.source}"
         self.postfix = Postfix(root, certs / "default" / "fullchain.pem", certs / "default" / "key.pem",
                                extra_main=f"tls_server_sni_maps = {self.spec}")
-        self.compiled = Path(str(self.source) + (".lmdb" if table_type == "lmdb" else ".db"))
-        subprocess.run([self.postmap, "-c", str(self.postfix.dir), "-F", self.spec], check=True)
-        os.chmod(self.compiled, 0o600)
+        suffix = {"lmdb": ".lmdb", "hash": ".db"}.get(table_type)
+        self.compiled = Path(str(self.source) + suffix) if suffix else None
+        if self.compiled:
+            subprocess.run([self.postmap, "-c", str(self.postfix.dir), "-F", self.spec], check=True)
+            os.chmod(self.compiled, 0o600)
         self.dovecot = Dovecot(root, certs / "dv-default" / "cert.pem", certs / "dv-default" / "key.pem",
                                local_names={n: (certs / f"dv-{n}" / "cert.pem", certs / f"dv-{n}" / "key.pem")
                                             for n in self.dv_current})
@@ -183,6 +187,12 @@ def names_served(h: SniHost) -> dict[str | None, str]:
 
 def test_one_sni_name_is_deployed_and_every_other_name_keeps_its_pair(sni_host: SniHost, pki: PKI) -> None:
     h = sni_host
+    # key files readable by a group (as Debian's ssl-cert): the table that holds them takes
+    # their owner and mode -- not postmap's 0600, nor its source's
+    for name in ("a", "b", "c", "default"):
+        os.chown(h.root / "certs" / name / "key.pem", 0, grp.getgrnam("postfix").gr_gid)
+        os.chmod(h.root / "certs" / name / "key.pem", 0o640)
+    key_file = h.root / "certs" / "a" / "key.pem"
     before = names_served(h)
     assert before["a.example.test"] == h.current["a"].fingerprint  # the table is live, by SNI
     assert before[None] == before["unknown.example.test"] == h.current["default"].fingerprint
@@ -197,9 +207,10 @@ def test_one_sni_name_is_deployed_and_every_other_name_keeps_its_pair(sni_host: 
     value = h.table_value("a.example.test")
     assert new.key_pem.strip() in value and new.cert_pem.strip() in value
     # it holds every private key of the table: the key file's owner and mode, never wider
-    key_st, map_st = (h.root / "certs" / "a" / "key.pem").stat(), h.compiled.stat()
-    assert stat.S_IMODE(map_st.st_mode) == stat.S_IMODE(key_st.st_mode) == 0o600
-    assert (map_st.st_uid, map_st.st_gid) == (key_st.st_uid, key_st.st_gid)
+    assert h.compiled
+    key_st, map_st = key_file.stat(), h.compiled.stat()
+    assert stat.S_IMODE(map_st.st_mode) == stat.S_IMODE(key_st.st_mode) == 0o640
+    assert (map_st.st_uid, map_st.st_gid) == (key_st.st_uid, key_st.st_gid) == (0, grp.getgrnam("postfix").gr_gid)
     # nothing of ours left beside the table
     assert sorted(p.name for p in h.source.parent.iterdir()) == sorted(["sni", h.compiled.name])
     h.current["a"] = new
@@ -207,9 +218,15 @@ def test_one_sni_name_is_deployed_and_every_other_name_keeps_its_pair(sni_host: 
 
 def test_a_wildcard_entry_is_verified_below_its_domain(sni_host: SniHost, pki: PKI) -> None:
     h = sni_host
+    # one key of the table back to root's 0600: the table holds it, so it is no wider
+    os.chown(h.root / "certs" / "c" / "key.pem", 0, 0)
+    os.chmod(h.root / "certs" / "c" / "key.pem", 0o600)
     new = pki.leaf("b.example.test", sans=["b.example.test", "*.b.example.test"])
     res = h.deploy("pf-b", new)
     assert res.outcome == "deployed", res  # type: ignore[attr-defined]
+    assert h.compiled
+    table = h.compiled.stat()
+    assert (stat.S_IMODE(table.st_mode), table.st_uid, table.st_gid) == (0o600, 0, 0)
     assert h.smtp("b.example.test") == h.smtp("deep.b.example.test") == new.fingerprint
     assert h.smtp(None) == h.current["default"].fingerprint
     h.current["b"] = new
@@ -227,6 +244,7 @@ def test_the_default_target_changes_the_default_and_its_own_entry(sni_host: SniH
 
 def test_a_failed_reload_restores_the_table_and_files_byte_exact(sni_host: SniHost, pki: PKI) -> None:
     h = sni_host
+    assert h.compiled
     files = [h.compiled, h.source, h.root / "certs" / "c" / "key.pem", h.root / "certs" / "c" / "fullchain.pem"]
     before = {f: (sha(f), stat.S_IMODE(f.stat().st_mode), f.stat().st_ino) for f in files}
     # (a reload that only pretends is no failure here: each new smtpd opens the renamed table)
@@ -241,6 +259,7 @@ def test_a_stale_table_is_not_rebuilt_behind_the_operators_back(sni_host: SniHos
     """c's files replaced by hand, the table never rebuilt: a deploy of a must not start
     serving c's new files. Rejected, nothing changed."""
     h = sni_host
+    assert h.compiled
     c_dir = h.root / "certs" / "c"
     saved = {p: p.read_bytes() for p in c_dir.iterdir()}
     h.write("c-by-hand", pki.leaf("c.example.test"), c_dir)
@@ -262,6 +281,7 @@ def test_names_the_table_does_not_give_this_target_are_refused(sni_host: SniHost
     bad = h.root / "targets-bad.toml"
     bad.write_text(cfg.replace('names = ["c.example.test"]', 'names = ["c.example.test", "a.example.test"]'))
     leaf = pki.leaf("c.example.test", sans=["c.example.test", "a.example.test"])
+    assert h.compiled
     table = sha(h.compiled)
     res = run_local(load_config(str(bad)), "pf-c", leaf.fullchain_pem, leaf.key_pem)
     assert res.outcome == "rejected" and res.reason == "sni_map", res
@@ -279,3 +299,52 @@ def test_dovecot_local_name_is_deployed_by_its_name(sni_host: SniHost, pki: PKI)
     assert s_client(imaps, None, "c.example.test") == h.dv_current["c.example.test"].fingerprint
     assert s_client(imaps, None, None) == h.dv_default.fingerprint
     h.dv_current["a.example.test"] = new
+
+
+def test_discover_proposes_a_target_per_sni_file_set_and_check_config_knows_them(sni_host: SniHost) -> None:
+    """From the daemons' own configuration: each table entry's files (grouped), each
+    local_name block, the default certificate marked as such; the proposal loads as a
+    targets file; the cross-check counts SNI files as read and names one left uncovered."""
+    import tomllib
+
+    from mailtls_tasks.core import discover
+    from mailtls_tasks.core.config import parse_config
+
+    h = sni_host
+    found = discover.read("postfix", str(h.postfix.dir)) + discover.read("dovecot", str(h.dovecot.conf))
+    proposed = tomllib.loads(discover.render(found, "sni-host"))
+    targets = proposed["targets"]
+    by_names = {tuple(t.get("names", [])): t for t in targets.values()}
+    assert by_names[("b.example.test", "*.b.example.test")]["sni"] == {"map": h.spec}
+    assert by_names[("b.example.test", "*.b.example.test")]["key_path"] == str(h.root / "certs" / "b" / "key.pem")
+    assert targets["postfix"]["sni"] == {"map": h.spec, "default": True}
+    assert targets["postfix"]["names"] == [DEFAULT_NAME]
+    dovecot_sni = [t for t in targets.values() if t["mode"] == "dovecot" and "sni" in t]
+    assert sorted(t["names"][0] for t in dovecot_sni) == ["a.example.test", "c.example.test"]
+    parse_config(proposed, "<proposed>")  # a targets file that loads
+
+    cfg = load_config(str(h.config))
+    warnings = discover.cross_check(cfg)
+    assert not [w for w in warnings if "pf-" in w or "does not read" in w], warnings
+    without_c = cfg.model_copy(update={"targets": {n: t for n, t in cfg.targets.items() if n != "pf-c"}})
+    uncovered = [w for w in discover.cross_check(without_c) if "by SNI for c.example.test" in w]
+    assert len(uncovered) == 1 and "no target covers" in uncovered[0], warnings
+
+
+def test_a_texthash_table_needs_only_its_files_swapped(tmp_path: Path, pki: PKI) -> None:
+    """texthash: smtpd reads the files its entries name when it opens the table: no
+    compiled file, nothing of the deploy's beside the source."""
+    h = SniHost(tmp_path, pki, "texthash")
+    try:
+        source = h.source.read_bytes()
+        new = pki.leaf("a.example.test")
+        res = h.deploy("pf-a", new)
+        assert res.outcome == "deployed", res  # type: ignore[attr-defined]
+        assert h.smtp("a.example.test") == h.smtps("a.example.test") == new.fingerprint
+        assert h.smtp("c.example.test") == h.current["c"].fingerprint
+        assert h.smtp(None) == h.current["default"].fingerprint
+        assert h.source.read_bytes() == source and sorted(p.name for p in h.source.parent.iterdir()) == ["sni"]
+        rec = Journal(str(h.root / "state")).load("pf-a", res.deploy_id)  # type: ignore[attr-defined]
+        assert rec is not None and [e.role for e in rec.files] == ["key", "cert"]  # no table among its files
+    finally:
+        h.stop()
