@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from typing import Any, NoReturn
 
 import click
 
@@ -14,34 +16,36 @@ from .deploy import deploy_local
 @click.command("certbot-hook")
 @config_option
 @click.option("--distributed", is_flag=True, help="deploy through the pipeline (a rollout) instead of on this host")
+@click.option("--spool", is_flag=True,
+              help="as --deploy-hook: note the renewed lineage; --deploy-spool then deploys every one noted")
+@click.option("--deploy-spool", is_flag=True,
+              help="as --post-hook: deploy every lineage --spool noted since, as one batch (one check and one "
+                   "reload per daemon)")
 @click.option("--waves", default="1,100%", show_default=True, help="with --distributed")
 @broker_option
 @click.option("--pipeline", "pipeline_path", metavar="FILE", envvar="MAILTLS_PIPELINE", help="pipeline keys")
-def certbot_hook(config_path: str | None, distributed: bool, waves: str, broker: str | None,
-                 pipeline_path: str | None) -> None:
+def certbot_hook(config_path: str | None, distributed: bool, spool: bool, deploy_spool: bool, waves: str,
+                 broker: str | None, pipeline_path: str | None) -> None:
     """certbot's --deploy-hook: deploy the renewed lineage to every target whose names it covers.
 
     Reads RENEWED_LINEAGE (the live/ directory: fullchain.pem, privkey.pem) and
     RENEWED_DOMAINS. One line per target; exit by the worst outcome (certbot ignores
-    a hook's exit code: watch the log, `mailtls history`, or the audit)."""
+    a hook's exit code: watch the log, `mailtls history`, or the audit).
+
+    Many lineages renewed in one certbot run: `--deploy-hook "mailtls certbot-hook
+    --spool" --post-hook "mailtls certbot-hook --deploy-spool"` deploys them all as one
+    batch (the spool under state_dir holds lineage paths and names, never a key)."""
     import os
 
-    from ..core.material import leaf_of_file
-    from ..core.names import name_covered, uncovered
-
+    if deploy_spool:
+        _deploy_spool(config_path)
     lineage = os.environ.get("RENEWED_LINEAGE")
     if not lineage:
         fail("RENEWED_LINEAGE is not set: run me as certbot's --deploy-hook", 1)
     domains = (os.environ.get("RENEWED_DOMAINS") or "").split()
-    try:
-        cert = read_input(os.path.join(lineage, "fullchain.pem"), "cert")
-        key = read_input(os.path.join(lineage, "privkey.pem"), "key")
-    except MailTLSError as err:
-        fail(str(err), 2)
-    assert cert is not None and key is not None
-    leaf = leaf_of_file(cert)
-    if leaf is None:
-        fail(f"{lineage}/fullchain.pem holds no certificate", 2)
+    if spool:
+        _spool(config_path, lineage, domains)
+    cert, key, leaf = _read_lineage(lineage)
     if distributed:
         from ..distributed.rollout import rollout as run_rollout
 
@@ -58,9 +62,7 @@ def certbot_hook(config_path: str | None, distributed: bool, waves: str, broker:
         cfg = load_config(config_path)
     except MailTLSError as err:
         fail(str(err), err.exit_code)
-    wanted = [d.lower().rstrip(".") for d in domains]  # a wildcard lineage covers one label under it
-    chosen = [t for t in cfg.targets.values() if t.names and not uncovered(t.names, leaf)
-              and (not wanted or any(name_covered(n, wanted) for n in t.names)) and t.alt is None]
+    chosen = _targets_for(cfg, leaf, domains)
     if not chosen:
         fail(f"no target on host {cfg.host} serves names this certificate covers ({', '.join(domains) or '?'}); "
               "set `names` on the targets it is for", 1)
@@ -72,7 +74,116 @@ def certbot_hook(config_path: str | None, distributed: bool, waves: str, broker:
             click.echo(f"mailtls: {cfg.host}/{t.name}: error: {err}")
             worst = max(worst, err.exit_code)
             continue
-        click.echo(f"mailtls: {res.target}: {res.outcome}" + (f" ({res.reason})" if res.reason else "")
-                   + f" deploy {res.deploy_id}" + (f": {res.error}" if res.error else ""))
+        _say(res)
         worst = max(worst, res.exit_code)
+    sys.exit(worst)
+
+
+def _say(res: Any) -> None:
+    click.echo(f"mailtls: {res.target}: {res.outcome}" + (f" ({res.reason})" if res.reason else "")
+               + f" deploy {res.deploy_id}" + (f": {res.error}" if res.error else ""))
+
+
+def _read_lineage(lineage: str) -> tuple[bytes, bytes, Any]:
+    import os
+
+    from ..core.material import leaf_of_file
+
+    try:
+        cert = read_input(os.path.join(lineage, "fullchain.pem"), "cert")
+        key = read_input(os.path.join(lineage, "privkey.pem"), "key")
+    except MailTLSError as err:
+        fail(str(err), 2)
+    assert cert is not None and key is not None
+    leaf = leaf_of_file(cert)
+    if leaf is None:
+        fail(f"{lineage}/fullchain.pem holds no certificate", 2)
+    return cert, key, leaf
+
+
+def _targets_for(cfg: Any, leaf: Any, domains: list[str]) -> list[Any]:
+    """The targets a lineage is for: names it all covers, one of them renewed now."""
+    from ..core.names import name_covered, uncovered
+
+    wanted = [d.lower().rstrip(".") for d in domains]  # a wildcard lineage covers one label under it
+    return [t for t in cfg.targets.values() if t.names and not uncovered(t.names, leaf)
+            and (not wanted or any(name_covered(n, wanted) for n in t.names)) and t.alt is None]
+
+
+def _spool_dir(cfg: Any) -> str:
+    import os
+
+    return os.path.join(cfg.state_dir, "certbot-spool")
+
+
+def _spool(config_path: str | None, lineage: str, domains: list[str]) -> NoReturn:
+    """Note one renewed lineage (its path and names: certbot runs the deploy hook once
+    per lineage) for the post-hook; its files are read then, from live/."""
+    import json
+    import os
+
+    from ..core import files
+
+    try:
+        cfg = load_config(config_path)
+        d = _spool_dir(cfg)
+        files.private_dirs(cfg.state_dir, d)
+        name = os.path.basename(os.path.normpath(lineage)) or "lineage"
+        files.atomic_write(os.path.join(d, f"{name}.json"),
+                           json.dumps({"lineage": lineage, "domains": domains}).encode(), 0o600)
+    except (MailTLSError, OSError) as err:
+        fail(f"cannot spool {lineage}: {err}", 1)
+    click.echo(f"mailtls: spooled {lineage} for the post-hook (`certbot-hook --deploy-spool`)")
+    sys.exit(0)
+
+
+def _deploy_spool(config_path: str | None) -> NoReturn:
+    """Every spooled lineage to the targets it is for, as one batch; a target two
+    lineages are for takes the newer certificate. The spool is emptied of what was
+    read, whatever the outcome (a rejected member would be rejected again)."""
+    import json
+    import os
+
+    from ..core.batch import Member, run_batch
+
+    try:
+        cfg = load_config(config_path)
+    except MailTLSError as err:
+        fail(str(err), err.exit_code)
+    d = _spool_dir(cfg)
+    entries = sorted(n for n in os.listdir(d) if n.endswith(".json")) if os.path.isdir(d) else []
+    if not entries:
+        click.echo("mailtls: nothing spooled: no lineage was renewed")
+        sys.exit(0)
+    chosen: dict[str, tuple[Any, bytes, bytes, str]] = {}
+    for name in entries:
+        try:
+            with open(os.path.join(d, name)) as f:
+                noted = json.load(f)
+            lineage, domains = str(noted["lineage"]), [str(x) for x in noted.get("domains", [])]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            click.echo(f"mailtls: spool entry {name} is unreadable ({err}): skipped")
+            continue
+        cert, key, leaf = _read_lineage(lineage)
+        for t in _targets_for(cfg, leaf, domains):
+            held = chosen.get(t.name)
+            if held is None or held[0].not_valid_before_utc < leaf.not_valid_before_utc:
+                if held is not None:
+                    click.echo(f"mailtls: {t.name}: {lineage} is newer than {held[3]}: deploying it")
+                chosen[t.name] = (leaf, cert, key, lineage)
+    worst = 0
+    if chosen:
+        try:
+            results = run_batch(cfg, [Member(n, cert, key) for n, (_, cert, key, _) in sorted(chosen.items())])
+        except MailTLSError as err:
+            fail(str(err), err.exit_code)  # nothing touched (a target busy past the wait): the spool is kept
+        for res in results:
+            _say(res)
+            worst = max(worst, res.exit_code)
+    else:
+        click.echo("mailtls: no target serves names the spooled certificates cover; set `names` on the targets")
+        worst = 1
+    for name in entries:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(d, name))
     sys.exit(worst)

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
 from ..errors import MailTLSError, Rejected, UnknownTarget
-from .common import broker_option, config_option, coordinator, emit, exit_fast, fail, read_input, split_csv
+from .common import broker_option, config_option, coordinator, emit, exit_fast, fail, load_config, read_input, split_csv
 
 if TYPE_CHECKING:
     from ..commands import Running
@@ -20,11 +20,14 @@ if TYPE_CHECKING:
 
 
 @click.command()
-@click.argument("target")
-@click.option("--cert", "cert_files", required=True, multiple=True, metavar="FILE",
+@click.argument("target", required=False)
+@click.option("--cert", "cert_files", multiple=True, metavar="FILE",
               help="leaf certificate (or full chain), PEM; twice for a dual RSA + ECDSA target")
-@click.option("--key", "key_files", required=True, multiple=True, metavar="FILE",
+@click.option("--key", "key_files", multiple=True, metavar="FILE",
               help="private key, PEM, unencrypted; one per --cert, in the same order")
+@click.option("--batch", "batch_path", metavar="DIR|FILE",
+              help="many certificates as one deploy (with --local): a directory with a subdirectory per target "
+                   "in certbot's live/ layout, or a TOML manifest of [[deploy]] target, cert, key, chain")
 @click.option("--chain", "chain_files", multiple=True, metavar="FILE",
               help="intermediate certificates, PEM, leaf's issuer first; none, or one per --cert")
 @config_option
@@ -39,16 +42,28 @@ if TYPE_CHECKING:
               help="distributed: how long to wait for the outcome (default 600); --local: how long to wait "
                    "for another deploy that owns the target's files (default 300)")
 @click.option("--no-wait", is_flag=True, help="enqueue, print the deploy id and exit (distributed mode)")
-def deploy(target: str, cert_files: tuple[str, ...], key_files: tuple[str, ...], chain_files: tuple[str, ...],
+def deploy(target: str | None, cert_files: tuple[str, ...], key_files: tuple[str, ...],
+           batch_path: str | None, chain_files: tuple[str, ...],
            config_path: str | None, local: bool, force: bool, as_json: bool, deploy_id: str | None,
            broker: str | None, pipeline_path: str | None, wait_s: float, no_wait: bool) -> None:
-    """Deploy a certificate, key and chain to TARGET.
+    """Deploy a certificate, key and chain to TARGET (or --batch: many, as one deploy).
 
     With --local, in-process on this host; otherwise enqueued to the target's worker
     through Redis, waiting for the outcome. Exit: 0 deployed/unchanged, 2 rejected,
-    3 rolled back, 4 failed (operator needed), 1 usage/infrastructure error.
+    3 rolled back, 4 failed (operator needed), 1 usage/infrastructure error; a batch
+    exits by its worst member.
     """
     exit_fast()
+    if batch_path is not None:
+        if target is not None or cert_files or key_files or chain_files:
+            raise click.UsageError("--batch names its targets and files itself: give no TARGET, --cert, --key or "
+                                   "--chain with it")
+        if not local:
+            raise click.UsageError("--batch runs with --local, on the mail host (a batch through the workers is "
+                                   "not built yet)")
+        deploy_batch(config_path, batch_path, force, deploy_id, 300.0 if wait_s is None else wait_s, as_json)
+    if target is None or not cert_files or not key_files:
+        raise click.UsageError("give TARGET, --cert and --key (or --batch)")
     try:
         (cert, key, chain), *also = _read_bundles(cert_files, key_files, chain_files)
         if local:
@@ -74,6 +89,80 @@ def deploy(target: str, cert_files: tuple[str, ...], key_files: tuple[str, ...],
     except MailTLSError as err:
         fail(str(err), err.exit_code, as_json, target=target)
     emit(result, as_json)
+
+
+def read_batch(path: str) -> list[Any]:
+    """The members of ``--batch``: a directory with one subdirectory per target, named
+    after it, in certbot's live/ layout (``privkey.pem``; ``fullchain.pem``, or
+    ``cert.pem`` with ``chain.pem`` if there is one), or a TOML manifest of
+    ``[[deploy]]`` tables (``target``, ``cert``, ``key``, optional ``chain``; relative
+    paths from the manifest's directory). Rejected naming the entry that is wrong."""
+    import os
+    import tomllib
+
+    from ..core.batch import Member
+
+    def files_of(where: str, cert: str, key: str, chain: str | None) -> tuple[bytes, bytes, bytes | None]:
+        data = read_input(cert, f"{where}: cert"), read_input(key, f"{where}: key")
+        assert data[0] is not None and data[1] is not None
+        return data[0], data[1], read_input(chain, f"{where}: chain")
+
+    out = []
+    if os.path.isdir(path):
+        for name in sorted(os.listdir(path)):
+            d = os.path.join(path, name)
+            if not os.path.isdir(d) or name.startswith("."):
+                continue
+            full, cert, chain = (os.path.join(d, f) for f in ("fullchain.pem", "cert.pem", "chain.pem"))
+            if os.path.exists(full):
+                out.append(Member(name, *files_of(name, full, os.path.join(d, "privkey.pem"), None)))
+            else:
+                out.append(Member(name, *files_of(name, cert, os.path.join(d, "privkey.pem"),
+                                                  chain if os.path.exists(chain) else None)))
+        if not out:
+            raise Rejected(f"--batch {path}: no subdirectory (one per target, named after it)")
+        return out
+    try:
+        with open(path, "rb") as f:
+            manifest = tomllib.load(f)
+    except OSError as err:
+        raise Rejected(f"--batch {path}: cannot read it: {err.strerror or err}") from None
+    except tomllib.TOMLDecodeError as err:
+        raise Rejected(f"--batch {path}: not TOML: {err}") from None
+    entries = manifest.get("deploy")
+    if not isinstance(entries, list) or not entries or set(manifest) != {"deploy"}:
+        raise Rejected(f"--batch {path}: expected [[deploy]] tables (target, cert, key, chain) and nothing else")
+    base = os.path.dirname(os.path.abspath(path))
+    for i, e in enumerate(entries, 1):
+        where = f"--batch {path}: [[deploy]] {i}"
+        if not isinstance(e, dict) or not {"target", "cert", "key"} <= set(e) or set(e) - {"target", "cert", "key",
+                                                                                            "chain"}:
+            raise Rejected(f"{where}: needs target, cert and key (and chain, optional), nothing else")
+        if not all(isinstance(v, str) for v in e.values()):
+            raise Rejected(f"{where}: target, cert, key and chain are strings")
+        paths = {k: os.path.join(base, v) for k, v in e.items() if k != "target"}
+        out.append(Member(e["target"], *files_of(e["target"], paths["cert"], paths["key"], paths.get("chain"))))
+    return out
+
+
+def deploy_batch(config_path: str | None, batch_path: str, force: bool, deploy_id: str | None, wait_s: float,
+                 as_json: bool) -> NoReturn:
+    """Run a batch in-process; a line (or a JSON object) per member; exit by the worst."""
+    from ..core.batch import run_batch
+
+    try:
+        members = read_batch(batch_path)
+        results = run_batch(load_config(config_path), members, deploy_id=deploy_id, force=force,
+                            lock_timeout=wait_s)
+    except Rejected as err:
+        fail(str(err), 2, as_json, outcome="rejected")
+    except MailTLSError as err:
+        fail(str(err), err.exit_code, as_json)
+    if as_json:
+        click.echo(json.dumps([r.as_json() for r in results]))
+    else:
+        click.echo("\n".join(r.human() for r in results))
+    sys.exit(max(r.exit_code for r in results))
 
 
 def _read_bundles(certs: tuple[str, ...], keys: tuple[str, ...],

@@ -14,6 +14,7 @@ disk is what the daemon reads. Layout under ``state_dir`` (directories 0700, fil
     owners/.layout        written once the entries of a previous release's journal
                           (``files/<K>.owner``) have been moved here
     outbox/<target>~<deploy_id>   a distributed deploy ended here; Redis may not know yet
+    batches/<deploy_id>.json      how each member of a batch ends, once the run decided it
 
 K is the SHA-256 of the file's real path (symlinks resolved): two targets reaching
 one file through different links share its lock and its owner. See docs/protocol.md
@@ -54,6 +55,7 @@ STEP_NAMES = ("stage", "validate", "commit", "reload", "verify", "rollback")
 _OUTBOX_SEP = "~"
 LAYOUT_MARKER = ".layout"
 _FILE_KEY_RE = re.compile(r"^[0-9a-f]{32}$")
+_UPGRADING = threading.Lock()
 
 
 def now_iso() -> str:
@@ -117,6 +119,9 @@ class FileEntry(BaseModel):
     # from): removed with the temp.
     scratch: list[str] = Field(default_factory=list)
     new_sha256: str
+    # Earlier new bytes of this file in the same deploy: an SNI table built again
+    # when one name of a batch was rolled back alone. Live, they are this deploy's too.
+    also_new: list[str] = Field(default_factory=list)
     new_mode: int
     new_uid: int | None = None
     new_gid: int | None = None
@@ -169,6 +174,10 @@ class DeployRecord(BaseModel):
     default_served: dict[str, str] = Field(default_factory=dict)
     steps: dict[str, StepRecord] = Field(default_factory=dict)
     fence: int | None = None
+    # A member of a batch (one deploy id, one run, one reload per daemon): every
+    # member's target, itself included. Recovery ends a batch's members together
+    # (``batches/<deploy_id>.json``: the decision, once the run has made it).
+    batch: list[str] = Field(default_factory=list)
 
     @property
     def finished(self) -> bool:
@@ -453,6 +462,10 @@ class Journal:
         this one on the same state directory (a package upgrade restarts its units)."""
         if self._owners_ready:
             return
+        with _UPGRADING:  # two threads of one process would write the marker through one temp name
+            self._upgrade_owners_locked()
+
+    def _upgrade_owners_locked(self) -> None:
         marker = os.path.join(self._owners_dir(), LAYOUT_MARKER)
         if os.path.exists(marker):
             self._owners_ready = True
@@ -512,6 +525,30 @@ class Journal:
                 if owner is not None:
                     out.append(owner)
         return out
+
+    # -- batches: the decision that ends them --------------------------------
+    def _decision_path(self, deploy_id: str) -> str:
+        return os.path.join(self.root, "batches", check_deploy_id(deploy_id) + ".json")
+
+    def write_decision(self, deploy_id: str, outcomes: dict[str, str]) -> None:
+        """How each member of a batch ends, written once, atomically, before any member
+        is finished: a crash while finishing them leaves recovery the same decision."""
+        path = self._decision_path(deploy_id)
+        self._ensure_dir(os.path.dirname(path))
+        with _io("write", path):
+            files.atomic_write(path, json.dumps(outcomes, sort_keys=True).encode(), 0o600)
+
+    def decision(self, deploy_id: str) -> dict[str, str] | None:
+        path = self._decision_path(deploy_id)
+        with _io("read", path):
+            data = files.read_bytes(path)
+        if data is None:
+            return None
+        try:
+            out = json.loads(data)
+        except ValueError:
+            raise JournalError(f"journal: {path} is corrupt (not a batch decision)") from None
+        return {str(k): str(v) for k, v in out.items()}
 
     # -- outbox: endings Redis may not have heard of ----------------------------
     def _outbox_dir(self) -> str:

@@ -69,7 +69,7 @@ def _retrying(step: Callable[[StepContext, str], DeployRecord], ctx: StepContext
 
 
 @contextlib.contextmanager
-def _signals_as_exceptions() -> Iterator[None]:
+def signals_as_exceptions() -> Iterator[None]:
     """SIGTERM and SIGHUP raise Terminated (SIGINT already raises KeyboardInterrupt), so
     the run can compensate before exiting: a closed SSH session must not end a deploy
     half-way either. Only possible in the main thread."""
@@ -89,7 +89,7 @@ def _signals_as_exceptions() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _shielded() -> Iterator[None]:
+def shielded() -> Iterator[None]:
     """While compensating, a second SIGTERM, SIGHUP or Ctrl-C must not abort the rollback
     half-way (SIGKILL still can: recovery finishes it)."""
     if threading.current_thread() is not threading.main_thread():
@@ -132,7 +132,7 @@ def _run(cfg: HostConfig, target: str, cert_pem: bytes, key_pem: bytes, chain_pe
     contexts = contexts_for(cfg, journal)
     ctx = replace(contexts[t.name], early_validate=early_validate)
     certs = [cert_pem, *(c for c, _, _ in also or [])]
-    _check_id_reuse(ctx.journal, t.name, deploy_id, certs)  # before waiting for locks it would not need
+    check_id_reuse(ctx.journal, t.name, deploy_id, certs)  # before waiting for locks it would not need
     recover(contexts, ctx.journal)
 
     def take_over(owner: Owner) -> None:
@@ -141,9 +141,9 @@ def _run(cfg: HostConfig, target: str, cert_pem: bytes, key_pem: bytes, chain_pe
     def waiting(why: str) -> None:
         log.warning("waiting up to %gs: %s", lock_timeout, why)
 
-    with _signals_as_exceptions(), holding(ctx.journal, target_reals(t), deploy_id, timeout=lock_timeout,
+    with signals_as_exceptions(), holding(ctx.journal, target_reals(t), deploy_id, timeout=lock_timeout,
                                            recover=take_over, on_wait=waiting, target=t.name):
-        _check_id_reuse(ctx.journal, t.name, deploy_id, certs)  # again: a worker may have staged it meanwhile
+        check_id_reuse(ctx.journal, t.name, deploy_id, certs)  # again: a worker may have staged it meanwhile
         try:
             rec = stage(ctx, deploy_id, cert_pem, key_pem, chain_pem, force=force, also=also)
             for step in (validate, commit, reload, verify):
@@ -165,7 +165,7 @@ def _run(cfg: HostConfig, target: str, cert_pem: bytes, key_pem: bytes, chain_pe
     return DeployResult.from_record(rec)
 
 
-def _check_id_reuse(journal: Journal, target: str, deploy_id: str, certs: list[bytes]) -> None:
+def check_id_reuse(journal: Journal, target: str, deploy_id: str, certs: list[bytes]) -> None:
     """An id names one deploy of one bundle. Run again with the same certificates, it
     converges (its recorded result; after a crash, recovery's ending). Other
     certificates under that id, or a distributed deploy's id, are refused before
@@ -195,7 +195,7 @@ def _compensate(ctx: StepContext, deploy_id: str, error: str, reason: str | None
     """Roll back, shielded from a second SIGTERM or Ctrl-C. If even that fails (a full
     disk), hand the deploy over to recovery: without a runner it is dead at once, so
     a long-lived caller of run_local does not keep its files owned."""
-    with _shielded():
+    with shielded():
         try:
             return rollback(ctx, deploy_id, error=error, reason=reason)
         except BaseException:

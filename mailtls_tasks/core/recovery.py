@@ -15,6 +15,7 @@ from ..errors import JournalError, TargetBusy
 from .journal import DeployRecord, Journal, Owner
 from .ownership import is_dead
 from .steps.context import StepContext, target_reals
+from .steps.phases import finish
 from .steps.rollback import rollback
 from .steps.stage import tombstone
 from .steps.verify import finish_forward
@@ -31,6 +32,8 @@ def recover_deploy(contexts: Mapping[str, StepContext], journal: Journal, target
     rec = journal.load(target, deploy_id)
     if rec is None:
         return None
+    if rec.batch and not rec.finished:
+        return _recover_batch(contexts, journal, rec, force=force, boot=boot)
     ctx = contexts.get(target)
     try:
         with journal.lock_files(rec.reals, timeout=0.0):
@@ -53,6 +56,45 @@ def recover_deploy(contexts: Mapping[str, StepContext], journal: Journal, target
                 done = rollback(ctx, deploy_id, error=INTERRUPTED, reason="interrupted", boot=boot)
             log.warning("recovered deploy %s of %s: %s (%s)", deploy_id, target, done.outcome, done.reason)
             return done
+    except TargetBusy:
+        return None  # one of its steps is running: alive by definition
+
+
+def _recover_batch(contexts: Mapping[str, StepContext], journal: Journal, rec: DeployRecord, *, force: bool,
+                   boot: bool) -> DeployRecord | None:
+    """A member of a batch ends with the batch: as the batch's decision says when it
+    wrote one (a crash while finishing its members), else every unfinished member
+    back, those carrying an SNI table first (never rolled forward one by one: a
+    member's names are served from a table the others' files went into too)."""
+    deploy_id = rec.deploy_id
+    members = {n: journal.load(n, deploy_id) for n in rec.batch}
+    reals = sorted({r for m in members.values() if m is not None for r in m.reals})
+    try:
+        with journal.lock_files(reals, timeout=0.0):
+            members = {n: journal.load(n, deploy_id) for n in rec.batch}
+            pending = {n: m for n, m in members.items() if m is not None and not m.finished}
+            if rec.target not in pending:
+                return None
+            if not (force or all(is_dead(journal, m) for m in pending.values())):
+                return None
+            missing = [n for n in pending if n not in contexts]
+            if missing:
+                log.error("batch %s is unfinished but target(s) %s are no longer configured: left for an operator",
+                          deploy_id, ", ".join(missing))
+                return None
+            decision = journal.decision(deploy_id)
+            order = sorted(pending, key=lambda n: (not any(e.role == "sni_map" for e in pending[n].files), n))
+            for n in order:
+                ctx, m = contexts[n], pending[n]
+                outcome = (decision or {}).get(n)
+                if outcome == "deployed":
+                    finish(ctx, m, "deployed", reason="recovered")
+                elif outcome == "rolled_back":  # rolled back alone before the decision was written
+                    finish(ctx, m, "rolled_back", m.error)
+                else:
+                    rollback(ctx, deploy_id, error=INTERRUPTED, reason="interrupted", boot=boot)
+                log.warning("recovered batch %s member %s: %s", deploy_id, n, outcome or "rolled back")
+            return journal.load(rec.target, deploy_id)
     except TargetBusy:
         return None  # one of its steps is running: alive by definition
 

@@ -89,6 +89,12 @@ def plan(t: Target) -> MapPlan | None:
     return MapPlan(table, tuple(entries), frozenset(ours), t.instance or t.daemon.default_instance)
 
 
+def keys_of(t: Target, p: MapPlan) -> set[str]:
+    """The keys of the table ``p`` whose files are ``t``'s (another target of the same table)."""
+    reals = {files.real_path(path) for _, path in t.files()}
+    return {e.key for e in p.entries if any(files.real_path(f) in reals for f in e.files)}
+
+
 def holds_live(p: MapPlan) -> bool:
     """The live table holds, for each of the target's entries, the bytes of its files
     as they are now (a table never built, or built before they changed, does not)."""

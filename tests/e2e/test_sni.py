@@ -92,6 +92,9 @@ class SniHost:
         bin_dir = root / "bin"
         bin_dir.mkdir()
         self.pf_reload = Wrapper(bin_dir, "postfix-reload", self.postfix.command("reload"))
+        self.pf_check = Wrapper(bin_dir, "postfix-check", self.postfix.command("check"))
+        self.dv_reload = Wrapper(bin_dir, "dovecot-reload", self.dovecot.reload_command())
+        self.dv_check = Wrapper(bin_dir, "dovecot-check", self.dovecot.validate_command())
         self.config = root / "targets.toml"
         self.config.write_text(self._targets())
         self.postfix.start()
@@ -130,7 +133,7 @@ key_path = "{certs / name / 'key.pem'}"
 names = {names!r}
 sni = {{ map = "{self.spec}"{default} }}
 reload_command = "{self.pf_reload.path}"
-validate_command = "{pf.command('check')}"
+validate_command = "{self.pf_check.path}"
 trust_anchors = "{self.root / 'ca.pem'}"
 {verify_pf}
 """.replace("'", '"'))
@@ -143,8 +146,8 @@ cert_path = "{certs / f'dv-{n}' / 'cert.pem'}"
 key_path = "{certs / f'dv-{n}' / 'key.pem'}"
 names = ["{n}"]
 sni = {{}}
-reload_command = "{dv.reload_command()}"
-validate_command = "{dv.validate_command()}"
+reload_command = "{self.dv_reload.path}"
+validate_command = "{self.dv_check.path}"
 trust_anchors = "{self.root / 'ca.pem'}"
 {verify_dv}
 """)

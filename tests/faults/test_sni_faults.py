@@ -8,9 +8,10 @@ one for the name deployed and the very bytes it held before for every other name
 the target's files are that same pair; Postfix serves, by SNI, the leaf the table
 holds; the deploy has ended, and nothing of ours is left beside the files or the table.
 
-``make test`` kills at every rename and fsync that touches the target's files or the
+``make test`` kills at every rename and fsync that touches the targets' files or the
 table (the staged files, the temp source, the built table, the renames, the fsyncs
-of their directories) and one either side of each: where a crash could leave a name
+of their directories) or writes a batch's decision, and one before the first and
+after the last: where a crash could leave a name
 with a half-built table or one file of its pair. ``MAILTLS_FAULTS=full`` kills at
 every N of the whole deploy.
 """
@@ -57,6 +58,13 @@ class SniFaultHost:
         self.old, self.new = self.leaves["a"], pki.leaf(NAMES["a"])
         (root / "new-cert.pem").write_bytes(self.new.fullchain_pem)
         (root / "new-key.pem").write_bytes(self.new.key_pem)
+        # a batch of a and c, in certbot's live/ layout
+        self.news = {"a": self.new, "c": pki.leaf(NAMES["c"])}
+        self.batch = root / "batch"
+        for short, leaf in self.news.items():
+            (self.batch / f"pf-{short}").mkdir(parents=True)
+            (self.batch / f"pf-{short}" / "fullchain.pem").write_bytes(leaf.fullchain_pem)
+            (self.batch / f"pf-{short}" / "privkey.pem").write_bytes(leaf.key_pem)
         default = pki.leaf("mx.example.test")
         (certs / "default.pem").write_bytes(default.key_pem + default.fullchain_pem)
         os.chmod(certs / "default.pem", 0o600)
@@ -74,13 +82,15 @@ class SniFaultHost:
         self.saved = {p: p.read_bytes() for p in [self.compiled, *certs.rglob("*.pem")]}
         self.state = root / "state"
         self.config = root / "targets.json"
-        self.config.write_text(json.dumps({"host": "sni-faults", "state_dir": str(self.state), "targets": {"pf-a": {
-            "mode": "postfix", "instance": str(self.postfix.dir),
-            "cert_path": str(certs / "a" / "fullchain.pem"), "key_path": str(certs / "a" / "key.pem"),
-            "names": [NAMES["a"]], "sni": {"map": self.spec},
-            "reload_command": self.postfix.command("reload"), "validate_command": "", "command_timeout": 20,
-            "post_deploy_verify": {"enabled": True, "endpoint": f"127.0.0.1:{self.postfix.smtps_port}",
-                                   "protocol": "smtps", "timeout": 3.0, "interval": 0.1}}}}))
+        self.config.write_text(json.dumps({"host": "sni-faults", "state_dir": str(self.state), "targets": {
+            f"pf-{short}": {
+                "mode": "postfix", "instance": str(self.postfix.dir),
+                "cert_path": str(certs / short / "fullchain.pem"), "key_path": str(certs / short / "key.pem"),
+                "names": [NAMES[short]], "sni": {"map": self.spec},
+                "reload_command": self.postfix.command("reload"), "validate_command": "", "command_timeout": 20,
+                "post_deploy_verify": {"enabled": True, "endpoint": f"127.0.0.1:{self.postfix.smtps_port}",
+                                       "protocol": "smtps", "timeout": 3.0, "interval": 0.1}}
+            for short in ("a", "c")}}))
         self.postfix.start()
 
     def cli(self, *args: str, prefix: list[str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -88,7 +98,9 @@ class SniFaultHost:
         return subprocess.run([*(prefix or []), sys.executable, "-m", "mailtls_tasks.cli", *args],
                               capture_output=True, text=True, env=env, cwd=self.root, timeout=120)
 
-    def deploy_args(self, deploy_id: str) -> list[str]:
+    def deploy_args(self, deploy_id: str, scenario: str = "single") -> list[str]:
+        if scenario == "batch":
+            return ["deploy", "--local", "--batch", str(self.batch), "--deploy-id", deploy_id, "--json"]
         return ["deploy", "pf-a", "--local", "--cert", str(self.root / "new-cert.pem"), "--key",
                 str(self.root / "new-key.pem"), "--deploy-id", deploy_id, "--json"]
 
@@ -105,42 +117,48 @@ class SniFaultHost:
     def table(self) -> dict[str, bytes]:
         return dump(parse_map(self.spec), str(self.source), str(self.postfix.dir), 30)
 
-    def check(self, deploy_id: str) -> tuple[str | None, str]:
-        """The invariant, for every name of the table; returns (outcome, old/new)."""
+    def check(self, deploy_id: str, scenario: str = "single") -> tuple[str | None, str]:
+        """The invariant, for every name of the table; returns (outcomes, old/new)."""
+        deployed = ["a", "c"] if scenario == "batch" else ["a"]
         table = self.table()
-        old_table = {}
+        in_table = {}
         for short, name in NAMES.items():
             value = table.get(name)
             assert value is not None, f"{name}: no entry in the table"
             groups = key_chains(value)
             assert len(groups) == 1 and key_matches_cert(groups[0], groups[0]), f"{name}: a mismatched pair"
-            old_table[short] = fingerprint(leaf_of_file(groups[0]))  # type: ignore[arg-type]
-        for short in ("b", "c"):
-            assert old_table[short] == self.leaves[short].fingerprint, f"{NAMES[short]} changed"
-        served_a = old_table["a"]
-        live = {self.old.fingerprint: "old", self.new.fingerprint: "new"}.get(served_a)
-        assert live, "a.example.test: the table holds neither the old pair nor the new one"
-        cert = (self.root / "certs" / "a" / "fullchain.pem").read_bytes()
-        key = (self.root / "certs" / "a" / "key.pem").read_bytes()
-        assert key_matches_cert(key, cert), "the live key does not match the live cert"
-        assert fingerprint(leaf_of_file(cert)) == served_a, "the files and the table hold different pairs"  # type: ignore[arg-type]
-        rec = Journal(str(self.state)).load("pf-a", deploy_id)
-        outcome = None
-        if rec is not None:
-            assert rec.finished, f"unfinished after recovery: {rec.phase}"
-            outcome = rec.outcome
-            expected = {"deployed": "new", "rolled_back": "old", "rejected": "old"}.get(outcome or "")
-            assert expected in (None, live), f"outcome {outcome} but the {live} pair is live"
-        else:
-            assert live == "old", "the new pair is live and the journal knows no deploy"
-        assert not Journal(str(self.state)).owners(), "files still owned after recovery"
-        strays = [p.name for d in (self.tables, self.root / "certs" / "a") for p in d.iterdir()
+            in_table[short] = fingerprint(leaf_of_file(groups[0]))  # type: ignore[arg-type]
+        for short in set(NAMES) - set(deployed):
+            assert in_table[short] == self.leaves[short].fingerprint, f"{NAMES[short]} changed"
+        j = Journal(str(self.state))
+        lives, outcomes = set(), set()
+        for short in deployed:
+            old, new = self.leaves[short], self.news[short] if short in self.news else self.new
+            live = {old.fingerprint: "old", new.fingerprint: "new"}.get(in_table[short])
+            assert live, f"{NAMES[short]}: the table holds neither the old pair nor the new one"
+            cert = (self.root / "certs" / short / "fullchain.pem").read_bytes()
+            key = (self.root / "certs" / short / "key.pem").read_bytes()
+            assert key_matches_cert(key, cert), f"{short}: the live key does not match the live cert"
+            assert fingerprint(leaf_of_file(cert)) == in_table[short], \
+                f"{short}: the files and the table hold different pairs"  # type: ignore[arg-type]
+            rec = j.load(f"pf-{short}", deploy_id)
+            if rec is not None:
+                assert rec.finished, f"pf-{short} unfinished after recovery: {rec.phase}"
+                expected = {"deployed": "new", "rolled_back": "old", "rejected": "old"}.get(rec.outcome or "")
+                assert expected in (None, live), f"pf-{short}: outcome {rec.outcome} but the {live} pair is live"
+                outcomes.add(rec.outcome)
+            else:
+                assert live == "old", f"pf-{short}: the new pair is live and the journal knows no deploy"
+            lives.add(live)
+        assert len(lives) == 1, f"the batch ended half new, half old: {lives}"  # no decision, no member new
+        assert not j.owners(), "files still owned after recovery"
+        strays = [p.name for d in (self.tables, *(self.root / "certs" / s for s in deployed)) for p in d.iterdir()
                   if ".mailtls-" in p.name]
         assert not strays, f"left beside the files: {strays}"
         for short, name in NAMES.items():
             served = probe.probe("127.0.0.1", self.postfix.smtps_port, "smtps", server_name=name, timeout=5)
-            assert served.fingerprint == old_table[short], f"{name}: Postfix serves another leaf than its entry"
-        return outcome, live
+            assert served.fingerprint == in_table[short], f"{name}: Postfix serves another leaf than its entry"
+        return ",".join(sorted(o or "-" for o in outcomes)) or None, lives.pop()
 
     def close(self) -> None:
         self.postfix.stop()
@@ -151,12 +169,12 @@ def strace(syscall: str, n: int) -> list[str]:
             "-e", f"inject={syscall}:signal=KILL:when={n}"]
 
 
-def calls(h: SniFaultHost, syscall: str) -> list[str]:
+def calls(h: SniFaultHost, syscall: str, scenario: str) -> list[str]:
     """Each ``syscall`` a fault-free deploy makes, in order (all its processes)."""
     out = h.root / f"trace-{syscall}.txt"
     h.reset()
-    res = h.cli(*h.deploy_args("count"), prefix=[require("strace"), "-f", "-qq", "-y", "-o", str(out), "-e",
-                                                 f"trace={syscall}"])
+    res = h.cli(*h.deploy_args("count", scenario), prefix=[require("strace"), "-f", "-qq", "-y", "-o", str(out),
+                                                           "-e", f"trace={syscall}"])
     assert res.returncode == 0, res.stdout + res.stderr
     return [ln for ln in out.read_text().splitlines() if f"{syscall}(" in ln and "resumed" not in ln]
 
@@ -171,27 +189,31 @@ def sni_faults(tmp_path_factory: pytest.TempPathFactory, pki: PKI) -> Iterator[S
         h.close()
 
 
+@pytest.mark.parametrize("scenario", ["single", "batch"])
 @pytest.mark.parametrize("syscall", ["rename", "fsync"])
 def test_a_crash_while_the_table_is_built_or_renamed_leaves_every_name_a_matching_pair(
-        sni_faults: SniFaultHost, syscall: str) -> None:
+        sni_faults: SniFaultHost, syscall: str, scenario: str) -> None:
+    """single: one SNI name deployed; batch: two names of the table as one batch, which
+    ends all new or all old."""
     h = sni_faults
-    seen = calls(h, syscall)
-    # the moments that touch the target's files or the table (the staged files, the
-    # temp source, the built table, the renames, the fsyncs of their directories) and
-    # one syscall either side of each
-    touching = {i for i, ln in enumerate(seen, 1) if f"{h.tables}" in ln or f"{h.root / 'certs' / 'a'}" in ln}
-    near = sorted({j for i in touching for j in (i - 1, i, i + 1) if 1 <= j <= len(seen)})
+    seen = calls(h, syscall, scenario)
+    # the moments that touch the targets' files or the table (the staged files, the
+    # temp source, the built table, the renames, the fsyncs of their directories), the
+    # batch's decision, and one syscall before the first and after the last of them
+    dirs = [str(h.tables), *(str(h.root / "certs" / s) for s in ("a", "c"))]
+    touching = {i for i, ln in enumerate(seen, 1) if any(d in ln for d in dirs) or "batches" in ln}
+    near = sorted({j for j in (*touching, min(touching) - 1, max(touching) + 1) if 1 <= j <= len(seen)})
     points = range(1, len(seen) + 1) if LEVEL == "full" else near
     assert len(points) >= 3, (syscall, len(seen))  # a sweep over nothing proves nothing
     outcomes = []
     for n in points:
         h.reset()
-        did = f"crash-{syscall}-{n}"
-        h.cli(*h.deploy_args(did), prefix=strace(syscall, n))
+        did = f"crash-{scenario}-{syscall}-{n}"
+        h.cli(*h.deploy_args(did, scenario), prefix=strace(syscall, n))
         after = h.cli("recover")
         assert after.returncode in (0, 4), after.stdout + after.stderr
         try:
-            outcomes.append(h.check(did))
+            outcomes.append(h.check(did, scenario))
         except AssertionError as err:
             raise AssertionError(f"killed at {syscall} #{n} of {len(seen)}: {err}") from None
     assert {live for _, live in outcomes} <= {"old", "new"}

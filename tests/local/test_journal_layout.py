@@ -74,3 +74,35 @@ def test_a_previous_releases_journal_is_read_on_upgrade(host: MailHost, pki: PKI
     _assert_old_set_live_and_recorded(host, before)
     assert Journal(str(host.state)).owners() == []
     assert not [n for n in os.listdir(host.state / "files") if n.endswith(".owner")]
+
+
+def test_two_threads_upgrading_one_journal_at_once_both_succeed(tmp_path: object) -> None:
+    """Found by the batch interleaving test: the layout marker was written through a
+    temp named by the pid alone, so two threads of one process (a worker's task and
+    its recovery sweep) collided on it (ENOENT)."""
+    import threading
+    from pathlib import Path
+
+    state = Path(str(tmp_path)) / "state"
+    (state / "files").mkdir(parents=True)
+    for i in range(200):
+        real = f"/etc/x/{i}"
+        (state / "files" / f"{file_key(real)}.owner").write_text(
+            json.dumps({"path": real, "target": "t", "deploy_id": f"d-{i}"}))
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(4)
+
+    def upgrade() -> None:
+        barrier.wait()
+        try:
+            Journal(str(state)).owners()
+        except BaseException as err:  # the test reports it
+            errors.append(err)
+
+    threads = [threading.Thread(target=upgrade) for _ in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert errors == []
+    assert len(Journal(str(state)).owners()) == 200

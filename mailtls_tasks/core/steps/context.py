@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
-from ...commands import Running
+from ...commands import CommandResult, Running
 from ...errors import Rejected
 from ...ids import check_deploy_id
 from .. import files
@@ -18,6 +18,20 @@ from ..config import HostConfig, Target
 from ..journal import DeployRecord, Journal
 
 DEFAULT_LEASE = 600.0
+
+
+@dataclass
+class BatchRun:
+    """What the members of one batch share while it runs (``core.batch``): the
+    members' targets; each validate_command's verdict, run once for them all; the
+    reload commands run once for them all; and, per member whose record carries an
+    SNI table, the members whose entries that table was built with."""
+
+    members: tuple[str, ...]
+    targets: dict[str, Target] = field(default_factory=dict)
+    verdicts: dict[str, CommandResult] = field(default_factory=dict)
+    reloaded: set[tuple[str, str]] = field(default_factory=set)
+    tables: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -38,6 +52,9 @@ class StepContext:
     lease: float = DEFAULT_LEASE
     early_validate: Running | None = field(default=None, compare=False)
     sharing: tuple[Target, ...] = ()  # the host's other targets reading one of these files
+    # A member of a batch: stage leaves the SNI table to the batch, validate and reload
+    # run each command once for all members, verify leaves the ending to the batch.
+    batch: BatchRun | None = field(default=None, compare=False)
 
     def load(self, deploy_id: str) -> DeployRecord:
         rec = self.journal.load(self.target.name, check_deploy_id(deploy_id))
@@ -74,10 +91,11 @@ class HostContexts(Mapping[str, StepContext]):
         return len(self.cfg.targets)
 
 
-def target_reals(t: Target) -> list[str]:
+def target_reals(t: Target, *, table: bool = True) -> list[str]:
     """The real files a deploy of ``t`` writes (symlinks resolved): what it must own.
-    An SNI target's compiled table is one: two targets of one table take turns."""
+    An SNI target's compiled table is one (``table``): two targets of one table take
+    turns, or go in one batch, whose table one member's record carries."""
     from ..sni import compiled_real
 
-    table = compiled_real(t) if t.sni is not None else None
-    return [files.real_path(path) for _, path in t.files()] + ([table] if table else [])
+    compiled = compiled_real(t) if t.sni is not None and table else None
+    return [files.real_path(path) for _, path in t.files()] + ([compiled] if compiled else [])

@@ -17,7 +17,7 @@ def live_state(e: FileEntry) -> LiveState:
     digest = material.sha256(data) if data is not None else None
     if digest == e.old_sha256:  # both None: absent before, absent now
         return "old"  # first: a file whose bytes do not change (often the chain) is "old"
-    if digest == e.new_sha256:
+    if digest == e.new_sha256 or (digest is not None and digest in e.also_new):
         return "new"
     return "other"
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from ...errors import CommandFailed, StepFailed
 from ..journal import DeployRecord
 from .context import StepContext
-from .phases import ORDER, past, timed
+from .phases import ORDER, past, skip, timed
 
 
 def reload(ctx: StepContext, deploy_id: str) -> DeployRecord:
@@ -17,8 +17,15 @@ def reload(ctx: StepContext, deploy_id: str) -> DeployRecord:
         raise StepFailed(f"deploy {deploy_id} cannot reload from phase {rec.phase!r}")
     with timed(ctx, rec, "reload"):
         t = ctx.target
-        res = t.daemon.reload(t.reload_command, timeout=t.command_timeout)
-        if not res.ok:
-            raise CommandFailed(f"reload_command failed: {res.summary()}")
+        once = (t.mode, t.reload_command)
+        if ctx.batch is not None and once in ctx.batch.reloaded:
+            # every member was committed before the first reload: that one read them all
+            skip(rec, "reload", f"reloaded once for the batch ({t.reload_command})")
+        else:
+            res = t.daemon.reload(t.reload_command, timeout=t.command_timeout)
+            if not res.ok:
+                raise CommandFailed(f"reload_command failed: {res.summary()}")
+            if ctx.batch is not None:
+                ctx.batch.reloaded.add(once)
         rec.phase = "reloaded"
     return rec

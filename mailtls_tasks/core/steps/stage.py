@@ -45,7 +45,7 @@ def stage(ctx: StepContext, deploy_id: str, cert_pem: bytes, key_pem: bytes,
         remove_temps(rec)
     else:
         ctx.journal.write_intent(t.name, deploy_id, origin)
-    reals = target_reals(t)
+    reals = target_reals(t, table=ctx.batch is None)  # a batch's table: claimed by the member that carries it
     for real in reals:
         owner = ctx.journal.owner_of(real)
         if owner is not None and (owner.target, owner.deploy_id) != (t.name, deploy_id):
@@ -53,7 +53,8 @@ def stage(ctx: StepContext, deploy_id: str, cert_pem: bytes, key_pem: bytes,
             if other is not None and not other.finished:
                 raise TargetBusy(f"{real} is owned by deploy {owner.deploy_id} of target {owner.target!r}")
     rec = DeployRecord(deploy_id=deploy_id, target=t.name, host=ctx.host, fence=fence, origin=origin,
-                       claimed=reals, input_sha256=material.input_digest([cert_pem, *(c for c, _, _ in also or [])]))
+                       claimed=reals, input_sha256=material.input_digest([cert_pem, *(c for c, _, _ in also or [])]),
+                       batch=list(ctx.batch.members) if ctx.batch is not None else [])
     # Claim before the record exists: an owner entry without a record is stale and
     # cleared, a record without its owner entries would be invisible to recovery.
     for real in reals:
@@ -175,7 +176,8 @@ def _stage(ctx: StepContext, rec: DeployRecord, raw: list[RawBundle], *, force: 
     files_live = all(e.existed and e.old_sha256 == e.new_sha256 for e in entries)
     # An indexed SNI table holds the files' bytes: it is built again unless it already
     # holds, for each of the target's entries, exactly the files' bytes (live ones).
-    rebuild = plan is not None and plan.table.indexed and not (files_live and sni.holds_live(plan))
+    rebuild = (ctx.batch is None and plan is not None and plan.table.indexed
+               and not (files_live and sni.holds_live(plan)))  # a batch builds its tables itself
     rec.files = entries
 
     if files_live and not rebuild:

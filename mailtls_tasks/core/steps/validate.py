@@ -50,11 +50,29 @@ def validate(ctx: StepContext, deploy_id: str) -> DeployRecord:
 
 def _validate_command(ctx: StepContext) -> CommandResult:
     t, early = ctx.target, ctx.early_validate
+    if ctx.batch is not None:  # once for every member of the batch that names it
+        known = ctx.batch.verdicts.get(t.validate_command)
+        if known is None:
+            known = ctx.batch.verdicts[t.validate_command] = t.daemon.config_test(t.validate_command,
+                                                                                   timeout=t.command_timeout)
+        return known
     if early is not None and not early.done:
         if early.command == t.validate_command and early.age() <= EARLY_VALIDATE_MAX_AGE:
             return early.wait(t.command_timeout)
         early.cancel()
     return t.daemon.config_test(t.validate_command, timeout=t.command_timeout)
+
+
+def check_staged(ctx: StepContext, rec: DeployRecord) -> None:
+    """A batch's own check of one member, before its table is built: a member whose
+    files do not load is rejected alone (its record finished), the others go on."""
+    try:
+        _local_handshake(ctx, rec)
+    except Rejected as err:
+        remove_temps(rec)
+        rec.steps["validate"] = StepRecord(status="failed", detail=str(err))
+        finish(ctx, rec, "rejected", str(err))
+        raise
 
 
 def _local_handshake(ctx: StepContext, rec: DeployRecord) -> None:
@@ -107,31 +125,40 @@ def _check_table(ctx: StepContext, rec: DeployRecord) -> None:
     t = ctx.target
     p = sni.plan(t)
     assert p is not None
+    # a batch's table is built with every member of it in that table: each is "ours"
+    members = [(t, rec)]
+    for name in (ctx.batch.tables.get(t.name, ()) if ctx.batch is not None else ()):
+        other = ctx.journal.load(name, rec.deploy_id)
+        if name != t.name and other is not None:
+            members.append((ctx.batch.targets[name], other))  # type: ignore[union-attr]
+    ours = set().union(*(sni.keys_of(m, p) for m, _ in members))
     try:
         new = postfix_sni.dump(p.table, built.scratch[0], p.config_dir, t.command_timeout)
         old = postfix_sni.dump(p.table, p.table.source, p.config_dir, t.command_timeout) if built.existed else None
     except ConfigError as err:
         raise ValidationFailed(f"sni.map: {err}") from None
-    want = set(rec.leaves.values())
     scratch = os.path.join(ctx.journal.deploy_dir(rec.target, rec.deploy_id), "handshake-sni.pem")
     try:
-        for name in t.sni_probe_names():
-            key = next((k for k in postfix_sni.lookup_keys(name) if k in new), None)
-            if key not in p.ours:
-                raise ValidationFailed(f"sni.map: the table built for {name} gives it "
-                                       f"{'no entry' if key is None else 'the entry ' + key + ', not this target'}")
-            served = set()
-            for group in material.key_chains(new[key]):
-                files.atomic_write(scratch, group, 0o600)
-                served.add(_handshake_with(scratch, None, f"the table built for {name}: its files"))
-            if served != want:
-                raise ValidationFailed(f"sni.map: a local handshake with the table built for {name} served "
-                                       "another certificate than the staged one")
+        for member, member_rec in members:
+            want = set(member_rec.leaves.values())
+            mine = sni.keys_of(member, p)
+            for name in member.sni_probe_names():
+                key = next((k for k in postfix_sni.lookup_keys(name) if k in new), None)
+                if key not in mine:
+                    raise ValidationFailed(f"sni.map: the table built for {name} gives it "
+                                           f"{'no entry' if key is None else 'the entry ' + key + ', not its target'}")
+                served = set()
+                for group in material.key_chains(new[key]):
+                    files.atomic_write(scratch, group, 0o600)
+                    served.add(_handshake_with(scratch, None, f"the table built for {name}: its files"))
+                if served != want:
+                    raise ValidationFailed(f"sni.map: a local handshake with the table built for {name} served "
+                                           "another certificate than the staged one")
     finally:
         with contextlib.suppress(OSError):
             os.unlink(scratch)
     if old is not None:
-        changed = sorted(k for k in set(new) | set(old) if k not in p.ours and new.get(k) != old.get(k))
+        changed = sorted(k for k in set(new) | set(old) if k not in ours and new.get(k) != old.get(k))
         if changed:
             shown = ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
             raise ValidationFailed(

@@ -37,7 +37,9 @@ def verify(ctx: StepContext, deploy_id: str) -> DeployRecord:
             rec.served_fingerprint = served
             _check_default_kept(t, rec)
         rec.phase = "verified"
-        finish(ctx, rec, "deployed")
+        if ctx.batch is None:
+            finish(ctx, rec, "deployed")
+    # a batch's member is finished by the batch, once it has decided how each one ends
     return rec
 
 

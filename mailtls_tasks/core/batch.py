@@ -1,0 +1,274 @@
+"""A batch: K certificates to one host as one deploy, in-process.
+
+Many domains on one Postfix and Dovecot renew on their own schedules; one deploy per
+certificate is one ``postfix check``, one table build and one reload per renewal. A
+batch runs the same steps over all of them at once: a stage per certificate, each
+one's own checks, one build per SNI table (with every member's staged files), one
+run of each validate_command, every commit, one reload per daemon, then a verify per
+name. One deploy id names the batch; each member keeps its own record (its row in
+``status`` and ``history``) and its own outcome:
+
+- a member whose own checks fail (its material, its names, its files) is rejected
+  alone, before any table is built, and the others go on;
+- a member whose names fail verify after the reload is rolled back alone: its files
+  restored, each SNI table it is in built again from the live files and renamed in,
+  one more reload, its names checked on the old pair and the others' on the new;
+- if that fails, or anything else does (a table that would change other names, a
+  validate_command, a commit, a reload), every member rolls back, the members whose
+  records carry a table first (the table restored byte-exact from its backup).
+
+One owner per file holds: the run holds every member's locks at once (sorted: two
+batches never deadlock) and each member owns its files; a table is owned by the
+member whose record carries it. No member is finished until the batch has written
+its decision (``Journal.write_decision``): recovery ends a crashed batch's members
+all back, or each as the decision says. See docs/protocol.md, "Batches".
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+
+from ..errors import ConfigError, MailTLSError, Rejected, StepFailed
+from ..ids import check_deploy_id, new_deploy_id
+from . import files, sni
+from .config import HostConfig
+from .journal import DeployRecord, Journal, Owner
+from .local import Terminated, check_id_reuse, contexts_for, shielded, signals_as_exceptions
+from .local import log as local_log
+from .ownership import holding
+from .recovery import recover, recover_deploy
+from .result import DeployResult
+from .steps.commit import commit
+from .steps.context import BatchRun, StepContext, target_reals
+from .steps.live import live_state
+from .steps.phases import finish, timed
+from .steps.reload import reload
+from .steps.rollback import _restore, rollback
+from .steps.served import wait_served
+from .steps.stage import stage
+from .steps.validate import check_staged, validate
+from .steps.verify import verify
+
+log = logging.getLogger("mailtls.batch")
+
+
+@dataclass(frozen=True)
+class Member:
+    """One certificate of a batch and the target it is for (``also``: a dual target's
+    second certificate)."""
+
+    target: str
+    cert: bytes
+    key: bytes
+    chain: bytes | None = None
+    also: tuple[tuple[bytes, bytes, bytes | None], ...] = ()
+
+
+def run_batch(cfg: HostConfig, members: list[Member], *, deploy_id: str | None = None, force: bool = False,
+              lock_timeout: float = 300.0, journal: Journal | None = None) -> list[DeployResult]:
+    """Deploy every member in one run; one result per member, in the order given.
+    Never raises for a batch that ran; TargetBusy (nothing touched) when another live
+    deploy still owns a member's files after ``lock_timeout``."""
+    targets = [cfg.target(m.target) for m in members]
+    names = [t.name for t in targets]
+    if len(set(names)) != len(names):
+        twice = sorted({n for n in names if names.count(n) > 1})
+        raise ConfigError(f"a batch names each target once; {', '.join(twice)} more than once")
+    if not members:
+        raise ConfigError("a batch of no certificates")
+    deploy_id = check_deploy_id(deploy_id or new_deploy_id())
+    contexts = contexts_for(cfg, journal)
+    j = contexts.journal
+    run = BatchRun(members=tuple(sorted(names)), targets={t.name: t for t in targets})
+    ctxs = {t.name: replace(contexts[t.name], batch=run) for t in targets}
+    for m, t in zip(members, targets, strict=True):
+        check_id_reuse(j, t.name, deploy_id, [m.cert, *(c for c, _, _ in m.also)])
+    recover(contexts, j)
+
+    def take_over(owner: Owner) -> None:
+        recover_deploy(contexts, j, owner.target, owner.deploy_id)
+
+    reals = sorted({r for t in targets for r in target_reals(t)})
+    with signals_as_exceptions(), holding(j, reals, deploy_id, timeout=lock_timeout, recover=take_over,
+                                           on_wait=lambda why: local_log.warning("waiting: %s", why)):
+        try:
+            _run(ctxs, members, deploy_id, force)
+        except (MailTLSError, OSError) as err:
+            _roll_back_all(ctxs, deploy_id, str(err))
+        except Exception as err:
+            log.exception("batch %s: unexpected error; rolling every member back", deploy_id)
+            _roll_back_all(ctxs, deploy_id, f"internal error: {type(err).__name__}: {err}")
+        except (KeyboardInterrupt, Terminated):
+            _roll_back_all(ctxs, deploy_id, "interrupted by a signal", reason="interrupted")
+            raise
+    out = []
+    for name in names:
+        rec = j.load(name, deploy_id)
+        assert rec is not None, name
+        out.append(DeployResult.from_record(rec))
+    return out
+
+
+def _run(ctxs: dict[str, StepContext], members: list[Member], deploy_id: str, force: bool) -> None:
+    recs: dict[str, DeployRecord] = {}
+    for m in members:
+        try:
+            recs[m.target] = stage(ctxs[m.target], deploy_id, m.cert, m.key, m.chain, force=force,
+                                   also=list(m.also) or None)
+        except Rejected:
+            continue  # finished ``rejected`` by stage, alone
+    live = [n for n in recs if not recs[n].finished]
+    for n in list(live):
+        try:
+            check_staged(ctxs[n], recs[n])
+        except Rejected:
+            live.remove(n)
+    carriers = _build_tables(ctxs, recs, live, deploy_id)
+    for n in live:  # validate_command once per command; each table checked by its carrier
+        recs[n] = validate(ctxs[n], deploy_id)
+    order = [n for n in live if n not in carriers] + [n for n in live if n in carriers]
+    for n in order:  # a table after every file it was built from
+        recs[n] = commit(ctxs[n], deploy_id)
+    for n in live:
+        recs[n] = reload(ctxs[n], deploy_id)
+    failed: dict[str, str] = {}
+    for n in live:
+        try:
+            recs[n] = verify(ctxs[n], deploy_id)
+        except StepFailed as err:
+            failed[n] = str(err)
+    if failed:
+        _roll_back_alone(ctxs, deploy_id, live, carriers, failed)
+    if not live:
+        return  # every member ended at stage or its own checks
+    outcomes = {n: "rolled_back" if n in failed else "deployed" for n in live}
+    ctxs[live[0]].journal.write_decision(deploy_id, outcomes)
+    for n in order:
+        rec = ctxs[n].journal.load(n, deploy_id)
+        assert rec is not None
+        _finish_as_decided(ctxs[n], rec, outcomes[n], failed.get(n))
+
+
+def _finish_as_decided(ctx: StepContext, rec: DeployRecord, outcome: str, error: str | None) -> DeployRecord:
+    if outcome == "rolled_back":
+        return finish(ctx, rec, "rolled_back", error or rec.error)
+    return finish(ctx, rec, "deployed")
+
+
+def _groups(ctxs: dict[str, StepContext], live: list[str]) -> Iterator[tuple[str, list[str]]]:
+    """(compiled table, the live members in it), per indexed SNI table."""
+    by_table: dict[str, list[str]] = {}
+    for n in live:
+        table = sni.compiled_real(ctxs[n].target)
+        if table is not None:
+            by_table.setdefault(table, []).append(n)
+    yield from by_table.items()
+
+
+def _build_tables(ctxs: dict[str, StepContext], recs: dict[str, DeployRecord], live: list[str],
+                  deploy_id: str) -> set[str]:
+    """One build per SNI table, with every live member's staged files, carried (and
+    owned) by the table's first member. Returns the carriers."""
+    carriers = set()
+    for table_real, group in _groups(ctxs, live):
+        carrier = group[0]
+        ctx = ctxs[carrier]
+        plan = sni.plan(ctx.target)
+        assert plan is not None and ctx.batch is not None
+        others = [n for n in group if n != carrier]
+        temps = {e.real: e.temp for n in group for e in recs[n].files if not recs[n].files_already_live}
+        if not temps and sni.holds_live(sni.MapPlan(plan.table, plan.entries,
+                                                      frozenset().union(*(sni.keys_of(ctxs[n].target, plan)
+                                                                          for n in group)), plan.config_dir)):
+            continue  # nothing of theirs to write, and the table already holds their files
+        rec = recs[carrier]
+        key_entry = next(e for e in rec.files if e.role in ("key", "combined"))
+        group_plan = sni.MapPlan(plan.table, plan.entries,
+                                 frozenset().union(*(sni.keys_of(ctxs[n].target, plan) for n in group)),
+                                 plan.config_dir)
+        entry = sni.map_entry(group_plan, deploy_id, key_entry)
+        with timed(ctx, rec, "stage"):
+            ctx.journal.set_owner(table_real, rec)
+            rec.claimed = [*rec.claimed, table_real]
+            rec.files = [*rec.files, entry]
+            rec.files_already_live = False
+            ctx.save(rec)  # owned and named before it is written: recovery can find it
+            _, data = files.inspect(entry.real)
+            if data is not None:
+                ctx.journal.write_backup(rec.target, deploy_id, entry.role, data)
+            entry.new_sha256 = sni.build_beside(group_plan, entry, temps, ctx.target.command_timeout)
+        ctx.batch.tables[carrier] = tuple(others)
+        carriers.add(carrier)
+    return carriers
+
+
+def _roll_back_alone(ctxs: dict[str, StepContext], deploy_id: str, live: list[str], carriers: set[str],
+                     failed: dict[str, str]) -> None:
+    """The members whose names failed verify: their files back, each table they are
+    in built again from the live files and renamed in, one more reload per daemon,
+    their old pair served and every other member's new one. Raises if any of it
+    fails (the caller then rolls every member back)."""
+    j = ctxs[live[0]].journal
+    for n in failed:
+        ctx = ctxs[n]
+        rec = j.load(n, deploy_id)
+        assert rec is not None
+        own = [e for e in rec.files if e.role != sni.MAP_ROLE]
+        with timed(ctx, rec, "rollback"):
+            rec.rollback_from, rec.phase, rec.error = rec.phase, "rolling_back", failed[n]
+            ctx.save(rec)
+            _restore(ctx, rec.model_copy(update={"files": own}), {e.real: live_state(e) for e in own})
+    for carrier in carriers:
+        ctx = ctxs[carrier]
+        assert ctx.batch is not None
+        group = [carrier, *ctx.batch.tables.get(carrier, ())]
+        if not any(n in failed for n in group):
+            continue
+        rec = j.load(carrier, deploy_id)
+        assert rec is not None
+        plan = sni.plan(ctx.target)
+        assert plan is not None
+        entry = next(e for e in rec.files if e.role == sni.MAP_ROLE)
+        with timed(ctx, rec, "rollback" if carrier in failed else "commit"):
+            entry.also_new = [*entry.also_new, entry.new_sha256]  # the table live now is ours too
+            ctx.save(rec)
+            entry.new_sha256 = sni.build_beside(plan, entry, {}, ctx.target.command_timeout)
+            ctx.save(rec)
+            files.replace(entry.temp, entry.real)
+            for path in entry.scratch:
+                files.remove(path)
+    done: set[tuple[str, str]] = set()
+    for n in live:
+        t = ctxs[n].target
+        if (t.mode, t.reload_command) in done or not any(ctxs[f].target.mode == t.mode for f in failed):
+            continue
+        res = t.daemon.reload(t.reload_command, timeout=t.command_timeout)
+        if not res.ok:
+            raise StepFailed(f"reload after rolling back {', '.join(sorted(failed))} alone: {res.summary()}")
+        done.add((t.mode, t.reload_command))
+    for n in live:
+        target = ctxs[n].target
+        rec = j.load(n, deploy_id)
+        assert rec is not None
+        if not target.verify_endpoints():
+            continue
+        leaves = rec.previous_leaves if n in failed else rec.leaves
+        if leaves:
+            wait_served(target, leaves, None)
+
+
+def _roll_back_all(ctxs: dict[str, StepContext], deploy_id: str, error: str, reason: str | None = None) -> None:
+    """Every unfinished member back, carriers first: the table returns byte-exact to
+    what it was before the batch, then each member's files and a check of its names."""
+    with shielded():
+        recs = [(n, ctxs[n].journal.load(n, deploy_id)) for n in ctxs]
+        pending = [(n, r) for n, r in recs if r is not None and not r.finished]
+        pending.sort(key=lambda nr: not any(e.role == sni.MAP_ROLE for e in nr[1].files))
+        for n, _ in pending:
+            try:
+                rollback(ctxs[n], deploy_id, error=error, reason=reason)
+            except MailTLSError as err:
+                log.error("batch %s: rolling %s back failed: %s", deploy_id, n, err)
+
