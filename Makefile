@@ -7,7 +7,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: test test-here test-trixie test-as-trixie demo lint typecheck deps bootstrap bench clean faults model install wheel
+.PHONY: test test-here test-trixie test-as-trixie demo lint typecheck deps bootstrap bench bench-sni clean faults model install wheel
 
 # What the bootstrap installs: everything the tests use, or (make demo) the daemons alone.
 BOOTSTRAP_FOR ?= test
@@ -59,11 +59,15 @@ faults: deps   ## every N of every injected fault, both modes; writes faults-rep
 	$(BIN)/python -m tests.faults --level full --out faults-report.md
 	MAILTLS_FAULTS=full $(BIN)/pytest -q tests/faults/test_sni_faults.py
 
-model: deps    ## the protocol model test with many more examples
+model: deps    ## the protocol model test and the batch interleavings with many more examples
 	MAILTLS_MODEL_EXAMPLES=2000 MAILTLS_MODEL_STEPS=50 $(BIN)/pytest -q -p no:logging --timeout 3600 tests/unit/test_protocol_model.py
+	MAILTLS_INTERLEAVINGS=400 $(BIN)/pytest -q -p no:logging --timeout 3600 tests/local/test_batch_interleaving.py
 
-bench: deps
-	$(BIN)/python -m bench
+bench: deps   ## the deploy's costs (python -m bench), then the SNI host's (bench-sni); exit by both
+	rc=0; $(BIN)/python -m bench || rc=$$?; $(BIN)/python -m bench.sni || rc=$$?; exit $$rc
+
+bench-sni: deps   ## a 1,000-name SNI host against a 10-name one, a batch of 100, a worker's PSS
+	$(BIN)/python -m bench.sni
 
 # Onto a mail host (Debian 12 refuses `pip install` into the system Python): its own
 # venv under $(PREFIX), the command linked where the systemd units expect it.

@@ -504,6 +504,7 @@ class Journal:
         """Caller holds the file's lock and has checked no other live deploy owns it."""
         path = self._owner_path(real)
         body = json.dumps({"path": real, "target": rec.target, "deploy_id": rec.deploy_id}).encode()
+        self._ensure_dir(self._owners_dir())  # as every write here: the state dir may have been emptied since
         with _io("write", path):
             files.atomic_write(path, body, 0o600)
 

@@ -106,7 +106,7 @@ class Found:
     error: str = ""  # this instance could not be read (a broken postmulti instance)
 
 
-def run_tool(argv: list[str], what: str) -> str:
+def run_tool(argv: list[str], what: str, timeout: float = COMMAND_TIMEOUT) -> str:
     """A configuration tool's standard output. Its output may hold secrets (``doveconf
     -P`` prints passwords): it is parsed by the caller and never logged; an error says
     which tool failed and the first line it printed on standard error only."""
@@ -114,11 +114,11 @@ def run_tool(argv: list[str], what: str) -> str:
         # errors="replace": a setting in another charset (a Latin-1 greeting or password)
         # must not stop the reading of the TLS settings
         res = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, errors="replace",
-                             timeout=COMMAND_TIMEOUT, check=False)
+                             timeout=timeout, check=False)
     except FileNotFoundError:
         raise ConfigError(f"{what}: `{argv[0]}` is not installed here") from None
     except subprocess.TimeoutExpired:
-        raise ConfigError(f"{what}: `{' '.join(argv)}` did not answer within {COMMAND_TIMEOUT:g}s") from None
+        raise ConfigError(f"{what}: `{' '.join(argv)}` did not answer within {timeout:g}s") from None
     except OSError as err:
         raise ConfigError(f"{what}: cannot run `{argv[0]}`: {err.strerror or err}") from None
     if res.returncode != 0:

@@ -28,11 +28,11 @@ import base64
 import binascii
 import os
 import re
-import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 from ..errors import ConfigError
+from .found import run_tool
 
 # type -> the compiled file's suffix (None: no compiled file, the source is read at open)
 TABLE_TYPES: dict[str, str | None] = {"hash": ".db", "btree": ".db", "lmdb": ".lmdb", "cdb": ".cdb",
@@ -159,21 +159,9 @@ def name_for_key(key: str) -> str:
     return "*" + key if key.startswith(".") else key
 
 
-def _postmap(args: list[str], config_dir: str, timeout: float, what: str) -> bytes:
-    argv = [POSTMAP, "-c", config_dir, *args]
-    try:
-        res = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout, check=False)
-    except FileNotFoundError:
-        raise ConfigError(f"{what}: `{POSTMAP}` is not installed here") from None
-    except subprocess.TimeoutExpired:
-        raise ConfigError(f"{what}: `{' '.join(argv)}` did not finish within {timeout:g}s") from None
-    except OSError as err:
-        raise ConfigError(f"{what}: cannot run `{POSTMAP}`: {err.strerror or err}") from None
-    if res.returncode != 0:
-        # postmap's own messages name files and keys, never their contents
-        first = (res.stderr.decode(errors="replace").strip().splitlines() or ["no message"])[-1][:300]
-        raise ConfigError(f"{what}: `{' '.join(argv)}` exited {res.returncode}: {first}")
-    return res.stdout
+def _postmap(args: list[str], config_dir: str, timeout: float, what: str) -> str:
+    # postmap's own messages name files and keys, never their contents
+    return run_tool([POSTMAP, "-c", config_dir, *args], what, timeout)
 
 
 def build(table: SniMap, source: str, config_dir: str, timeout: float) -> str:
@@ -190,12 +178,12 @@ def dump(table: SniMap, source: str, config_dir: str, timeout: float) -> dict[st
     out = _postmap(["-s", f"{table.type}:{source}"], config_dir, timeout, f"reading {table.spec}")
     values: dict[str, bytes] = {}
     for line in out.splitlines():
-        key, sep, value = line.partition(b"\t")
+        key, sep, value = line.partition("\t")
         if not sep:
             raise ConfigError(f"reading {table.spec}: postmap -s printed a line without a value")
         try:
-            values[key.decode()] = base64.b64decode(value, validate=True)
-        except (binascii.Error, UnicodeDecodeError):
-            raise ConfigError(f"reading {table.spec}: the value of {key.decode(errors='replace')!r} is not "
-                              "base64: was the table built without postmap -F?") from None
+            values[key] = base64.b64decode(value, validate=True)
+        except binascii.Error:
+            raise ConfigError(f"reading {table.spec}: the value of {key!r} is not base64: was the table built "
+                              "without postmap -F?") from None
     return values

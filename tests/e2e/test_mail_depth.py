@@ -160,7 +160,7 @@ def test_a_listener_left_on_the_old_certificate_rolls_the_deploy_back(depth: Dep
     new = depth.ec.leaf(NAME)
     res = depth.deploy("plain", new)
     assert res.outcome == "rolled_back", res
-    assert f"127.0.0.1:{depth.plain.submission_port} did not serve" in (res.error or "")
+    assert f"127.0.0.1:{depth.plain.submission_port} (SNI {NAME}) did not serve" in (res.error or "")
     for port, proto in ((depth.plain.smtp_port, "smtp"), (depth.plain.smtps_port, "smtps"),
                         (depth.plain.submission_port, "smtp")):
         assert served(port, proto) == depth.first.fingerprint  # every listener re-verified on the old one

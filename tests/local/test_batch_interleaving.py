@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import itertools
+import os
 import shutil
 import tempfile
 import threading
@@ -66,7 +67,9 @@ def member(target: str, issued: Issued) -> Member:
     return Member(target, issued.fullchain_pem, issued.key_pem)
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# make model runs many more (MAILTLS_INTERLEAVINGS)
+@settings(max_examples=int(os.environ.get("MAILTLS_INTERLEAVINGS", "30")), deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(k=st.integers(min_value=1, max_value=140), x_newer=st.booleans())
 def test_two_overlapping_batches_never_deadlock_nor_leave_an_older_pair(pki: PKI, k: int, x_newer: bool) -> None:
     root = Path(tempfile.mkdtemp(prefix="batches-"))

@@ -106,3 +106,20 @@ def test_two_threads_upgrading_one_journal_at_once_both_succeed(tmp_path: object
         th.join()
     assert errors == []
     assert len(Journal(str(state)).owners()) == 200
+
+
+def test_a_state_directory_removed_under_a_running_journal_is_made_again(tmp_path: object) -> None:
+    """Found by the worker fault matrix: a worker's Journal remembered that owners/ was
+    ready, its state directory was emptied (the operator's reset, here the harness's),
+    and every later stage failed "cannot write owners/<K>: ENOENT" until a restart."""
+    import shutil
+    from pathlib import Path
+
+    from mailtls_tasks.core.journal import DeployRecord
+
+    state = Path(str(tmp_path)) / "state"
+    j = Journal(str(state))
+    assert j.owners() == []
+    shutil.rmtree(state)
+    j.set_owner("/etc/x/key.pem", DeployRecord(deploy_id="d-1", target="t"))
+    assert [o.deploy_id for o in j.owners()] == ["d-1"]
