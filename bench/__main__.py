@@ -5,13 +5,16 @@ P1  a full deploy (verify on, a fresh certificate each round): the floor -- a sh
     script doing the least that is still correct (cat+mv, cp+chmod+mv, postfix check,
     postfix reload, poll `openssl s_client -starttls smtp` until the new leaf is served)
     -- against `mailtls deploy --local` and `mailtls deploy` through Redis and a worker,
-    interleaved round by round. Goals: distributed <= 1.3x the floor, local <= 1.15x.
-P2  the same bytes again (`unchanged`), CLI start-up included: <= 0.15x a full deploy.
+    interleaved round by round. Goals: distributed <= 1.5x the floor (issue 21 moved it
+    from 1.3x: the client's start-up and the Celery message cost ~0.18 s), local <= 1.15x.
+P2  the same bytes again (`unchanged`), CLI start-up included: reported, no longer a
+    goal (issue 21 withdrew the 0.15x budget: Python's start-up sets its floor).
 P3  fan-out: N targets on 2 hosts (a worker each, no-op reload, verify off), all enqueued
     at once through mailtls_tasks.deploy(); against the in-process runner on the same
     targets (the 100-target run three times, medians). Goals: per-deploy cost at 1,000
     within 10 % of at 100 (both runners; measured side by side, both fleets up, in
-    alternating batches); Redis commands per deploy <= 60 and flat; 2 workers >= 50 %
+    alternating batches); Redis commands per deploy within 10 % of the 112 reached (the
+    budget of 60 was withdrawn: one Celery task per step sets its floor) and flat; 2 workers >= 50 %
     of in-process throughput; enqueueing 1,000 deploys <= 2 s.
 P4  a worker's memory, main process and pool together (PSS): <= 80 MiB.
 
@@ -440,10 +443,8 @@ def main() -> int:
                               "redis_commands_by_sender": share,
                               "outside_limits_s": limits}
     goals = {
-        "P1 distributed / floor <= 1.3": (m["distributed"] / m["floor"], 1.3),
+        "P1 distributed / floor <= 1.5": (m["distributed"] / m["floor"], 1.5),
         "P1 local / floor <= 1.15": (m["local"] / m["floor"], 1.15),
-        "P2 local unchanged / full <= 0.15": (m["local_unchanged"] / m["local"], 0.15),
-        "P2 distributed unchanged / full <= 0.15": (m["distributed_unchanged"] / m["distributed"], 0.15),
         "P4 worker PSS MiB <= 80": (one["worker_pss_mib"], 80.0),
     }
     if len(fan) >= 2:
@@ -451,7 +452,8 @@ def main() -> int:
         assert sbs is not None
         goals["P3 distributed per-deploy cost big/small <= 1.10"] = (sbs["dist_ratio"], 1.10)
         goals["P3 local per-deploy cost big/small <= 1.10"] = (sbs["local_ratio"], 1.10)
-        goals["P3 Redis commands per deploy <= 60 (big)"] = (big["redis_commands_per_deploy"], 60.0)
+        goals["P3 Redis commands per deploy <= 123 (big; 112 reached, +10 %)"] = (
+            big["redis_commands_per_deploy"], 123.0)
         goals["P3 Redis commands flat big/small <= 1.20"] = (
             big["redis_commands_per_deploy"] / small["redis_commands_per_deploy"], 1.20)
     for f in fan:

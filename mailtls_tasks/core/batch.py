@@ -26,14 +26,17 @@ all back, or each as the decision says. See docs/protocol.md, "Batches".
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
+from ..commands import Running
 from ..errors import ConfigError, MailTLSError, Rejected, StepFailed
 from ..ids import check_deploy_id, new_deploy_id
 from . import files, sni
-from .config import HostConfig
+from .config import HostConfig, Target
 from .journal import DeployRecord, Journal, Owner
 from .local import Terminated, check_id_reuse, contexts_for, shielded, signals_as_exceptions
 from .local import log as local_log
@@ -52,6 +55,7 @@ from .steps.validate import check_staged, validate
 from .steps.verify import verify
 
 log = logging.getLogger("mailtls.batch")
+VERIFY_THREADS = 4  # handshakes in flight at once during a batch's verify
 
 
 @dataclass(frozen=True)
@@ -94,6 +98,7 @@ def run_batch(cfg: HostConfig, members: list[Member], *, deploy_id: str | None =
     with signals_as_exceptions(), holding(j, reals, deploy_id, timeout=lock_timeout, recover=take_over,
                                            on_wait=lambda why: local_log.warning("waiting: %s", why)):
         try:
+            _start_validates(run, targets)
             _run(ctxs, members, deploy_id, force)
         except (MailTLSError, OSError) as err:
             _roll_back_all(ctxs, deploy_id, str(err))
@@ -103,12 +108,25 @@ def run_batch(cfg: HostConfig, members: list[Member], *, deploy_id: str | None =
         except (KeyboardInterrupt, Terminated):
             _roll_back_all(ctxs, deploy_id, "interrupted by a signal", reason="interrupted")
             raise
+        finally:
+            for started in run.early.values():
+                started.cancel()  # a batch that ended before its validate: never left running behind us
     out = []
     for name in names:
         rec = j.load(name, deploy_id)
         assert rec is not None, name
         out.append(DeployResult.from_record(rec))
     return out
+
+
+def _start_validates(run: BatchRun, targets: list[Target]) -> None:
+    """Each distinct validate_command, started now: it checks the daemons' config, which
+    a batch never changes, and runs while the members stage (``validate`` collects it)."""
+    for t in targets:
+        command = t.validate_command
+        if command.strip() and command not in run.early:
+            with contextlib.suppress(MailTLSError):  # cannot start: validate runs it and says why
+                run.early[command] = Running(command, "validate_command")
 
 
 def _run(ctxs: dict[str, StepContext], members: list[Member], deploy_id: str, force: bool) -> None:
@@ -133,12 +151,7 @@ def _run(ctxs: dict[str, StepContext], members: list[Member], deploy_id: str, fo
         recs[n] = commit(ctxs[n], deploy_id)
     for n in live:
         recs[n] = reload(ctxs[n], deploy_id)
-    failed: dict[str, str] = {}
-    for n in live:
-        try:
-            recs[n] = verify(ctxs[n], deploy_id)
-        except StepFailed as err:
-            failed[n] = str(err)
+    failed = _verify_all(ctxs, live, deploy_id)
     if failed:
         _roll_back_alone(ctxs, deploy_id, live, carriers, failed)
     if not live:
@@ -149,6 +162,26 @@ def _run(ctxs: dict[str, StepContext], members: list[Member], deploy_id: str, fo
         rec = ctxs[n].journal.load(n, deploy_id)
         assert rec is not None
         _finish_as_decided(ctxs[n], rec, outcomes[n], failed.get(n))
+
+
+def _verify_all(ctxs: dict[str, StepContext], live: list[str], deploy_id: str) -> dict[str, str]:
+    """Each member's verify, a few at a time: a verify waits on the daemons' handshakes
+    (Dovecot starts a login process per connection), not on this process, and touches
+    nothing but its own member's record. Returns the members whose names failed, with
+    why; any other error is raised (the batch then rolls every member back), once the
+    verifies in flight have ended."""
+
+    def one(n: str) -> str | None:
+        try:
+            verify(ctxs[n], deploy_id)
+        except StepFailed as err:
+            return str(err)
+        return None
+
+    with ThreadPoolExecutor(max_workers=max(1, min(VERIFY_THREADS, len(live))),
+                            thread_name_prefix="mailtls-verify") as pool:
+        results = list(pool.map(one, live))
+    return {n: why for n, why in zip(live, results, strict=True) if why is not None}
 
 
 def _finish_as_decided(ctx: StepContext, rec: DeployRecord, outcome: str, error: str | None) -> DeployRecord:
@@ -175,19 +208,16 @@ def _build_tables(ctxs: dict[str, StepContext], recs: dict[str, DeployRecord], l
     for table_real, group in _groups(ctxs, live):
         carrier = group[0]
         ctx = ctxs[carrier]
-        plan = sni.plan(ctx.target)
-        assert plan is not None and ctx.batch is not None
+        assert ctx.batch is not None
+        plan = sni.plan(ctx.target, ctx.batch.tables_read)
+        assert plan is not None
         others = [n for n in group if n != carrier]
         temps = {e.real: e.temp for n in group for e in recs[n].files if not recs[n].files_already_live}
-        if not temps and sni.holds_live(sni.MapPlan(plan.table, plan.entries,
-                                                      frozenset().union(*(sni.keys_of(ctxs[n].target, plan)
-                                                                          for n in group)), plan.config_dir)):
+        group_plan = plan.with_ours(frozenset().union(*(sni.keys_of(ctxs[n].target, plan) for n in group)))
+        if not temps and sni.holds_live(group_plan):
             continue  # nothing of theirs to write, and the table already holds their files
         rec = recs[carrier]
         key_entry = next(e for e in rec.files if e.role in ("key", "combined"))
-        group_plan = sni.MapPlan(plan.table, plan.entries,
-                                 frozenset().union(*(sni.keys_of(ctxs[n].target, plan) for n in group)),
-                                 plan.config_dir)
         entry = sni.map_entry(group_plan, deploy_id, key_entry)
         with timed(ctx, rec, "stage"):
             ctx.journal.set_owner(table_real, rec)

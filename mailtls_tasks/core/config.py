@@ -28,6 +28,7 @@ from ..commands import check_command
 from ..errors import ConfigError, UnknownTarget
 from ..ids import HOST_NAME_RE, TARGET_NAME_RE
 from .configfile import CONFIG_ENV, DEFAULT_CONFIG_PATH, HOST_ENV, config_path, read_config
+from .pathsafety import Resolver
 
 __all__ = ["CONFIG_ENV", "DEFAULT_CONFIG_PATH", "HOST_ENV", "config_path", "load_config", "parse_config",
            "read_config"]
@@ -460,10 +461,9 @@ class Target(BaseModel):
         paths = [p for _, p in self.files()]
         if len(set(paths)) != len(paths):
             raise ValueError("cert_path, key_path, chain_path and combined_path (and alt's) must be different files")
-        reals = [os.path.realpath(p) for p in paths]
-        if len(set(reals)) != len(reals):
-            raise ValueError("two of cert_path, key_path, chain_path, combined_path (and alt's) resolve (through "
-                             "symlinks) to the same file")
+        if _same_file_twice(paths):
+            raise ValueError("two of cert_path, key_path, chain_path, combined_path (and alt's) are the same file "
+                             "(through a symlink or a hard link)")
         return self
 
     @model_validator(mode="after")
@@ -743,6 +743,25 @@ def parse_config(raw: dict[str, Any], source: str = "<config>") -> HostConfig:
     return loaded
 
 
+def _same_file_twice(paths: list[str]) -> bool:
+    """Whether two of the paths are one file: the same inode (a symlink or a hard link),
+    or, not there yet, the same path once resolved. One stat each, not a realpath: a
+    targets file of a thousand SNI targets is loaded by every deploy."""
+    seen: set[tuple[int, int]] = set()
+    missing = []
+    for p in paths:
+        try:
+            st = os.stat(p)
+        except OSError:
+            missing.append(p)
+            continue
+        if (st.st_dev, st.st_ino) in seen:
+            return True
+        seen.add((st.st_dev, st.st_ino))
+    reals = [os.path.realpath(p) for p in missing]
+    return len(set(reals)) != len(reals)
+
+
 def _shared_files(targets: dict[str, Target]) -> tuple[list[str], dict[str, tuple[str, ...]]]:
     """Two targets may share a file (Postfix and Dovecot reading one cert), but only in
     the same role: one target's key must never be another's certificate. Returns the
@@ -750,9 +769,10 @@ def _shared_files(targets: dict[str, Target]) -> tuple[list[str], dict[str, tupl
     seen: dict[str, tuple[str, str]] = {}
     readers: dict[str, list[str]] = {}
     problems = []
+    resolver = Resolver()
     for name, t in targets.items():
         for role, path in t.files():
-            real = os.path.realpath(path)
+            real = resolver.realpath(path)
             other = seen.setdefault(real, (name, role))
             if other[1] != role:
                 problems.append(f"targets.{name}.{role}_path: {path} is the same file ({real}) as "
@@ -771,13 +791,14 @@ def _shared_files(targets: dict[str, Target]) -> tuple[list[str], dict[str, tupl
 def _unsafe_paths(host: HostConfig, targets: dict[str, Target]) -> list[str]:
     from .pathsafety import unsafe_component
 
+    resolver = Resolver()  # a thousand targets share a handful of directories
     checks = [("state_dir", host.state_dir)]
     checks += [(f"targets.{n}.{role}_path", p) for n, t in targets.items() for role, p in t.files()]
     if host.security:
         checks += [("security.host_keys", p) for p in host.security.host_keys]
     problems = []
     for field, path in checks:
-        why = unsafe_component(path)
+        why = unsafe_component(path, resolver=resolver)
         if why:
             problems.append(f"{field}: {path} is not safe to write as root: {why} (fix the ownership or "
                             "permissions, as sshd's StrictModes would ask)")

@@ -118,6 +118,21 @@ def write_new(path: str, data: bytes, mode: int, uid: int | None = None, gid: in
     os.close(fd)
 
 
+def write_scratch(path: str, data: bytes) -> None:
+    """A private file (0600) for a moment's use -- OpenSSL reads it for a handshake,
+    then it is removed: not fsynced, since nothing depends on it surviving a crash
+    (it lives in the deploy's own journal directory, which the deploy removes)."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    finally:
+        os.close(fd)
+
+
 def adopt(path: str, mode: int, uid: int | None = None, gid: int | None = None) -> str:
     """Give a file another program wrote (postmap's table) its final owner and mode,
     fsync it and its directory; returns its SHA-256 (read once, in place)."""

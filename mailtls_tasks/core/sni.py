@@ -10,14 +10,17 @@ its source's mode (``daemons.postfix_sni``).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
+from typing import Any
 
 from ..daemons.postfix_sni import SniEntry, SniMap, build, dump, format_source, key_for_name, parse_source
 from ..errors import ConfigError, Rejected
 from . import files, material
 from .config import Target
 from .journal import FileEntry
+from .pathsafety import Resolver
 
 MAP_ROLE = "sni_map"
 TOOL_TIMEOUT = 60.0  # postmap -s of a table of thousands of names takes well under a second
@@ -37,6 +40,10 @@ class MapPlan:
     entries: tuple[SniEntry, ...]
     ours: frozenset[str]  # the keys whose files are the target's
     config_dir: str
+    reals: tuple[tuple[str, ...], ...]  # each entry's files, symlinks resolved (``entries``' order)
+
+    def with_ours(self, ours: frozenset[str]) -> MapPlan:
+        return dataclasses.replace(self, ours=ours)
 
     @property
     def others(self) -> list[str]:
@@ -57,23 +64,21 @@ def compiled_real(t: Target) -> str | None:
     return files.real_path(table.compiled) if table is not None and table.indexed else None
 
 
-def plan(t: Target) -> MapPlan | None:
+def plan(t: Target, memo: dict[str, Any] | None = None) -> MapPlan | None:
     """Read the table's source; refuse (nothing touched) when its entries for the
-    target's files are not exactly the target's ``names``."""
+    target's files are not exactly the target's ``names``. ``memo``: the sources a
+    batch has read already (its members share a table)."""
     table = table_of(t)
     if table is None:
         return None
-    try:
-        with open(table.source, "rb") as f:
-            text = f.read().decode("utf-8", "replace")
-    except OSError as err:
-        raise SniMismatch(f"sni.map: cannot read {table.source}: {err.strerror or err}") from None
-    try:
-        entries = parse_source(text, table.source)
-    except ConfigError as err:
-        raise SniMismatch(f"sni.map: {err}") from None
+    read = memo.get(table.source) if memo is not None else None
+    if read is None:
+        read = _read(table)
+        if memo is not None:
+            memo[table.source] = read
+    entries, entry_reals = read
     reals = {files.real_path(p) for _, p in t.files()}
-    ours = {e.key for e in entries if any(files.real_path(f) in reals for f in e.files)}
+    ours = {e.key for e, er in zip(entries, entry_reals, strict=True) if reals.intersection(er)}
     wanted = {key_for_name(n) for n in t.names}
     problems = []
     by_key = {e.key: e for e in entries}
@@ -86,13 +91,28 @@ def plan(t: Target) -> MapPlan | None:
         raise SniMismatch(f"sni.map: {table.source} and target {t.name!r}'s names disagree: {'; '.join(problems)} "
                           "(a name served by SNI must have its entry, and its entries must be in names: "
                           "'*.example.net' is the entry '.example.net')")
-    return MapPlan(table, tuple(entries), frozenset(ours), t.instance or t.daemon.default_instance)
+    return MapPlan(table, entries, frozenset(ours), t.instance or t.daemon.default_instance, entry_reals)
+
+
+def _read(table: SniMap) -> tuple[tuple[SniEntry, ...], tuple[tuple[str, ...], ...]]:
+    """The table's entries, and each entry's files with symlinks resolved."""
+    try:
+        with open(table.source, "rb") as f:
+            text = f.read().decode("utf-8", "replace")
+    except OSError as err:
+        raise SniMismatch(f"sni.map: cannot read {table.source}: {err.strerror or err}") from None
+    try:
+        entries = parse_source(text, table.source)
+    except ConfigError as err:
+        raise SniMismatch(f"sni.map: {err}") from None
+    resolver = Resolver()  # a table of a thousand names lists two thousand files in a few directories
+    return tuple(entries), tuple(tuple(resolver.realpath(f) for f in e.files) for e in entries)
 
 
 def keys_of(t: Target, p: MapPlan) -> set[str]:
     """The keys of the table ``p`` whose files are ``t``'s (another target of the same table)."""
     reals = {files.real_path(path) for _, path in t.files()}
-    return {e.key for e in p.entries if any(files.real_path(f) in reals for f in e.files)}
+    return {e.key for e, er in zip(p.entries, p.reals, strict=True) if reals.intersection(er)}
 
 
 def holds_live(p: MapPlan) -> bool:
@@ -125,8 +145,8 @@ def table_access(p: MapPlan, key_entry: FileEntry) -> tuple[int, int | None, int
     when they all share one, else this process's (root's), the group bits then dropped."""
     modes, uids, gids = {key_entry.new_mode}, {key_entry.new_uid}, {key_entry.new_gid}
     ours = {key_entry.real}
-    for e in p.entries:
-        real = files.real_path(e.files[0])
+    for e, er in zip(p.entries, p.reals, strict=True):
+        real = er[0]
         if e.key in p.ours or real in ours:
             continue
         ours.add(real)
@@ -163,7 +183,8 @@ def build_beside(p: MapPlan, e: FileEntry, temps: dict[str, str], timeout: float
     and copies its mode bits) naming the staged files in place of the live ones,
     compile it next to the live table, give the result its final owner and mode,
     fsync it. Returns its SHA-256."""
-    entries = [SniEntry(x.key, tuple(temps.get(files.real_path(f), f) for f in x.files)) for x in p.entries]
+    entries = [SniEntry(x.key, tuple(temps.get(r, f) for f, r in zip(x.files, xr, strict=True)))
+               for x, xr in zip(p.entries, p.reals, strict=True)]
     src = e.scratch[0]
     for stale in (src, e.temp):
         files.remove(stale)  # our own names, left by an attempt that died

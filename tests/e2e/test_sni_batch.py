@@ -226,3 +226,30 @@ def test_certbot_spools_each_renewed_lineage_and_its_post_hook_deploys_them_as_o
     finally:
         h.stop()
         pebble.stop()
+
+
+def test_a_validate_command_that_fails_ends_the_batch_with_nothing_touched(sni_host: SniHost, pki: PKI) -> None:
+    """Each validate_command starts as the batch begins (it runs while the members
+    stage) and its verdict is the one validate acts on: Postfix's failing rejects the
+    batch before any commit; every file and the table stay byte-exact."""
+    h = sni_host
+    watched = [h.compiled, h.source,
+               *(h.root / "certs" / n / f for n in ("a", "c") for f in ("key.pem", "fullchain.pem"))]
+    before = {p: sha(p) for p in watched}
+    served = {n: h.smtp(n) for n in ("a.example.test", "c.example.test")}
+    calls_before = calls(h)
+    h.pf_check.fail_once()
+
+    results = run_batch(load_config(str(h.config)), [member("pf-a", pki.leaf("a.example.test")),
+                                                     member("pf-c", pki.leaf("c.example.test"))])
+
+    outcomes = {r.target.split("/")[1]: r.outcome for r in results}
+    assert outcomes == {"pf-a": "rejected", "pf-c": "rejected"}, results
+    assert all("validate_command failed" in (r.error or "") for r in results), results
+    after = calls(h)
+    assert after["postfix-check"] - calls_before["postfix-check"] == 1  # the early run's verdict, not a second run
+    assert after["postfix-reload"] == calls_before["postfix-reload"]
+    assert {p: sha(p) for p in watched} == before
+    assert {n: h.smtp(n) for n in served} == served
+    assert Journal(str(h.root / "state")).owners() == []
+    assert sorted(p.name for p in h.source.parent.iterdir()) == ["sni", "sni.lmdb"]

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -137,3 +138,29 @@ def test_compose_targets_file_loads_and_core_does_not_import_celery() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, check=True)
     assert out.stdout.strip() == "False"
     assert callable(__import__("mailtls_tasks").deploy)
+
+
+@pytest.mark.parametrize("how", ["symlink", "hardlink", "missing-through-dir-link"])
+def test_two_roles_that_are_one_file_are_refused(tmp_path: object, how: str) -> None:
+    """One stat per path decides it (the check runs for every target of a big targets
+    file at every deploy): a symlink, a hard link, or, for files not there yet, a
+    directory symlink that makes two paths one."""
+    from pathlib import Path
+
+    d = Path(str(tmp_path))
+    (d / "real").mkdir()
+    if how == "missing-through-dir-link":
+        (d / "alias").symlink_to("real")
+        cert, key = d / "real" / "x.pem", d / "alias" / "x.pem"
+    else:
+        cert = d / "real" / "cert.pem"
+        cert.write_text("c")
+        key = d / "real" / "key.pem"
+        if how == "symlink":
+            key.symlink_to(cert)
+        else:
+            os.link(cert, key)
+    with pytest.raises(ConfigError) as err:
+        parse_config(cfg(cert_path=str(cert), key_path=str(key)))
+    assert "are the same file (through a symlink or a hard link)" in str(err.value)
+    assert parse_config(cfg(cert_path=str(cert), key_path=str(d / "real" / "other.pem"))).target("t")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from ...commands import CommandResult, Running
 from ...errors import Rejected
@@ -25,13 +26,23 @@ class BatchRun:
     """What the members of one batch share while it runs (``core.batch``): the
     members' targets; each validate_command's verdict, run once for them all; the
     reload commands run once for them all; and, per member whose record carries an
-    SNI table, the members whose entries that table was built with."""
+    SNI table, the members whose entries that table was built with. And what every
+    member would otherwise read or probe again: each SNI table's source as read
+    (``tables_read``; a batch writes compiled tables, never a source), and what each
+    listener serves without SNI (``default_now``; forgotten at each reload), so that a
+    batch of a hundred names reads a table of a thousand once, not a hundred times."""
 
     members: tuple[str, ...]
     targets: dict[str, Target] = field(default_factory=dict)
     verdicts: dict[str, CommandResult] = field(default_factory=dict)
     reloaded: set[tuple[str, str]] = field(default_factory=set)
     tables: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    tables_read: dict[str, Any] = field(default_factory=dict)
+    checked: set[str] = field(default_factory=set)  # members whose staged files check_staged loaded
+    # each validate_command, started as the batch began (as a single deploy starts its
+    # own, ``StepContext.early_validate``): its verdict is ready when validate asks
+    early: dict[str, Running] = field(default_factory=dict)
+    default_now: dict[tuple[str, str], str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

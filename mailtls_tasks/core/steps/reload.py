@@ -27,5 +27,6 @@ def reload(ctx: StepContext, deploy_id: str) -> DeployRecord:
                 raise CommandFailed(f"reload_command failed: {res.summary()}")
             if ctx.batch is not None:
                 ctx.batch.reloaded.add(once)
+                ctx.batch.default_now.clear()  # what was served before is not what is served now
         rec.phase = "reloaded"
     return rec

@@ -7,12 +7,27 @@ import time
 
 from ...errors import VerifyFailed
 from .. import material, probe
-from ..config import Target
+from ..config import Listener, Target
 from ..names import validation_names
+from .context import StepContext
 
 
 def expected_algorithm(kind: str) -> str | None:
     return None if kind == "any" else kind
+
+
+def default_served(ctx: StepContext, li: Listener) -> str:
+    """The leaf ``li`` serves without SNI now (raises probe.ProbeError). A batch's
+    members share the answer until the next reload: they all ask about the same
+    default certificate."""
+    memo = ctx.batch.default_now if ctx.batch is not None else None
+    key = (li.endpoint, li.protocol)
+    if memo is not None and key in memo:
+        return memo[key]
+    fp = probe.probe_listener(li).fingerprint
+    if memo is not None:
+        memo[key] = fp
+    return fp
 
 
 def wait_served(t: Target, leaves: dict[str, str], chains: dict[str, list[str]] | None) -> str | None:

@@ -19,7 +19,7 @@ from ..material import Bundle
 from ..names import leaf_names, uncovered
 from .context import StepContext, target_reals
 from .phases import already_staged, finish, remove_temps, skip, temp_for, timed
-from .served import served_now
+from .served import default_served, served_now
 
 RawBundle = tuple[bytes, bytes, bytes | None]
 
@@ -172,7 +172,7 @@ def _stage(ctx: StepContext, rec: DeployRecord, raw: list[RawBundle], *, force: 
             new_gid=gid_cfg if gid_cfg is not None else st.gid,
             existed=st.exists, old_sha256=st.sha256, old_mode=st.mode, old_uid=st.uid, old_gid=st.gid,
         ))
-    plan = sni.plan(t) if t.sni is not None else None
+    plan = sni.plan(t, ctx.batch.tables_read if ctx.batch is not None else None) if t.sni is not None else None
     files_live = all(e.existed and e.old_sha256 == e.new_sha256 for e in entries)
     # An indexed SNI table holds the files' bytes: it is built again unless it already
     # holds, for each of the target's entries, exactly the files' bytes (live ones).
@@ -204,7 +204,7 @@ def _stage(ctx: StepContext, rec: DeployRecord, raw: list[RawBundle], *, force: 
         rec.files = entries = [*entries, table]
     for li in t.default_listeners():  # what a deploy of an SNI name must not change
         with contextlib.suppress(probe.ProbeError):
-            rec.default_served[li.endpoint] = probe.probe_listener(li).fingerprint
+            rec.default_served[li.endpoint] = default_served(ctx, li)
     ctx.save(rec)  # temps named in the journal before they exist: recovery can find them
     for e in entries:
         if e.existed:

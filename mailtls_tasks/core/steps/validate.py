@@ -33,7 +33,8 @@ def validate(ctx: StepContext, deploy_id: str) -> DeployRecord:
         raise StepFailed(f"deploy {deploy_id} cannot validate from phase {rec.phase!r}")
     with timed(ctx, rec, "validate"):
         try:
-            _local_handshake(ctx, rec)
+            if ctx.batch is None or rec.target not in ctx.batch.checked:  # check_staged did, for a batch
+                _local_handshake(ctx, rec)
             _check_table(ctx, rec)
             if ctx.target.validate_command.strip():
                 res = _validate_command(ctx)
@@ -53,8 +54,14 @@ def _validate_command(ctx: StepContext) -> CommandResult:
     if ctx.batch is not None:  # once for every member of the batch that names it
         known = ctx.batch.verdicts.get(t.validate_command)
         if known is None:
-            known = ctx.batch.verdicts[t.validate_command] = t.daemon.config_test(t.validate_command,
-                                                                                   timeout=t.command_timeout)
+            started = ctx.batch.early.pop(t.validate_command, None)
+            if started is not None and not started.done and started.age() <= EARLY_VALIDATE_MAX_AGE:
+                known = started.wait(t.command_timeout)
+            else:
+                if started is not None:
+                    started.cancel()
+                known = t.daemon.config_test(t.validate_command, timeout=t.command_timeout)
+            ctx.batch.verdicts[t.validate_command] = known
         return known
     if early is not None and not early.done:
         if early.command == t.validate_command and early.age() <= EARLY_VALIDATE_MAX_AGE:
@@ -73,6 +80,8 @@ def check_staged(ctx: StepContext, rec: DeployRecord) -> None:
         rec.steps["validate"] = StepRecord(status="failed", detail=str(err))
         finish(ctx, rec, "rejected", str(err))
         raise
+    assert ctx.batch is not None
+    ctx.batch.checked.add(rec.target)  # validate need not shake hands with the same files again
 
 
 def _local_handshake(ctx: StepContext, rec: DeployRecord) -> None:
@@ -90,7 +99,7 @@ def _local_handshake(ctx: StepContext, rec: DeployRecord) -> None:
                 cert_bytes = files.read_bytes(certfile) or b""
                 chain_bytes = files.read_bytes(by_role[prefix + "chain"]) or b""
                 made = os.path.join(ctx.journal.deploy_dir(rec.target, rec.deploy_id), f"handshake-{kind}.pem")
-                files.atomic_write(made, cert_bytes + chain_bytes, 0o600)
+                files.write_scratch(made, cert_bytes + chain_bytes)
                 certfile = made
         try:
             what = f"the staged {kind if kind != 'any' else ''} cert/key".replace("  ", " ")
@@ -123,7 +132,7 @@ def _check_table(ctx: StepContext, rec: DeployRecord) -> None:
     if built is None:
         return
     t = ctx.target
-    p = sni.plan(t)
+    p = sni.plan(t, ctx.batch.tables_read if ctx.batch is not None else None)
     assert p is not None
     # a batch's table is built with every member of it in that table: each is "ours"
     members = [(t, rec)]
@@ -149,7 +158,7 @@ def _check_table(ctx: StepContext, rec: DeployRecord) -> None:
                                            f"{'no entry' if key is None else 'the entry ' + key + ', not its target'}")
                 served = set()
                 for group in material.key_chains(new[key]):
-                    files.atomic_write(scratch, group, 0o600)
+                    files.write_scratch(scratch, group)
                     served.add(_handshake_with(scratch, None, f"the table built for {name}: its files"))
                 if served != want:
                     raise ValidationFailed(f"sni.map: a local handshake with the table built for {name} served "

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 from ...errors import StepFailed, VerifyFailed
 from .. import probe
-from ..config import Target
 from ..journal import DeployRecord
 from .context import StepContext
 from .live import holds_new
 from .phases import ORDER, finish, moving_forward, skip, timed
-from .served import served_now, wait_served
+from .served import default_served, served_now, wait_served
 
 
 def verify(ctx: StepContext, deploy_id: str) -> DeployRecord:
@@ -35,7 +34,7 @@ def verify(ctx: StepContext, deploy_id: str) -> DeployRecord:
                 rec.served_fingerprint = err.served
                 raise
             rec.served_fingerprint = served
-            _check_default_kept(t, rec)
+            _check_default_kept(ctx, rec)
         rec.phase = "verified"
         if ctx.batch is None:
             finish(ctx, rec, "deployed")
@@ -43,15 +42,15 @@ def verify(ctx: StepContext, deploy_id: str) -> DeployRecord:
     return rec
 
 
-def _check_default_kept(t: Target, rec: DeployRecord) -> None:
+def _check_default_kept(ctx: StepContext, rec: DeployRecord) -> None:
     """An SNI target that is not the default: each listener serves, without SNI, the
     certificate it served at stage (the default's, which this deploy is not)."""
-    for li in t.default_listeners():
+    for li in ctx.target.default_listeners():
         before = rec.default_served.get(li.endpoint)
         if before is None:
             continue  # stage could not see it: nothing to compare with
         try:
-            now = probe.probe_listener(li).fingerprint
+            now = default_served(ctx, li)
         except probe.ProbeError as err:
             raise VerifyFailed(f"{li.where} (no SNI, the default certificate): {err}") from None
         if now != before:
