@@ -46,7 +46,7 @@ from .result import DeployResult
 from .steps.commit import commit
 from .steps.context import BatchRun, StepContext, target_reals
 from .steps.live import live_state
-from .steps.phases import finish, timed
+from .steps.phases import finish, remove_temps, timed
 from .steps.reload import reload
 from .steps.rollback import _restore, rollback
 from .steps.served import wait_served
@@ -144,8 +144,16 @@ def _run(ctxs: dict[str, StepContext], members: list[Member], deploy_id: str, fo
         except Rejected:
             live.remove(n)
     carriers = _build_tables(ctxs, recs, live, deploy_id)
+    rejected = set()
     for n in live:  # validate_command once per command; each table checked by its carrier
-        recs[n] = validate(ctxs[n], deploy_id)
+        try:
+            recs[n] = validate(ctxs[n], deploy_id)
+        except Rejected:
+            rejected.add(n)  # finished ``rejected`` by validate, its temps removed
+    if rejected:
+        gone = _reject_table_mates(ctxs, recs, carriers, rejected)
+        live = [n for n in live if n not in gone]
+        carriers -= gone
     order = [n for n in live if n not in carriers] + [n for n in live if n in carriers]
     for n in order:  # a table after every file it was built from
         recs[n] = commit(ctxs[n], deploy_id)
@@ -162,6 +170,34 @@ def _run(ctxs: dict[str, StepContext], members: list[Member], deploy_id: str, fo
         rec = ctxs[n].journal.load(n, deploy_id)
         assert rec is not None
         _finish_as_decided(ctxs[n], rec, outcomes[n], failed.get(n))
+
+
+def _reject_table_mates(ctxs: dict[str, StepContext], recs: dict[str, DeployRecord], carriers: set[str],
+                        rejected: set[str]) -> set[str]:
+    """Members rejected at validate (a validate_command that failed rejects every member
+    naming it; a table check, its carrier) take the members of their SNI tables with
+    them: such a table was built with all of their staged files and is not committed
+    without one of them. The other members go on. Returns every member now ended."""
+    gone = set(rejected)
+    for carrier in sorted(carriers):
+        ctx = ctxs[carrier]
+        assert ctx.batch is not None
+        group = [carrier, *ctx.batch.tables.get(carrier, ())]
+        culprits = sorted(n for n in group if n in rejected)
+        if not culprits:
+            continue
+        first = ctx.journal.load(culprits[0], recs[culprits[0]].deploy_id)
+        why = (f"rejected with {', '.join(culprits)}, whose staged files its SNI table was built with: "
+               f"{first.error if first is not None else 'rejected'}")
+        for n in group:  # the carrier first: its record holds the table's temp
+            if n in gone:
+                continue
+            rec = ctx.journal.load(n, recs[n].deploy_id)
+            assert rec is not None
+            remove_temps(rec)
+            recs[n] = finish(ctxs[n], rec, "rejected", why)
+            gone.add(n)
+    return gone
 
 
 def _verify_all(ctxs: dict[str, StepContext], live: list[str], deploy_id: str) -> dict[str, str]:

@@ -228,28 +228,63 @@ def test_certbot_spools_each_renewed_lineage_and_its_post_hook_deploys_them_as_o
         pebble.stop()
 
 
-def test_a_validate_command_that_fails_ends_the_batch_with_nothing_touched(sni_host: SniHost, pki: PKI) -> None:
+def test_a_validate_command_that_fails_rejects_its_members_and_the_others_go_on(sni_host: SniHost,
+                                                                               pki: PKI) -> None:
     """Each validate_command starts as the batch begins (it runs while the members
-    stage) and its verdict is the one validate acts on: Postfix's failing rejects the
-    batch before any commit; every file and the table stay byte-exact."""
+    stage) and its verdict is the one validate acts on. Postfix's failing rejects every
+    member naming it, and so every member of the table (built with all their files):
+    their files and the table stay byte-exact, Postfix is not reloaded. The Dovecot
+    member, whose own check passed, is deployed."""
     h = sni_host
     watched = [h.compiled, h.source,
                *(h.root / "certs" / n / f for n in ("a", "c") for f in ("key.pem", "fullchain.pem"))]
     before = {p: sha(p) for p in watched}
     served = {n: h.smtp(n) for n in ("a.example.test", "c.example.test")}
     calls_before = calls(h)
+    new_dv = pki.leaf("a.example.test")
     h.pf_check.fail_once()
 
     results = run_batch(load_config(str(h.config)), [member("pf-a", pki.leaf("a.example.test")),
-                                                     member("pf-c", pki.leaf("c.example.test"))])
+                                                     member("pf-c", pki.leaf("c.example.test")),
+                                                     member("dv-a", new_dv)])
 
     outcomes = {r.target.split("/")[1]: r.outcome for r in results}
-    assert outcomes == {"pf-a": "rejected", "pf-c": "rejected"}, results
-    assert all("validate_command failed" in (r.error or "") for r in results), results
+    assert outcomes == {"pf-a": "rejected", "pf-c": "rejected", "dv-a": "deployed"}, results
+    assert all("validate_command failed" in (r.error or "") for r in results[:2]), results
     after = calls(h)
     assert after["postfix-check"] - calls_before["postfix-check"] == 1  # the early run's verdict, not a second run
     assert after["postfix-reload"] == calls_before["postfix-reload"]
+    assert after["dovecot-reload"] - calls_before["dovecot-reload"] == 1
     assert {p: sha(p) for p in watched} == before
     assert {n: h.smtp(n) for n in served} == served
-    assert Journal(str(h.root / "state")).owners() == []
+    assert s_client(h.dovecot.ports["imaps"], None, "a.example.test") == new_dv.fingerprint
+    j = Journal(str(h.root / "state"))
+    assert j.owners() == [] and j.decision(results[0].deploy_id) == {"dv-a": "deployed"}
+    assert sorted(p.name for p in h.source.parent.iterdir()) == ["sni", "sni.lmdb"]
+
+
+def test_a_member_rejected_by_its_table_check_takes_its_table_mates_alone(sni_host: SniHost, pki: PKI) -> None:
+    """The carrier's table check refuses a table whose other names would change (the
+    live table older than a file it names): every member of that table is rejected,
+    the Dovecot member goes on."""
+    h = sni_host
+    b_key = h.root / "certs" / "b" / "key.pem"
+    b_key_bytes = b_key.read_bytes()
+    stale = pki.leaf("b.example.test", sans=["b.example.test", "*.b.example.test"])
+    (h.root / "certs" / "b" / "fullchain.pem").write_bytes(stale.fullchain_pem)  # behind the table's back
+    b_key.write_bytes(stale.key_pem)
+    table_before = sha(h.compiled)
+    new_dv = pki.leaf("c.example.test")
+    try:
+        results = run_batch(load_config(str(h.config)), [member("pf-a", pki.leaf("a.example.test")),
+                                                         member("pf-c", pki.leaf("c.example.test")),
+                                                         member("dv-c", new_dv)])
+    finally:
+        b_key.write_bytes(b_key_bytes)
+    outcomes = {r.target.split("/")[1]: r.outcome for r in results}
+    assert outcomes == {"pf-a": "rejected", "pf-c": "rejected", "dv-c": "deployed"}, results
+    assert "would change what" in (results[0].error or ""), results
+    assert "rejected with pf-a" in (results[1].error or ""), results
+    assert sha(h.compiled) == table_before
+    assert s_client(h.dovecot.ports["imaps"], None, "c.example.test") == new_dv.fingerprint
     assert sorted(p.name for p in h.source.parent.iterdir()) == ["sni", "sni.lmdb"]

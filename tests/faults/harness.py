@@ -111,12 +111,14 @@ class FaultHost:
         (root / "new-cert.pem").write_bytes(new.fullchain_pem)
         (root / "new-key.pem").write_bytes(new.key_pem)
         self.security: dict[str, Any] | None = None
+        self.lease, self.recovery_interval = 600.0, 30.0
         self.config = root / "targets.json"
         self.write_config()
 
     def write_config(self) -> None:
         cfg: dict[str, Any] = {
-            "host": "mxf", "state_dir": str(self.state), "deploy_lease": 600,
+            "host": "mxf", "state_dir": str(self.state), "deploy_lease": self.lease,
+            "recovery_interval": self.recovery_interval,
             "targets": {"mx": {
                 "cert_path": str(self.cert), "key_path": str(self.key), "chain_path": str(self.chain),
                 "reload_command": str(self.reload), "validate_command": "", "command_timeout": 10,
@@ -341,6 +343,11 @@ class WorkerRig:
         _reset(root)
         self.host = FaultHost(root, pki, *leaves)
         self.host.security = pipeline.enroll("mxf", root / "keys")
+        # A message a killed worker had taken off the queue but not yet recorded as
+        # unacked is lost (kombu's BRPOP, then its bookkeeping: docs/protocol.md); its
+        # deploy is then ended by the sweep once its lease runs out. A short lease and
+        # sweep bring that inside a case's 90 s; every step here takes well under 20 s.
+        self.host.lease, self.host.recovery_interval = 20.0, 5.0
         self.host.write_config()
         self.broker, self.pipeline = broker, pipeline
         self.worker = Worker(self.host.config, broker, root / "worker.log")

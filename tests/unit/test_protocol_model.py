@@ -2,7 +2,8 @@
 
 Hypothesis drives the real step functions -- the worker's ``HostRuntime`` path and
 the ``--local`` runner -- against real temp files, interleaving deploys of targets
-that share real files (through symlinks, and with an extra chain file), redelivering
+that share real files (through symlinks, and with an extra chain file), and batches
+(``core.batch``: several targets under one deploy id, one process), redelivering
 and reordering their messages, crashing them mid-step (an exception that no code may
 catch, raised before the k-th file operation: what a SIGKILL leaves behind), letting
 time pass beyond leases and running recovery. Only the clock and "is this process
@@ -312,6 +313,33 @@ class ProtocolModel(RuleBasedStateMachine):
         self.live.discard(tok)  # the local process exits either way
         self._note_staged(d)
 
+    @rule(first=st.sampled_from(["a", "b", "c"]), with_first=st.booleans(), with_d=st.booleans(),
+          crash=st.none() | st.integers(1, 60))
+    def local_batch(self, first: str, with_first: bool, with_d: bool, crash: int | None) -> None:
+        """A batch (``core.batch``): one deploy id, a member per target, one process.
+        Its members' files are disjoint (a, b and c share pair1: one of them at most)."""
+        from mailtls_tasks.core.batch import Member, run_batch
+
+        names = [first] * with_first + ["d"] * with_d
+        if not names:
+            return
+        did = f"m-{next(self.ids)}"
+        ds = []
+        for n in names:
+            d = Deploy(did, n, leaf(next(self.leaves)), "local")
+            self.deploys.append(d)
+            ds.append(d)
+        tok = self._new_token()
+        with self._no_live_deploy_recovered(), self._process(tok, crash):
+            try:
+                run_batch(self.cfg, [Member(d.target, d.leaf.fullchain_pem, d.leaf.key_pem) for d in ds],
+                          deploy_id=did, lock_timeout=0.0, journal=self.journal)
+            except TargetBusy:
+                assert any(self._busy_is_real(n) for n in names), f"batch {names} refused as busy, nothing owns"
+        self.live.discard(tok)
+        for d in ds:
+            self._note_staged(d)
+
     @rule(crash=st.none() | st.integers(1, 10))
     def recovery(self, crash: int | None) -> None:
         with self._no_live_deploy_recovered(), self._process(self._new_token(), crash):
@@ -358,14 +386,16 @@ class ProtocolModel(RuleBasedStateMachine):
 
     def _assert_busy_is_real(self, target: str) -> None:
         """Refused as busy: some unfinished deploy that is not dead owns one of its files."""
+        assert self._busy_is_real(target), f"{target} refused as busy, but no live deploy owns its files"
+
+    def _busy_is_real(self, target: str) -> bool:
         from mailtls_tasks.core.ownership import is_dead
         from mailtls_tasks.core.steps.context import target_reals
 
         reals = set(target_reals(self.cfg.targets[target]))
         owners = [self.journal.owner_of(r) for r in reals]
         recs = [self.journal.load(o.target, o.deploy_id) for o in owners if o]
-        assert any(r is not None and not r.finished and not is_dead(self.journal, r) for r in recs), \
-            f"{target} refused as busy, but no live deploy owns its files"
+        return any(r is not None and not r.finished and not is_dead(self.journal, r) for r in recs)
 
     # -- invariants ------------------------------------------------------------------------
     def _window(self, reals: set[str]) -> bool:
