@@ -244,9 +244,8 @@ def _build_tables(ctxs: dict[str, StepContext], recs: dict[str, DeployRecord], l
     for table_real, group in _groups(ctxs, live):
         carrier = group[0]
         ctx = ctxs[carrier]
-        assert ctx.batch is not None
-        plan = sni.plan(ctx.target, ctx.batch.tables_read)
-        assert plan is not None
+        plan = sni.plan(ctx.target, ctx.tables_read)
+        assert plan is not None and ctx.batch is not None
         others = [n for n in group if n != carrier]
         temps = {e.real: e.temp for n in group for e in recs[n].files if not recs[n].files_already_live}
         group_plan = plan.with_ours(frozenset().union(*(sni.keys_of(ctxs[n].target, plan) for n in group)))

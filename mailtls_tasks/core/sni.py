@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass
-from typing import Any
 
 from ..daemons.postfix_sni import SniEntry, SniMap, build, dump, format_source, key_for_name, parse_source
 from ..errors import ConfigError, Rejected
@@ -64,7 +63,11 @@ def compiled_real(t: Target) -> str | None:
     return files.real_path(table.compiled) if table is not None and table.indexed else None
 
 
-def plan(t: Target, memo: dict[str, Any] | None = None) -> MapPlan | None:
+# a table's source as read: its entries, and each entry's files with symlinks resolved
+TableRead = tuple[tuple[SniEntry, ...], tuple[tuple[str, ...], ...]]
+
+
+def plan(t: Target, memo: dict[str, TableRead] | None = None) -> MapPlan | None:
     """Read the table's source; refuse (nothing touched) when its entries for the
     target's files are not exactly the target's ``names``. ``memo``: the sources a
     batch has read already (its members share a table)."""
@@ -94,8 +97,7 @@ def plan(t: Target, memo: dict[str, Any] | None = None) -> MapPlan | None:
     return MapPlan(table, entries, frozenset(ours), t.instance or t.daemon.default_instance, entry_reals)
 
 
-def _read(table: SniMap) -> tuple[tuple[SniEntry, ...], tuple[tuple[str, ...], ...]]:
-    """The table's entries, and each entry's files with symlinks resolved."""
+def _read(table: SniMap) -> TableRead:
     try:
         with open(table.source, "rb") as f:
             text = f.read().decode("utf-8", "replace")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 from ...commands import CommandResult, Running
 from ...errors import Rejected
@@ -17,6 +17,9 @@ from ...ids import check_deploy_id
 from .. import files
 from ..config import HostConfig, Target
 from ..journal import DeployRecord, Journal
+
+if TYPE_CHECKING:
+    from ..sni import TableRead
 
 DEFAULT_LEASE = 600.0
 
@@ -37,7 +40,7 @@ class BatchRun:
     verdicts: dict[str, CommandResult] = field(default_factory=dict)
     reloaded: set[tuple[str, str]] = field(default_factory=set)
     tables: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    tables_read: dict[str, Any] = field(default_factory=dict)
+    tables_read: dict[str, TableRead] = field(default_factory=dict)
     checked: set[str] = field(default_factory=set)  # members whose staged files check_staged loaded
     # each validate_command, started as the batch began (as a single deploy starts its
     # own, ``StepContext.early_validate``): its verdict is ready when validate asks
@@ -66,6 +69,11 @@ class StepContext:
     # A member of a batch: stage leaves the SNI table to the batch, validate and reload
     # run each command once for all members, verify leaves the ending to the batch.
     batch: BatchRun | None = field(default=None, compare=False)
+
+    @property
+    def tables_read(self) -> dict[str, TableRead] | None:
+        """The SNI table sources a batch has read already (``sni.plan``'s memo); None alone."""
+        return self.batch.tables_read if self.batch is not None else None
 
     def load(self, deploy_id: str) -> DeployRecord:
         rec = self.journal.load(self.target.name, check_deploy_id(deploy_id))

@@ -172,7 +172,7 @@ def _stage(ctx: StepContext, rec: DeployRecord, raw: list[RawBundle], *, force: 
             new_gid=gid_cfg if gid_cfg is not None else st.gid,
             existed=st.exists, old_sha256=st.sha256, old_mode=st.mode, old_uid=st.uid, old_gid=st.gid,
         ))
-    plan = sni.plan(t, ctx.batch.tables_read if ctx.batch is not None else None) if t.sni is not None else None
+    plan = sni.plan(t, ctx.tables_read) if t.sni is not None else None
     files_live = all(e.existed and e.old_sha256 == e.new_sha256 for e in entries)
     # An indexed SNI table holds the files' bytes: it is built again unless it already
     # holds, for each of the target's entries, exactly the files' bytes (live ones).

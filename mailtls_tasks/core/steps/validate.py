@@ -9,10 +9,11 @@ import contextlib
 import os
 import ssl
 
-from ...commands import CommandResult
+from ...commands import CommandResult, Running
 from ...daemons import postfix_sni
 from ...errors import ConfigError, Rejected, StepFailed, ValidationFailed
 from .. import files, material, sni
+from ..config import Target
 from ..journal import DeployRecord, StepRecord
 from .context import StepContext
 from .phases import ORDER, finish, past, remove_temps, timed
@@ -50,19 +51,18 @@ def validate(ctx: StepContext, deploy_id: str) -> DeployRecord:
 
 
 def _validate_command(ctx: StepContext) -> CommandResult:
-    t, early = ctx.target, ctx.early_validate
-    if ctx.batch is not None:  # once for every member of the batch that names it
-        known = ctx.batch.verdicts.get(t.validate_command)
-        if known is None:
-            started = ctx.batch.early.pop(t.validate_command, None)
-            if started is not None and not started.done and started.age() <= EARLY_VALIDATE_MAX_AGE:
-                known = started.wait(t.command_timeout)
-            else:
-                if started is not None:
-                    started.cancel()
-                known = t.daemon.config_test(t.validate_command, timeout=t.command_timeout)
-            ctx.batch.verdicts[t.validate_command] = known
-        return known
+    t = ctx.target
+    if ctx.batch is None:
+        return _verdict(t, ctx.early_validate)
+    known = ctx.batch.verdicts.get(t.validate_command)  # once for every member of the batch that names it
+    if known is None:
+        known = ctx.batch.verdicts[t.validate_command] = _verdict(t, ctx.batch.early.pop(t.validate_command, None))
+    return known
+
+
+def _verdict(t: Target, early: Running | None) -> CommandResult:
+    """The validate_command's verdict: the early run's, when it is this command and
+    started recently enough; else (killing a stale early run) a run now."""
     if early is not None and not early.done:
         if early.command == t.validate_command and early.age() <= EARLY_VALIDATE_MAX_AGE:
             return early.wait(t.command_timeout)
@@ -132,7 +132,7 @@ def _check_table(ctx: StepContext, rec: DeployRecord) -> None:
     if built is None:
         return
     t = ctx.target
-    p = sni.plan(t, ctx.batch.tables_read if ctx.batch is not None else None)
+    p = sni.plan(t, ctx.tables_read)
     assert p is not None
     # a batch's table is built with every member of it in that table: each is "ours"
     members = [(t, rec)]
