@@ -8,6 +8,10 @@ Public API::
                          -> DeployResult                       # in-process, no broker
     mailtls_tasks.rollout(cert_pem, key_pem, chain_pem=None, *, targets=None | label=None | covers=None,
                           waves="1,25%,100%", continue_on_error=False) -> RolloutResult
+    mailtls_tasks.deploy_many([Certificate(target, cert_pem, key_pem, chain_pem), ...])
+                         -> [DeployHandle, ...]   # one batch per host: one validate, one reload
+    mailtls_tasks.rollout_many([Certificate(None, cert_pem, key_pem), ...], waves="1,100%")
+                         -> RolloutResult         # each to the targets it covers (or names)
     mailtls_tasks.load_config(path=None) -> HostConfig
 
 A target is ``HOST/NAME``; a bare ``NAME`` is accepted while exactly one host defines it.
@@ -24,12 +28,12 @@ if TYPE_CHECKING:
     from .core.config import HostConfig, Target, VerifySettings, load_config
     from .core.local import run_local
     from .core.result import DeployResult
-    from .distributed.rollout import RolloutResult, rollout
-    from .distributed.workflow import DeployHandle, deploy
+    from .distributed.rollout import RolloutResult, rollout, rollout_many
+    from .distributed.workflow import Certificate, DeployHandle, deploy, deploy_many
     from .errors import MailTLSError
 
-__all__ = ["DeployHandle", "DeployResult", "HostConfig", "MailTLSError", "RolloutResult", "Target", "VerifySettings",
-           "deploy", "load_config", "rollout", "run_local"]
+__all__ = ["Certificate", "DeployHandle", "DeployResult", "HostConfig", "MailTLSError", "RolloutResult", "Target",
+           "VerifySettings", "deploy", "deploy_many", "load_config", "rollout", "rollout_many", "run_local"]
 __version__ = "0.1.0"
 
 # Everything is imported on first use: `mailtls status` or a pipeline's enqueue must not
@@ -37,7 +41,9 @@ __version__ = "0.1.0"
 _WHERE = {"HostConfig": ".core.config", "Target": ".core.config", "VerifySettings": ".core.config",
           "load_config": ".core.config", "run_local": ".core.local", "MailTLSError": ".errors",
           "DeployResult": ".core.result", "deploy": ".distributed.workflow", "DeployHandle": ".distributed.workflow",
-          "rollout": ".distributed.rollout", "RolloutResult": ".distributed.rollout"}
+          "rollout": ".distributed.rollout", "RolloutResult": ".distributed.rollout",
+          "rollout_many": ".distributed.rollout", "deploy_many": ".distributed.workflow",
+          "Certificate": ".distributed.workflow"}
 
 
 def __getattr__(name: str) -> Any:

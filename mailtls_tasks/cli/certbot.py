@@ -12,6 +12,8 @@ from ..errors import MailTLSError
 from .common import broker_option, config_option, fail, load_config, read_input
 from .deploy import deploy_local
 
+DISTRIBUTED_SPOOL = "/var/lib/mailtls/certbot-spool"
+
 
 @click.command("certbot-hook")
 @config_option
@@ -21,11 +23,14 @@ from .deploy import deploy_local
 @click.option("--deploy-spool", is_flag=True,
               help="as --post-hook: deploy every lineage --spool noted since, as one batch (one check and one "
                    "reload per daemon)")
+@click.option("--spool-dir", metavar="DIR",
+              help="where --spool notes lineages (default: certbot-spool under the targets file's state_dir; "
+                   f"with --distributed and no targets file, {DISTRIBUTED_SPOOL})")
 @click.option("--waves", default="1,100%", show_default=True, help="with --distributed")
 @broker_option
 @click.option("--pipeline", "pipeline_path", metavar="FILE", envvar="MAILTLS_PIPELINE", help="pipeline keys")
-def certbot_hook(config_path: str | None, distributed: bool, spool: bool, deploy_spool: bool, waves: str,
-                 broker: str | None, pipeline_path: str | None) -> None:
+def certbot_hook(config_path: str | None, distributed: bool, spool: bool, deploy_spool: bool, spool_dir: str | None,
+                 waves: str, broker: str | None, pipeline_path: str | None) -> None:
     """certbot's --deploy-hook: deploy the renewed lineage to every target whose names it covers.
 
     Reads RENEWED_LINEAGE (the live/ directory: fullchain.pem, privkey.pem) and
@@ -34,17 +39,22 @@ def certbot_hook(config_path: str | None, distributed: bool, spool: bool, deploy
 
     Many lineages renewed in one certbot run: `--deploy-hook "mailtls certbot-hook
     --spool" --post-hook "mailtls certbot-hook --deploy-spool"` deploys them all as one
-    batch (the spool under state_dir holds lineage paths and names, never a key)."""
+    batch (the spool under state_dir holds lineage paths and names, never a key). With
+    --distributed, the post-hook rolls them out together: each to the targets whose
+    names it covers, the certificates of one host as one batch per wave."""
     import os
 
     if deploy_spool:
-        _deploy_spool(config_path)
+        d = _spool_dir(config_path, spool_dir, distributed)
+        if distributed:
+            _roll_out_spool(d, waves, broker, pipeline_path)
+        _deploy_spool(config_path, d)
     lineage = os.environ.get("RENEWED_LINEAGE")
     if not lineage:
         fail("RENEWED_LINEAGE is not set: run me as certbot's --deploy-hook", 1)
     domains = (os.environ.get("RENEWED_DOMAINS") or "").split()
     if spool:
-        _spool(config_path, lineage, domains)
+        _spool(_spool_dir(config_path, spool_dir, distributed), lineage, domains)
     cert, key, leaf = _read_lineage(lineage)
     if distributed:
         from ..distributed.rollout import rollout as run_rollout
@@ -110,13 +120,23 @@ def _targets_for(cfg: Any, leaf: Any, domains: list[str]) -> list[Any]:
             and (not wanted or any(name_covered(n, wanted) for n in t.names)) and t.alt is None]
 
 
-def _spool_dir(cfg: Any) -> str:
+def _spool_dir(config_path: str | None, given: str | None, distributed: bool) -> str:
+    """The spool: ``given``, else certbot-spool under the targets file's state_dir (a
+    mail host's certbot), else, for --distributed on a machine with no targets file
+    (the pipeline's certbot), DISTRIBUTED_SPOOL."""
     import os
 
-    return os.path.join(cfg.state_dir, "certbot-spool")
+    if given:
+        return os.path.abspath(given)
+    try:
+        return os.path.join(load_config(config_path).state_dir, "certbot-spool")
+    except MailTLSError as err:
+        if distributed and config_path is None and not os.environ.get("MAILTLS_CONFIG"):
+            return DISTRIBUTED_SPOOL
+        fail(str(err), err.exit_code)
 
 
-def _spool(config_path: str | None, lineage: str, domains: list[str]) -> NoReturn:
+def _spool(d: str, lineage: str, domains: list[str]) -> NoReturn:
     """Note one renewed lineage (its path and names: certbot runs the deploy hook once
     per lineage) for the post-hook; its files are read then, from live/."""
     import json
@@ -125,9 +145,7 @@ def _spool(config_path: str | None, lineage: str, domains: list[str]) -> NoRetur
     from ..core import files
 
     try:
-        cfg = load_config(config_path)
-        d = _spool_dir(cfg)
-        files.private_dirs(cfg.state_dir, d)
+        files.private_dirs(os.path.dirname(d), d)
         name = os.path.basename(os.path.normpath(lineage)) or "lineage"
         files.atomic_write(os.path.join(d, f"{name}.json"),
                            json.dumps({"lineage": lineage, "domains": domains}).encode(), 0o600)
@@ -137,33 +155,72 @@ def _spool(config_path: str | None, lineage: str, domains: list[str]) -> NoRetur
     sys.exit(0)
 
 
-def _deploy_spool(config_path: str | None) -> NoReturn:
-    """Every spooled lineage to the targets it is for, as one batch; a target two
-    lineages are for takes the newer certificate. The spool is emptied of what was
-    read, whatever the outcome (a rejected member would be rejected again)."""
+def _spooled(d: str) -> tuple[list[str], list[tuple[str, list[str]]]]:
+    """(the spool's entries, (lineage, domains) of each readable one)."""
     import json
     import os
 
+    entries = sorted(n for n in os.listdir(d) if n.endswith(".json")) if os.path.isdir(d) else []
+    out = []
+    for name in entries:
+        try:
+            with open(os.path.join(d, name)) as f:
+                noted = json.load(f)
+            out.append((str(noted["lineage"]), [str(x) for x in noted.get("domains", [])]))
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            click.echo(f"mailtls: spool entry {name} is unreadable ({err}): skipped")
+    if not entries:
+        click.echo("mailtls: nothing spooled: no lineage was renewed")
+        sys.exit(0)
+    return entries, out
+
+
+def _empty(d: str, entries: list[str]) -> None:
+    import os
+
+    for name in entries:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(d, name))
+
+
+def _roll_out_spool(d: str, waves: str, broker: str | None, pipeline_path: str | None) -> NoReturn:
+    """Every spooled lineage, as one rollout (``rollout_many``): each to the targets
+    whose names it all covers, a target two lineages cover taking the one issued
+    last. The spool is kept when nothing was sent (Redis down, no target covered)."""
+    from ..distributed.rollout import rollout_many
+    from ..distributed.workflow import Certificate
+
+    entries, noted = _spooled(d)
+    certificates = []
+    for lineage, _ in noted:
+        cert, key, _leaf = _read_lineage(lineage)
+        certificates.append(Certificate(None, cert, key))
+    try:
+        result = rollout_many(certificates, waves=waves, broker_url=broker, pipeline=pipeline_path,
+                              overlap="newer")
+    except MailTLSError as err:
+        fail(f"{err} (the spool is kept: run `mailtls certbot-hook --deploy-spool --distributed` again)",
+             err.exit_code)
+    for addr, run in sorted(result.targets.items()):
+        click.echo(f"mailtls: {addr}: {run.outcome}" + (f" ({run.reason})" if run.reason else "")
+                   + f" deploy {run.deploy_id or '-'}" + (f": {run.error}" if run.error else ""))
+    _empty(d, entries)
+    sys.exit(result.exit_code)
+
+
+def _deploy_spool(config_path: str | None, d: str) -> NoReturn:
+    """Every spooled lineage to the targets it is for, as one batch; a target two
+    lineages are for takes the newer certificate. The spool is emptied of what was
+    read, whatever the outcome (a rejected member would be rejected again)."""
     from ..core.batch import Member, run_batch
 
     try:
         cfg = load_config(config_path)
     except MailTLSError as err:
         fail(str(err), err.exit_code)
-    d = _spool_dir(cfg)
-    entries = sorted(n for n in os.listdir(d) if n.endswith(".json")) if os.path.isdir(d) else []
-    if not entries:
-        click.echo("mailtls: nothing spooled: no lineage was renewed")
-        sys.exit(0)
+    entries, noted = _spooled(d)
     chosen: dict[str, tuple[Any, bytes, bytes, str]] = {}
-    for name in entries:
-        try:
-            with open(os.path.join(d, name)) as f:
-                noted = json.load(f)
-            lineage, domains = str(noted["lineage"]), [str(x) for x in noted.get("domains", [])]
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            click.echo(f"mailtls: spool entry {name} is unreadable ({err}): skipped")
-            continue
+    for lineage, domains in noted:
         cert, key, leaf = _read_lineage(lineage)
         for t in _targets_for(cfg, leaf, domains):
             held = chosen.get(t.name)
@@ -183,7 +240,5 @@ def _deploy_spool(config_path: str | None) -> NoReturn:
     else:
         click.echo("mailtls: no target serves names the spooled certificates cover; set `names` on the targets")
         worst = 1
-    for name in entries:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(os.path.join(d, name))
+    _empty(d, entries)
     sys.exit(worst)

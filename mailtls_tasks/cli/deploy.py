@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
@@ -26,8 +27,9 @@ if TYPE_CHECKING:
 @click.option("--key", "key_files", multiple=True, metavar="FILE",
               help="private key, PEM, unencrypted; one per --cert, in the same order")
 @click.option("--batch", "batch_path", metavar="DIR|FILE",
-              help="many certificates as one deploy (with --local): a directory with a subdirectory per target "
-                   "in certbot's live/ layout, or a TOML manifest of [[deploy]] target, cert, key, chain")
+              help="many certificates at once, one batch per host (one validate, one reload per daemon): a "
+                   "directory with a subdirectory per target in certbot's live/ layout, or a TOML manifest of "
+                   "[[deploy]] target, cert, key, chain")
 @click.option("--chain", "chain_files", multiple=True, metavar="FILE",
               help="intermediate certificates, PEM, leaf's issuer first; none, or one per --cert")
 @config_option
@@ -58,10 +60,13 @@ def deploy(target: str | None, cert_files: tuple[str, ...], key_files: tuple[str
         if target is not None or cert_files or key_files or chain_files:
             raise click.UsageError("--batch names its targets and files itself: give no TARGET, --cert, --key or "
                                    "--chain with it")
-        if not local:
-            raise click.UsageError("--batch runs with --local, on the mail host (a batch through the workers is "
-                                   "not built yet)")
-        deploy_batch(config_path, batch_path, force, deploy_id, 300.0 if wait_s is None else wait_s, as_json)
+        if local:
+            deploy_batch(config_path, batch_path, force, deploy_id, 300.0 if wait_s is None else wait_s, as_json)
+        if deploy_id is not None:
+            raise click.UsageError("--deploy-id names one deploy; a batch through the workers gives each "
+                                   "certificate its own")
+        enqueue_batch(batch_path, force, broker, pipeline_path, 600.0 if wait_s is None else wait_s, no_wait,
+                      as_json)
     if target is None or not cert_files or not key_files:
         raise click.UsageError("give TARGET, --cert and --key (or --batch)")
     try:
@@ -165,6 +170,39 @@ def deploy_batch(config_path: str | None, batch_path: str, force: bool, deploy_i
     sys.exit(max(r.exit_code for r in results))
 
 
+def enqueue_batch(batch_path: str, force: bool, broker: str | None, pipeline_path: str | None, wait_s: float,
+                  no_wait: bool, as_json: bool) -> NoReturn:
+    """--batch through the workers (``deploy_many``): one batch per host; a line (or a
+    JSON object) per certificate, each with its own deploy id; exit by the worst."""
+    from ..distributed.workflow import Certificate, deploy_many
+
+    try:
+        members = read_batch(batch_path)
+        handles = deploy_many([Certificate(m.target, m.cert, m.key, m.chain) for m in members], force=force,
+                              broker_url=broker, pipeline=pipeline_path)
+    except (UnknownTarget, Rejected) as err:
+        fail(str(err), 2, as_json, outcome="rejected")
+    except MailTLSError as err:
+        fail(str(err), err.exit_code, as_json)
+    if no_wait:
+        rows = [{"deploy_id": h.deploy_id, "target": h.target, "host": h.host} for h in handles]
+        click.echo(json.dumps(rows) if as_json else "\n".join(f"{h.deploy_id}  {h.target}" for h in handles))
+        sys.exit(0)
+    results: list[DeployResult] = []
+    timeouts: list[str] = []
+    deadline = time.monotonic() + wait_s
+    for h in handles:  # the batches run at once on their hosts: one deadline for all
+        try:
+            results.append(h.get(timeout=max(0.0, deadline - time.monotonic())))
+        except MailTLSError as err:  # DeployTimeout, or Redis lost while waiting
+            timeouts.append(f"{h.target}: {err}")
+    if as_json:
+        click.echo(json.dumps([r.as_json() for r in results] + [{"error": t} for t in timeouts]))
+    else:
+        click.echo("\n".join([r.human() for r in results] + [f"TIMEOUT {t}" for t in timeouts]))
+    sys.exit(max([r.exit_code for r in results] + [1 for _ in timeouts]))
+
+
 def _read_bundles(certs: tuple[str, ...], keys: tuple[str, ...],
                   chains: tuple[str, ...]) -> list[tuple[bytes, bytes, bytes | None]]:
     """--cert/--key/--chain, paired in order: one bundle per certificate."""
@@ -227,9 +265,12 @@ def deploy_local(cfg: Any, target: str, cert: bytes, key: bytes, chain: bytes | 
 
 
 @click.command()
-@click.option("--cert", "cert_files", required=True, multiple=True, metavar="FILE",
+@click.option("--cert", "cert_files", multiple=True, metavar="FILE",
               help="leaf certificate (or full chain), PEM; twice for dual RSA + ECDSA targets")
-@click.option("--key", "key_files", required=True, multiple=True, metavar="FILE", help="one per --cert")
+@click.option("--key", "key_files", multiple=True, metavar="FILE", help="one per --cert")
+@click.option("--batch", "batch_path", metavar="DIR|FILE",
+              help="several certificates (as deploy --batch), each to the target it names: HOST/NAME, or a "
+                   "bare NAME for that target on every host; one batch per host per wave")
 @click.option("--chain", "chain_files", multiple=True, metavar="FILE", help="none, or one per --cert")
 @click.option("--targets", "targets_csv", metavar="HOST/NAME,...", help="these targets")
 @click.option("--label", metavar="LABEL", help="every target carrying this label")
@@ -245,22 +286,35 @@ def deploy_local(cfg: Any, target: str, cert: bytes, key: bytes, chain: bytes | 
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
 @broker_option
 @click.option("--pipeline", "pipeline_path", metavar="FILE", envvar="MAILTLS_PIPELINE", help="pipeline keys")
-def rollout(cert_files: tuple[str, ...], key_files: tuple[str, ...], chain_files: tuple[str, ...],
-            targets_csv: str | None, label: str | None,
+def rollout(cert_files: tuple[str, ...], key_files: tuple[str, ...], batch_path: str | None,
+            chain_files: tuple[str, ...], targets_csv: str | None, label: str | None,
             covers_csv: str | None, waves: str, continue_on_error: bool, force: bool, rollout_id: str | None,
             wait_s: float, as_json: bool, broker: str | None, pipeline_path: str | None) -> None:
-    """Roll one certificate out to every daemon that serves it, in waves.
+    """Roll one certificate (or --batch: several) out to every daemon that serves it, in waves.
 
     Exit by the worst outcome: 0 all deployed/unchanged, 2 rejected, 3 rolled back
     (halted), 4 failed (operator needed), 1 usage or infrastructure error."""
     from ..distributed.rollout import rollout as run_rollout
+    from ..distributed.rollout import rollout_many
 
+    if batch_path is not None and (cert_files or key_files or chain_files or targets_csv or label or covers_csv):
+        raise click.UsageError("--batch names its targets and files itself: give no --cert, --key, --chain, "
+                               "--targets, --label or --covers with it")
+    if batch_path is None and not (cert_files and key_files):
+        raise click.UsageError("give --cert and --key (or --batch)")
     try:
-        (cert, key, chain), *also = _read_bundles(cert_files, key_files, chain_files)
-        result = run_rollout(cert, key, chain, targets=split_csv(targets_csv), label=label,
-                             covers=split_csv(covers_csv), waves=waves, continue_on_error=continue_on_error,
-                             force=force, broker_url=broker, pipeline=pipeline_path, rollout_id=rollout_id,
-                             timeout=wait_s, also=also)
+        if batch_path is not None:
+            from ..distributed.workflow import Certificate
+
+            result = rollout_many([Certificate(m.target, m.cert, m.key, m.chain) for m in read_batch(batch_path)],
+                                  waves=waves, continue_on_error=continue_on_error, force=force, broker_url=broker,
+                                  pipeline=pipeline_path, rollout_id=rollout_id, timeout=wait_s)
+        else:
+            (cert, key, chain), *also = _read_bundles(cert_files, key_files, chain_files)
+            result = run_rollout(cert, key, chain, targets=split_csv(targets_csv), label=label,
+                                 covers=split_csv(covers_csv), waves=waves, continue_on_error=continue_on_error,
+                                 force=force, broker_url=broker, pipeline=pipeline_path, rollout_id=rollout_id,
+                                 timeout=wait_s, also=also)
     except MailTLSError as err:
         fail(str(err), err.exit_code, as_json)
     click.echo(json.dumps(result.model_dump(mode="json")) if as_json else result.human())

@@ -37,7 +37,7 @@ from ..errors import ConfigError, MailTLSError, Rejected, StepFailed
 from ..ids import check_deploy_id, new_deploy_id
 from . import files, sni
 from .config import HostConfig, Target
-from .journal import DeployRecord, Journal, Owner
+from .journal import DeployRecord, Journal, Origin, Owner
 from .local import Terminated, check_id_reuse, contexts_for, shielded, signals_as_exceptions
 from .local import log as local_log
 from .ownership import holding
@@ -68,13 +68,26 @@ class Member:
     key: bytes
     chain: bytes | None = None
     also: tuple[tuple[bytes, bytes, bytes | None], ...] = ()
+    # a batch through the workers: this member's own deploy id and fence (from its
+    # sealed envelope) and its own --force; None: the batch's id, no fence
+    deploy_id: str | None = None
+    fence: int | None = None
+    force: bool = False
 
 
 def run_batch(cfg: HostConfig, members: list[Member], *, deploy_id: str | None = None, force: bool = False,
-              lock_timeout: float = 300.0, journal: Journal | None = None) -> list[DeployResult]:
+              lock_timeout: float = 300.0, journal: Journal | None = None, origin: Origin = "local",
+              wait_for_owner: bool = True) -> list[DeployResult]:
     """Deploy every member in one run; one result per member, in the order given.
     Never raises for a batch that ran; TargetBusy (nothing touched) when another live
-    deploy still owns a member's files after ``lock_timeout``."""
+    deploy still owns a member's files after ``lock_timeout`` (at once, without
+    ``wait_for_owner``: a worker's batch does not wait on a deploy whose next step may
+    be queued behind it).
+
+    ``deploy_id`` names the batch (its decision, its locks); a member gives its own
+    (``Member.deploy_id``: a batch through the workers, one Redis record per member)
+    or shares the batch's. ``origin`` "distributed": the members' endings go to the
+    journal's outbox for Redis, as a worker's deploys do."""
     targets = [cfg.target(m.target) for m in members]
     names = [t.name for t in targets]
     if len(set(names)) != len(names):
@@ -83,37 +96,46 @@ def run_batch(cfg: HostConfig, members: list[Member], *, deploy_id: str | None =
     if not members:
         raise ConfigError("a batch of no certificates")
     deploy_id = check_deploy_id(deploy_id or new_deploy_id())
+    given = [m.deploy_id for m in members if m.deploy_id is not None]
+    if given and (len(given) != len(members) or len(set(given)) != len(given) or deploy_id in given):
+        raise ConfigError("a batch's members share the batch's deploy id, or each has its own, distinct from "
+                          "the batch's")
+    ids = {t.name: check_deploy_id(m.deploy_id or deploy_id) for m, t in zip(members, targets, strict=True)}
+    own = {n: i for n, i in ids.items() if i != deploy_id}
     contexts = contexts_for(cfg, journal)
     j = contexts.journal
-    run = BatchRun(members=tuple(sorted(names)), targets={t.name: t for t in targets})
+    run = BatchRun(members=tuple(sorted(names)), targets={t.name: t for t in targets}, ids=own,
+                   batch_id=deploy_id if own else None)
     ctxs = {t.name: replace(contexts[t.name], batch=run) for t in targets}
-    for m, t in zip(members, targets, strict=True):
-        check_id_reuse(j, t.name, deploy_id, [m.cert, *(c for c, _, _ in m.also)])
+    if origin == "local":  # a worker's members: their ids were checked by their client and envelopes
+        for m, t in zip(members, targets, strict=True):
+            check_id_reuse(j, t.name, ids[t.name], [m.cert, *(c for c, _, _ in m.also)])
     recover(contexts, j)
 
     def take_over(owner: Owner) -> None:
         recover_deploy(contexts, j, owner.target, owner.deploy_id)
 
     reals = sorted({r for t in targets for r in target_reals(t)})
-    with signals_as_exceptions(), holding(j, reals, deploy_id, timeout=lock_timeout, recover=take_over,
-                                           on_wait=lambda why: local_log.warning("waiting: %s", why)):
+    signals = signals_as_exceptions() if origin == "local" else contextlib.nullcontext()
+    with signals, holding(j, reals, deploy_id, timeout=lock_timeout, recover=take_over,
+                          on_wait=lambda why: local_log.warning("waiting: %s", why), wait_for_owner=wait_for_owner):
         try:
             _start_validates(run, targets)
-            _run(ctxs, members, deploy_id, force)
+            _run(ctxs, members, ids, deploy_id, force, origin)
         except (MailTLSError, OSError) as err:
-            _roll_back_all(ctxs, deploy_id, str(err))
+            _roll_back_all(ctxs, ids, deploy_id, str(err))
         except Exception as err:
             log.exception("batch %s: unexpected error; rolling every member back", deploy_id)
-            _roll_back_all(ctxs, deploy_id, f"internal error: {type(err).__name__}: {err}")
+            _roll_back_all(ctxs, ids, deploy_id, f"internal error: {type(err).__name__}: {err}")
         except (KeyboardInterrupt, Terminated):
-            _roll_back_all(ctxs, deploy_id, "interrupted by a signal", reason="interrupted")
+            _roll_back_all(ctxs, ids, deploy_id, "interrupted by a signal", reason="interrupted")
             raise
         finally:
             for started in run.early.values():
                 started.cancel()  # a batch that ended before its validate: never left running behind us
     out = []
     for name in names:
-        rec = j.load(name, deploy_id)
+        rec = j.load(name, ids[name])
         assert rec is not None, name
         out.append(DeployResult.from_record(rec))
     return out
@@ -129,12 +151,14 @@ def _start_validates(run: BatchRun, targets: list[Target]) -> None:
                 run.early[command] = Running(command, "validate_command")
 
 
-def _run(ctxs: dict[str, StepContext], members: list[Member], deploy_id: str, force: bool) -> None:
+def _run(ctxs: dict[str, StepContext], members: list[Member], ids: dict[str, str], batch_id: str, force: bool,
+         origin: Origin) -> None:
     recs: dict[str, DeployRecord] = {}
     for m in members:
+        n = ctxs[m.target].target.name
         try:
-            recs[m.target] = stage(ctxs[m.target], deploy_id, m.cert, m.key, m.chain, force=force,
-                                   also=list(m.also) or None)
+            recs[n] = stage(ctxs[n], ids[n], m.cert, m.key, m.chain, force=force or m.force, fence=m.fence,
+                            origin=origin, also=list(m.also) or None)
         except Rejected:
             continue  # finished ``rejected`` by stage, alone
     live = [n for n in recs if not recs[n].finished]
@@ -143,11 +167,11 @@ def _run(ctxs: dict[str, StepContext], members: list[Member], deploy_id: str, fo
             check_staged(ctxs[n], recs[n])
         except Rejected:
             live.remove(n)
-    carriers = _build_tables(ctxs, recs, live, deploy_id)
+    carriers = _build_tables(ctxs, recs, live)
     rejected = set()
     for n in live:  # validate_command once per command; each table checked by its carrier
         try:
-            recs[n] = validate(ctxs[n], deploy_id)
+            recs[n] = validate(ctxs[n], ids[n])
         except Rejected:
             rejected.add(n)  # finished ``rejected`` by validate, its temps removed
     if rejected:
@@ -156,18 +180,18 @@ def _run(ctxs: dict[str, StepContext], members: list[Member], deploy_id: str, fo
         carriers -= gone
     order = [n for n in live if n not in carriers] + [n for n in live if n in carriers]
     for n in order:  # a table after every file it was built from
-        recs[n] = commit(ctxs[n], deploy_id)
+        recs[n] = commit(ctxs[n], ids[n])
     for n in live:
-        recs[n] = reload(ctxs[n], deploy_id)
-    failed = _verify_all(ctxs, live, deploy_id)
+        recs[n] = reload(ctxs[n], ids[n])
+    failed = _verify_all(ctxs, live, ids)
     if failed:
-        _roll_back_alone(ctxs, deploy_id, live, carriers, failed)
+        _roll_back_alone(ctxs, ids, live, carriers, failed)
     if not live:
         return  # every member ended at stage or its own checks
     outcomes = {n: "rolled_back" if n in failed else "deployed" for n in live}
-    ctxs[live[0]].journal.write_decision(deploy_id, outcomes)
+    ctxs[live[0]].journal.write_decision(batch_id, outcomes)
     for n in order:
-        rec = ctxs[n].journal.load(n, deploy_id)
+        rec = ctxs[n].journal.load(n, ids[n])
         assert rec is not None
         _finish_as_decided(ctxs[n], rec, outcomes[n], failed.get(n))
 
@@ -200,7 +224,7 @@ def _reject_table_mates(ctxs: dict[str, StepContext], recs: dict[str, DeployReco
     return gone
 
 
-def _verify_all(ctxs: dict[str, StepContext], live: list[str], deploy_id: str) -> dict[str, str]:
+def _verify_all(ctxs: dict[str, StepContext], live: list[str], ids: dict[str, str]) -> dict[str, str]:
     """Each member's verify, a few at a time: a verify waits on the daemons' handshakes
     (Dovecot starts a login process per connection), not on this process, and touches
     nothing but its own member's record. Returns the members whose names failed, with
@@ -209,7 +233,7 @@ def _verify_all(ctxs: dict[str, StepContext], live: list[str], deploy_id: str) -
 
     def one(n: str) -> str | None:
         try:
-            verify(ctxs[n], deploy_id)
+            verify(ctxs[n], ids[n])
         except StepFailed as err:
             return str(err)
         return None
@@ -236,8 +260,7 @@ def _groups(ctxs: dict[str, StepContext], live: list[str]) -> Iterator[tuple[str
     yield from by_table.items()
 
 
-def _build_tables(ctxs: dict[str, StepContext], recs: dict[str, DeployRecord], live: list[str],
-                  deploy_id: str) -> set[str]:
+def _build_tables(ctxs: dict[str, StepContext], recs: dict[str, DeployRecord], live: list[str]) -> set[str]:
     """One build per SNI table, with every live member's staged files, carried (and
     owned) by the table's first member. Returns the carriers."""
     carriers = set()
@@ -253,7 +276,7 @@ def _build_tables(ctxs: dict[str, StepContext], recs: dict[str, DeployRecord], l
             continue  # nothing of theirs to write, and the table already holds their files
         rec = recs[carrier]
         key_entry = next(e for e in rec.files if e.role in ("key", "combined"))
-        entry = sni.map_entry(group_plan, deploy_id, key_entry)
+        entry = sni.map_entry(group_plan, rec.deploy_id, key_entry)
         with timed(ctx, rec, "stage"):
             ctx.journal.set_owner(table_real, rec)
             rec.claimed = [*rec.claimed, table_real]
@@ -262,14 +285,14 @@ def _build_tables(ctxs: dict[str, StepContext], recs: dict[str, DeployRecord], l
             ctx.save(rec)  # owned and named before it is written: recovery can find it
             _, data = files.inspect(entry.real)
             if data is not None:
-                ctx.journal.write_backup(rec.target, deploy_id, entry.role, data)
+                ctx.journal.write_backup(rec.target, rec.deploy_id, entry.role, data)
             entry.new_sha256 = sni.build_beside(group_plan, entry, temps, ctx.target.command_timeout)
         ctx.batch.tables[carrier] = tuple(others)
         carriers.add(carrier)
     return carriers
 
 
-def _roll_back_alone(ctxs: dict[str, StepContext], deploy_id: str, live: list[str], carriers: set[str],
+def _roll_back_alone(ctxs: dict[str, StepContext], ids: dict[str, str], live: list[str], carriers: set[str],
                      failed: dict[str, str]) -> None:
     """The members whose names failed verify: their files back, each table they are
     in built again from the live files and renamed in, one more reload per daemon,
@@ -278,7 +301,7 @@ def _roll_back_alone(ctxs: dict[str, StepContext], deploy_id: str, live: list[st
     j = ctxs[live[0]].journal
     for n in failed:
         ctx = ctxs[n]
-        rec = j.load(n, deploy_id)
+        rec = j.load(n, ids[n])
         assert rec is not None
         own = [e for e in rec.files if e.role != sni.MAP_ROLE]
         with timed(ctx, rec, "rollback"):
@@ -291,7 +314,7 @@ def _roll_back_alone(ctxs: dict[str, StepContext], deploy_id: str, live: list[st
         group = [carrier, *ctx.batch.tables.get(carrier, ())]
         if not any(n in failed for n in group):
             continue
-        rec = j.load(carrier, deploy_id)
+        rec = j.load(carrier, ids[carrier])
         assert rec is not None
         plan = sni.plan(ctx.target)
         assert plan is not None
@@ -315,7 +338,7 @@ def _roll_back_alone(ctxs: dict[str, StepContext], deploy_id: str, live: list[st
         done.add((t.mode, t.reload_command))
     for n in live:
         target = ctxs[n].target
-        rec = j.load(n, deploy_id)
+        rec = j.load(n, ids[n])
         assert rec is not None
         if not target.verify_endpoints():
             continue
@@ -324,16 +347,29 @@ def _roll_back_alone(ctxs: dict[str, StepContext], deploy_id: str, live: list[st
             wait_served(target, leaves, None)
 
 
-def _roll_back_all(ctxs: dict[str, StepContext], deploy_id: str, error: str, reason: str | None = None) -> None:
+def _roll_back_all(ctxs: dict[str, StepContext], ids: dict[str, str], batch_id: str, error: str,
+                   reason: str | None = None) -> None:
     """Every unfinished member back, carriers first: the table returns byte-exact to
     what it was before the batch, then each member's files and a check of its names."""
     with shielded():
-        recs = [(n, ctxs[n].journal.load(n, deploy_id)) for n in ctxs]
+        recs = [(n, ctxs[n].journal.load(n, ids[n])) for n in ctxs]
         pending = [(n, r) for n, r in recs if r is not None and not r.finished]
         pending.sort(key=lambda nr: not any(e.role == sni.MAP_ROLE for e in nr[1].files))
         for n, _ in pending:
             try:
-                rollback(ctxs[n], deploy_id, error=error, reason=reason)
+                rollback(ctxs[n], ids[n], error=error, reason=reason)
             except MailTLSError as err:
-                log.error("batch %s: rolling %s back failed: %s", deploy_id, n, err)
+                log.error("batch %s: rolling %s back failed: %s", batch_id, n, err)
+                _hand_to_recovery(ctxs[n], ids[n])
+
+
+def _hand_to_recovery(ctx: StepContext, deploy_id: str) -> None:
+    """A member its run could not roll back (a full disk): without a runner it is dead
+    at once, so recovery takes it, even while the process that ran the batch (a
+    worker's pool process) lives on."""
+    rec = ctx.journal.load(ctx.target.name, deploy_id)
+    if rec is not None and not rec.finished:
+        rec.runner, rec.in_step = None, None
+        with contextlib.suppress(MailTLSError, OSError):
+            ctx.save(rec)
 

@@ -7,15 +7,15 @@ a file: it passes names (target, deploy id, step) and gets journal records back.
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from ..errors import ConfigError
+from ..errors import ConfigError, Rejected, UnknownTarget
 from ..ids import check_deploy_id
-from ..security.envelope import open_envelope
+from ..security.envelope import EnvelopeError, open_envelope
 from ..security.keys import load_host_key, parse_ed25519_public
 from . import files, material
 from .audit import TargetAudit, audit_target
@@ -42,6 +42,15 @@ class HostKeys:
 
     def __repr__(self) -> str:
         return f"<HostKeys {len(self.host_keys)} host key(s), {len(self.trusted)} trusted signer(s)>"
+
+
+@dataclass
+class BatchOutcome:
+    """How each member of a batch sent through the workers stands: its journal record
+    (by deploy id), or why it was refused before it staged (nothing touched)."""
+
+    records: dict[str, DeployRecord | None] = field(default_factory=dict)
+    refused: dict[str, str] = field(default_factory=dict)
 
 
 STEP_FUNCTIONS = {
@@ -138,6 +147,47 @@ class HostRuntime:
                      recover=self._take_over, target=target, wait_for_owner=False):
             return stage_step(ctx, deploy_id, cert_pem, key_pem, chain_pem, force=force, fence=fence,
                                origin="distributed", also=also)
+
+    def batch(self, batch_id: str, members: list[tuple[str, str, Any]]) -> BatchOutcome:
+        """Run a batch sent through the workers: ``members`` are (target, deploy id,
+        sealed envelope or None). Each envelope is opened as ``stage_envelope`` opens
+        one (signed for exactly this target, host and deploy); one that cannot be is
+        refused alone, nothing touched, and the others run as one batch
+        (``core.batch``), each under the fence from its own signed header.
+
+        Sent again (a redelivery after a lost worker), it converges: members with a
+        record are never staged again (their envelopes may be gone, or past their
+        age); recovery has ended the dead ones; the rest stage now. TargetBusy
+        (nothing touched) while another live deploy owns a member's files, or the
+        first run is still running."""
+        from .batch import Member, run_batch
+
+        keys = self.security()
+        out = BatchOutcome()
+        chosen: list[Member] = []
+        for name, deploy_id, envelope in members:
+            try:
+                if already_staged(self.record(name, deploy_id)):
+                    # its bundle was taken in already: stage returns its record without reading it
+                    chosen.append(Member(name, b"", b"", deploy_id=deploy_id))
+                    continue
+                if envelope is None:
+                    raise EnvelopeError(f"deploy {deploy_id}: its envelope is gone from Redis (expired, or Redis "
+                                        "lost its data); nothing was touched")
+                opened = open_envelope(envelope, target=name, host=self.host, deploy_id=deploy_id,
+                                       host_keys=keys.host_keys, trusted=keys.trusted, max_age=keys.max_age)
+            except (Rejected, UnknownTarget, ConfigError) as err:  # EnvelopeError is a Rejected
+                out.refused[deploy_id] = str(err)
+                continue
+            chosen.append(Member(name, opened.cert, opened.key, opened.chain, tuple(opened.also),
+                                 deploy_id=deploy_id, fence=opened.fence, force=opened.force))
+        if chosen:
+            run_batch(self.cfg, chosen, deploy_id=batch_id, lock_timeout=self.lock_wait, journal=self.journal,
+                      origin="distributed", wait_for_owner=False)
+        for m in chosen:
+            assert m.deploy_id is not None
+            out.records[m.deploy_id] = self.journal.load(m.target, m.deploy_id)
+        return out
 
     def _locked(self, target: str, deploy_id: str) -> tuple[StepContext, DeployRecord]:
         ctx = self.context(target)

@@ -178,10 +178,25 @@ class DeployRecord(BaseModel):
     # member's target, itself included. Recovery ends a batch's members together
     # (``batches/<deploy_id>.json``: the decision, once the run has made it).
     batch: list[str] = Field(default_factory=list)
+    # A batch sent through the workers: each member has its own deploy id (its own
+    # record in Redis, its own envelope and fence), and the batch an id of its own,
+    # which names its decision. Empty / None: every member shares this record's id.
+    batch_ids: dict[str, str] = Field(default_factory=dict)
+    batch_id: str | None = None
 
     @property
     def finished(self) -> bool:
         return self.outcome is not None
+
+    def member_id(self, target: str) -> str:
+        """The deploy id of the batch's member ``target`` (this record's, unless the
+        members were given their own)."""
+        return self.batch_ids.get(target, self.deploy_id)
+
+    @property
+    def decision_id(self) -> str:
+        """The id the batch's decision file is written under."""
+        return self.batch_id or self.deploy_id
 
     @property
     def reals(self) -> list[str]:

@@ -24,7 +24,9 @@ def is_dead(journal: Journal, rec: DeployRecord) -> bool:
     """An unfinished deploy nobody will finish: its owner must be recovered."""
     if rec.finished:
         return False
-    if rec.origin == "local":
+    if rec.origin == "local" or rec.batch:
+        # a batch runs from start to end in one process (a local run, or one worker's
+        # task): no later message continues it, so it is dead when that process is
         return not journal.alive(rec.runner)
     if rec.in_step and not journal.alive(rec.runner):
         return True

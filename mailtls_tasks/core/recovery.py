@@ -66,12 +66,12 @@ def _recover_batch(contexts: Mapping[str, StepContext], journal: Journal, rec: D
     wrote one (a crash while finishing its members), else every unfinished member
     back, those carrying an SNI table first (never rolled forward one by one: a
     member's names are served from a table the others' files went into too)."""
-    deploy_id = rec.deploy_id
-    members = {n: journal.load(n, deploy_id) for n in rec.batch}
+    batch_id = rec.decision_id
+    members = {n: journal.load(n, rec.member_id(n)) for n in rec.batch}
     reals = sorted({r for m in members.values() if m is not None for r in m.reals})
     try:
         with journal.lock_files(reals, timeout=0.0):
-            members = {n: journal.load(n, deploy_id) for n in rec.batch}
+            members = {n: journal.load(n, rec.member_id(n)) for n in rec.batch}
             pending = {n: m for n, m in members.items() if m is not None and not m.finished}
             if rec.target not in pending:
                 return None
@@ -80,9 +80,9 @@ def _recover_batch(contexts: Mapping[str, StepContext], journal: Journal, rec: D
             missing = [n for n in pending if n not in contexts]
             if missing:
                 log.error("batch %s is unfinished but target(s) %s are no longer configured: left for an operator",
-                          deploy_id, ", ".join(missing))
+                          batch_id, ", ".join(missing))
                 return None
-            decision = journal.decision(deploy_id)
+            decision = journal.decision(batch_id)
             order = sorted(pending, key=lambda n: (not any(e.role == "sni_map" for e in pending[n].files), n))
             for n in order:
                 ctx, m = contexts[n], pending[n]
@@ -92,9 +92,9 @@ def _recover_batch(contexts: Mapping[str, StepContext], journal: Journal, rec: D
                 elif outcome == "rolled_back":  # rolled back alone before the decision was written
                     finish(ctx, m, "rolled_back", m.error)
                 else:
-                    rollback(ctx, deploy_id, error=INTERRUPTED, reason="interrupted", boot=boot)
-                log.warning("recovered batch %s member %s: %s", deploy_id, n, outcome or "rolled back")
-            return journal.load(rec.target, deploy_id)
+                    rollback(ctx, m.deploy_id, error=INTERRUPTED, reason="interrupted", boot=boot)
+                log.warning("recovered batch %s member %s: %s", batch_id, n, outcome or "rolled back")
+            return journal.load(rec.target, rec.deploy_id)
     except TargetBusy:
         return None  # one of its steps is running: alive by definition
 

@@ -221,11 +221,18 @@ class Coordinator:
         (``message``: queue, payload): one transaction, so a worker never sees a message
         without its record and envelope, nor Redis a record half written (the envelope
         travels beside the messages, never in them)."""
-        deploy_id = data["deploy_id"]
+        self.create_deploys([(data, envelope)], message)
+
+    def create_deploys(self, deploys: list[tuple[dict[str, Any], dict[str, Any]]],
+                       message: tuple[str, str] | None = None) -> None:
+        """``create_deploy`` for several deploys and the one message that runs them all
+        (a batch: ``mailtls.batch``), in one transaction."""
         pipe = self.r.pipeline(transaction=True)
-        pipe.set(self._k("deploy", deploy_id), json.dumps(data), ex=RECORD_TTL)
-        self._queue_history(pipe, data["target"], deploy_id)
-        pipe.set(self._k("envelope", deploy_id), json.dumps(envelope), ex=ENVELOPE_TTL)
+        for data, envelope in deploys:
+            deploy_id = data["deploy_id"]
+            pipe.set(self._k("deploy", deploy_id), json.dumps(data), ex=RECORD_TTL)
+            self._queue_history(pipe, data["target"], deploy_id)
+            pipe.set(self._k("envelope", deploy_id), json.dumps(envelope), ex=ENVELOPE_TTL)
         if message is not None:
             pipe.lpush(*message)
         pipe.execute()

@@ -50,6 +50,7 @@ class RolloutError(MailTLSError):
 class TargetRun(BaseModel):
     wave: int
     deploy_id: str | None = None
+    fingerprint: str | None = None  # the leaf this target gets (a rollout of several certificates)
     outcome: Verdict = "pending"
     reason: str | None = None
     error: str | None = None
@@ -85,13 +86,17 @@ class RolloutResult(BaseModel):
         return 1 if worst in ("timeout", "skipped", "pending") else 0
 
     def human(self) -> str:
-        lines = [f"rollout {self.rollout_id}: {self.state.upper()}  leaf {self.fingerprint[:16]}…  "
-                 f"worst {self.worst}"]
-        lines.append(f"  {'WAVE':<5} {'TARGET':<32} {'OUTCOME':<12} {'MS':>7}  DEPLOY / WHY")
+        leaves = {t.fingerprint for t in self.targets.values() if t.fingerprint}
+        many = len(leaves) > 1
+        what = f"{len(leaves)} certificates" if many else f"leaf {self.fingerprint[:16]}…"
+        lines = [f"rollout {self.rollout_id}: {self.state.upper()}  {what}  worst {self.worst}"]
+        leaf_column = f"{'LEAF':<13}" if many else ""
+        lines.append(f"  {'WAVE':<5} {'TARGET':<32} {'OUTCOME':<12} {'MS':>7}  {leaf_column}DEPLOY / WHY")
         for addr, run in sorted(self.targets.items(), key=lambda kv: (kv[1].wave, kv[0])):
             why = run.error or run.reason or ("already deployed there" if run.outcome == "unchanged" else "")
+            leaf = f"{(run.fingerprint or '-')[:12]:<13}" if many else ""
             lines.append(f"  {run.wave + 1:<5} {addr:<32} {run.outcome:<12} {run.ms if run.ms is not None else '-':>7}"
-                         f"  {run.deploy_id or '-'}{'  ' + why[:100] if why else ''}")
+                         f"  {leaf}{run.deploy_id or '-'}{'  ' + why[:100] if why else ''}")
         for addr, names in sorted(self.not_covered.items()):
             lines.append(f"  {'-':<5} {addr:<32} {'not covered':<12} {'':>7}  the certificate does not cover "
                          f"{', '.join(names)}")
@@ -178,17 +183,89 @@ def rollout(cert_pem: bytes, key_pem: bytes, chain_pem: bytes | None = None, *,
             broker_url: str | None = None, pipeline: Any = None, rollout_id: str | None = None,
             timeout: float = 600.0, also: list[tuple[bytes, bytes, bytes | None]] | None = None) -> RolloutResult:
     """Roll one certificate out to the selected targets, wave by wave; see the module doc."""
+    from .coordination import Coordinator
+    from .workflow import Certificate
+
+    keys, app = _keys_and_app(pipeline, broker_url)
+    co = Coordinator.for_url(str(app.conf.broker_url))
+    leaf = _leaf(cert_pem, "cert")
+    chosen, not_covered = select(co.fleet(), targets=targets, label=label, covers=covers, leaf=leaf)
+    bundle = Certificate(None, cert_pem, key_pem, chain_pem, tuple(also or ()))
+    fp = material.fingerprint(leaf)
+    return _rollout(co, app, keys, {a: (bundle, fp) for a in chosen}, not_covered, fp,
+                    {"targets": targets, "label": label, "covers": covers, "waves": waves}, rollout_id, waves,
+                    force=force, timeout=timeout, continue_on_error=continue_on_error)
+
+
+def rollout_many(certificates: list[Any], *, waves: str = "1,25%,100%", continue_on_error: bool = False,
+                 force: bool = False, broker_url: str | None = None, pipeline: Any = None,
+                 rollout_id: str | None = None, timeout: float = 600.0,
+                 overlap: Literal["refuse", "newer"] = "refuse") -> RolloutResult:
+    """Roll several certificates out at once (``workflow.Certificate``s: renewals of
+    several domains), wave by wave over all their targets. A certificate that names
+    its target goes there; one that does not goes to every target whose names it all
+    covers (``covers`` with the leaf's own names). In each wave, the certificates of
+    one host go as one batch (``deploy_many``): one validate, one reload per daemon.
+    A target chosen by two certificates is refused before anything is sent, or
+    (``overlap="newer"``, as certbot's spool: a wildcard and a single-name lineage
+    both renewed) gets the one issued last."""
+    from .coordination import Coordinator
+
+    if not certificates:
+        raise RolloutError("no certificate to roll out")
+    keys, app = _keys_and_app(pipeline, broker_url)
+    co = Coordinator.for_url(str(app.conf.broker_url))
+    fleet = co.fleet()
+    bundles: dict[str, tuple[Any, str]] = {}
+    issued: dict[str, Any] = {}
+    not_covered: dict[str, list[str]] = {}
+    for i, c in enumerate(certificates, 1):
+        leaf = _leaf(c.cert, f"certificate {i}")
+        fp = material.fingerprint(leaf)
+        if c.target is not None and "/" in c.target:
+            host, name = co.resolve(c.target)
+            chosen, _ = select(fleet, targets=[f"{host}/{name}"], label=None, covers=None, leaf=leaf)
+        elif c.target is not None:  # a bare NAME: that target on every host that defines it
+            chosen = sorted(f"{e['host']}/{e['target']}" for e in fleet if e["target"] == c.target)
+            if not chosen:
+                raise RolloutError(f"certificate {i}: no host has registered a target {c.target!r}")
+            chosen, _ = select(fleet, targets=chosen, label=None, covers=None, leaf=leaf)
+        else:
+            chosen, missed = select(fleet, targets=None, label=None, covers=leaf_names(leaf), leaf=leaf)
+            not_covered.update(missed)
+        for addr in chosen:
+            if addr in bundles and overlap == "refuse":
+                raise RolloutError(f"{addr} is chosen by two certificates (leaf {bundles[addr][1][:16]}… and "
+                                   f"{fp[:16]}…): give each target one certificate")
+            if addr in bundles and issued[addr].not_valid_before_utc >= leaf.not_valid_before_utc:
+                continue  # it keeps the one issued last
+            bundles[addr], issued[addr] = (c, fp), leaf
+    fps = sorted({fp for _, fp in bundles.values()})
+    fingerprint = fps[0] if len(fps) == 1 else "set-" + hashlib.sha256("\n".join(fps).encode()).hexdigest()
+    return _rollout(co, app, keys, bundles, {a: n for a, n in not_covered.items() if a not in bundles},
+                    fingerprint, {"certificates": len(certificates), "waves": waves}, rollout_id, waves,
+                    force=force, timeout=timeout, continue_on_error=continue_on_error)
+
+
+def _keys_and_app(pipeline: Any, broker_url: str | None) -> tuple[Any, Any]:
     from ..security.keys import PipelineKeys, load_pipeline
     from .app import client_app
-    from .coordination import Coordinator
+
     keys = pipeline if isinstance(pipeline, PipelineKeys) else load_pipeline(pipeline)
+    return keys, client_app(broker_url)
+
+
+def _leaf(cert_pem: bytes, what: str) -> Any:
     leaf = material.leaf_of_file(cert_pem)
     if leaf is None:
-        raise Rejected("cert: no certificate to roll out")
-    fingerprint = material.fingerprint(leaf)
-    app = client_app(broker_url)
-    co = Coordinator.for_url(str(app.conf.broker_url))
-    chosen, not_covered = select(co.fleet(), targets=targets, label=label, covers=covers, leaf=leaf)
+        raise Rejected(f"{what}: no certificate to roll out")
+    return leaf
+
+
+def _rollout(co: Any, app: Any, keys: Any, bundles: dict[str, tuple[Any, str]], not_covered: dict[str, list[str]],
+             fingerprint: str, selection: dict[str, Any], rollout_id: str | None, waves: str, *, force: bool,
+             timeout: float, continue_on_error: bool) -> RolloutResult:
+    chosen = sorted(bundles) if "certificates" in selection else list(bundles)
     rid = rollout_id or default_rollout_id(fingerprint, chosen)
     sizes = plan_waves(len(chosen), waves)
     plan: list[list[str]] = []
@@ -198,7 +275,7 @@ def rollout(cert_pem: bytes, key_pem: bytes, chain_pem: bytes | None = None, *,
         i += size
     previous = co.get_rollout(rid)
     result = RolloutResult(rollout_id=rid, fingerprint=fingerprint, waves=plan, not_covered=not_covered,
-                           selection={"targets": targets, "label": label, "covers": covers, "waves": waves},
+                           selection=selection,
                            created=(previous or {}).get("created") or dt.datetime.now(dt.UTC).isoformat(
                                timespec="seconds"))
     before = (previous or {}).get("targets") or {}
@@ -210,9 +287,10 @@ def rollout(cert_pem: bytes, key_pem: bytes, chain_pem: bytes | None = None, *,
                     else TargetRun(wave=w)
             except ValueError:
                 result.targets[addr] = TargetRun(wave=w)
+            result.targets[addr].fingerprint = bundles[addr][1]
     co.put_rollout(result.model_dump(mode="json"))
     try:
-        _run_waves(co, app, keys, result, plan, cert_pem, key_pem, chain_pem, force=force, also=also,
+        _run_waves(co, app, keys, result, plan, {a: b for a, (b, _) in bundles.items()}, force=force,
                    timeout=timeout, continue_on_error=continue_on_error)
     finally:  # whatever escaped, the record says where the rollout stopped
         if result.state == "running":
@@ -222,10 +300,11 @@ def rollout(cert_pem: bytes, key_pem: bytes, chain_pem: bytes | None = None, *,
     return result
 
 
-def _run_waves(co: Any, app: Any, keys: Any, result: RolloutResult, plan: list[list[str]], cert_pem: bytes,
-               key_pem: bytes, chain_pem: bytes | None, *, force: bool, also: Any, timeout: float,
-               continue_on_error: bool) -> None:
-    from .workflow import DeployTimeout, prepare
+def _run_waves(co: Any, app: Any, keys: Any, result: RolloutResult, plan: list[list[str]], bundles: dict[str, Any],
+               *, force: bool, timeout: float, continue_on_error: bool) -> None:
+    """Each wave: a host with one target gets an ordinary deploy (sent with the wave's
+    others as one Celery group), a host with several one batch of them."""
+    from .workflow import DeployTimeout, enqueue_batch, prepare, seal_one
 
     rid = result.rollout_id
     halted = False
@@ -237,26 +316,46 @@ def _run_waves(co: Any, app: Any, keys: Any, result: RolloutResult, plan: list[l
             continue
         handles = []
         signatures = []
+        by_host: dict[str, list[str]] = {}
         for addr in wave:
-            run = result.targets[addr]
-            run.outcome, run.reason, run.error, run.ended, run.ms = "pending", None, None, None, None
-            try:
-                handle, signature = prepare(co, app, keys, addr, cert_pem, key_pem, chain_pem, force=force,
-                                            rollout_id=rid, also=also)
-            except MailTLSError as err:  # e.g. the host's key is not in pipeline.toml: nothing sent
-                run.outcome, run.error = ("failed" if isinstance(err, BrokerError) else "rejected"), str(err)
-                continue
-            handles.append((addr, handle, time.monotonic()))
-            signatures.append(signature)
-            run.deploy_id, run.started = handle.deploy_id, dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+            by_host.setdefault(addr.split("/", 1)[0], []).append(addr)
+        for addrs in by_host.values():
+            sealed = []
+            for addr in addrs:
+                run, c = result.targets[addr], bundles[addr]
+                run.outcome, run.reason, run.error, run.ended, run.ms = "pending", None, None, None, None
+                try:
+                    if len(addrs) == 1:
+                        handle, signature = prepare(co, app, keys, addr, c.cert, c.key, c.chain, force=force,
+                                                    rollout_id=rid, also=list(c.also) or None)
+                        handles.append((addr, handle, time.monotonic()))
+                        signatures.append(signature)
+                        run.deploy_id = handle.deploy_id
+                    else:
+                        sealed.append((addr, seal_one(co, keys, addr, c, force=force)))
+                except MailTLSError as err:  # e.g. the host's key is not in pipeline.toml: nothing sent
+                    run.outcome, run.error = ("failed" if isinstance(err, BrokerError) else "rejected"), str(err)
+                    continue
+                run.started = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+            if sealed:
+                try:
+                    for (addr, _), handle in zip(sealed, enqueue_batch(co, [e for _, e in sealed], rid),
+                                                 strict=True):
+                        handles.append((addr, handle, time.monotonic()))
+                        result.targets[addr].deploy_id = handle.deploy_id
+                except MailTLSError as err:
+                    for addr, _ in sealed:
+                        result.targets[addr].outcome, result.targets[addr].error = "failed", f"not sent: {err}"
         co.put_rollout(result.model_dump(mode="json"))
         if signatures:
             try:
                 group(signatures, app=app).apply_async(ignore_result=True)
             except Exception as err:  # noqa: BLE001 -- recorded per target, below
-                for addr, _, _ in handles:
-                    result.targets[addr].outcome, result.targets[addr].error = "failed", f"not sent: {err}"
-                handles = []
+                sent = {s.kwargs.get("deploy_id") for s in signatures}
+                for addr, h, _ in handles:
+                    if h.deploy_id in sent:
+                        result.targets[addr].outcome, result.targets[addr].error = "failed", f"not sent: {err}"
+                handles = [(a, h, t) for a, h, t in handles if h.deploy_id not in sent]
         for addr, handle, t0 in handles:
             run = result.targets[addr]
             try:

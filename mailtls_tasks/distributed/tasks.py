@@ -40,6 +40,10 @@ from .workflow import readable
 
 log = logging.getLogger("mailtls.tasks")
 
+# A batch runs every step of all its members in one task: up to an hour (the soft
+# limit raises inside the run, which then rolls every unfinished member back); still
+# well inside the broker's visibility timeout (app.VISIBILITY_TIMEOUT, two hours).
+BATCH_TIME_LIMIT = 3600
 MAX_DELIVERIES = 3          # the same message redelivered after a lost worker, at most
 HEARTBEAT_INTERVAL = 10.0
 MAX_RETRIES = 10
@@ -290,6 +294,98 @@ validate = _step_task("validate")
 commit = _step_task("commit")
 reload = _step_task("reload")
 verify = _step_task("verify")
+
+
+@app.task(bind=True, base=StepTask, name="mailtls.batch", time_limit=BATCH_TIME_LIMIT,
+          soft_time_limit=BATCH_TIME_LIMIT - 60)
+def batch(self: Task, *, host: str, batch_id: str, members: list[dict[str, str]],
+          rollout: str | None = None) -> dict[str, Any]:
+    """Several certificates to this host as one deploy (``deploy_many``): one stage per
+    member, one validate, one build per SNI table, one reload per daemon, a verify
+    per name (``core.batch``, run here from start to end). ``members``: each one's
+    ``target`` address and ``deploy_id``; each has its own record, envelope and fence
+    in Redis, as a deploy of its own has, and ends with its own outcome.
+
+    A member its client cancelled is left out; one whose envelope or target is
+    refused ends ``rejected`` alone. Busy (another live deploy owns a member's files):
+    retried with backoff, within the host's busy_retries, then every member not
+    staged ends ``rejected`` (busy), nothing touched. Redelivered after a lost worker:
+    recovery has ended what the lost run had staged; the run converges from there.
+    Then a ``mailtls.batch_member`` per member, its child: Flower shows a row per
+    certificate, with its own outcome."""
+    rt = _runtime_for(host)
+    co = coordinator()
+    addresses: dict[str, str] = {}
+    taken: list[tuple[str, str, Any]] = []
+    for m in members:
+        address, deploy_id = str(m.get("target", "")), str(m.get("deploy_id", ""))
+        try:
+            name = _local_name(address, host)
+            claim, envelope = co.claim_with_envelope(deploy_id)
+        except Rejected as err:
+            co.finish_unstarted(deploy_id, "rejected", str(err))
+            continue
+        if claim != "started":
+            continue  # cancelled by its client, who has ended it
+        addresses[deploy_id] = address
+        taken.append((name, deploy_id, envelope))
+    if _redelivered(self) and co.deliveries(batch_id, "batch", int(self.request.retries or 0)) > MAX_DELIVERIES:
+        sweep(rt, co)  # each member as recovery left it; the rest never staged
+        for name, deploy_id, _ in taken:
+            if rt.record(name, deploy_id) is None:
+                co.finish_unstarted(deploy_id, "rejected", f"batch {batch_id} was redelivered more than "
+                                    f"{MAX_DELIVERIES} times (its worker kept dying); nothing was touched")
+        raise StepFailed(f"batch {batch_id} was redelivered more than {MAX_DELIVERIES} times")
+    try:
+        out = rt.batch(batch_id, taken)
+    except TargetBusy as err:
+        budget = rt.cfg.busy_retries
+        retries = int(self.request.retries or 0)
+        if retries < budget:
+            raise self.retry(exc=err, countdown=_backoff(retries), max_retries=budget) from None
+        msg = f"cancelled: {err}; still busy after {budget} retries; nothing was touched"
+        for name, deploy_id, _ in taken:
+            if rt.record(name, deploy_id) is None:
+                co.finish_unstarted(deploy_id, "rejected", msg, reason="busy")
+        raise Rejected(msg) from None
+    for deploy_id, why in out.refused.items():
+        log.warning("batch %s: deploy %s of %s refused: %s", batch_id, deploy_id, addresses[deploy_id], why)
+        co.finish_unstarted(deploy_id, "rejected", why)
+    for rec in out.records.values():
+        _after(rec)
+    for _, deploy_id, _ in taken:
+        co.drop_envelope(deploy_id)
+    outcomes: dict[str, str | None] = {}
+    for _, deploy_id, _ in taken:
+        rec = out.records.get(deploy_id)
+        address = addresses[deploy_id]
+        outcomes[address] = rec.outcome if rec is not None else "rejected"
+        kwargs = {"target": address, "host": host, "deploy_id": deploy_id, "batch_id": batch_id}
+        app.signature("mailtls.batch_member", kwargs=kwargs, immutable=True).set(
+            argsrepr=readable(address, deploy_id), kwargsrepr="").apply_async(task_id=member_task_id(deploy_id))
+    return {"step": "batch", "batch_id": batch_id, "rollout": rollout, "members": outcomes}
+
+
+def member_task_id(deploy_id: str) -> str:
+    """The Celery id of a batch member's row: one per member, whatever redelivers the batch."""
+    return f"{deploy_id}.member"
+
+
+@app.task(bind=True, name="mailtls.batch_member", acks_late=False, ignore_result=False)
+def batch_member(self: Task, *, target: str, host: str, deploy_id: str, batch_id: str) -> dict[str, Any]:
+    """One certificate of a batch, as it ended: its record published again (a no-op
+    when the batch already did) and returned, so Flower has a row per certificate. A
+    member that did not deploy fails this task, as a single deploy's failing step
+    fails: Flower's state column flags it."""
+    _, co, _, rec = _open(target, host, deploy_id)
+    if rec is None:
+        data = co.get_record(deploy_id) or {}
+        raise Rejected(f"batch {batch_id}: {data.get('error') or 'not staged on this host'}")
+    _after(rec)
+    if rec.outcome in ("rejected", "rolled_back", "failed"):
+        error = rec.error or rec.outcome
+        raise (Rejected if rec.outcome == "rejected" else StepFailed)(f"{rec.outcome}: {error}")
+    return _summary(rec, "batch", f"batch {batch_id}")
 
 
 @app.task(bind=True, base=StepTask, name="mailtls.rollback", max_retries=MAX_RETRIES)

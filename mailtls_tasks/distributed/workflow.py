@@ -14,7 +14,8 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import redis
@@ -109,6 +110,90 @@ def deploy(target: str, cert_pem: bytes, key_pem: bytes, chain_pem: bytes | None
     return _enqueue(co, envelope)
 
 
+@dataclass(frozen=True, repr=False)
+class Certificate:
+    """One certificate of ``deploy_many`` or ``rollout_many``: the target it goes to
+    (``HOST/NAME``, or a bare NAME one host defines; for a rollout, None: every target
+    whose names it all covers), its PEM files, and (``also``) a dual target's second
+    certificate, key and chain."""
+
+    target: str | None
+    cert: bytes
+    key: bytes
+    chain: bytes | None = None
+    also: tuple[tuple[bytes, bytes, bytes | None], ...] = ()
+
+    def __repr__(self) -> str:  # never the key
+        return f"<Certificate for {self.target or 'the targets it covers'}>"
+
+
+def deploy_many(certificates: Sequence[Certificate], *, force: bool = False, broker_url: str | None = None,
+                pipeline: PipelineKeys | str | None = None) -> list[DeployHandle]:
+    """Enqueue several certificates at once; one handle per certificate, in order.
+
+    The certificates of one host go as one batch (one ``mailtls.batch`` message: a
+    stage per certificate, one validate, one build per SNI table, one reload per
+    daemon, a verify per name; see core/batch.py); a host with one certificate gets an
+    ordinary deploy. Each certificate is still a deploy of its own: its own id,
+    envelope (sealed for its host), fence, record and outcome (``handle.get()``), and a
+    member whose own checks fail is rejected alone. Raises as ``deploy`` does, before
+    anything is sent, for any certificate (and Rejected for a target named twice)."""
+    keys = pipeline if isinstance(pipeline, PipelineKeys) else load_pipeline(pipeline)
+    co = Coordinator.for_url(resolve_broker_url(broker_url))
+    envelopes = seal_many(co, keys, certificates, force=force)
+    handles: dict[str, DeployHandle] = {}
+    for group in _by_host(envelopes):
+        if len(group) == 1:
+            handles[group[0]["deploy_id"]] = _enqueue(co, group[0])
+        else:
+            handles.update((h.deploy_id, h) for h in enqueue_batch(co, group, None))
+    return [handles[e["deploy_id"]] for e in envelopes]
+
+
+def seal_many(co: Coordinator, keys: PipelineKeys, certificates: Sequence[Certificate], *,
+              force: bool) -> list[dict[str, Any]]:
+    """Each certificate sealed for its target's host (as ``deploy`` seals one), refusing
+    a target named twice: one deploy of a target at a time, and a batch names each once."""
+    envelopes = []
+    for c in certificates:
+        if c.target is None:
+            raise UnknownTarget("deploy_many: each certificate names its target")
+        envelopes.append(seal_one(co, keys, c.target, c, force=force))
+    addresses = [f"{e['host']}/{e['target']}" for e in envelopes]
+    twice = sorted({a for a in addresses if addresses.count(a) > 1})
+    if twice:
+        raise Rejected(f"certificates for {', '.join(twice)} more than once: one certificate per target")
+    return envelopes
+
+
+def seal_one(co: Coordinator, keys: PipelineKeys, target: str, c: Certificate, *, force: bool) -> dict[str, Any]:
+    """One certificate sealed for ``target``'s host, under a new deploy id and fence."""
+    return _seal(co, keys, target, c.cert, c.key, c.chain, force=force, deploy_id=None, also=list(c.also) or None)
+
+
+def _by_host(envelopes: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for e in envelopes:
+        groups.setdefault(e["host"], []).append(e)
+    return list(groups.values())
+
+
+def enqueue_batch(co: Coordinator, envelopes: list[dict[str, Any]], rollout_id: str | None) -> list[DeployHandle]:
+    """Several deploys to one host as one batch: every member's record and envelope,
+    and the one ``mailtls.batch`` message, pushed together (``create_deploys``)."""
+    host = envelopes[0]["host"]
+    assert all(e["host"] == host for e in envelopes)
+    batch_id = new_deploy_id()
+    members = [{"target": f"{host}/{e['target']}", "deploy_id": e["deploy_id"]} for e in envelopes]
+    queue = queue_for(host)
+    shown = f"{host} · batch of {len(members)} · {batch_id}"
+    message = task_message("mailtls.batch", {"host": host, "batch_id": batch_id, "members": members,
+                                             "rollout": rollout_id}, queue, shown)
+    with _broker_errors():
+        co.create_deploys([(_new_record(e, rollout_id, batch_id), e) for e in envelopes], (queue, message))
+    return [DeployHandle(co, m["deploy_id"], m["target"], host) for m in members]
+
+
 def prepare(co: Coordinator, app: Celery, keys: PipelineKeys, target: str, cert_pem: bytes, key_pem: bytes,
             chain_pem: bytes | None, *, force: bool = False, deploy_id: str | None = None,
             rollout_id: str | None = None,
@@ -178,16 +263,20 @@ def _record(co: Coordinator, envelope: dict[str, Any], rollout_id: str | None,
             message: tuple[str, str] | None = None) -> DeployHandle:
     """Record the deploy and stash its envelope (and push ``message``: queue, payload),
     in one round trip, in that order: a worker never sees a message before its record."""
-    name, host, deploy_id, fence = _refs(envelope)
-    address = f"{host}/{name}"
     # The envelope travels beside the messages, not in them: every task's arguments are
     # references only, whatever Celery does with them (a retry drops kwargsrepr).
+    data = _new_record(envelope, rollout_id)
     with _broker_errors():
-        co.create_deploy({"deploy_id": deploy_id, "target": address, "host": host, "phase": "queued",
-                          "outcome": None, "fence": fence, "steps": {}, "error": None, "rollout": rollout_id,
-                          "created": dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")}, envelope,
-                         message=message)
-    return DeployHandle(co, deploy_id, address, host)
+        co.create_deploy(data, envelope, message=message)
+    return DeployHandle(co, data["deploy_id"], data["target"], data["host"])
+
+
+def _new_record(envelope: dict[str, Any], rollout_id: str | None, batch_id: str | None = None) -> dict[str, Any]:
+    """A deploy's record in Redis as its client creates it: queued."""
+    name, host, deploy_id, fence = _refs(envelope)
+    return {"deploy_id": deploy_id, "target": f"{host}/{name}", "host": host, "phase": "queued", "outcome": None,
+            "fence": fence, "steps": {}, "error": None, "rollout": rollout_id, "batch_id": batch_id,
+            "created": dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")}
 
 
 @contextlib.contextmanager

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import subprocess
 import sys
 import time
@@ -17,9 +18,9 @@ import pytest
 
 from mailtls_tasks.core import probe
 from mailtls_tasks.distributed.coordination import Coordinator
-from mailtls_tasks.distributed.rollout import RolloutError, rollout
-from mailtls_tasks.distributed.workflow import deploy
-from mailtls_tasks.errors import AmbiguousTarget
+from mailtls_tasks.distributed.rollout import RolloutError, rollout, rollout_many
+from mailtls_tasks.distributed.workflow import Certificate, deploy, deploy_many
+from mailtls_tasks.errors import AmbiguousTarget, Rejected
 from tests.support.fleet import MAIL_NAME, Fleet
 from tests.support.keys import Pipeline
 from tests.support.pki import PKI, Issued
@@ -211,3 +212,166 @@ def test_a_second_worker_for_the_same_host_is_refused(ctx: Ctx) -> None:
     a.worker = first  # the first one still serves, untouched
     assert first is not None and first.proc is not None and first.proc.poll() is None
     assert ctx.co.host_alive("fleet-a")
+
+
+def test_deploy_many_is_one_batch_per_host_and_each_certificate_ends_on_its_own(ctx: Ctx) -> None:
+    """Three certificates for fleet-a (one of them for the wrong names) and one for
+    fleet-b: fleet-a gets one batch (one reload per daemon), fleet-b an ordinary
+    deploy; every certificate has its own id, record, history entry and Flower row."""
+    a, b = ctx.fleet.hosts["fleet-a"], ctx.fleet.hosts["fleet-b"]
+    smtp, imap, wrong, b_smtp = ctx.leaf(), ctx.leaf(), ctx.leaf(), ctx.leaf()
+    reloads = (a.pf_reload.calls, a.dv_reload.calls, b.pf_reload.calls)
+    www_before = a.path("www", "cert").read_bytes()
+
+    handles = deploy_many([Certificate("fleet-a/smtp", smtp.fullchain_pem, smtp.key_pem),
+                           Certificate("fleet-a/imap", imap.fullchain_pem, imap.key_pem),
+                           Certificate("fleet-a/www", wrong.fullchain_pem, wrong.key_pem),
+                           Certificate("fleet-b/smtp", b_smtp.fullchain_pem, b_smtp.key_pem)],
+                          broker_url=ctx.redis.url)
+
+    assert [h.target for h in handles] == ["fleet-a/smtp", "fleet-a/imap", "fleet-a/www", "fleet-b/smtp"]
+    assert len({h.deploy_id for h in handles}) == 4
+    results = [h.get(timeout=90) for h in handles]
+    assert [r.outcome for r in results] == ["deployed", "deployed", "rejected", "deployed"], [r.error for r in results]
+    assert "www.fleet.test" in (results[2].error or "")
+    assert ctx.served("fleet-a", "smtp") == smtp.fingerprint and ctx.served("fleet-a", "imap") == imap.fingerprint
+    assert ctx.served("fleet-b", "smtp") == b_smtp.fingerprint
+    assert a.path("www", "cert").read_bytes() == www_before  # rejected alone: nothing of it touched
+    assert (a.pf_reload.calls, a.dv_reload.calls, b.pf_reload.calls) == (reloads[0] + 1, reloads[1] + 1,
+                                                                         reloads[2] + 1)
+    records = [ctx.co.get_record(h.deploy_id) for h in handles]
+    batch_ids = {r["batch_id"] for r in records[:3] if r}
+    assert len(batch_ids) == 1 and None not in batch_ids and records[3] and records[3].get("batch_id") is None
+    status = json.loads(ctx.cli("status", handles[1].deploy_id, "--json").stdout)
+    assert status["outcome"] == "deployed" and status["target"] == "fleet-a/imap"
+    hist = json.loads(ctx.cli("history", "fleet-a/imap", "--json").stdout)
+    assert hist[0]["deploy_id"] == handles[1].deploy_id
+
+    # Flower: the batch's row, and under it a row per certificate with its own state
+    wanted = {h.deploy_id: h.target for h in handles[:3]}
+    deadline = time.monotonic() + 20
+    rows: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        rows = json.loads(ctx.flower.get("/api/tasks"))
+        members = {t["args"]: t for t in rows.values() if t["name"] == "mailtls.batch_member"
+                   and t.get("state") in ("SUCCESS", "FAILURE")}
+        if all(f"{target} · {i}" in members for i, target in wanted.items()):
+            break
+        time.sleep(0.5)
+    states = {target: members[f"{target} · {i}"]["state"] for i, target in wanted.items()}
+    assert states == {"fleet-a/smtp": "SUCCESS", "fleet-a/imap": "SUCCESS", "fleet-a/www": "FAILURE"}
+    assert "'outcome': 'deployed'" in (members[f"fleet-a/smtp · {handles[0].deploy_id}"].get("result") or "")
+    root = next(t for t in rows.values() if t["name"] == "mailtls.batch" and next(iter(batch_ids)) in t["args"])
+    info = json.loads(ctx.flower.get(f"/api/task/info/{members[f'fleet-a/imap · {handles[1].deploy_id}']['uuid']}"))
+    assert info["root_id"] == root["uuid"]
+
+
+def test_a_rollout_of_several_certificates_sends_one_batch_per_host_and_wave(ctx: Ctx, tmp_path: Path) -> None:
+    """`rollout --batch`: a mail certificate for every host's smtp, a web one for
+    fleet-a's www; one wave, so fleet-a's two go as one batch. (The targets by address:
+    the session's Redis also holds other modules' hosts with an `smtp`, whose workers
+    have stopped, and a bare `smtp` would rightly refuse to leave them out.)"""
+    mail, www = ctx.leaf(), ctx.leaf("www.fleet.test")
+    for name, leaf in (("mail", mail), ("www", www)):
+        (tmp_path / f"{name}.pem").write_bytes(leaf.fullchain_pem)
+        (tmp_path / f"{name}.key").write_bytes(leaf.key_pem)
+    entries = [(f"{h}/smtp", "mail") for h in HOSTS] + [("fleet-a/www", "www")]
+    (tmp_path / "batch.toml").write_text("".join(f'[[deploy]]\ntarget = "{t}"\ncert = "{n}.pem"\nkey = "{n}.key"\n'
+                                                 for t, n in entries))
+    reloads = ctx.fleet.hosts["fleet-a"].pf_reload.calls
+
+    r = ctx.cli("rollout", "--batch", str(tmp_path / "batch.toml"), "--waves", "100%", "--json")
+
+    assert r.returncode == 0, r.stdout + r.stderr
+    res = json.loads(r.stdout)
+    assert res["state"] == "done" and res["waves"] == [["fleet-a/smtp", "fleet-a/www", "fleet-b/smtp",
+                                                        "fleet-c/smtp"]]
+    runs = res["targets"]
+    assert {a: t["outcome"] for a, t in runs.items()} == dict.fromkeys(runs, "deployed")
+    assert runs["fleet-a/www"]["fingerprint"] == www.fingerprint
+    assert all(runs[f"{h}/smtp"]["fingerprint"] == mail.fingerprint for h in HOSTS)
+    assert all(ctx.served(h, "smtp") == mail.fingerprint for h in HOSTS)
+    a_batch = {ctx.co.get_record(runs[f"fleet-a/{t}"]["deploy_id"])["batch_id"] for t in ("smtp", "www")}  # type: ignore[index]
+    assert len(a_batch) == 1 and None not in a_batch
+    assert ctx.co.get_record(runs["fleet-b/smtp"]["deploy_id"])["batch_id"] is None  # type: ignore[index]
+    assert ctx.fleet.hosts["fleet-a"].pf_reload.calls == reloads + 1  # www's reload is /bin/true: not counted
+    assert ctx.cli("rollout-status", res["rollout_id"]).returncode == 0
+
+
+def test_a_target_two_certificates_would_go_to_is_refused_before_anything_is_sent(ctx: Ctx) -> None:
+    one, two = ctx.leaf("www.fleet.test"), ctx.leaf("www.fleet.test")
+    before = ctx.fleet.hosts["fleet-a"].path("www", "cert").read_bytes()
+    with pytest.raises(RolloutError, match=r"fleet-a/www is chosen by two certificates"):
+        rollout_many([Certificate("fleet-a/www", one.fullchain_pem, one.key_pem),
+                      Certificate(None, two.fullchain_pem, two.key_pem)], broker_url=ctx.redis.url)
+    with pytest.raises(RolloutError, match=r"certificate 1: no host has registered a target 'nowhere'"):
+        rollout_many([Certificate("nowhere", one.fullchain_pem, one.key_pem)], broker_url=ctx.redis.url)
+    with pytest.raises(Rejected, match=r"certificates for fleet-a/www more than once"):
+        deploy_many([Certificate("fleet-a/www", one.fullchain_pem, one.key_pem),
+                     Certificate("fleet-a/www", two.fullchain_pem, two.key_pem)], broker_url=ctx.redis.url)
+    assert ctx.fleet.hosts["fleet-a"].path("www", "cert").read_bytes() == before
+
+
+def test_certbot_spool_rolls_every_renewed_lineage_out_together(ctx: Ctx, tmp_path: Path) -> None:
+    """certbot's hooks on the pipeline's machine (no targets file there): `--spool
+    --distributed` from --deploy-hook, once per lineage, as certbot calls it (the
+    RENEWED_* variables); `--deploy-spool --distributed` from --post-hook: one rollout,
+    each lineage to every target whose names it covers, one batch per host."""
+    mail, www = ctx.leaf(), ctx.leaf("www.fleet.test")
+    spool = tmp_path / "spool"
+    env = {k: v for k, v in os.environ.items() if k != "MAILTLS_CONFIG"}
+    for name, leaf, domains in (("mail", mail, MAIL_NAME), ("www", www, "www.fleet.test")):
+        live = tmp_path / "live" / name
+        live.mkdir(parents=True)
+        (live / "fullchain.pem").write_bytes(leaf.fullchain_pem)
+        (live / "privkey.pem").write_bytes(leaf.key_pem)
+        r = subprocess.run([sys.executable, "-m", "mailtls_tasks.cli", "certbot-hook", "--spool", "--distributed",
+                            "--spool-dir", str(spool)], capture_output=True, text=True, cwd=REPO, timeout=60,
+                           env={**env, "RENEWED_LINEAGE": str(live), "RENEWED_DOMAINS": domains})
+        assert r.returncode == 0 and "spooled" in r.stdout, r.stdout + r.stderr
+    assert sorted(p.name for p in spool.iterdir()) == ["mail.json", "www.json"]
+    assert not any(b"PRIVATE KEY" in p.read_bytes() for p in spool.iterdir())
+    reloads = {h: (ctx.fleet.hosts[h].pf_reload.calls, ctx.fleet.hosts[h].dv_reload.calls) for h in HOSTS}
+
+    r = subprocess.run([sys.executable, "-m", "mailtls_tasks.cli", "certbot-hook", "--deploy-spool", "--distributed",
+                        "--spool-dir", str(spool), "--waves", "100%", "--broker", ctx.redis.url],
+                       capture_output=True, text=True, cwd=REPO, timeout=180, env=env)
+
+    assert r.returncode == 0, r.stdout + r.stderr
+    for h in HOSTS:
+        for t in ("smtp", "imap", "www"):
+            assert f"mailtls: {h}/{t}: deployed" in r.stdout, r.stdout
+        assert ctx.served(h, "smtp") == ctx.served(h, "imap") == mail.fingerprint
+        assert ctx.fleet.hosts[h].path("www", "cert").read_bytes() == www.fullchain_pem
+        pf, dv = ctx.fleet.hosts[h].pf_reload.calls, ctx.fleet.hosts[h].dv_reload.calls
+        assert (pf - reloads[h][0], dv - reloads[h][1]) == (1, 1), h  # one batch per host: one reload per daemon
+    assert list(spool.iterdir()) == []
+
+
+def test_deploy_batch_through_the_workers_prints_a_result_per_certificate(ctx: Ctx, tmp_path: Path) -> None:
+    imap, www = ctx.leaf(), ctx.leaf("www.fleet.test")
+    for name, leaf in (("imap", imap), ("www", www)):
+        d = tmp_path / "batch" / name  # certbot's live/ layout, one directory per target
+        d.mkdir(parents=True)
+        (d / "cert.pem").write_bytes(leaf.cert_pem)
+        (d / "chain.pem").write_bytes(leaf.chain_pem)
+        (d / "privkey.pem").write_bytes(leaf.key_pem)
+    before = ctx.served("fleet-b", "imap")
+    r = ctx.cli("deploy", "--batch", str(tmp_path / "batch"), "--json")
+    error = json.loads(r.stdout)["error"]  # (other modules' hosts may define an imap too)
+    assert r.returncode == 2 and "target 'imap' is defined on" in error and "fleet-b/imap" in error, error
+    assert ctx.served("fleet-b", "imap") == before  # refused before anything was sent
+    for name in ("imap", "www"):
+        (tmp_path / "batch" / name).rename(tmp_path / "batch" / f"x-{name}")
+    (tmp_path / "m.toml").write_text("".join(
+        f'[[deploy]]\ntarget = "fleet-b/{n}"\ncert = "batch/x-{n}/cert.pem"\nkey = "batch/x-{n}/privkey.pem"\n'
+        f'chain = "batch/x-{n}/chain.pem"\n' for n in ("imap", "www")))
+
+    r = ctx.cli("deploy", "--batch", str(tmp_path / "m.toml"), "--json")
+
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = json.loads(r.stdout)
+    assert [(x["target"], x["outcome"]) for x in out] == [("fleet-b/imap", "deployed"), ("fleet-b/www", "deployed")]
+    assert len({x["deploy_id"] for x in out}) == 2
+    assert ctx.served("fleet-b", "imap") == imap.fingerprint
+    assert ctx.fleet.hosts["fleet-b"].path("www", "cert").read_bytes() == www.fullchain_pem

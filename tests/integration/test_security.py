@@ -312,3 +312,31 @@ def test_least_rights_acl_users(tmp_path: Path, pki: PKI, pipeline: Pipeline) ->
             worker.stop()
         host.close()
         srv.stop()
+
+
+def test_a_batch_member_with_a_hostile_envelope_is_refused_alone(guarded: Guarded) -> None:
+    """One ``mailtls.batch`` message, two members: a forged envelope for ``other`` is
+    refused (nothing of it touched), the genuine one for ``sec`` deploys. Redis never
+    held either key in the clear, nor does the batch's message."""
+    from mailtls_tasks.distributed.workflow import enqueue_batch
+
+    g = guarded
+    good, bad = g.pki.leaf(), g.pki.leaf()
+    f1, f2 = g.co.next_fence("sec"), g.co.next_fence("other")
+    genuine = g.envelope(good, deploy_id=f"batch-sec-{f1}", fence=f1)
+    forged = g.envelope(bad, target="other", deploy_id=f"batch-other-{f2}", fence=f2,
+                        signing_key=Ed25519PrivateKey.generate())
+    other_files = [g.host.path("other", r) for r in ("cert", "key")]
+    assert not any(p.exists() for p in other_files)
+
+    sec, other = enqueue_batch(g.co, [genuine, forged], None)
+    text = "\n".join(redis_dump(g.redis.url))  # while queued: the message and both envelopes
+    results = sec.get(60), other.get(60)
+
+    assert results[0].outcome == "deployed", results[0].error
+    assert results[1].outcome == "rejected" and "not in this host's trusted_signers" in (results[1].error or "")
+    assert g.host.path("sec", "cert").read_bytes() == good.fullchain_pem
+    assert not any(p.exists() for p in other_files)
+    text += "\n".join(redis_dump(g.redis.url))
+    leaked = [n[:20] for n in _secret_needles([good.key_pem, bad.key_pem]) if n in text]
+    assert not leaked, f"Redis exposes a key: {leaked[:3]}"

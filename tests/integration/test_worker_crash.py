@@ -120,3 +120,64 @@ def test_pool_child_killed_mid_reload_is_redelivered_and_finishes(tmp_path: Path
     finally:
         worker.stop()
         host.close()
+
+
+def test_kill9_during_a_batch_reload_rolls_every_member_back_and_the_redelivered_batch_converges(
+        tmp_path: Path, redis_server: RedisServer, pki: PKI, pipeline: Pipeline) -> None:
+    """A batch runs in one task: killed at its one reload, every member's new files are
+    live and nobody is left to finish them. The restarted worker's recovery ends them
+    all rolled back (the batch is dead with its process, not at the end of a lease),
+    and the batch message it takes back converges without touching a file."""
+    from mailtls_tasks.distributed.app import app
+    from mailtls_tasks.distributed.tasks import member_task_id
+    from mailtls_tasks.distributed.workflow import Certificate, deploy_many
+
+    host = MailHost(tmp_path / "mx5", host="mx5")
+    host.enroll(pipeline)
+    names = ["b1", "b2", "b3"]
+    old = {n: pki.leaf() for n in names}
+    new = {n: pki.leaf() for n in names}
+    for n in names:
+        host.add_target(n)
+        host.install(n, old[n])
+    worker = Worker(host.config_path, redis_server.url, tmp_path / "worker.log")
+    try:
+        host.reload.hang_once(60)
+        handles = deploy_many([Certificate(f"mx5/{n}", new[n].fullchain_pem, new[n].key_pem) for n in names],
+                              broker_url=redis_server.url)
+        deadline = time.monotonic() + 30
+        while not host.reload.calls and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(host.reload.calls) == 1, "the batch's one reload never started"
+        worker.kill9()
+        _kill_hanging_reload(host)
+        assert all(host.path(n, "key").read_bytes() == new[n].key_pem for n in names)
+        assert all(h.status()["outcome"] is None for h in handles)  # type: ignore[index]
+
+        worker.start()
+        results = [h.get(timeout=30) for h in handles]
+
+        assert [(r.outcome, r.reason) for r in results] == [("rolled_back", "interrupted")] * 3, results
+        for n in names:
+            cert, key = host.path(n, "cert").read_bytes(), host.path(n, "key").read_bytes()
+            assert (cert, key) == (old[n].fullchain_pem, old[n].key_pem)
+            assert key_matches_cert(key, cert)
+        assert host.stray_temps() == []
+        reloads = len(host.reload.calls)
+        use_broker(redis_server.url)
+        rows = [app.AsyncResult(member_task_id(h.deploy_id)) for h in handles]
+        deadline = time.monotonic() + 30
+        while not all(r.ready() for r in rows) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert [r.state for r in rows] == ["FAILURE"] * 3  # the redelivered batch ran: a row per member
+        assert all("rolled_back" in str(r.result) for r in rows)
+        assert len(host.reload.calls) == reloads
+        assert all(host.path(n, "key").read_bytes() == old[n].key_pem for n in names)
+        later = {n: pki.leaf() for n in names}
+        again = deploy_many([Certificate(f"mx5/{n}", later[n].fullchain_pem, later[n].key_pem) for n in names],
+                            broker_url=redis_server.url)
+        assert [h.get(timeout=60).outcome for h in again] == ["deployed"] * 3
+        assert len(host.reload.calls) == reloads + 1
+    finally:
+        worker.stop()
+        host.close()

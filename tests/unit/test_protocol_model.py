@@ -3,7 +3,8 @@
 Hypothesis drives the real step functions -- the worker's ``HostRuntime`` path and
 the ``--local`` runner -- against real temp files, interleaving deploys of targets
 that share real files (through symlinks, and with an extra chain file), and batches
-(``core.batch``: several targets under one deploy id, one process), redelivering
+(``core.batch``: several targets under one deploy id, one process; or, as a worker
+runs them, a deploy id and fence per member, and the batch sent again), redelivering
 and reordering their messages, crashing them mid-step (an exception that no code may
 catch, raised before the k-th file operation: what a SIGKILL leaves behind), letting
 time pass beyond leases and running recovery. Only the clock and "is this process
@@ -153,6 +154,7 @@ class ProtocolModel(RuleBasedStateMachine):
         self.hand_edited: set[str] = set()
         self.fences_staged = {"pair1": 0, "pair2": 0}
         self.ended_seen: set[str] = set()
+        self.batches: list[tuple[str, list[Deploy]]] = []
 
     def teardown(self) -> None:
         if hasattr(self, "root"):
@@ -340,6 +342,53 @@ class ProtocolModel(RuleBasedStateMachine):
         for d in ds:
             self._note_staged(d)
 
+    @rule(first=st.sampled_from(["a", "b", "c"]), with_first=st.booleans(), with_d=st.booleans(),
+          crash=st.none() | st.integers(1, 60))
+    def worker_batch(self, first: str, with_first: bool, with_d: bool, crash: int | None) -> None:
+        """A batch through the workers (``deploy_many``; ``HostRuntime.batch``): a deploy
+        id, envelope and fence per member, one more id for the batch, one task on the
+        worker's pool child; a crash kills that child, and the batch may come again."""
+        names = [first] * with_first + ["d"] * with_d
+        if not names:
+            return
+        bid = f"m-{next(self.ids)}"
+        ds = []
+        for n in names:
+            d = Deploy(f"m-{next(self.ids)}", n, leaf(next(self.leaves)), "worker_batch", fence=next(self.fences))
+            self.deploys.append(d)
+            ds.append(d)
+        self.batches.append((bid, ds))
+        self._run_worker_batch(bid, ds, crash)
+
+    @precondition(lambda self: self.batches)
+    @rule(data=st.data(), crash=st.none() | st.integers(1, 60))
+    def redeliver_batch(self, data: st.DataObject, crash: int | None) -> None:
+        """A worker batch's message again: taken back after a lost worker, or replayed."""
+        bid, ds = data.draw(st.sampled_from(self.batches))
+        self._run_worker_batch(bid, ds, crash)
+
+    def _run_worker_batch(self, bid: str, ds: list[Deploy], crash: int | None) -> None:
+        from mailtls_tasks.core.batch import Member, run_batch
+
+        child = self.worker_child
+        self.token = child
+        with self._no_live_deploy_recovered():
+            try:
+                with crash_before_op(crash) if crash else contextlib.nullcontext():
+                    run_batch(self.cfg, [Member(d.target, d.leaf.fullchain_pem, d.leaf.key_pem, deploy_id=d.deploy_id,
+                                                fence=d.fence) for d in ds],
+                              deploy_id=bid, lock_timeout=0.0, journal=self.journal, origin="distributed",
+                              wait_for_owner=False)
+            except Crash:
+                self.live.discard(child)
+                self.worker_child = self._new_token()
+            except TargetBusy:
+                assert any(self._busy_is_real(d.target) for d in ds), f"batch {bid} refused as busy, nothing owns"
+            except MailTLSError:
+                pass
+        for d in ds:
+            self._note_staged(d)
+
     @rule(crash=st.none() | st.integers(1, 10))
     def recovery(self, crash: int | None) -> None:
         with self._no_live_deploy_recovered(), self._process(self._new_token(), crash):
@@ -365,7 +414,7 @@ class ProtocolModel(RuleBasedStateMachine):
             rec = self._record(d)
             if rec is None or rec.finished:
                 continue
-            if rec.origin == "local":
+            if rec.origin == "local" or rec.batch:  # a batch lives and dies with its process
                 ok = rec.runner in self.live
             else:
                 ok = rec.lease_until is not None and self.now < rec.lease_until \
@@ -439,7 +488,7 @@ class ProtocolModel(RuleBasedStateMachine):
                 assert rec.in_step is None
                 for e in rec.files:
                     assert not os.path.exists(e.temp), f"{d.deploy_id} finished but left {e.temp}"
-                if d.origin == "distributed":
+                if d.origin in ("distributed", "worker_batch"):  # Redis hears of every worker's ending
                     assert (d.target, d.deploy_id) in self.journal.outbox()
                 if rec.outcome == "deployed" and d.deploy_id not in self.ended_seen:
                     self.ended_seen.add(d.deploy_id)

@@ -37,6 +37,10 @@ class BatchRun:
 
     members: tuple[str, ...]
     targets: dict[str, Target] = field(default_factory=dict)
+    # the members' own deploy ids and the batch's, when they differ (a batch through
+    # the workers: DeployRecord.batch_ids); empty when every member has the batch's id
+    ids: dict[str, str] = field(default_factory=dict)
+    batch_id: str | None = None
     verdicts: dict[str, CommandResult] = field(default_factory=dict)
     reloaded: set[tuple[str, str]] = field(default_factory=set)
     tables: dict[str, tuple[str, ...]] = field(default_factory=dict)

@@ -54,7 +54,9 @@ def stage(ctx: StepContext, deploy_id: str, cert_pem: bytes, key_pem: bytes,
                 raise TargetBusy(f"{real} is owned by deploy {owner.deploy_id} of target {owner.target!r}")
     rec = DeployRecord(deploy_id=deploy_id, target=t.name, host=ctx.host, fence=fence, origin=origin,
                        claimed=reals, input_sha256=material.input_digest([cert_pem, *(c for c, _, _ in also or [])]),
-                       batch=list(ctx.batch.members) if ctx.batch is not None else [])
+                       batch=list(ctx.batch.members) if ctx.batch is not None else [],
+                       batch_ids=dict(ctx.batch.ids) if ctx.batch is not None else {},
+                       batch_id=ctx.batch.batch_id if ctx.batch is not None else None)
     # Claim before the record exists: an owner entry without a record is stale and
     # cleared, a record without its owner entries would be invisible to recovery.
     for real in reals:
