@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from typing import Any, NoReturn
+from typing import Any, NoReturn, overload
 
 import click
 
-from ..errors import MailTLSError
+from ..errors import MailTLSError, Rejected
 from .common import broker_option, config_option, fail, load_config, read_input
 from .deploy import deploy_local
 
@@ -94,7 +94,15 @@ def _say(res: Any) -> None:
                + f" deploy {res.deploy_id}" + (f": {res.error}" if res.error else ""))
 
 
-def _read_lineage(lineage: str) -> tuple[bytes, bytes, Any]:
+@overload
+def _read_lineage(lineage: str) -> tuple[bytes, bytes, Any]: ...
+@overload
+def _read_lineage(lineage: str, keep_going: bool) -> tuple[bytes, bytes, Any] | None: ...
+
+
+def _read_lineage(lineage: str, keep_going: bool = False) -> tuple[bytes, bytes, Any] | None:
+    """(fullchain, key, leaf) of a live/ lineage; unreadable: exit 2, or (``keep_going``:
+    a spooled lineage deleted since) say so and return None."""
     import os
 
     from ..core.material import leaf_of_file
@@ -102,12 +110,15 @@ def _read_lineage(lineage: str) -> tuple[bytes, bytes, Any]:
     try:
         cert = read_input(os.path.join(lineage, "fullchain.pem"), "cert")
         key = read_input(os.path.join(lineage, "privkey.pem"), "key")
+        assert cert is not None and key is not None
+        leaf = leaf_of_file(cert)
+        if leaf is None:
+            raise Rejected(f"{lineage}/fullchain.pem holds no certificate")
     except MailTLSError as err:
-        fail(str(err), 2)
-    assert cert is not None and key is not None
-    leaf = leaf_of_file(cert)
-    if leaf is None:
-        fail(f"{lineage}/fullchain.pem holds no certificate", 2)
+        if not keep_going:
+            fail(str(err), 2)
+        click.echo(f"mailtls: spooled lineage {lineage} is unreadable ({err}): skipped")
+        return None
     return cert, key, leaf
 
 
@@ -126,13 +137,15 @@ def _spool_dir(config_path: str | None, given: str | None, distributed: bool) ->
     (the pipeline's certbot), DISTRIBUTED_SPOOL."""
     import os
 
+    from ..core.configfile import config_path as resolve_config
+
     if given:
         return os.path.abspath(given)
+    if distributed and not os.path.exists(resolve_config(config_path)):
+        return DISTRIBUTED_SPOOL  # only when there is no file: a broken one is an error, not another spool
     try:
         return os.path.join(load_config(config_path).state_dir, "certbot-spool")
     except MailTLSError as err:
-        if distributed and config_path is None and not os.environ.get("MAILTLS_CONFIG"):
-            return DISTRIBUTED_SPOOL
         fail(str(err), err.exit_code)
 
 
@@ -192,9 +205,13 @@ def _roll_out_spool(d: str, waves: str, broker: str | None, pipeline_path: str |
 
     entries, noted = _spooled(d)
     certificates = []
-    for lineage, _ in noted:
-        cert, key, _leaf = _read_lineage(lineage)
-        certificates.append(Certificate(None, cert, key))
+    for lineage, domains in noted:
+        read = _read_lineage(lineage, keep_going=True)
+        if read is not None:
+            certificates.append(Certificate(None, read[0], read[1], covers=tuple(domains)))
+    if not certificates:
+        _empty(d, entries)
+        fail("no spooled lineage could be read (see above): nothing to roll out", 2)
     try:
         result = rollout_many(certificates, waves=waves, broker_url=broker, pipeline=pipeline_path,
                               overlap="newer")
@@ -204,6 +221,8 @@ def _roll_out_spool(d: str, waves: str, broker: str | None, pipeline_path: str |
     for addr, run in sorted(result.targets.items()):
         click.echo(f"mailtls: {addr}: {run.outcome}" + (f" ({run.reason})" if run.reason else "")
                    + f" deploy {run.deploy_id or '-'}" + (f": {run.error}" if run.error else ""))
+    for fp, why in sorted(result.unused.items()):
+        click.echo(f"mailtls: lineage with no target: leaf {fp[:16]}…: {why}")
     _empty(d, entries)
     sys.exit(result.exit_code)
 
@@ -221,7 +240,10 @@ def _deploy_spool(config_path: str | None, d: str) -> NoReturn:
     entries, noted = _spooled(d)
     chosen: dict[str, tuple[Any, bytes, bytes, str]] = {}
     for lineage, domains in noted:
-        cert, key, leaf = _read_lineage(lineage)
+        read = _read_lineage(lineage, keep_going=True)
+        if read is None:
+            continue
+        cert, key, leaf = read
         for t in _targets_for(cfg, leaf, domains):
             held = chosen.get(t.name)
             if held is None or held[0].not_valid_before_utc < leaf.not_valid_before_utc:

@@ -44,9 +44,9 @@ from .ownership import holding
 from .recovery import recover, recover_deploy
 from .result import DeployResult
 from .steps.commit import commit
-from .steps.context import BatchRun, StepContext, target_reals
+from .steps.context import BatchRun, HostContexts, StepContext, target_reals
 from .steps.live import live_state
-from .steps.phases import finish, remove_temps, timed
+from .steps.phases import already_staged, finish, remove_temps, timed
 from .steps.reload import reload
 from .steps.rollback import _restore, rollback
 from .steps.served import wait_served
@@ -58,7 +58,7 @@ log = logging.getLogger("mailtls.batch")
 VERIFY_THREADS = 4  # handshakes in flight at once during a batch's verify
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Member:
     """One certificate of a batch and the target it is for (``also``: a dual target's
     second certificate)."""
@@ -73,6 +73,12 @@ class Member:
     deploy_id: str | None = None
     fence: int | None = None
     force: bool = False
+    # its bundle was taken in by an earlier run of this batch (a redelivered message):
+    # no bytes here; it goes on from its record, and is never staged from these
+    taken: bool = False
+
+    def __repr__(self) -> str:  # never the key
+        return f"<Member {self.target} {self.deploy_id or ''}>"
 
 
 def run_batch(cfg: HostConfig, members: list[Member], *, deploy_id: str | None = None, force: bool = False,
@@ -87,7 +93,11 @@ def run_batch(cfg: HostConfig, members: list[Member], *, deploy_id: str | None =
     ``deploy_id`` names the batch (its decision, its locks); a member gives its own
     (``Member.deploy_id``: a batch through the workers, one Redis record per member)
     or shares the batch's. ``origin`` "distributed": the members' endings go to the
-    journal's outbox for Redis, as a worker's deploys do."""
+    journal's outbox for Redis, as a worker's deploys do.
+
+    Members whose targets share a real file (Postfix and Dovecot reading one pair)
+    cannot both own it in one run: they go in rounds, each a batch of its own (the
+    second finds the bytes in place, and reloads and verifies, as two deploys do)."""
     targets = [cfg.target(m.target) for m in members]
     names = [t.name for t in targets]
     if len(set(names)) != len(names):
@@ -101,44 +111,91 @@ def run_batch(cfg: HostConfig, members: list[Member], *, deploy_id: str | None =
         raise ConfigError("a batch's members share the batch's deploy id, or each has its own, distinct from "
                           "the batch's")
     ids = {t.name: check_deploy_id(m.deploy_id or deploy_id) for m, t in zip(members, targets, strict=True)}
-    own = {n: i for n, i in ids.items() if i != deploy_id}
     contexts = contexts_for(cfg, journal)
     j = contexts.journal
-    run = BatchRun(members=tuple(sorted(names)), targets={t.name: t for t in targets}, ids=own,
-                   batch_id=deploy_id if own else None)
-    ctxs = {t.name: replace(contexts[t.name], batch=run) for t in targets}
     if origin == "local":  # a worker's members: their ids were checked by their client and envelopes
         for m, t in zip(members, targets, strict=True):
             check_id_reuse(j, t.name, ids[t.name], [m.cert, *(c for c, _, _ in m.also)])
     recover(contexts, j)
+    for k, chosen in enumerate(_rounds(members, targets)):
+        round_id = deploy_id if k == 0 else f"{deploy_id[:58]}-r{k}"
+        if k:
+            log.info("batch %s: %s share files with earlier members: round %d (%s)", deploy_id,
+                     ", ".join(t.name for _, t in chosen), k + 1, round_id)
+        _run_round(contexts, chosen, ids, round_id, force=force, lock_timeout=lock_timeout, origin=origin,
+                   wait_for_owner=wait_for_owner)
+    return [_result(j, t, ids[t.name]) for t in targets]
+
+
+def _rounds(members: list[Member], targets: list[Target]) -> list[list[tuple[Member, Target]]]:
+    """Members in rounds whose own real files are disjoint, each member in the first
+    round it fits (almost always one round: a host's domains have files of their own).
+    An SNI table is not one of them: a batch builds each table once, for all of its
+    members, and the member carrying it owns it."""
+    rounds: list[tuple[set[str], list[tuple[Member, Target]]]] = []
+    for m, t in zip(members, targets, strict=True):
+        reals = set(target_reals(t, table=False))
+        for taken, chosen in rounds:
+            if not taken & reals:
+                taken |= reals
+                chosen.append((m, t))
+                break
+        else:
+            rounds.append((reals, [(m, t)]))
+    return [chosen for _, chosen in rounds]
+
+
+def _run_round(contexts: HostContexts, chosen: list[tuple[Member, Target]], ids: dict[str, str], round_id: str, *,
+               force: bool, lock_timeout: float, origin: Origin, wait_for_owner: bool) -> None:
+    j = contexts.journal
+    members = [m for m, _ in chosen]
+    targets = [t for _, t in chosen]
+    mine = {t.name: ids[t.name] for t in targets}
+    own = {n: i for n, i in mine.items() if i != round_id}
+    run = BatchRun(members=tuple(sorted(mine)), targets={t.name: t for t in targets}, ids=own,
+                   batch_id=round_id if own else None)
+    ctxs = {t.name: replace(contexts[t.name], batch=run) for t in targets}
 
     def take_over(owner: Owner) -> None:
         recover_deploy(contexts, j, owner.target, owner.deploy_id)
 
     reals = sorted({r for t in targets for r in target_reals(t)})
     signals = signals_as_exceptions() if origin == "local" else contextlib.nullcontext()
-    with signals, holding(j, reals, deploy_id, timeout=lock_timeout, recover=take_over,
+    with signals, holding(j, reals, round_id, timeout=lock_timeout, recover=take_over,
                           on_wait=lambda why: local_log.warning("waiting: %s", why), wait_for_owner=wait_for_owner):
         try:
             _start_validates(run, targets)
-            _run(ctxs, members, ids, deploy_id, force, origin)
+            _run(ctxs, members, mine, round_id, force, origin)
         except (MailTLSError, OSError) as err:
-            _roll_back_all(ctxs, ids, deploy_id, str(err))
+            _roll_back_all(ctxs, mine, round_id, str(err))
         except Exception as err:
-            log.exception("batch %s: unexpected error; rolling every member back", deploy_id)
-            _roll_back_all(ctxs, ids, deploy_id, f"internal error: {type(err).__name__}: {err}")
+            log.exception("batch %s: unexpected error; rolling every member back", round_id)
+            _roll_back_all(ctxs, mine, round_id, f"internal error: {type(err).__name__}: {err}")
         except (KeyboardInterrupt, Terminated):
-            _roll_back_all(ctxs, ids, deploy_id, "interrupted by a signal", reason="interrupted")
+            _roll_back_all(ctxs, mine, round_id, "interrupted by a signal", reason="interrupted")
             raise
         finally:
             for started in run.early.values():
                 started.cancel()  # a batch that ended before its validate: never left running behind us
-    out = []
-    for name in names:
-        rec = j.load(name, ids[name])
-        assert rec is not None, name
-        out.append(DeployResult.from_record(rec))
-    return out
+            for n in ctxs:  # still holding every lock: nobody recovers them under us
+                _hand_to_recovery(ctxs[n], mine[n])
+
+
+def _result(j: Journal, t: Target, deploy_id: str) -> DeployResult:
+    """A member's result from its record; one the run could not finish (its rollback
+    failed: recovery has it now) reads ``failed``, one never staged (its bundle was
+    taken in by an earlier run whose record is gone) ``rejected``: neither is a
+    success to whoever reads the results."""
+    rec = j.load(t.name, deploy_id)
+    if rec is not None and rec.finished:
+        return DeployResult.from_record(rec)
+    if rec is None:
+        return DeployResult(deploy_id=deploy_id, target=t.name, outcome="rejected",
+                            error="not staged by this run: an earlier run of this batch took its bundle in, and "
+                                  "its record is gone; nothing was touched")
+    return DeployResult(deploy_id=deploy_id, target=t.name, host=rec.host, outcome="failed",
+                        error=f"unfinished (phase {rec.phase}): {rec.error or 'its rollback did not complete'}; "
+                              "recovery finishes it (`mailtls recover`)")
 
 
 def _start_validates(run: BatchRun, targets: list[Target]) -> None:
@@ -156,6 +213,13 @@ def _run(ctxs: dict[str, StepContext], members: list[Member], ids: dict[str, str
     recs: dict[str, DeployRecord] = {}
     for m in members:
         n = ctxs[m.target].target.name
+        if m.taken:
+            rec = ctxs[n].journal.load(n, ids[n])
+            if already_staged(rec):
+                recs[n] = rec
+            else:  # its record went (pruned) or is back at staging: never staged from no bytes
+                log.warning("batch %s: %s was taken in by an earlier run and is not staged now", batch_id, n)
+            continue
         try:
             recs[n] = stage(ctxs[n], ids[n], m.cert, m.key, m.chain, force=force or m.force, fence=m.fence,
                             origin=origin, also=list(m.also) or None)
@@ -358,15 +422,15 @@ def _roll_back_all(ctxs: dict[str, StepContext], ids: dict[str, str], batch_id: 
         for n, _ in pending:
             try:
                 rollback(ctxs[n], ids[n], error=error, reason=reason)
-            except MailTLSError as err:
+            except Exception as err:  # noqa: BLE001 -- the others still go back; this one goes to recovery
                 log.error("batch %s: rolling %s back failed: %s", batch_id, n, err)
-                _hand_to_recovery(ctxs[n], ids[n])
 
 
 def _hand_to_recovery(ctx: StepContext, deploy_id: str) -> None:
-    """A member its run could not roll back (a full disk): without a runner it is dead
-    at once, so recovery takes it, even while the process that ran the batch (a
-    worker's pool process) lives on."""
+    """A member its run could not finish (a rollback on a full disk): no runner, no
+    step. Recovery takes it as soon as the run lets go of its locks (a batch member is
+    dead to whoever holds one of them, ``ownership.is_dead``), even while the process
+    that ran it (a worker's pool process) lives on, and even when this save fails."""
     rec = ctx.journal.load(ctx.target.name, deploy_id)
     if rec is not None and not rec.finished:
         rec.runner, rec.in_step = None, None

@@ -7,7 +7,7 @@ a file: it passes names (target, deploy id, step) and gets journal records back.
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -19,6 +19,7 @@ from ..security.envelope import EnvelopeError, open_envelope
 from ..security.keys import load_host_key, parse_ed25519_public
 from . import files, material
 from .audit import TargetAudit, audit_target
+from .batch import Member, run_batch
 from .config import HostConfig
 from .journal import DeployRecord, Journal, Owner
 from .ownership import busy_message, holding
@@ -42,15 +43,6 @@ class HostKeys:
 
     def __repr__(self) -> str:
         return f"<HostKeys {len(self.host_keys)} host key(s), {len(self.trusted)} trusted signer(s)>"
-
-
-@dataclass
-class BatchOutcome:
-    """How each member of a batch sent through the workers stands: its journal record
-    (by deploy id), or why it was refused before it staged (nothing touched)."""
-
-    records: dict[str, DeployRecord | None] = field(default_factory=dict)
-    refused: dict[str, str] = field(default_factory=dict)
 
 
 STEP_FUNCTIONS = {
@@ -148,28 +140,21 @@ class HostRuntime:
             return stage_step(ctx, deploy_id, cert_pem, key_pem, chain_pem, force=force, fence=fence,
                                origin="distributed", also=also)
 
-    def batch(self, batch_id: str, members: list[tuple[str, str, Any]]) -> BatchOutcome:
-        """Run a batch sent through the workers: ``members`` are (target, deploy id,
-        sealed envelope or None). Each envelope is opened as ``stage_envelope`` opens
-        one (signed for exactly this target, host and deploy); one that cannot be is
-        refused alone, nothing touched, and the others run as one batch
-        (``core.batch``), each under the fence from its own signed header.
-
-        Sent again (a redelivery after a lost worker), it converges: members with a
-        record are never staged again (their envelopes may be gone, or past their
-        age); recovery has ended the dead ones; the rest stage now. TargetBusy
-        (nothing touched) while another live deploy owns a member's files, or the
-        first run is still running."""
-        from .batch import Member, run_batch
-
+    def open_batch(self, members: list[tuple[str, str, Any]]) -> tuple[list[Member], dict[str, str]]:
+        """The members of a batch sent through the workers, ready to run: ``members``
+        are (target, deploy id, sealed envelope or None); each envelope is opened as
+        ``stage_envelope`` opens one (signed for exactly this target, host and deploy).
+        Returns the members to run and, by deploy id, why the others were refused
+        (nothing touched). A member already past staging (the batch sent again after
+        a lost worker) goes on from its record: its envelope may be gone, or past its
+        age, and it is never staged again (``Member.taken``)."""
         keys = self.security()
-        out = BatchOutcome()
         chosen: list[Member] = []
+        refused: dict[str, str] = {}
         for name, deploy_id, envelope in members:
             try:
                 if already_staged(self.record(name, deploy_id)):
-                    # its bundle was taken in already: stage returns its record without reading it
-                    chosen.append(Member(name, b"", b"", deploy_id=deploy_id))
+                    chosen.append(Member(name, b"", b"", deploy_id=deploy_id, taken=True))
                     continue
                 if envelope is None:
                     raise EnvelopeError(f"deploy {deploy_id}: its envelope is gone from Redis (expired, or Redis "
@@ -177,16 +162,24 @@ class HostRuntime:
                 opened = open_envelope(envelope, target=name, host=self.host, deploy_id=deploy_id,
                                        host_keys=keys.host_keys, trusted=keys.trusted, max_age=keys.max_age)
             except (Rejected, UnknownTarget, ConfigError) as err:  # EnvelopeError is a Rejected
-                out.refused[deploy_id] = str(err)
+                refused[deploy_id] = str(err)
                 continue
             chosen.append(Member(name, opened.cert, opened.key, opened.chain, tuple(opened.also),
                                  deploy_id=deploy_id, fence=opened.fence, force=opened.force))
-        if chosen:
-            run_batch(self.cfg, chosen, deploy_id=batch_id, lock_timeout=self.lock_wait, journal=self.journal,
+        return chosen, refused
+
+    def run_batch(self, batch_id: str, members: list[Member]) -> dict[str, DeployRecord | None]:
+        """Run ``open_batch``'s members as one batch (``core.batch``), each under the
+        fence from its own signed header; their records, by deploy id. TargetBusy
+        (nothing touched) while another live deploy owns a member's files, or an
+        earlier run of this batch still runs."""
+        if members:
+            run_batch(self.cfg, members, deploy_id=batch_id, lock_timeout=self.lock_wait, journal=self.journal,
                       origin="distributed", wait_for_owner=False)
-        for m in chosen:
+        out: dict[str, DeployRecord | None] = {}
+        for m in members:
             assert m.deploy_id is not None
-            out.records[m.deploy_id] = self.journal.load(m.target, m.deploy_id)
+            out[m.deploy_id] = self.journal.load(m.target, m.deploy_id)
         return out
 
     def _locked(self, target: str, deploy_id: str) -> tuple[StepContext, DeployRecord]:

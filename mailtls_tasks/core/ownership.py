@@ -3,7 +3,8 @@
 docs/protocol.md, "Is the owner alive?": judged only by someone holding at least one
 of the owner's file locks, so the owner is certainly not inside a step right then.
 A local deploy is dead when its process is; a distributed one when it died inside a
-step (runner gone) or its lease ran out between steps. "The lock is free" alone
+step (runner gone) or its lease ran out between steps; a batch's member when its run
+has let go of its locks. "The lock is free" alone
 never means dead.
 """
 
@@ -24,9 +25,14 @@ def is_dead(journal: Journal, rec: DeployRecord) -> bool:
     """An unfinished deploy nobody will finish: its owner must be recovered."""
     if rec.finished:
         return False
-    if rec.origin == "local" or rec.batch:
-        # a batch runs from start to end in one process (a local run, or one worker's
-        # task): no later message continues it, so it is dead when that process is
+    if rec.batch:
+        # A batch runs from start to end in one process (a local run, or one worker's
+        # task), holding every member's locks throughout; no later message continues
+        # it. Whoever holds one of those locks (the only one who asks) knows that run
+        # is over: its unfinished members are dead, whether or not its process lives
+        # on (a worker's pool process runs the next task).
+        return True
+    if rec.origin == "local":
         return not journal.alive(rec.runner)
     if rec.in_step and not journal.alive(rec.runner):
         return True

@@ -67,6 +67,8 @@ class RolloutResult(BaseModel):
     waves: list[list[str]] = Field(default_factory=list)
     targets: dict[str, TargetRun] = Field(default_factory=dict)
     not_covered: dict[str, list[str]] = Field(default_factory=dict)
+    # a rollout of several certificates: those no target took (leaf -> why)
+    unused: dict[str, str] = Field(default_factory=dict)
     created: str = Field(default_factory=lambda: dt.datetime.now(dt.UTC).isoformat(timespec="seconds"))
     updated: str | None = None
 
@@ -97,6 +99,8 @@ class RolloutResult(BaseModel):
             leaf = f"{(run.fingerprint or '-')[:12]:<13}" if many else ""
             lines.append(f"  {run.wave + 1:<5} {addr:<32} {run.outcome:<12} {run.ms if run.ms is not None else '-':>7}"
                          f"  {leaf}{run.deploy_id or '-'}{'  ' + why[:100] if why else ''}")
+        for fp, why in sorted(self.unused.items()):
+            lines.append(f"  {'-':<5} {'leaf ' + fp[:16] + '…':<32} {'unused':<12} {'':>7}  {why[:160]}")
         for addr, names in sorted(self.not_covered.items()):
             lines.append(f"  {'-':<5} {addr:<32} {'not covered':<12} {'':>7}  the certificate does not cover "
                          f"{', '.join(names)}")
@@ -218,6 +222,7 @@ def rollout_many(certificates: list[Any], *, waves: str = "1,25%,100%", continue
     fleet = co.fleet()
     bundles: dict[str, tuple[Any, str]] = {}
     issued: dict[str, Any] = {}
+    unused: dict[str, str] = {}
     not_covered: dict[str, list[str]] = {}
     for i, c in enumerate(certificates, 1):
         leaf = _leaf(c.cert, f"certificate {i}")
@@ -230,8 +235,13 @@ def rollout_many(certificates: list[Any], *, waves: str = "1,25%,100%", continue
             if not chosen:
                 raise RolloutError(f"certificate {i}: no host has registered a target {c.target!r}")
             chosen, _ = select(fleet, targets=chosen, label=None, covers=None, leaf=leaf)
-        else:
-            chosen, missed = select(fleet, targets=None, label=None, covers=leaf_names(leaf), leaf=leaf)
+        else:  # the names it was renewed for (certbot's RENEWED_DOMAINS), else its own
+            try:
+                chosen, missed = select(fleet, targets=None, label=None, covers=list(c.covers) or leaf_names(leaf),
+                                        leaf=leaf)
+            except RolloutError as err:  # one lineage for a web server: the others still go out
+                unused[fp] = str(err)
+                continue
             not_covered.update(missed)
         for addr in chosen:
             if addr in bundles and overlap == "refuse":
@@ -240,11 +250,13 @@ def rollout_many(certificates: list[Any], *, waves: str = "1,25%,100%", continue
             if addr in bundles and issued[addr].not_valid_before_utc >= leaf.not_valid_before_utc:
                 continue  # it keeps the one issued last
             bundles[addr], issued[addr] = (c, fp), leaf
+    if not bundles:
+        raise RolloutError("no target selected by any certificate: " + "; ".join(unused.values()))
     fps = sorted({fp for _, fp in bundles.values()})
     fingerprint = fps[0] if len(fps) == 1 else "set-" + hashlib.sha256("\n".join(fps).encode()).hexdigest()
     return _rollout(co, app, keys, bundles, {a: n for a, n in not_covered.items() if a not in bundles},
                     fingerprint, {"certificates": len(certificates), "waves": waves}, rollout_id, waves,
-                    force=force, timeout=timeout, continue_on_error=continue_on_error)
+                    force=force, timeout=timeout, continue_on_error=continue_on_error, batches=True, unused=unused)
 
 
 def _keys_and_app(pipeline: Any, broker_url: str | None) -> tuple[Any, Any]:
@@ -264,7 +276,8 @@ def _leaf(cert_pem: bytes, what: str) -> Any:
 
 def _rollout(co: Any, app: Any, keys: Any, bundles: dict[str, tuple[Any, str]], not_covered: dict[str, list[str]],
              fingerprint: str, selection: dict[str, Any], rollout_id: str | None, waves: str, *, force: bool,
-             timeout: float, continue_on_error: bool) -> RolloutResult:
+             timeout: float, continue_on_error: bool, batches: bool = False,
+             unused: dict[str, str] | None = None) -> RolloutResult:
     chosen = sorted(bundles) if "certificates" in selection else list(bundles)
     rid = rollout_id or default_rollout_id(fingerprint, chosen)
     sizes = plan_waves(len(chosen), waves)
@@ -275,7 +288,7 @@ def _rollout(co: Any, app: Any, keys: Any, bundles: dict[str, tuple[Any, str]], 
         i += size
     previous = co.get_rollout(rid)
     result = RolloutResult(rollout_id=rid, fingerprint=fingerprint, waves=plan, not_covered=not_covered,
-                           selection=selection,
+                           selection=selection, unused=unused or {},
                            created=(previous or {}).get("created") or dt.datetime.now(dt.UTC).isoformat(
                                timespec="seconds"))
     before = (previous or {}).get("targets") or {}
@@ -291,7 +304,7 @@ def _rollout(co: Any, app: Any, keys: Any, bundles: dict[str, tuple[Any, str]], 
     co.put_rollout(result.model_dump(mode="json"))
     try:
         _run_waves(co, app, keys, result, plan, {a: b for a, (b, _) in bundles.items()}, force=force,
-                   timeout=timeout, continue_on_error=continue_on_error)
+                   timeout=timeout, continue_on_error=continue_on_error, batches=batches)
     finally:  # whatever escaped, the record says where the rollout stopped
         if result.state == "running":
             result.state = "halted"
@@ -301,9 +314,11 @@ def _rollout(co: Any, app: Any, keys: Any, bundles: dict[str, tuple[Any, str]], 
 
 
 def _run_waves(co: Any, app: Any, keys: Any, result: RolloutResult, plan: list[list[str]], bundles: dict[str, Any],
-               *, force: bool, timeout: float, continue_on_error: bool) -> None:
-    """Each wave: a host with one target gets an ordinary deploy (sent with the wave's
-    others as one Celery group), a host with several one batch of them."""
+               *, force: bool, timeout: float, continue_on_error: bool, batches: bool) -> None:
+    """Each wave: a deploy per target, sent as one Celery group; with ``batches``
+    (several certificates), a host with several targets in the wave gets one batch of
+    them instead. (One certificate to a host's Postfix and Dovecot stays two deploys:
+    they usually share its files, and one's failure is not the other's.)"""
     from .workflow import DeployTimeout, enqueue_batch, prepare, seal_one
 
     rid = result.rollout_id
@@ -318,7 +333,7 @@ def _run_waves(co: Any, app: Any, keys: Any, result: RolloutResult, plan: list[l
         signatures = []
         by_host: dict[str, list[str]] = {}
         for addr in wave:
-            by_host.setdefault(addr.split("/", 1)[0], []).append(addr)
+            by_host.setdefault(addr.split("/", 1)[0] if batches else addr, []).append(addr)
         for addrs in by_host.values():
             sealed = []
             for addr in addrs:

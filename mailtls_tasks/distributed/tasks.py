@@ -332,12 +332,16 @@ def batch(self: Task, *, host: str, batch_id: str, members: list[dict[str, str]]
     if _redelivered(self) and co.deliveries(batch_id, "batch", int(self.request.retries or 0)) > MAX_DELIVERIES:
         sweep(rt, co)  # each member as recovery left it; the rest never staged
         for name, deploy_id, _ in taken:
-            if rt.record(name, deploy_id) is None:
+            if _record_of(rt, name, deploy_id) is None:
                 co.finish_unstarted(deploy_id, "rejected", f"batch {batch_id} was redelivered more than "
                                     f"{MAX_DELIVERIES} times (its worker kept dying); nothing was touched")
         raise StepFailed(f"batch {batch_id} was redelivered more than {MAX_DELIVERIES} times")
+    chosen, refused = rt.open_batch(taken)
+    for deploy_id, why in refused.items():  # ended now: a busy retry below must not hold them
+        log.warning("batch %s: deploy %s of %s refused: %s", batch_id, deploy_id, addresses[deploy_id], why)
+        co.finish_unstarted(deploy_id, "rejected", why)
     try:
-        out = rt.batch(batch_id, taken)
+        records = rt.run_batch(batch_id, chosen)
     except TargetBusy as err:
         budget = rt.cfg.busy_retries
         retries = int(self.request.retries or 0)
@@ -345,25 +349,45 @@ def batch(self: Task, *, host: str, batch_id: str, members: list[dict[str, str]]
             raise self.retry(exc=err, countdown=_backoff(retries), max_retries=budget) from None
         msg = f"cancelled: {err}; still busy after {budget} retries; nothing was touched"
         for name, deploy_id, _ in taken:
-            if rt.record(name, deploy_id) is None:
+            if _record_of(rt, name, deploy_id) is None:
                 co.finish_unstarted(deploy_id, "rejected", msg, reason="busy")
         raise Rejected(msg) from None
-    for deploy_id, why in out.refused.items():
-        log.warning("batch %s: deploy %s of %s refused: %s", batch_id, deploy_id, addresses[deploy_id], why)
-        co.finish_unstarted(deploy_id, "rejected", why)
-    for rec in out.records.values():
-        _after(rec)
+    except Exception as err:  # no member may be left "queued" in Redis: its client could not cancel it
+        log.exception("batch %s failed", batch_id)
+        for name, deploy_id, _ in taken:
+            rec = _record_of(rt, name, deploy_id)
+            if rec is None:
+                co.finish_unstarted(deploy_id, "rejected", f"batch {batch_id}: internal error before this "
+                                    f"certificate staged ({type(err).__name__}); nothing was touched")
+            else:
+                _after(rec)  # an unfinished one: recovery ends it, and the sweep publishes that
+        raise
+    for _, deploy_id, _ in taken:
+        rec = records.get(deploy_id)
+        if rec is not None:
+            _after(rec)
+        elif deploy_id not in refused:  # taken in by an earlier run whose record is gone
+            co.finish_unstarted(deploy_id, "rejected", f"batch {batch_id}: not staged by this run; nothing was "
+                                "touched")
     for _, deploy_id, _ in taken:
         co.drop_envelope(deploy_id)
     outcomes: dict[str, str | None] = {}
     for _, deploy_id, _ in taken:
-        rec = out.records.get(deploy_id)
+        rec = records.get(deploy_id)
         address = addresses[deploy_id]
         outcomes[address] = rec.outcome if rec is not None else "rejected"
         kwargs = {"target": address, "host": host, "deploy_id": deploy_id, "batch_id": batch_id}
         app.signature("mailtls.batch_member", kwargs=kwargs, immutable=True).set(
             argsrepr=readable(address, deploy_id), kwargsrepr="").apply_async(task_id=member_task_id(deploy_id))
     return {"step": "batch", "batch_id": batch_id, "rollout": rollout, "members": outcomes}
+
+
+def _record_of(rt: HostRuntime, name: str, deploy_id: str) -> DeployRecord | None:
+    """A member's journal record, or None (none, or a target this host no longer defines)."""
+    try:
+        return rt.record(name, deploy_id)
+    except MailTLSError:
+        return None
 
 
 def member_task_id(deploy_id: str) -> str:
@@ -382,6 +406,9 @@ def batch_member(self: Task, *, target: str, host: str, deploy_id: str, batch_id
         data = co.get_record(deploy_id) or {}
         raise Rejected(f"batch {batch_id}: {data.get('error') or 'not staged on this host'}")
     _after(rec)
+    if not rec.finished:
+        raise StepFailed(f"unfinished (phase {rec.phase}): recovery finishes it; follow it with: "
+                         f"mailtls status {deploy_id}")
     if rec.outcome in ("rejected", "rolled_back", "failed"):
         error = rec.error or rec.outcome
         raise (Rejected if rec.outcome == "rejected" else StepFailed)(f"{rec.outcome}: {error}")

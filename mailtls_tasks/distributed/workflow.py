@@ -122,6 +122,9 @@ class Certificate:
     key: bytes
     chain: bytes | None = None
     also: tuple[tuple[bytes, bytes, bytes | None], ...] = ()
+    # for a rollout, target None: the names it is for (certbot's RENEWED_DOMAINS);
+    # empty, the leaf's own
+    covers: tuple[str, ...] = ()
 
     def __repr__(self) -> str:  # never the key
         return f"<Certificate for {self.target or 'the targets it covers'}>"
@@ -143,10 +146,16 @@ def deploy_many(certificates: Sequence[Certificate], *, force: bool = False, bro
     envelopes = seal_many(co, keys, certificates, force=force)
     handles: dict[str, DeployHandle] = {}
     for group in _by_host(envelopes):
-        if len(group) == 1:
-            handles[group[0]["deploy_id"]] = _enqueue(co, group[0])
-        else:
-            handles.update((h.deploy_id, h) for h in enqueue_batch(co, group, None))
+        try:
+            if len(group) == 1:
+                handles[group[0]["deploy_id"]] = _enqueue(co, group[0])
+            else:
+                handles.update((h.deploy_id, h) for h in enqueue_batch(co, group, None))
+        except MailTLSError as err:
+            if not handles:
+                raise
+            sent = ", ".join(f"{h.target} {h.deploy_id}" for h in handles.values())
+            raise BrokerError(f"{err}; already sent (follow them with `mailtls status ID`): {sent}") from None
     return [handles[e["deploy_id"]] for e in envelopes]
 
 

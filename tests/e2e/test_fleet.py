@@ -317,10 +317,11 @@ def test_certbot_spool_rolls_every_renewed_lineage_out_together(ctx: Ctx, tmp_pa
     --distributed` from --deploy-hook, once per lineage, as certbot calls it (the
     RENEWED_* variables); `--deploy-spool --distributed` from --post-hook: one rollout,
     each lineage to every target whose names it covers, one batch per host."""
-    mail, www = ctx.leaf(), ctx.leaf("www.fleet.test")
+    mail, www, lonely = ctx.leaf(), ctx.leaf("www.fleet.test"), ctx.leaf("lonely.fleet.test")
     spool = tmp_path / "spool"
     env = {k: v for k, v in os.environ.items() if k != "MAILTLS_CONFIG"}
-    for name, leaf, domains in (("mail", mail, MAIL_NAME), ("www", www, "www.fleet.test")):
+    for name, leaf, domains in (("mail", mail, MAIL_NAME), ("www", www, "www.fleet.test"),
+                                ("lonely", lonely, "lonely.fleet.test")):  # no target serves that one
         live = tmp_path / "live" / name
         live.mkdir(parents=True)
         (live / "fullchain.pem").write_bytes(leaf.fullchain_pem)
@@ -329,7 +330,7 @@ def test_certbot_spool_rolls_every_renewed_lineage_out_together(ctx: Ctx, tmp_pa
                             "--spool-dir", str(spool)], capture_output=True, text=True, cwd=REPO, timeout=60,
                            env={**env, "RENEWED_LINEAGE": str(live), "RENEWED_DOMAINS": domains})
         assert r.returncode == 0 and "spooled" in r.stdout, r.stdout + r.stderr
-    assert sorted(p.name for p in spool.iterdir()) == ["mail.json", "www.json"]
+    assert sorted(p.name for p in spool.iterdir()) == ["lonely.json", "mail.json", "www.json"]
     assert not any(b"PRIVATE KEY" in p.read_bytes() for p in spool.iterdir())
     reloads = {h: (ctx.fleet.hosts[h].pf_reload.calls, ctx.fleet.hosts[h].dv_reload.calls) for h in HOSTS}
 
@@ -338,6 +339,7 @@ def test_certbot_spool_rolls_every_renewed_lineage_out_together(ctx: Ctx, tmp_pa
                        capture_output=True, text=True, cwd=REPO, timeout=180, env=env)
 
     assert r.returncode == 0, r.stdout + r.stderr
+    assert "mailtls: lineage with no target: leaf " in r.stdout and "lonely.fleet.test" in r.stdout, r.stdout
     for h in HOSTS:
         for t in ("smtp", "imap", "www"):
             assert f"mailtls: {h}/{t}: deployed" in r.stdout, r.stdout

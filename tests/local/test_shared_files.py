@@ -122,3 +122,32 @@ def test_the_other_target_must_accept_the_leaf_it_will_serve(host: MailHost, pki
     assert r.outcome == "rejected"
     assert "'imap'" in (r.error or "") and "does not cover imap.example.test" in (r.error or "")
     assert host.snapshot() == before and host.stray_temps() == []
+
+
+def test_a_batch_of_two_targets_reading_the_same_pair_runs_them_in_two_rounds(host: MailHost, pki: PKI) -> None:
+    """Postfix and Dovecot on one certificate, both renewed in one batch (a rollout of
+    several certificates, the certbot spool): one run cannot own a file for two
+    members, so the second goes in a round of its own and finds the bytes in place.
+    (It used to end the first rejected and crash the run.)"""
+    from mailtls_tasks.core.batch import Member, run_batch
+
+    cert, key = host.certs / "pair-cert.pem", host.certs / "pair-key.pem"
+    host.add_target("smtp", cert_path=str(cert), key_path=str(key))
+    host.add_target("imap", cert_path=str(cert), key_path=str(key))
+    host.add_target("web")
+    host.install("smtp", pki.leaf())
+    host.install("web", pki.leaf())
+    new, web = pki.leaf(), pki.leaf()
+
+    results = run_batch(host.config, [Member("smtp", new.fullchain_pem, new.key_pem),
+                                      Member("imap", new.fullchain_pem, new.key_pem),
+                                      Member("web", web.fullchain_pem, web.key_pem)], lock_timeout=5)
+
+    # the second round found its bytes live: without verify on, that is "unchanged", as
+    # for a second deploy (with verify on it reloads and verifies: tests/e2e)
+    assert [(r.target, r.outcome) for r in results] == [("mx1/smtp", "deployed"), ("mx1/imap", "unchanged"),
+                                                        ("mx1/web", "deployed")], [r.error for r in results]
+    assert (cert.read_bytes(), key.read_bytes()) == (new.fullchain_pem, new.key_pem)
+    assert host.path("web", "key").read_bytes() == web.key_pem
+    assert len(host.reload.calls) == 1  # the first round's, for smtp and web (one reload command)
+    assert host.stray_temps() == []

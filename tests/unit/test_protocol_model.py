@@ -414,7 +414,9 @@ class ProtocolModel(RuleBasedStateMachine):
             rec = self._record(d)
             if rec is None or rec.finished:
                 continue
-            if rec.origin == "local" or rec.batch:  # a batch lives and dies with its process
+            if rec.batch:  # a batch is alive only inside its run: no rule runs beside one
+                ok = False
+            elif rec.origin == "local":
                 ok = rec.runner in self.live
             else:
                 ok = rec.lease_until is not None and self.now < rec.lease_until \
