@@ -182,6 +182,36 @@ def main() -> int:
             time.sleep(3)  # registered and idle
             assert worker.proc is not None
             pss = _pss(worker.proc.pid)
+            # one renewal through the worker, as a pipeline sends it: the batch's yardstick there
+            wenv = {**os.environ, "PYTHONPATH": str(REPO), "MAILTLS_PIPELINE": str(pipeline.path)}
+            worker_single = []
+            for _ in range(3):
+                c, k = root / "w.crt", root / "w.key"
+                leaf = pki.leaf(_name(1))
+                c.write_bytes(leaf.fullchain_pem)
+                k.write_bytes(leaf.key_pem)
+                t0 = time.perf_counter()
+                p = subprocess.run([sys.executable, "-m", "mailtls_tasks.cli", "deploy", "pf-1", "--cert", str(c),
+                                    "--key", str(k), "--broker", r.url], capture_output=True, text=True, timeout=300,
+                                   env=wenv)
+                worker_single.append(time.perf_counter() - t0)
+                if p.returncode != 0:
+                    raise RuntimeError(f"deploy through the worker exited {p.returncode}: {p.stdout}{p.stderr}")
+            worker_one = statistics.median(worker_single)
+            # S2 through the worker: the same batch (new leaves) as `deploy --batch` from a pipeline
+            for t in members:
+                leaf = pki.leaf(_name(int(t.split("-")[1])))
+                (batch_dir / t / "fullchain.pem").write_bytes(leaf.fullchain_pem)
+                (batch_dir / t / "privkey.pem").write_bytes(leaf.key_pem)
+            reloads = (big.pf_reload.calls, big.dv_reload.calls)
+            t0 = time.perf_counter()
+            p = subprocess.run([sys.executable, "-m", "mailtls_tasks.cli", "deploy", "--batch", str(batch_dir),
+                                "--broker", r.url, "--json"], capture_output=True, text=True, timeout=900, env=wenv)
+            worker_batch_s = time.perf_counter() - t0
+            if p.returncode != 0:
+                raise RuntimeError(f"deploy --batch through the worker exited {p.returncode}: {p.stdout[-1500:]}"
+                                   f"{p.stderr[-1500:]}")
+            worker_reloads = (big.pf_reload.calls - reloads[0], big.dv_reload.calls - reloads[1])
         finally:
             worker.stop()
             r.stop()
@@ -191,15 +221,22 @@ def main() -> int:
         shutil.rmtree(root, ignore_errors=True)
     report.update({"single_s": single, "batch_s": batch_s, "batch_members": len(members),
                    "batch_reloads": {"postfix": batch_reloads[0], "dovecot": batch_reloads[1]},
-                   "separate_s": separate_s, "worker_pss_mib": pss})
+                   "separate_s": separate_s, "worker_pss_mib": pss, "worker_batch_s": worker_batch_s,
+                   "worker_single_s": worker_one,
+                   "worker_batch_reloads": {"postfix": worker_reloads[0], "dovecot": worker_reloads[1]}})
     goals = {
         f"S1 one renewal, {args.names} names / 10 names <= 1.5": (single["big"] / single["small"], 1.5),
         f"S2 batch of {len(members)} / one deploy <= 5": (batch_s / single["big"], 5.0),
         "S2 reloads per daemon in the batch == 1": (float(max(batch_reloads)), 1.0),
+        f"S2 batch of {len(members)} through the worker / one deploy through it <= 5": (worker_batch_s / worker_one,
+                                                                                         5.0),
+        "S2 reloads per daemon in the worker's batch == 1": (float(max(worker_reloads)), 1.0),
         f"S3 worker PSS MiB, {args.names} names <= 90": (pss, 90.0),
     }
-    report["goals"] = {k: {"value": round(v, 3), "limit": lim, "met": v <= lim and (
-        "== 1" not in k or min(batch_reloads) == 1)} for k, (v, lim) in goals.items()}
+    lowest = {"S2 reloads per daemon in the batch == 1": min(batch_reloads),
+              "S2 reloads per daemon in the worker's batch == 1": min(worker_reloads)}
+    report["goals"] = {k: {"value": round(v, 3), "limit": lim, "met": v <= lim and lowest.get(k, 1) == 1}
+                       for k, (v, lim) in goals.items()}
     Path(args.out).write_text(json.dumps(report, indent=2))
     print(f"machine: {report['machine']}; {args.rounds} rounds; medians")
     print(f"  one renewal: 10 names {single['small']:.3f} s, {args.names} names {single['big']:.3f} s "
@@ -208,6 +245,10 @@ def main() -> int:
           f"{batch_s / single['big']:.2f}x one deploy; reloads postfix {batch_reloads[0]}, dovecot "
           f"{batch_reloads[1]}; the same {len(members)} as separate deploys: {separate_s:.1f} s "
           f"(the batch is {batch_s / separate_s:.3f}x of it)")
+    print(f"  through the worker, as a pipeline sends them: one renewal {worker_one:.3f} s; the batch "
+          f"(deploy --batch) {worker_batch_s:.2f} s = {worker_batch_s / worker_one:.2f}x one renewal there "
+          f"({worker_batch_s / single['big']:.2f}x one --local); reloads postfix {worker_reloads[0]}, dovecot "
+          f"{worker_reloads[1]}")
     print(f"  worker PSS (main + pool), {args.names + half} targets: {pss:.1f} MiB")
     print("goals:")
     for k, g in report["goals"].items():

@@ -26,8 +26,9 @@ from mailtls_tasks.core.journal import Journal
 from mailtls_tasks.core.material import fingerprint, leaf_of_file
 from tests.e2e.test_sni import DEFAULT_NAME, SniHost, s_client
 from tests.support.acme import Certbot, Pebble
+from tests.support.keys import Pipeline
 from tests.support.pki import PKI, Issued
-from tests.support.services import REPO, require
+from tests.support.services import REPO, RedisServer, Worker, require
 from tests.support.tlsserver import TLSServer
 
 pytestmark = pytest.mark.e2e
@@ -288,3 +289,43 @@ def test_a_member_rejected_by_its_table_check_takes_its_table_mates_alone(sni_ho
     assert sha(h.compiled) == table_before
     assert s_client(h.dovecot.ports["imaps"], None, "c.example.test") == new_dv.fingerprint
     assert sorted(p.name for p in h.source.parent.iterdir()) == ["sni", "sni.lmdb"]
+
+
+def test_a_batch_through_the_worker_builds_the_table_once_with_every_member(sni_host: SniHost, pki: PKI,
+                                                                            redis_server: RedisServer,
+                                                                            pipeline: Pipeline) -> None:
+    """``deploy_many`` to an SNI host: each certificate its own deploy id, the batch one
+    build of the table whose check counts every member's names as the batch's own (it
+    once looked the members up under the carrier's deploy id, found none, took their
+    names for others' and rejected the lot: found by bench-sni), one reload per daemon."""
+    from mailtls_tasks.distributed.workflow import Certificate, deploy_many
+
+    h = sni_host
+    raw: dict[str, Any] = tomllib.loads(h.config.read_text())
+    raw["security"] = pipeline.enroll("sni-host", h.root / "keys")
+    config = h.root / "targets-worker.json"
+    config.write_text(json.dumps(raw))
+    new = {"pf-a": pki.leaf("a.example.test"), "pf-c": pki.leaf("c.example.test"),
+           "dv-a": pki.leaf("a.example.test")}
+    default_before = h.smtp(None)
+    worker = Worker(config, redis_server.url, h.root / "worker.log")
+    try:
+        before = calls(h)
+        handles = deploy_many([Certificate(f"sni-host/{t}", leaf.fullchain_pem, leaf.key_pem)
+                               for t, leaf in new.items()], broker_url=redis_server.url)
+        results = {t: hd.get(timeout=90) for t, hd in zip(new, handles, strict=True)}
+    finally:
+        worker.stop()
+    assert {t: r.outcome for t, r in results.items()} == dict.fromkeys(new, "deployed"), \
+        {t: r.error for t, r in results.items()}
+    assert len({r.deploy_id for r in results.values()}) == 3
+    after = calls(h)
+    assert {k: after[k] - before[k] for k in after} == {"postfix-reload": 1, "postfix-check": 1,
+                                                        "dovecot-reload": 1, "dovecot-check": 1}
+    assert h.smtp("a.example.test") == new["pf-a"].fingerprint and h.smtp("c.example.test") == new["pf-c"].fingerprint
+    assert h.smtp(None) == default_before
+    assert s_client(h.dovecot.ports["imaps"], None, "a.example.test") == new["dv-a"].fingerprint
+    j = Journal(str(h.root / "state"))
+    recs = {t: j.load(t, r.deploy_id) for t, r in results.items()}
+    assert len({r.batch_id for r in recs.values() if r}) == 1
+    assert [t for t, r in recs.items() if r and any(e.role == "sni_map" for e in r.files)] == ["pf-a"]

@@ -137,7 +137,7 @@ def _check_table(ctx: StepContext, rec: DeployRecord) -> None:
     # a batch's table is built with every member of it in that table: each is "ours"
     members = [(t, rec)]
     for name in (ctx.batch.tables.get(t.name, ()) if ctx.batch is not None else ()):
-        other = ctx.journal.load(name, rec.deploy_id)
+        other = ctx.journal.load(name, rec.member_id(name))
         if name != t.name and other is not None:
             members.append((ctx.batch.targets[name], other))  # type: ignore[union-attr]
     ours = set().union(*(sni.keys_of(m, p) for m, _ in members))
