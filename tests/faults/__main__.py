@@ -73,6 +73,7 @@ def main() -> int:
         rig = WorkerRig(root / "rig", pki, leaves, redis.url, pipeline)
         try:
             wcounts = {(sc, s): worker_count(rig, s, sc) for sc in ("deploy", "rollback") for s in FAULTS}
+            wcounts[("batch", "rename")] = worker_count(rig, "rename", "batch")
             print(f"worker syscall counts: {wcounts}", flush=True)
             ipc = sum(len(v) for v in rig.ipc.values())
             notes.append(f"worker mode: {ipc} error injections into writes to Celery's pool pipe or a socket "

@@ -412,11 +412,22 @@ class WorkerRig:
             raise RuntimeError("strace did not attach")
         raise RuntimeError("no live pool child to attach to")
 
-    def enqueue(self, deploy_id: str) -> Any:
+    def enqueue(self, deploy_id: str, batch: bool = False) -> Any:
+        """The deploy, as a pipeline sends it; ``batch``: as the one member of a
+        ``mailtls.batch`` (``deploy_many``'s path: the whole run in one task)."""
         from mailtls_tasks.distributed.workflow import deploy
 
-        return deploy("mx", self.host.new.fullchain_pem, self.host.new.key_pem, broker_url=self.broker, host="mxf",
-                      deploy_id=deploy_id, pipeline=str(self.pipeline.path))
+        if not batch:
+            return deploy("mx", self.host.new.fullchain_pem, self.host.new.key_pem, broker_url=self.broker,
+                          host="mxf", deploy_id=deploy_id, pipeline=str(self.pipeline.path))
+        from mailtls_tasks.distributed.coordination import Coordinator
+        from mailtls_tasks.distributed.workflow import _seal, enqueue_batch
+        from mailtls_tasks.security.keys import load_pipeline
+
+        co = Coordinator.for_url(self.broker)
+        envelope = _seal(co, load_pipeline(str(self.pipeline.path)), "mxf/mx", self.host.new.fullchain_pem,
+                         self.host.new.key_pem, None, force=False, deploy_id=deploy_id, also=None)
+        return enqueue_batch(co, [envelope], None)[0]
 
     def close(self) -> None:
         self.worker.stop()
@@ -434,7 +445,7 @@ def worker_count(rig: WorkerRig, syscall: str, scenario: str = "deploy") -> int:
         rig.host.fail_marker.touch()
     out = rig.host.root / f"wcount-{scenario}-{syscall}.txt"
     tracer = rig.attach(["-y", "-o", str(out), "-e", f"trace={syscall}"])
-    rig.enqueue(f"wprobe-{os.getpid()}-{next(_RUN)}").get(60)
+    rig.enqueue(f"wprobe-{os.getpid()}-{next(_RUN)}", batch=scenario == "batch").get(60)
     tracer.send_signal(signal.SIGINT)
     tracer.wait(10)
     calls = [line for line in out.read_text().splitlines() if line.startswith(f"{syscall}(")]
@@ -454,7 +465,7 @@ def run_worker_case(rig: WorkerRig, case: Case, whole_worker: bool) -> Result:
     tracer = rig.attach(["-o", "/dev/null", "-e", f"trace={case.syscall}", "-e",
                          f"inject={case.syscall}:{case.action}:when={case.n}"])
     try:
-        handle = rig.enqueue(did)
+        handle = rig.enqueue(did, batch=case.scenario == "batch")
         deadline = time.monotonic() + 90
         restarted = False
         rec: dict[str, Any] | None = None
@@ -497,11 +508,14 @@ def worker_cases(level: str, counts: dict[tuple[str, str], int],
     waits for the step until its hard time limit). A SIGKILL there is kept: a process
     can die at any call."""
     for mode in ("worker", "child"):
-        for scenario in ("deploy", "rollback"):
+        for scenario in ("deploy", "rollback", "batch"):
             for syscall, actions in FAULTS.items():
-                total = counts[(scenario, syscall)]
+                total = counts.get((scenario, syscall), 0)
                 for action, label in actions:
-                    if level == "full":
+                    if scenario == "batch":  # the whole run in one task: killed anywhere in it
+                        ns = ([] if (label, syscall) != ("SIGKILL", "rename") else
+                              list(range(1, total + 1)) if level == "full" else [1, total // 2, total])
+                    elif level == "full":
                         ns = list(range(1, total + 1))
                     elif scenario == "rollback":
                         ns = [total - 2] if (label, syscall, mode) == ("SIGKILL", "rename", "worker") else []

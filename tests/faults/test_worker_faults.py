@@ -2,7 +2,9 @@
 
 Two ways to die: the pool child alone (Celery redelivers its message at once), or the
 whole worker with it (it restarts; its start-up recovery must end the deploy and
-Redis must hear of it). ``make test`` runs a spread of rename kills both ways and one
+Redis must hear of it). Scenarios: a deploy, one that rolls back, and the deploy as
+the member of a batch (``deploy_many``: the whole run in one ``mailtls.batch`` task).
+``make test`` runs a spread of rename kills both ways and one
 point of each error; ``make faults`` sweeps every N.
 """
 
@@ -34,13 +36,16 @@ def rig(tmp_path_factory: pytest.TempPathFactory, pki: PKI, redis_server: RedisS
 
 @pytest.fixture(scope="module")
 def counts(rig: WorkerRig) -> dict[tuple[str, str], int]:
-    return {(scenario, syscall): worker_count(rig, syscall, scenario)
-            for scenario in ("deploy", "rollback") for syscall in FAULTS}
+    out = {(scenario, syscall): worker_count(rig, syscall, scenario)
+           for scenario in ("deploy", "rollback") for syscall in FAULTS}
+    out[("batch", "rename")] = worker_count(rig, "rename", "batch")  # a batch's cases kill at a rename
+    return out
 
 
 @pytest.mark.parametrize("mode", ["worker", "child"])
 def test_worker_fault_matrix(rig: WorkerRig, counts: dict[tuple[str, str], int], mode: str) -> None:
     assert counts[("deploy", "rename")] >= 5 and counts[("rollback", "rename")] >= 5, counts
+    assert counts[("batch", "rename")] >= 5, counts
     broken, results = [], []
     cases = [c for c in worker_cases(LEVEL, counts, rig.ipc) if c.mode == mode]
     assert cases
