@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
@@ -19,7 +19,6 @@ from ..security.envelope import EnvelopeError, open_envelope
 from ..security.keys import load_host_key, parse_ed25519_public
 from . import files, material
 from .audit import TargetAudit, audit_target
-from .batch import Member, run_batch
 from .config import HostConfig
 from .journal import DeployRecord, Journal, Owner
 from .ownership import busy_message, holding
@@ -33,6 +32,9 @@ from .steps.stage import RawBundle
 from .steps.stage import stage as stage_step
 from .steps.validate import validate
 from .steps.verify import verify
+
+if TYPE_CHECKING:
+    from .batch import Member
 
 
 @dataclass(frozen=True, repr=False)
@@ -148,6 +150,8 @@ class HostRuntime:
         (nothing touched). A member already past staging (the batch sent again after
         a lost worker) goes on from its record: its envelope may be gone, or past its
         age, and it is never staged again (``Member.taken``)."""
+        from .batch import Member  # a worker loads the batch code with its first batch, not before
+
         keys = self.security()
         chosen: list[Member] = []
         refused: dict[str, str] = {}
@@ -173,6 +177,8 @@ class HostRuntime:
         fence from its own signed header; their records, by deploy id. TargetBusy
         (nothing touched) while another live deploy owns a member's files, or an
         earlier run of this batch still runs."""
+        from .batch import run_batch
+
         if members:
             run_batch(self.cfg, members, deploy_id=batch_id, lock_timeout=self.lock_wait, journal=self.journal,
                       origin="distributed", wait_for_owner=False)
