@@ -362,6 +362,7 @@ def batch(self: Task, *, host: str, batch_id: str, members: list[dict[str, str]]
             else:
                 _after(rec)  # an unfinished one: recovery ends it, and the sweep publishes that
         raise
+    outcomes: dict[str, str | None] = {}
     for _, deploy_id, _ in taken:
         rec = records.get(deploy_id)
         if rec is not None:
@@ -369,11 +370,7 @@ def batch(self: Task, *, host: str, batch_id: str, members: list[dict[str, str]]
         elif deploy_id not in refused:  # taken in by an earlier run whose record is gone
             co.finish_unstarted(deploy_id, "rejected", f"batch {batch_id}: not staged by this run; nothing was "
                                 "touched")
-    for _, deploy_id, _ in taken:
         co.drop_envelope(deploy_id)
-    outcomes: dict[str, str | None] = {}
-    for _, deploy_id, _ in taken:
-        rec = records.get(deploy_id)
         address = addresses[deploy_id]
         outcomes[address] = rec.outcome if rec is not None else "rejected"
         kwargs = {"target": address, "host": host, "deploy_id": deploy_id, "batch_id": batch_id}

@@ -326,11 +326,7 @@ class ProtocolModel(RuleBasedStateMachine):
         if not names:
             return
         did = f"m-{next(self.ids)}"
-        ds = []
-        for n in names:
-            d = Deploy(did, n, leaf(next(self.leaves)), "local")
-            self.deploys.append(d)
-            ds.append(d)
+        ds = self._members(names, "local", did)
         tok = self._new_token()
         with self._no_live_deploy_recovered(), self._process(tok, crash):
             try:
@@ -345,18 +341,15 @@ class ProtocolModel(RuleBasedStateMachine):
     @rule(first=st.sampled_from(["a", "b", "c"]), with_first=st.booleans(), with_d=st.booleans(),
           crash=st.none() | st.integers(1, 60))
     def worker_batch(self, first: str, with_first: bool, with_d: bool, crash: int | None) -> None:
-        """A batch through the workers (``deploy_many``; ``HostRuntime.batch``): a deploy
-        id, envelope and fence per member, one more id for the batch, one task on the
-        worker's pool child; a crash kills that child, and the batch may come again."""
+        """A batch through the workers (``deploy_many``; ``HostRuntime.open_batch`` and
+        ``run_batch``): a deploy id, envelope and fence per member, one more id for the
+        batch, one task on the worker's pool child; a crash kills that child, and the
+        batch may come again."""
         names = [first] * with_first + ["d"] * with_d
         if not names:
             return
         bid = f"m-{next(self.ids)}"
-        ds = []
-        for n in names:
-            d = Deploy(f"m-{next(self.ids)}", n, leaf(next(self.leaves)), "worker_batch", fence=next(self.fences))
-            self.deploys.append(d)
-            ds.append(d)
+        ds = self._members(names, "worker_batch")
         self.batches.append((bid, ds))
         self._run_worker_batch(bid, ds, crash)
 
@@ -366,6 +359,18 @@ class ProtocolModel(RuleBasedStateMachine):
         """A worker batch's message again: taken back after a lost worker, or replayed."""
         bid, ds = data.draw(st.sampled_from(self.batches))
         self._run_worker_batch(bid, ds, crash)
+
+    def _members(self, names: list[str], origin: str, shared_id: str | None = None) -> list[Deploy]:
+        """A batch's members: the batch's id each (``shared_id``), or an id and a fence
+        of their own (taken at enqueue, as ``deploy_many`` seals them)."""
+        ds = []
+        for n in names:
+            own = shared_id is None
+            d = Deploy(shared_id or f"m-{next(self.ids)}", n, leaf(next(self.leaves)), origin,
+                       fence=next(self.fences) if own else None)
+            self.deploys.append(d)
+            ds.append(d)
+        return ds
 
     def _run_worker_batch(self, bid: str, ds: list[Deploy], crash: int | None) -> None:
         from mailtls_tasks.core.batch import Member, run_batch
