@@ -16,6 +16,7 @@ import argparse
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -32,6 +33,19 @@ BOLD, DIM, RESET = "\033[1m", "\033[2m", "\033[0m"
 if not sys.stdout.isatty():
     BOLD = DIM = RESET = ""
 MAILTLS = str(Path(sys.executable).parent / "mailtls")  # the console script `pip install` put beside python
+
+
+class Stopped(BaseException):
+    """SIGTERM or SIGHUP (a `kill`, systemd, a closed terminal): unwinds like Ctrl-C, so
+    the cleanup runs -- every service stopped, the temp dir and its private keys gone."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _stop(signum: int, _frame: object) -> None:
+    raise Stopped(signum)
 
 
 def say(title: str) -> None:
@@ -59,6 +73,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(prog="make demo")
     ap.add_argument("--keep", action="store_true", help="keep everything running for exploring (Ctrl-C stops)")
     args = ap.parse_args()
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _stop)
     root = Path(tempfile.mkdtemp(prefix="mailtls-demo-"))
     os.chmod(root, 0o755)  # noqa: S103 - the postfix and dovecot users must traverse it
     started: list[object] = []
@@ -155,6 +171,8 @@ def main() -> int:
                 pass
         return 0
     finally:
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # a second signal must not cut the cleanup short
+            signal.signal(sig, signal.SIG_IGN)
         say("Stopping everything")
         for svc in reversed(started):
             svc.stop()  # type: ignore[attr-defined]
@@ -163,4 +181,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except Stopped as stopped:
+        sys.exit(128 + stopped.signum)

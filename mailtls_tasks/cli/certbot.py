@@ -9,7 +9,7 @@ from typing import Any, NoReturn, overload
 import click
 
 from ..errors import MailTLSError, Rejected
-from .common import broker_option, config_option, fail, load_config, read_input
+from .common import broker_option, config_option, env_file_option, fail, load_config, read_input
 from .deploy import deploy_local
 
 DISTRIBUTED_SPOOL = "/var/lib/mailtls/certbot-spool"
@@ -27,10 +27,13 @@ DISTRIBUTED_SPOOL = "/var/lib/mailtls/certbot-spool"
               help="where --spool notes lineages (default: certbot-spool under the targets file's state_dir; "
                    f"with --distributed and no targets file, {DISTRIBUTED_SPOOL})")
 @click.option("--waves", default="1,100%", show_default=True, help="with --distributed")
+@click.option("--skip-unreachable", is_flag=True,
+              help="with --distributed: go on without a target whose host has no live worker (listed)")
 @broker_option
 @click.option("--pipeline", "pipeline_path", metavar="FILE", envvar="MAILTLS_PIPELINE", help="pipeline keys")
+@env_file_option
 def certbot_hook(config_path: str | None, distributed: bool, spool: bool, deploy_spool: bool, spool_dir: str | None,
-                 waves: str, broker: str | None, pipeline_path: str | None) -> None:
+                 waves: str, skip_unreachable: bool, broker: str | None, pipeline_path: str | None) -> None:
     """certbot's --deploy-hook: deploy the renewed lineage to every target whose names it covers.
 
     Reads RENEWED_LINEAGE (the live/ directory: fullchain.pem, privkey.pem) and
@@ -41,13 +44,16 @@ def certbot_hook(config_path: str | None, distributed: bool, spool: bool, deploy
     --spool" --post-hook "mailtls certbot-hook --deploy-spool"` deploys them all as one
     batch (the spool under state_dir holds lineage paths and names, never a key). With
     --distributed, the post-hook rolls them out together: each to the targets whose
-    names it covers, the certificates of one host as one batch per wave."""
+    names it covers, the certificates of one host as one batch per wave.
+
+    A lineage no target is for (a host may have certificates for other servers) is
+    said so, and exits 0."""
     import os
 
     if deploy_spool:
         d = _spool_dir(config_path, spool_dir, distributed)
         if distributed:
-            _roll_out_spool(d, waves, broker, pipeline_path)
+            _roll_out_spool(d, waves, broker, pipeline_path, skip_unreachable)
         _deploy_spool(config_path, d)
     lineage = os.environ.get("RENEWED_LINEAGE")
     if not lineage:
@@ -57,16 +63,18 @@ def certbot_hook(config_path: str | None, distributed: bool, spool: bool, deploy
         _spool(_spool_dir(config_path, spool_dir, distributed), lineage, domains)
     cert, key, leaf = _read_lineage(lineage)
     if distributed:
+        from ..distributed.rollout import NothingSelected
         from ..distributed.rollout import rollout as run_rollout
 
         try:
             result = run_rollout(cert, key, None, covers=domains or None, waves=waves, broker_url=broker,
-                                 pipeline=pipeline_path)
+                                 pipeline=pipeline_path, skip_unreachable=skip_unreachable)
+        except NothingSelected as err:
+            click.echo(f"mailtls: {lineage}: not deployed, no target is for it ({err})")
+            sys.exit(0)
         except MailTLSError as err:
             fail(str(err), err.exit_code)
-        for addr, run in sorted(result.targets.items()):
-            click.echo(f"mailtls: {addr}: {run.outcome}" + (f" ({run.reason})" if run.reason else "")
-                       + f" deploy {run.deploy_id or '-'}" + (f": {run.error}" if run.error else ""))
+        _say_rollout(result)
         sys.exit(result.exit_code)
     try:
         cfg = load_config(config_path)
@@ -74,8 +82,9 @@ def certbot_hook(config_path: str | None, distributed: bool, spool: bool, deploy
         fail(str(err), err.exit_code)
     chosen = _targets_for(cfg, leaf, domains)
     if not chosen:
-        fail(f"no target on host {cfg.host} serves names this certificate covers ({', '.join(domains) or '?'}); "
-              "set `names` on the targets it is for", 1)
+        click.echo(f"mailtls: {lineage}: not deployed, no target on host {cfg.host} serves names it covers "
+                   f"({', '.join(domains) or '?'}); if one should, set `names` on it")
+        sys.exit(0)
     worst = 0
     for t in chosen:
         try:
@@ -87,6 +96,14 @@ def certbot_hook(config_path: str | None, distributed: bool, spool: bool, deploy
         _say(res)
         worst = max(worst, res.exit_code)
     sys.exit(worst)
+
+
+def _say_rollout(result: Any) -> None:
+    for addr, run in sorted(result.targets.items()):
+        click.echo(f"mailtls: {addr}: {run.outcome}" + (f" ({run.reason})" if run.reason else "")
+                   + f" deploy {run.deploy_id or '-'}" + (f": {run.error}" if run.error else ""))
+    for addr, why in sorted(result.unreachable.items()):
+        click.echo(f"mailtls: {addr}: skipped, unreachable: {why}")
 
 
 def _say(res: Any) -> None:
@@ -196,11 +213,12 @@ def _empty(d: str, entries: list[str]) -> None:
             os.unlink(os.path.join(d, name))
 
 
-def _roll_out_spool(d: str, waves: str, broker: str | None, pipeline_path: str | None) -> NoReturn:
+def _roll_out_spool(d: str, waves: str, broker: str | None, pipeline_path: str | None,
+                    skip_unreachable: bool) -> NoReturn:
     """Every spooled lineage, as one rollout (``rollout_many``): each to the targets
     whose names it all covers, a target two lineages cover taking the one issued
     last. The spool is kept when nothing was sent (Redis down, no target covered)."""
-    from ..distributed.rollout import rollout_many
+    from ..distributed.rollout import NothingSelected, rollout_many
     from ..distributed.workflow import Certificate
 
     entries, noted = _spooled(d)
@@ -214,13 +232,15 @@ def _roll_out_spool(d: str, waves: str, broker: str | None, pipeline_path: str |
         fail("no spooled lineage could be read (see above): nothing to roll out", 2)
     try:
         result = rollout_many(certificates, waves=waves, broker_url=broker, pipeline=pipeline_path,
-                              overlap="newer")
+                              overlap="newer", skip_unreachable=skip_unreachable)
+    except NothingSelected as err:
+        click.echo(f"mailtls: not deployed, no target is for the spooled lineages ({err})")
+        _empty(d, entries)
+        sys.exit(0)
     except MailTLSError as err:
         fail(f"{err} (the spool is kept: run `mailtls certbot-hook --deploy-spool --distributed` again)",
              err.exit_code)
-    for addr, run in sorted(result.targets.items()):
-        click.echo(f"mailtls: {addr}: {run.outcome}" + (f" ({run.reason})" if run.reason else "")
-                   + f" deploy {run.deploy_id or '-'}" + (f": {run.error}" if run.error else ""))
+    _say_rollout(result)
     for fp, why in sorted(result.unused.items()):
         click.echo(f"mailtls: lineage with no target: leaf {fp[:16]}…: {why}")
     _empty(d, entries)
@@ -260,7 +280,7 @@ def _deploy_spool(config_path: str | None, d: str) -> NoReturn:
             _say(res)
             worst = max(worst, res.exit_code)
     else:
-        click.echo("mailtls: no target serves names the spooled certificates cover; set `names` on the targets")
-        worst = 1
+        click.echo("mailtls: not deployed, no target on this host serves names the spooled certificates cover; "
+                   "if one should, set `names` on it")
     _empty(d, entries)
     sys.exit(worst)

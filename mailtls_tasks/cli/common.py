@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
-from ..errors import Rejected
+from ..errors import MailTLSError, Rejected
 from ..ids import MAX_INPUT_BYTES
 
 if TYPE_CHECKING:
@@ -89,3 +89,62 @@ def exit_fast(on: bool = True) -> None:
 
 def exiting_fast() -> bool:
     return _exit_now
+
+
+def read_env_file(path: str) -> dict[str, str]:
+    """``KEY=VALUE`` lines (systemd's EnvironmentFile format, without quoting rules) from
+    a file only its owner can read: the secrets it holds must not be on a command line."""
+    import os
+
+    from ..errors import ConfigError
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            mode = os.fstat(f.fileno()).st_mode
+            text = f.read(65536)
+    except OSError as err:
+        raise ConfigError(f"cannot read {path}: {err.strerror or err}") from None
+    if mode & 0o077:
+        raise ConfigError(f"{path} holds secrets and is readable by group/others (mode {mode & 0o777:04o}): "
+                          "chmod 0600 it")
+    out = {}
+    for n, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, sep, value = line.partition("=")
+        if not sep or not key.strip().isidentifier():
+            raise ConfigError(f"{path}:{n}: expected KEY=VALUE")
+        out[key.strip()] = value.strip().strip('"').strip("'")
+    return out
+
+
+def load_env_file(path: str | None) -> None:
+    """Put an env file's MAILTLS_* settings (the broker URL, the pipeline keys) into
+    this process's environment, as systemd's EnvironmentFile= would for a unit: a
+    hook certbot starts has none of the pipeline's environment."""
+    import os
+
+    if path is None:
+        return
+    for key, value in read_env_file(path).items():
+        if not key.startswith("MAILTLS_"):
+            from ..errors import ConfigError
+
+            raise ConfigError(f"{path}: {key} is not a MAILTLS_* setting")
+        os.environ[key] = value
+
+
+def _env_file_callback(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    try:
+        load_env_file(value)
+    except MailTLSError as err:
+        fail(str(err), err.exit_code)
+    return value
+
+
+# eager: loaded before the other options read their MAILTLS_* defaults from the environment
+env_file_option = click.option("--env-file", metavar="FILE", is_eager=True, expose_value=False,
+                               callback=_env_file_callback,
+                               help="0600 KEY=VALUE file of MAILTLS_* settings (e.g. /etc/mailtls/pipeline.env: "
+                                    "MAILTLS_BROKER_URL, MAILTLS_PIPELINE), loaded first")

@@ -12,7 +12,18 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import click
 
 from ..errors import MailTLSError, Rejected, UnknownTarget
-from .common import broker_option, config_option, coordinator, emit, exit_fast, fail, load_config, read_input, split_csv
+from .common import (
+    broker_option,
+    config_option,
+    coordinator,
+    emit,
+    env_file_option,
+    exit_fast,
+    fail,
+    load_config,
+    read_input,
+    split_csv,
+)
 
 if TYPE_CHECKING:
     from ..commands import Running
@@ -44,6 +55,7 @@ if TYPE_CHECKING:
               help="distributed: how long to wait for the outcome (default 600); --local: how long to wait "
                    "for another deploy that owns the target's files (default 300)")
 @click.option("--no-wait", is_flag=True, help="enqueue, print the deploy id and exit (distributed mode)")
+@env_file_option
 def deploy(target: str | None, cert_files: tuple[str, ...], key_files: tuple[str, ...],
            batch_path: str | None, chain_files: tuple[str, ...],
            config_path: str | None, local: bool, force: bool, as_json: bool, deploy_id: str | None,
@@ -279,6 +291,9 @@ def deploy_local(cfg: Any, target: str, cert: bytes, key: bytes, chain: bytes | 
 @click.option("--waves", default="1,25%,100%", show_default=True,
               help="cumulative wave sizes, counts or shares; the first is the canary")
 @click.option("--continue-on-error", is_flag=True, help="do not halt when a target rolls back or fails")
+@click.option("--skip-unreachable", is_flag=True,
+              help="roll out to the rest when a selected target's host has no live worker (listed as skipped); "
+                   "without it such a target halts the rollout before anything is sent")
 @click.option("--force", is_flag=True, help="allow a leaf older than the deployed one")
 @click.option("--id", "rollout_id", metavar="ID", help="rollout id (default: from the certificate and the selection, "
               "so running the same rollout again resumes it)")
@@ -286,9 +301,11 @@ def deploy_local(cfg: Any, target: str, cert: bytes, key: bytes, chain: bytes | 
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
 @broker_option
 @click.option("--pipeline", "pipeline_path", metavar="FILE", envvar="MAILTLS_PIPELINE", help="pipeline keys")
+@env_file_option
 def rollout(cert_files: tuple[str, ...], key_files: tuple[str, ...], batch_path: str | None,
             chain_files: tuple[str, ...], targets_csv: str | None, label: str | None,
-            covers_csv: str | None, waves: str, continue_on_error: bool, force: bool, rollout_id: str | None,
+            covers_csv: str | None, waves: str, continue_on_error: bool, skip_unreachable: bool, force: bool,
+            rollout_id: str | None,
             wait_s: float, as_json: bool, broker: str | None, pipeline_path: str | None) -> None:
     """Roll one certificate (or --batch: several) out to every daemon that serves it, in waves.
 
@@ -308,13 +325,14 @@ def rollout(cert_files: tuple[str, ...], key_files: tuple[str, ...], batch_path:
 
             result = rollout_many([Certificate(m.target, m.cert, m.key, m.chain) for m in read_batch(batch_path)],
                                   waves=waves, continue_on_error=continue_on_error, force=force, broker_url=broker,
-                                  pipeline=pipeline_path, rollout_id=rollout_id, timeout=wait_s)
+                                  pipeline=pipeline_path, rollout_id=rollout_id, timeout=wait_s,
+                                  skip_unreachable=skip_unreachable)
         else:
             (cert, key, chain), *also = _read_bundles(cert_files, key_files, chain_files)
             result = run_rollout(cert, key, chain, targets=split_csv(targets_csv), label=label,
                                  covers=split_csv(covers_csv), waves=waves, continue_on_error=continue_on_error,
                                  force=force, broker_url=broker, pipeline=pipeline_path, rollout_id=rollout_id,
-                                 timeout=wait_s, also=also)
+                                 timeout=wait_s, also=also, skip_unreachable=skip_unreachable)
     except MailTLSError as err:
         fail(str(err), err.exit_code, as_json)
     click.echo(json.dumps(result.model_dump(mode="json")) if as_json else result.human())

@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from ..errors import MailTLSError
+from ..errors import BrokerError, MailTLSError
 from .common import broker_option, config_option, coordinator, emit, fail, load_config
 
 
@@ -39,14 +39,28 @@ def status(deploy_id: str, broker: str | None, as_json: bool, wait_s: float) -> 
 @click.command()
 @click.argument("target")
 @broker_option
+@config_option
+@click.option("--local", is_flag=True, help="from this host's journal (the targets file's state_dir), not Redis")
 @click.option("--limit", default=20, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
-def history(target: str, broker: str | None, limit: int, as_json: bool) -> None:
-    """The last deploys of TARGET (HOST/NAME, or a NAME one host defines), newest first."""
+def history(target: str, broker: str | None, config_path: str | None, local: bool, limit: int,
+            as_json: bool) -> None:
+    """The last deploys of TARGET (HOST/NAME, or a NAME one host defines), newest first.
+
+    On a mail host the journal has them all, Redis or not (``--local`` deploys and
+    certbot hooks publish nothing): with --local, or when Redis cannot be reached and
+    a targets file can be read, they are read from there."""
     try:
-        co = coordinator(broker)
-        host, name = co.resolve(target)
-        rows = co.history(f"{host}/{name}", limit)
+        if local:
+            rows = _journal_history(config_path, target, limit)
+        else:
+            try:
+                co = coordinator(broker)
+            except BrokerError as err:
+                rows = _journal_history(config_path, target, limit, because=err)
+            else:
+                host, name = co.resolve(target)
+                rows = co.history(f"{host}/{name}", limit)
     except MailTLSError as err:
         fail(str(err), err.exit_code, as_json)
     if as_json:
@@ -56,6 +70,28 @@ def history(target: str, broker: str | None, limit: int, as_json: bool) -> None:
         fp = (r.get("fingerprint") or "-")[:16]
         click.echo(f"{r.get('created', '?'):<30} {r['deploy_id']:<28} {r.get('outcome') or r.get('phase'):<12} {fp}"
                    + (f"  {r['error']}" if r.get("error") else ""))
+
+
+def _journal_history(config_path: str | None, target: str, limit: int,
+                     because: MailTLSError | None = None) -> list[dict[str, Any]]:
+    """This host's journal, as ``history`` rows; raises ``because`` (the broker's
+    error) when there is no targets file to read it from."""
+    from ..core.journal import Journal
+
+    try:
+        cfg = load_config(config_path)
+    except MailTLSError:
+        if because is not None:
+            raise because from None
+        raise
+    name = target.split("/", 1)[1] if target.startswith(f"{cfg.host}/") else target
+    t = cfg.target(name)
+    if because is not None:
+        click.echo(f"mailtls: {because}; reading this host's journal ({cfg.state_dir}) instead", err=True)
+    recs = Journal(cfg.state_dir).records(t.name)[::-1][:limit]
+    return [{"deploy_id": r.deploy_id, "target": f"{cfg.host}/{t.name}", "host": cfg.host, "created": r.created,
+             "phase": r.phase, "outcome": r.outcome, "reason": r.reason, "fingerprint": r.fingerprint,
+             "error": r.error, "origin": r.origin} for r in recs]
 
 
 @click.command()

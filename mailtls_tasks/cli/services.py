@@ -11,7 +11,7 @@ from typing import Any
 import click
 
 from ..errors import MailTLSError
-from .common import broker_option, config_option, fail, load_config
+from .common import broker_option, config_option, fail, load_config, read_env_file
 
 FLOWER_COLUMNS = "name,state,args,result,received,started,runtime,worker"
 
@@ -148,34 +148,6 @@ def worker(config_path: str | None, broker: str | None, loglevel: str, host: str
         fail(str(err), err.exit_code)
 
 
-def _read_env_file(path: str) -> dict[str, str]:
-    """``KEY=VALUE`` lines (systemd's EnvironmentFile format, without quoting rules) from
-    a file only its owner can read: the secrets it holds must not be on a command line."""
-    import os
-
-    from ..errors import ConfigError
-
-    try:
-        with open(path, encoding="utf-8") as f:
-            mode = os.fstat(f.fileno()).st_mode
-            text = f.read(65536)
-    except OSError as err:
-        raise ConfigError(f"cannot read {path}: {err.strerror or err}") from None
-    if mode & 0o077:
-        raise ConfigError(f"{path} holds secrets and is readable by group/others (mode {mode & 0o777:04o}): "
-                          "chmod 0600 it")
-    out = {}
-    for n, line in enumerate(text.splitlines(), 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        key, sep, value = line.partition("=")
-        if not sep or not key.strip().isidentifier():
-            raise ConfigError(f"{path}:{n}: expected KEY=VALUE")
-        out[key.strip()] = value.strip().strip('"').strip("'")
-    return out
-
-
 @click.command(context_settings={"ignore_unknown_options": True})
 @click.option("--env-file", metavar="FILE",
               help="0600 file with MAILTLS_BROKER_URL=... and MAILTLS_FLOWER_BASIC_AUTH=user:password[,...] "
@@ -193,7 +165,6 @@ def flower(env_file: str | None, address: str, port: int, no_auth: bool, flower_
     """
     import ipaddress
     import os
-    import subprocess
 
     from ..distributed.app import broker_url
 
@@ -202,7 +173,7 @@ def flower(env_file: str | None, address: str, port: int, no_auth: bool, flower_
         fail("give the broker URL and basic auth in MAILTLS_BROKER_URL / MAILTLS_FLOWER_BASIC_AUTH (or --env-file), "
               "not on the command line", 1)
     try:
-        given = _read_env_file(env_file) if env_file else {}
+        given = read_env_file(env_file) if env_file else {}
     except MailTLSError as err:
         fail(str(err), err.exit_code)
     url = given.get("MAILTLS_BROKER_URL") or os.environ.get("MAILTLS_BROKER_URL")
@@ -223,4 +194,7 @@ def flower(env_file: str | None, address: str, port: int, no_auth: bool, flower_
         env["FLOWER_BASIC_AUTH"] = auth  # Flower reads every option from FLOWER_<NAME> too
     argv = [sys.executable, "-m", "celery", "-A", "mailtls_tasks.distributed.app", "flower",
             f"--address={address}", f"--port={port}", *flower_args]
-    sys.exit(subprocess.call(argv, env=env))
+    # exec, not a child: SIGTERM/SIGHUP from systemd or a shell reach Flower itself (a
+    # child would be left running when this process was stopped)
+    sys.stdout.flush()
+    os.execve(sys.executable, argv, env)  # noqa: S606 -- a fixed argv, no shell

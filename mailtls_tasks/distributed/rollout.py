@@ -47,6 +47,11 @@ class RolloutError(MailTLSError):
     exit_code = 1
 
 
+class NothingSelected(RolloutError):
+    """No registered target serves what the certificate is for: nothing to do here
+    (a certbot hook on a host with lineages for other servers exits 0 on it)."""
+
+
 class TargetRun(BaseModel):
     wave: int
     deploy_id: str | None = None
@@ -69,6 +74,8 @@ class RolloutResult(BaseModel):
     not_covered: dict[str, list[str]] = Field(default_factory=dict)
     # a rollout of several certificates: those no target took (leaf -> why)
     unused: dict[str, str] = Field(default_factory=dict)
+    # selected, but no live worker to take them (skipped on request): address -> why
+    unreachable: dict[str, str] = Field(default_factory=dict)
     created: str = Field(default_factory=lambda: dt.datetime.now(dt.UTC).isoformat(timespec="seconds"))
     updated: str | None = None
 
@@ -91,7 +98,8 @@ class RolloutResult(BaseModel):
         leaves = {t.fingerprint for t in self.targets.values() if t.fingerprint}
         many = len(leaves) > 1
         what = f"{len(leaves)} certificates" if many else f"leaf {self.fingerprint[:16]}…"
-        lines = [f"rollout {self.rollout_id}: {self.state.upper()}  {what}  worst {self.worst}"]
+        lines = [f"rollout {self.rollout_id}: {self.state.upper()}  {what}  worst {self.worst}"
+                 + (f"  ({len(self.unreachable)} unreachable, skipped)" if self.unreachable else "")]
         leaf_column = f"{'LEAF':<13}" if many else ""
         lines.append(f"  {'WAVE':<5} {'TARGET':<32} {'OUTCOME':<12} {'MS':>7}  {leaf_column}DEPLOY / WHY")
         for addr, run in sorted(self.targets.items(), key=lambda kv: (kv[1].wave, kv[0])):
@@ -101,6 +109,8 @@ class RolloutResult(BaseModel):
                          f"  {leaf}{run.deploy_id or '-'}{'  ' + why[:100] if why else ''}")
         for fp, why in sorted(self.unused.items()):
             lines.append(f"  {'-':<5} {'leaf ' + fp[:16] + '…':<32} {'unused':<12} {'':>7}  {why[:160]}")
+        for addr, why in sorted(self.unreachable.items()):
+            lines.append(f"  {'-':<5} {addr:<32} {'skipped':<12} {'':>7}  unreachable: {why[:150]}")
         for addr, names in sorted(self.not_covered.items()):
             lines.append(f"  {'-':<5} {addr:<32} {'not covered':<12} {'':>7}  the certificate does not cover "
                          f"{', '.join(names)}")
@@ -137,32 +147,29 @@ def default_rollout_id(fingerprint: str, selected: list[str]) -> str:
 
 
 def select(entries: list[dict[str, Any]], *, targets: list[str] | None, label: str | None,
-           covers: list[str] | None, leaf: Any) -> tuple[list[str], dict[str, list[str]]]:
-    """(addresses to deploy, {address: names the certificate does not cover}) from the
-    registry's entries. Exactly one way of choosing must be given."""
+           covers: list[str] | None, leaf: Any) -> tuple[list[str], dict[str, list[str]], dict[str, str]]:
+    """(addresses to deploy, {address: names the certificate does not cover},
+    {address: why it cannot be reached}) from the registry's entries. Exactly one way
+    of choosing must be given.
+
+    Every target the registry knows is considered, live worker or not: a target left
+    out because its worker is down would keep its old certificate while the rollout
+    reported done. Unreachable ones are returned apart; the caller halts on them (or,
+    asked to, skips them and says so)."""
     if sum(x is not None for x in (targets, label, covers)) != 1:
         raise RolloutError("choose the targets one way: --targets, --label or --covers")
     by_addr = {f"{e['host']}/{e['target']}": e for e in entries}
-    down = sorted({e["host"] for e in entries if not e.get("worker_alive", True)})
     if targets is not None:
         missing = [t for t in targets if t not in by_addr]
         if missing:
             raise RolloutError(f"not registered by any worker: {', '.join(missing)}")
-        idle = [t for t in targets if not by_addr[t].get("worker_alive", True)]
-        if idle:
-            raise RolloutError(f"no live worker for {', '.join(idle)} (is it running? a host that is gone for good: "
-                               "`mailtls forget HOST`)")
         chosen = list(dict.fromkeys(targets))
+    elif label is not None:
+        chosen = sorted(a for a, e in by_addr.items() if label in (e.get("labels") or []))
     else:
-        # a host whose worker is not running is left out (named in the error if that
-        # leaves nothing): it would hold its wave for the whole timeout, then halt it
-        live = {a: e for a, e in by_addr.items() if e.get("worker_alive", True)}
-        if label is not None:
-            chosen = sorted(a for a, e in live.items() if label in (e.get("labels") or []))
-        else:
-            assert covers is not None
-            wanted = [c.lower().rstrip(".") for c in covers]  # certbot's domains: a wildcard covers a label
-            chosen = sorted(a for a, e in live.items() if any(name_covered(n, wanted) for n in e.get("names") or []))
+        assert covers is not None
+        wanted = [c.lower().rstrip(".") for c in covers]  # certbot's domains: a wildcard covers a label
+        chosen = sorted(a for a, e in by_addr.items() if any(name_covered(n, wanted) for n in e.get("names") or []))
     not_covered: dict[str, list[str]] = {}
     if covers is not None:
         for addr in list(chosen):
@@ -175,36 +182,68 @@ def select(entries: list[dict[str, Any]], *, targets: list[str] | None, label: s
             if covers is not None else "targets"
         sans = ", ".join(leaf_names(leaf)) or "no DNS name"
         skipped = "; ".join(f"{a} also serves {', '.join(n)}" for a, n in sorted(not_covered.items()))
-        raise RolloutError(f"no target selected by {how}: the certificate covers {sans}"
-                           + (f" ({skipped})" if skipped else "")
-                           + (f"; hosts without a live worker were left out: {', '.join(down)}" if down else ""))
-    return chosen, not_covered
+        raise NothingSelected(f"no target selected by {how}: the certificate covers {sans}"
+                           + (f" ({skipped})" if skipped else ""))
+    unreachable = {a: f"no live worker on host {by_addr[a]['host']}" for a in chosen
+                   if not by_addr[a].get("worker_alive", True)}
+    return [a for a in chosen if a not in unreachable], not_covered, unreachable
+
+
+def unregistered(entries: list[dict[str, Any]], keys: Any) -> dict[str, str]:
+    """Hosts the pipeline's keys name that have registered no target: the registry
+    cannot say what they serve (their worker never ran, or Redis lost its data and
+    the worker is not running to register again), so a rollout by label or names
+    cannot claim to cover them."""
+    known = {e["host"] for e in entries}
+    return {f"{h}/*": f"host {h} is in {keys.source or 'the pipeline keys'} but has registered no target "
+                      "(worker not running, or Redis lost the registry)"
+            for h in sorted(getattr(keys, "hosts", {}) or {}) if h not in known}
+
+
+def check_reachable(unreachable: dict[str, str], skip_unreachable: bool) -> None:
+    """Halt before anything is sent when a selected target cannot be reached, unless
+    the caller chose to go on without it (it is then listed, skipped)."""
+    if unreachable and not skip_unreachable:
+        raise RolloutError("nothing sent: the rollout cannot reach "
+                           + "; ".join(f"{a} ({why})" for a, why in sorted(unreachable.items()))
+                           + ". Start those workers, `mailtls forget HOST` a host gone for good (and drop it from "
+                             "the pipeline keys), or give --skip-unreachable to roll out to the rest")
 
 
 def rollout(cert_pem: bytes, key_pem: bytes, chain_pem: bytes | None = None, *,
             targets: list[str] | None = None, label: str | None = None, covers: list[str] | None = None,
             waves: str = "1,25%,100%", continue_on_error: bool = False, force: bool = False,
             broker_url: str | None = None, pipeline: Any = None, rollout_id: str | None = None,
-            timeout: float = 600.0, also: list[tuple[bytes, bytes, bytes | None]] | None = None) -> RolloutResult:
-    """Roll one certificate out to the selected targets, wave by wave; see the module doc."""
+            timeout: float = 600.0, also: list[tuple[bytes, bytes, bytes | None]] | None = None,
+            skip_unreachable: bool = False) -> RolloutResult:
+    """Roll one certificate out to the selected targets, wave by wave; see the module doc.
+    A selected target whose host has no live worker (or, selecting by label or names, a
+    host of the pipeline keys that has registered nothing) halts the rollout before
+    anything is sent, unless ``skip_unreachable``: then it is listed, skipped."""
     from .coordination import Coordinator
     from .workflow import Certificate
 
     keys, app = _keys_and_app(pipeline, broker_url)
     co = Coordinator.for_url(str(app.conf.broker_url))
     leaf = _leaf(cert_pem, "cert")
-    chosen, not_covered = select(co.fleet(), targets=targets, label=label, covers=covers, leaf=leaf)
+    fleet = co.fleet()
+    chosen, not_covered, unreachable = select(fleet, targets=targets, label=label, covers=covers, leaf=leaf)
+    if targets is None:
+        unreachable.update(unregistered(fleet, keys))
+    check_reachable(unreachable, skip_unreachable)
+    if not chosen:
+        raise RolloutError("no selected target is reachable: " + "; ".join(unreachable.values()))
     bundle = Certificate(None, cert_pem, key_pem, chain_pem, tuple(also or ()))
     fp = material.fingerprint(leaf)
     return _rollout(co, app, keys, {a: (bundle, fp) for a in chosen}, not_covered, fp,
                     {"targets": targets, "label": label, "covers": covers, "waves": waves}, rollout_id, waves,
-                    force=force, timeout=timeout, continue_on_error=continue_on_error)
+                    force=force, timeout=timeout, continue_on_error=continue_on_error, unreachable=unreachable)
 
 
 def rollout_many(certificates: list[Any], *, waves: str = "1,25%,100%", continue_on_error: bool = False,
                  force: bool = False, broker_url: str | None = None, pipeline: Any = None,
                  rollout_id: str | None = None, timeout: float = 600.0,
-                 overlap: Literal["refuse", "newer"] = "refuse") -> RolloutResult:
+                 overlap: Literal["refuse", "newer"] = "refuse", skip_unreachable: bool = False) -> RolloutResult:
     """Roll several certificates out at once (``workflow.Certificate``s: renewals of
     several domains), wave by wave over all their targets. A certificate that names
     its target goes there; one that does not goes to every target whose names it all
@@ -212,7 +251,8 @@ def rollout_many(certificates: list[Any], *, waves: str = "1,25%,100%", continue
     one host go as one batch (``deploy_many``): one validate, one reload per daemon.
     A target chosen by two certificates is refused before anything is sent, or
     (``overlap="newer"``, as certbot's spool: a wildcard and a single-name lineage
-    both renewed) gets the one issued last."""
+    both renewed) gets the one issued last. Unreachable targets halt it before anything
+    is sent, or are skipped and listed (``skip_unreachable``), as in ``rollout``."""
     from .coordination import Coordinator
 
     if not certificates:
@@ -224,25 +264,29 @@ def rollout_many(certificates: list[Any], *, waves: str = "1,25%,100%", continue
     issued: dict[str, Any] = {}
     unused: dict[str, str] = {}
     not_covered: dict[str, list[str]] = {}
+    unreachable: dict[str, str] = {}
     for i, c in enumerate(certificates, 1):
         leaf = _leaf(c.cert, f"certificate {i}")
         fp = material.fingerprint(leaf)
         if c.target is not None and "/" in c.target:
             host, name = co.resolve(c.target)
-            chosen, _ = select(fleet, targets=[f"{host}/{name}"], label=None, covers=None, leaf=leaf)
+            chosen, _, down = select(fleet, targets=[f"{host}/{name}"], label=None, covers=None, leaf=leaf)
         elif c.target is not None:  # a bare NAME: that target on every host that defines it
             chosen = sorted(f"{e['host']}/{e['target']}" for e in fleet if e["target"] == c.target)
             if not chosen:
                 raise RolloutError(f"certificate {i}: no host has registered a target {c.target!r}")
-            chosen, _ = select(fleet, targets=chosen, label=None, covers=None, leaf=leaf)
+            chosen, _, down = select(fleet, targets=chosen, label=None, covers=None, leaf=leaf)
+            down.update(unregistered(fleet, keys))
         else:  # the names it was renewed for (certbot's RENEWED_DOMAINS), else its own
             try:
-                chosen, missed = select(fleet, targets=None, label=None, covers=list(c.covers) or leaf_names(leaf),
-                                        leaf=leaf)
+                chosen, missed, down = select(fleet, targets=None, label=None,
+                                              covers=list(c.covers) or leaf_names(leaf), leaf=leaf)
             except RolloutError as err:  # one lineage for a web server: the others still go out
                 unused[fp] = str(err)
                 continue
             not_covered.update(missed)
+            down.update(unregistered(fleet, keys))
+        unreachable.update(down)
         for addr in chosen:
             if addr in bundles and overlap == "refuse":
                 raise RolloutError(f"{addr} is chosen by two certificates (leaf {bundles[addr][1][:16]}… and "
@@ -250,13 +294,16 @@ def rollout_many(certificates: list[Any], *, waves: str = "1,25%,100%", continue
             if addr in bundles and issued[addr].not_valid_before_utc >= leaf.not_valid_before_utc:
                 continue  # it keeps the one issued last
             bundles[addr], issued[addr] = (c, fp), leaf
+    check_reachable(unreachable, skip_unreachable)
     if not bundles:
-        raise RolloutError("no target selected by any certificate: " + "; ".join(unused.values()))
+        raise NothingSelected("no target selected by any certificate: "
+                           + "; ".join([*unused.values(), *unreachable.values()]))
     fps = sorted({fp for _, fp in bundles.values()})
     fingerprint = fps[0] if len(fps) == 1 else "set-" + hashlib.sha256("\n".join(fps).encode()).hexdigest()
     return _rollout(co, app, keys, bundles, {a: n for a, n in not_covered.items() if a not in bundles},
                     fingerprint, {"certificates": len(certificates), "waves": waves}, rollout_id, waves,
-                    force=force, timeout=timeout, continue_on_error=continue_on_error, batches=True, unused=unused)
+                    force=force, timeout=timeout, continue_on_error=continue_on_error, batches=True, unused=unused,
+                    unreachable=unreachable)
 
 
 def _keys_and_app(pipeline: Any, broker_url: str | None) -> tuple[Any, Any]:
@@ -277,7 +324,7 @@ def _leaf(cert_pem: bytes, what: str) -> Any:
 def _rollout(co: Any, app: Any, keys: Any, bundles: dict[str, tuple[Any, str]], not_covered: dict[str, list[str]],
              fingerprint: str, selection: dict[str, Any], rollout_id: str | None, waves: str, *, force: bool,
              timeout: float, continue_on_error: bool, batches: bool = False,
-             unused: dict[str, str] | None = None) -> RolloutResult:
+             unused: dict[str, str] | None = None, unreachable: dict[str, str] | None = None) -> RolloutResult:
     chosen = sorted(bundles) if "certificates" in selection else list(bundles)
     rid = rollout_id or default_rollout_id(fingerprint, chosen)
     sizes = plan_waves(len(chosen), waves)
@@ -288,7 +335,7 @@ def _rollout(co: Any, app: Any, keys: Any, bundles: dict[str, tuple[Any, str]], 
         i += size
     previous = co.get_rollout(rid)
     result = RolloutResult(rollout_id=rid, fingerprint=fingerprint, waves=plan, not_covered=not_covered,
-                           selection=selection, unused=unused or {},
+                           selection=selection, unused=unused or {}, unreachable=unreachable or {},
                            created=(previous or {}).get("created") or dt.datetime.now(dt.UTC).isoformat(
                                timespec="seconds"))
     before = (previous or {}).get("targets") or {}

@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
+import json
+import os
 import shlex
+import subprocess
 import sys
 from pathlib import Path
 
@@ -14,7 +17,7 @@ from mailtls_tasks.core.journal import Journal
 from mailtls_tasks.core.material import fingerprint, leaf_of_file
 from tests.support.acme import Certbot, Pebble
 from tests.support.pki import PKI
-from tests.support.services import REPO, require
+from tests.support.services import REPO, free_port, require
 from tests.support.stack import MailStack
 
 pytestmark = pytest.mark.e2e
@@ -55,6 +58,30 @@ def test_certbot_renewal_through_the_hook_reaches_both_daemons(tmp_path: Path, p
         assert "certbot-mx/www" not in log  # www's names are not covered: not touched
         recs = Journal(str(stack.state)).records("smtp")
         assert [r.outcome for r in recs][-1] == "deployed" and recs[-1].fingerprint == second
+
+        # the hook's results without Redis (none here): read from the host's journal
+        hist = subprocess.run([sys.executable, "-m", "mailtls_tasks.cli", "history", "certbot-mx/smtp", "--json",
+                               "--config", str(stack.config_path), "--broker", f"redis://127.0.0.1:{free_port()}/0"],
+                              capture_output=True, text=True, cwd=REPO, timeout=60)
+        assert hist.returncode == 0, hist.stderr
+        assert "reading this host's journal" in hist.stderr
+        rows = json.loads(hist.stdout)
+        assert rows[0]["deploy_id"] == recs[-1].deploy_id and rows[0]["outcome"] == "deployed"
+        assert rows[0]["fingerprint"] == second and len(rows) == len(recs)
+
+        # a lineage for another server (a host may have those): said so, exit 0, nothing touched
+        other = pki.leaf("other.certbot.test")
+        lineage = tmp_path / "live" / "other.certbot.test"
+        lineage.mkdir(parents=True)
+        (lineage / "fullchain.pem").write_bytes(other.fullchain_pem)
+        (lineage / "privkey.pem").write_bytes(other.key_pem)
+        hook_run = subprocess.run([sys.executable, "-m", "mailtls_tasks.cli", "certbot-hook",
+                                   "--config", str(stack.config_path)], capture_output=True, text=True, cwd=REPO,
+                                  timeout=60, env={**os.environ, "RENEWED_LINEAGE": str(lineage),
+                                                   "RENEWED_DOMAINS": "other.certbot.test"})
+        assert hook_run.returncode == 0, hook_run.stdout + hook_run.stderr
+        assert "not deployed, no target on host certbot-mx serves names it covers" in hook_run.stdout
+        assert len(Journal(str(stack.state)).records("smtp")) == len(recs)
     finally:
         stack.stop()
         pebble.stop()

@@ -50,19 +50,26 @@ class Ctx:
 
 
 @pytest.fixture(scope="module")
-def ctx(tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer, pki: PKI,
-        pipeline: Pipeline) -> Iterator[Ctx]:
+def ctx(tmp_path_factory: pytest.TempPathFactory, pki: PKI, pipeline: Pipeline) -> Iterator[Ctx]:
+    """A Redis and pipeline keys of the fleet's own: a rollout by label or names
+    considers every host the registry and the pipeline keys know, and other modules'
+    stopped hosts are not this fleet's."""
     root = tmp_path_factory.mktemp("fleet")
     anchors = root / "test-ca.pem"
     anchors.write_bytes(pki.root.cert_pem)
-    fleet = Fleet(root, pki, pipeline, HOSTS, trust_anchors=anchors)
-    flower = Flower(redis_server.url, root / "flower.log", auth=None)
+    redis = RedisServer(root / "redis")
+    keys = Pipeline(root / "pipeline")
+    os.environ["MAILTLS_PIPELINE"] = str(keys.path)
+    fleet = Fleet(root, pki, keys, HOSTS, trust_anchors=anchors)
+    flower = Flower(redis.url, root / "flower.log", auth=None)
     try:
-        fleet.start(redis_server.url)
-        yield Ctx(fleet, redis_server, flower, pki)
+        fleet.start(redis.url)
+        yield Ctx(fleet, redis, flower, pki)
     finally:
         flower.stop()
         fleet.stop()
+        redis.stop()
+        os.environ["MAILTLS_PIPELINE"] = str(pipeline.path)
 
 
 def test_a_bare_name_on_several_hosts_is_ambiguous(ctx: Ctx) -> None:
@@ -377,3 +384,54 @@ def test_deploy_batch_through_the_workers_prints_a_result_per_certificate(ctx: C
     assert len({x["deploy_id"] for x in out}) == 2
     assert ctx.served("fleet-b", "imap") == imap.fingerprint
     assert ctx.fleet.hosts["fleet-b"].path("www", "cert").read_bytes() == www.fullchain_pem
+
+
+def test_a_rollout_by_names_halts_on_a_host_without_a_live_worker(ctx: Ctx) -> None:
+    """fleet-a's worker stopped: `rollout --covers` used to drop its targets silently
+    (done, exit 0) and leave it the old certificate. It halts before sending anything,
+    naming them; --skip-unreachable goes on and lists them; a host the registry has
+    lost (forgotten, or Redis emptied) but the pipeline keys pin is named too."""
+    a = ctx.fleet.hosts["fleet-a"]
+    leaf = ctx.leaf()
+    (ctx.fleet.root / "u.pem").write_bytes(leaf.fullchain_pem)
+    (ctx.fleet.root / "u.key").write_bytes(leaf.key_pem)
+    files = ["--cert", str(ctx.fleet.root / "u.pem"), "--key", str(ctx.fleet.root / "u.key")]
+    before = {h: (ctx.served(h, "smtp"), ctx.served(h, "imap")) for h in HOSTS}
+    assert a.worker is not None
+    a.worker.stop()
+    try:
+        assert not ctx.co.host_alive("fleet-a")
+        r = ctx.cli("rollout", *files, "--covers", MAIL_NAME, "--waves", "100%")
+        assert r.returncode == 1, r.stdout + r.stderr
+        assert "nothing sent" in r.stderr and "fleet-a/imap (no live worker on host fleet-a)" in r.stderr
+        assert "fleet-a/smtp" in r.stderr and "--skip-unreachable" in r.stderr
+        assert {h: (ctx.served(h, "smtp"), ctx.served(h, "imap")) for h in HOSTS} == before
+        r = ctx.cli("rollout", *files, "--label", "imap", "--waves", "100%")
+        assert r.returncode == 1 and "fleet-a/imap (no live worker on host fleet-a)" in r.stderr, r.stderr
+
+        r = ctx.cli("rollout", *files, "--covers", MAIL_NAME, "--waves", "100%", "--skip-unreachable", "--json")
+        assert r.returncode == 0, r.stdout + r.stderr
+        res = json.loads(r.stdout)
+        assert sorted(res["unreachable"]) == ["fleet-a/imap", "fleet-a/smtp"]
+        assert {t: run["outcome"] for t, run in res["targets"].items()} == {
+            f"{h}/{n}": "deployed" for h in ("fleet-b", "fleet-c") for n in ("imap", "smtp")}
+        assert (ctx.served("fleet-a", "smtp"), ctx.served("fleet-a", "imap")) == before["fleet-a"]
+        assert ctx.served("fleet-b", "smtp") == leaf.fingerprint
+        status = ctx.cli("rollout-status", res["rollout_id"])
+        assert status.returncode == 0 and "2 unreachable, skipped" in status.stdout
+        assert "fleet-a/smtp" in status.stdout and "unreachable: no live worker on host fleet-a" in status.stdout
+
+        assert ctx.cli("forget", "fleet-a").returncode == 0  # the registry no longer knows fleet-a
+        r = ctx.cli("rollout", *files, "--covers", MAIL_NAME, "--waves", "100%")
+        assert r.returncode == 1, r.stdout + r.stderr
+        assert "fleet-a/* (host fleet-a is in" in r.stderr and "has registered no target" in r.stderr
+    finally:
+        a.start_worker(ctx.redis.url)
+    deadline = time.monotonic() + 30
+    while not any(e["host"] == "fleet-a" for e in ctx.co.fleet()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    r = ctx.cli("rollout", *files, "--covers", MAIL_NAME, "--waves", "100%", "--json")
+    assert r.returncode == 0, r.stdout + r.stderr
+    res = json.loads(r.stdout)
+    assert res["unreachable"] == {} and res["targets"]["fleet-a/smtp"]["outcome"] == "deployed"
+    assert res["targets"]["fleet-b/smtp"]["outcome"] == "unchanged"

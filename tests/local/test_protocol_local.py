@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -164,7 +165,8 @@ def test_flower_never_gets_the_broker_password_on_a_command_line(tmp_path, redis
     try:
         wait_port(port, timeout=30)
         pids = subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True, text=True).stdout.split()
-        assert len(pids) >= 2  # `mailtls flower` and the Flower it started
+        assert pids  # `mailtls flower` became Flower (exec): SIGTERM reaches it, nothing is left behind
+        assert b"flower" in open(f"/proc/{proc.pid}/cmdline", "rb").read()
         for pid in pids:
             cmdline = open(f"/proc/{pid}/cmdline", "rb").read()
             assert b"pw-on-cmdline-NEVER" not in cmdline, cmdline
@@ -176,8 +178,13 @@ def test_flower_never_gets_the_broker_password_on_a_command_line(tmp_path, redis
         ok = urllib.request.Request(f"http://127.0.0.1:{port}/workers", headers={"Authorization": basic})
         with urllib.request.urlopen(ok, timeout=10) as resp:
             assert resp.status == 200
+        proc.send_signal(signal.SIGTERM)  # as systemd stops it: the process, not its group
+        proc.wait(20)
+        left = subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        assert left == [], f"SIGTERM to `mailtls flower` left {left} running"
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(10)
     del tmp_path
 

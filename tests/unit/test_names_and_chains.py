@@ -9,7 +9,7 @@ import pytest
 
 from mailtls_tasks.core.material import build_bundle, check_path
 from mailtls_tasks.core.names import name_covered, validation_names
-from mailtls_tasks.distributed.rollout import RolloutError, plan_waves, select
+from mailtls_tasks.distributed.rollout import RolloutError, check_reachable, plan_waves, select, unregistered
 from mailtls_tasks.errors import MaterialError
 from tests.support.pki import PKI, issue
 
@@ -46,12 +46,20 @@ def test_covers_selects_through_a_wildcard_lineage() -> None:
                {"host": "b", "target": "smtp", "names": ["mail.example.com"], "worker_alive": False},
                {"host": "a", "target": "www", "names": ["www.other.org"], "worker_alive": True}]
     leaf = issue("x", None, sans=["*.example.com"]).cert
-    chosen, _ = select(entries, targets=None, label=None, covers=["*.example.com"], leaf=leaf)
-    assert chosen == ["a/smtp"]  # b's worker is down: left out, not waited on for the whole timeout
+    chosen, _, unreachable = select(entries, targets=None, label=None, covers=["*.example.com"], leaf=leaf)
+    assert chosen == ["a/smtp"]  # b's worker is down: not sent (it would wait out the timeout), and not dropped
+    assert unreachable == {"b/smtp": "no live worker on host b"}
     assert name_covered("mail.example.com", ["*.example.com"]) and not name_covered("a.b.example.com",
                                                                                      ["*.example.com"])
-    with pytest.raises(RolloutError, match="no live worker for b/smtp"):
-        select(entries, targets=["b/smtp"], label=None, covers=None, leaf=leaf)
+    assert select(entries, targets=["b/smtp"], label=None, covers=None, leaf=leaf)[1:] == (
+        {}, {"b/smtp": "no live worker on host b"})
+    with pytest.raises(RolloutError, match=r"nothing sent: the rollout cannot reach b/smtp \(no live worker"):
+        check_reachable(unreachable, skip_unreachable=False)
+    check_reachable(unreachable, skip_unreachable=True)
+    keys = type("Keys", (), {"hosts": {"a": None, "c": None}, "source": "pipeline.toml"})()
+    assert unregistered(entries, keys) == {
+        "c/*": "host c is in pipeline.toml but has registered no target (worker not running, or Redis lost the "
+               "registry)"}
 
 
 @pytest.mark.parametrize("spec", ["inf%", "nan%", "-1", "0%", "101%", "x"])
