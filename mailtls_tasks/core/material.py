@@ -245,12 +245,24 @@ def _build_bundle(cert_pem: bytes, key_pem: bytes, chain_pem: bytes | None, *, n
             raise MaterialError(f"chain: certificate {i + 1} appears twice")
         seen.add(fp)
         if not _issued_by(child, parent):
-            what = "the leaf" if i == 0 else f"chain certificate {i}"
-            raise MaterialError(
-                f"chain: {what} is not issued by chain certificate {i + 1} "
-                "(chain out of order or unrelated)"
-            )
+            raise MaterialError(_chain_break(ordered, i))
     return Bundle(leaf=leaf, chain=tuple(chain), key_pem=key_block)
+
+
+def _chain_break(ordered: Sequence[x509.Certificate], i: int) -> str:
+    """Why ``ordered[i]`` is not followed by its issuer: given in the wrong place, or
+    not given at all (certbot's root-only or cert-only files): the issuer it needs by
+    name, and the file that has it."""
+    what = "the leaf" if i == 0 else f"chain certificate {i}"
+    child = ordered[i]
+    elsewhere = [k for k, c in enumerate(ordered) if k != i + 1 and k != i and _issued_by(child, c)]
+    if elsewhere:
+        return (f"chain: {what} is issued by chain certificate {elsewhere[0]}, not by certificate {i + 1} that "
+                "follows it: chain out of order (give it leaf first, each certificate followed by its issuer)")
+    held = ", ".join(c.subject.rfc4514_string() or "(no subject)" for c in ordered[1:])
+    return (f"chain: {what}'s issuer {child.issuer.rfc4514_string() or '(empty name)'} is missing; the chain "
+            f"holds {held} (unrelated, or not the certificate that issued it). Give the chain with its issuer: "
+            "certbot's fullchain.pem as --cert (or chain.pem as --chain), not cert.pem or a root alone")
 
 
 def _check_leaf_usage(leaf: x509.Certificate) -> None:

@@ -56,9 +56,14 @@ CASES: dict[str, tuple[Case, str]] = {
     "not yet valid leaf": (lambda pki: _leaf(pki, not_before=NOW + dt.timedelta(days=2)), "not valid before"),
     "chain out of order": (lambda pki: (pki.leaf().cert_pem, b"", None) if False else
                            (lambda a: (a.cert_pem, a.key_pem, pki.root.cert_pem + pki.inter.cert_pem))(pki.leaf()),
-                           "out of order"),
+                           "is issued by chain certificate 2, not by certificate 1 that follows it: chain out of "
+                           "order"),
     "unrelated chain": (lambda pki: (lambda a: (a.cert_pem, a.key_pem, issue("other", ca=True).cert_pem))(
-        pki.leaf()), "unrelated"),
+        pki.leaf()), "the leaf's issuer CN=mailtls test intermediate is missing; the chain holds CN=other"),
+    # certbot's chain.pem swapped for the root alone: the issuer is named, and the file that has it
+    "chain of the root alone": (lambda pki: (lambda a: (a.cert_pem, a.key_pem, pki.root.cert_pem))(pki.leaf()),
+                                "the leaf's issuer CN=mailtls test intermediate is missing; the chain holds "
+                                "CN=mailtls test root"),
     "oversized cert": (_mut(lambda c, k, ch: (c + b"\n" * (MAX_INPUT_BYTES + 1), k, ch)), "byte limit"),
     "oversized key": (_mut(lambda c, k, ch: (c, k + b" " * (MAX_INPUT_BYTES + 1), ch)), "byte limit"),
     "empty key": (_mut(lambda c, k, ch: (c, b"", ch)), "key: empty"),

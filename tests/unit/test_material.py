@@ -53,11 +53,16 @@ def test_expired_and_not_yet_valid(pki: PKI) -> None:
 
 def test_chain_out_of_order_or_unrelated(pki: PKI) -> None:
     leaf = pki.leaf()
-    with pytest.raises(MaterialError, match="out of order or unrelated"):
+    with pytest.raises(MaterialError, match="issued by chain certificate 2, not by certificate 1 .*out of order"):
         build_bundle(leaf.cert_pem, leaf.key_pem, pki.root.cert_pem + pki.inter.cert_pem)
     other = issue("unrelated ca", ca=True)
-    with pytest.raises(MaterialError, match="out of order or unrelated"):
+    with pytest.raises(MaterialError, match="issuer CN=mailtls test intermediate is missing; the chain holds "
+                                            "CN=unrelated ca"):
         build_bundle(leaf.cert_pem, leaf.key_pem, other.cert_pem)
+    with pytest.raises(MaterialError, match=r"holds CN=mailtls test root .*fullchain\.pem as --cert"):
+        build_bundle(leaf.cert_pem, leaf.key_pem, pki.root.cert_pem)  # a root alone: the intermediate named
+    with pytest.raises(MaterialError, match="chain certificate 1's issuer CN=mailtls test root is missing"):
+        build_bundle(leaf.cert_pem, leaf.key_pem, pki.inter.cert_pem + other.cert_pem)
     # in order, with the root: accepted
     assert len(build_bundle(leaf.cert_pem, leaf.key_pem, pki.inter.cert_pem + pki.root.cert_pem).chain) == 2
 
