@@ -183,6 +183,9 @@ class DeployRecord(BaseModel):
     # which names its decision. Empty / None: every member shares this record's id.
     batch_ids: dict[str, str] = Field(default_factory=dict)
     batch_id: str | None = None
+    # what the deploy did that the operator should know of besides its outcome (e.g. a
+    # key file found readable by others, written 0600); never key material
+    notes: list[str] = Field(default_factory=list)
 
     @property
     def finished(self) -> bool:

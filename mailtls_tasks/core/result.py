@@ -34,6 +34,7 @@ class DeployResult(BaseModel):
     served_fingerprint_sha256: str | None = None
     steps: dict[str, StepResult] = {}
     error: str | None = None
+    notes: list[str] = []
 
     @property
     def exit_code(self) -> int:
@@ -62,6 +63,7 @@ class DeployResult(BaseModel):
             served_fingerprint_sha256=rec.served_fingerprint,
             steps=steps,
             error=rec.error,
+            notes=list(rec.notes),
         )
 
     @classmethod
@@ -81,6 +83,7 @@ class DeployResult(BaseModel):
             served_fingerprint_sha256=d.get("served_fingerprint"),
             steps=steps,
             error=d.get("error"),
+            notes=list(d.get("notes") or []),
         )
 
     def human(self) -> str:
@@ -96,6 +99,7 @@ class DeployResult(BaseModel):
             lines.append("  steps         " + "  ".join(f"{n}:{s.status}({s.ms}ms)" for n, s in self.steps.items()))
         if self.error:
             lines.append(f"  error         {self.error}")
+        lines += [f"  note          {n}" for n in self.notes]
         return "\n".join(lines)
 
     def as_json(self) -> dict[str, Any]:

@@ -245,9 +245,15 @@ def test_dual_failure_after_the_first_algorithm_restores_both_byte_exact(depth: 
 
 
 def test_single_file_layout_changes_key_and_chain_in_one_rename(depth: Depth) -> None:
+    """The one file holds the key: found 0644 (readable by every user), it is written
+    0600, and the result says so -- the rule for every file that holds a key."""
+    combined = depth.root / "certs" / "single" / "mail.pem"
+    os.chmod(combined, 0o644)
     new = depth.ec.leaf(NAME)
     res = depth.deploy("single", new)
     assert res.outcome == "deployed", res.error
+    assert any(f"{combined} holds a private key and was mode 0644" in n and "written 0600" in n
+               for n in res.notes), res.notes
     data = (depth.root / "certs" / "single" / "mail.pem").read_bytes()
     assert data == new.key_pem + new.fullchain_pem  # key first, as smtpd_tls_chain_files wants
     assert oct((depth.root / "certs" / "single" / "mail.pem").stat().st_mode & 0o777) == "0o600"
@@ -257,6 +263,12 @@ def test_single_file_layout_changes_key_and_chain_in_one_rename(depth: Depth) ->
 
     rec = Journal(str(depth.root / "state")).load("single", res.deploy_id)
     assert rec is not None and [e.role for e in rec.files] == ["combined"]  # one file, one rename
+
+    os.chmod(combined, 0o644)  # loosened by hand: the same bytes again are not "unchanged"
+    again = depth.deploy("single", new)
+    assert again.outcome == "deployed" and combined.stat().st_mode & 0o777 == 0o600, again
+    assert combined.read_bytes() == data and served(depth.single.smtp_port, "smtp") == new.fingerprint
+    assert depth.deploy("single", new).outcome == "unchanged"  # 0600 kept: nothing to do
 
 
 def test_check_config_suggests_the_listeners_a_mode_usually_has(depth: Depth) -> None:

@@ -265,6 +265,27 @@ def test_existing_owner_and_mode_preserved(host: MailHost, pki: PKI) -> None:
     assert (stat.S_IMODE(c.st_mode), c.st_uid, c.st_gid) == (0o604, 65534, 65534)
 
 
+@pytest.mark.parametrize(("found", "key_mode", "written"), [(0o644, None, 0o600), (0o660, None, 0o600),
+                                                           (0o604, "0640", 0o640), (0o640, None, 0o640)])
+def test_a_key_file_readable_by_others_is_written_0600_and_said_so(host: MailHost, pki: PKI, found: int,
+                                                                  key_mode: str | None, written: int) -> None:
+    """One rule for files that hold a key: never left readable by others (or group-
+    writable); kept when it is not; key_mode, when set, wins."""
+    old, new = pki.leaf(), pki.leaf()
+    host.add_target("mx", **({"key_mode": key_mode} if key_mode else {}))
+    host.install("mx", old)
+    os.chmod(host.path("mx", "key"), found)
+    res = host.deploy("mx", new)
+    assert res.outcome == "deployed", res.error
+    assert stat.S_IMODE(host.path("mx", "key").stat().st_mode) == written
+    loosened = found & 0o027 and key_mode is None
+    assert bool(res.notes) == bool(loosened), res.notes
+    if loosened:
+        assert res.notes == [f"{host.path('mx', 'key')} holds a private key and was mode {found:04o} (readable by "
+                             "others or writable by its group): written 0600 (set key_mode, e.g. \"0640\" with a "
+                             "group, to choose)"]
+
+
 def test_configured_owner_and_mode_win(host: MailHost, pki: PKI) -> None:
     old, new = pki.leaf(), pki.leaf()
     host.add_target("mx", key_mode="0640", group="8")

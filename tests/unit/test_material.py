@@ -53,7 +53,7 @@ def test_expired_and_not_yet_valid(pki: PKI) -> None:
 
 def test_chain_out_of_order_or_unrelated(pki: PKI) -> None:
     leaf = pki.leaf()
-    with pytest.raises(MaterialError, match="issued by chain certificate 2, not by certificate 1 .*out of order"):
+    with pytest.raises(MaterialError, match=r"issued by chain certificate 2, not by certificate 1 .*out of order"):
         build_bundle(leaf.cert_pem, leaf.key_pem, pki.root.cert_pem + pki.inter.cert_pem)
     other = issue("unrelated ca", ca=True)
     with pytest.raises(MaterialError, match="issuer CN=mailtls test intermediate is missing; the chain holds "

@@ -162,11 +162,7 @@ def _stage(ctx: StepContext, rec: DeployRecord, raw: list[RawBundle], *, force: 
     entries = []
     for role, path in t.files():
         st, _ = current[role]
-        secret = role.endswith(("key", "combined"))  # a combined file holds the key too
-        configured = t.key_mode if secret else t.cert_mode
-        default = 0o600 if secret else 0o644
-        new_mode = configured if configured is not None else (st.mode if st.exists else default)
-        assert new_mode is not None
+        new_mode = _new_mode(t, role, st, rec)
         entries.append(FileEntry(
             role=role, path=path, real=st.path, temp=temp_for(st.path, rec.deploy_id),
             new_sha256=material.sha256(wanted[role]), new_mode=new_mode,
@@ -175,7 +171,8 @@ def _stage(ctx: StepContext, rec: DeployRecord, raw: list[RawBundle], *, force: 
             existed=st.exists, old_sha256=st.sha256, old_mode=st.mode, old_uid=st.uid, old_gid=st.gid,
         ))
     plan = sni.plan(t, ctx.tables_read) if t.sni is not None else None
-    files_live = all(e.existed and e.old_sha256 == e.new_sha256 for e in entries)
+    # a key file found readable by others is written again (same bytes, 0600): not "live"
+    files_live = all(e.existed and e.old_sha256 == e.new_sha256 and e.old_mode == e.new_mode for e in entries)
     # An indexed SNI table holds the files' bytes: it is built again unless it already
     # holds, for each of the target's entries, exactly the files' bytes (live ones).
     rebuild = (ctx.batch is None and plan is not None and plan.table.indexed
@@ -235,6 +232,30 @@ def _stage(ctx: StepContext, rec: DeployRecord, raw: list[RawBundle], *, force: 
             why = err if isinstance(err, ConfigError) else (err.strerror or err)
             raise Rejected(f"sni.map: cannot build the table beside {table.real}: {why}") from None
     rec.phase = "staged"
+
+
+def _new_mode(t: Target, role: str, st: files.FileState, rec: DeployRecord) -> int:
+    """The mode a file is written with. One rule for every file that holds a private
+    key (a key file, or a combined key + chain file): ``key_mode`` when set (it cannot
+    let others read, nor the group write); else the mode the file has, unless that lets
+    others read or the group write it -- then 0600, said so in the deploy's notes; a
+    new file 0600. Certificate files: ``cert_mode``, else kept, else 0644."""
+    if not role.endswith(("key", "combined")):
+        return t.cert_mode if t.cert_mode is not None else (st.mode if st.exists and st.mode is not None else 0o644)
+    if t.key_mode is not None:
+        return t.key_mode
+    if not st.exists or st.mode is None:
+        return 0o600
+    if st.mode & 0o027:
+        _note(rec, f"{st.path} holds a private key and was mode {st.mode:04o} (readable by others or "
+                         "writable by its group): written 0600 (set key_mode, e.g. \"0640\" with a group, to choose)")
+        return 0o600
+    return st.mode
+
+
+def _note(rec: DeployRecord, note: str) -> None:
+    if note not in rec.notes:  # a stage run again after a crash says it once
+        rec.notes.append(note)
 
 
 def _check_sharing(ctx: StepContext, slots: list[tuple[str, str, Bundle]], entries: list[FileEntry],
