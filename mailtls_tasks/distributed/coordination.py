@@ -8,7 +8,9 @@ built from journal records without file hashes, envelopes are sealed for one hos
 Keys (prefix ``mailtls:``)::
 
     fence:<host>/<name>  tie-break counter for fences (fence = signed ms x 1000 + counter mod 1000)
-    claim:<deploy_id>    "started" (a worker began) or "cancelled" (the client gave up first)
+    claim:<deploy_id>    "started" (a worker began), "waiting" (its stage found the target busy and
+                         will try again: nothing touched, the client may still cancel) or
+                         "cancelled" (the client gave up first)
     envelope:<deploy_id> the sealed envelope, until the host has staged it
     deploy:<deploy_id>   JSON deploy record (outcome, steps, fingerprints, error)
     ended:<deploy_id>    pub/sub channel: a message when the record gets its outcome
@@ -48,6 +50,25 @@ FENCE_TIE_BREAK = 1000
 WAIT_RECHECK = 5.0
 
 # Renew a host claim only while it is ours (or has lapsed and nobody took it).
+# First writer wins, except over "waiting" (a stage that found the target busy and
+# let go of its claim until it tries again): the worker's next try or the client's
+# cancel takes it.
+_CLAIM = """
+local v = redis.call('GET', KEYS[1])
+if (not v) or v == 'waiting' then
+  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+  return ARGV[1]
+end
+return v
+"""
+# A busy stage lets go of its claim: only its own "started", never a cancel.
+_LET_GO = """
+if redis.call('GET', KEYS[1]) == 'started' then
+  redis.call('SET', KEYS[1], 'waiting', 'EX', ARGV[1])
+  return 1
+end
+return 0
+"""
 _RENEW = """
 local v = redis.call('GET', KEYS[1])
 if v == ARGV[1] then
@@ -129,6 +150,8 @@ class Coordinator:
             self.r = url_or_client
 
         self._renew = self.r.register_script(_RENEW)
+        self._claim = self.r.register_script(_CLAIM)
+        self._let_go = self.r.register_script(_LET_GO)
         self._publish = self.r.register_script(_PUBLISH)
         self._release = self.r.register_script(_RELEASE)
         self._claim_host = self.r.register_script(_CLAIM_HOST)
@@ -178,21 +201,24 @@ class Coordinator:
         return host, name, self._fence(now, counter)
 
     def claim(self, deploy_id: str, who: str) -> str:
-        """First writer wins: 'started' (worker) or 'cancelled' (client). Returns the winner."""
-        return self._winner(self.r.set(self._k("claim", deploy_id), who, nx=True, get=True, ex=RECORD_TTL), who)
+        """First writer wins: 'started' (worker) or 'cancelled' (client), over nothing
+        or a busy stage's 'waiting'. Returns the winner."""
+        return str(self._claim(keys=[self._k("claim", deploy_id)], args=[who, RECORD_TTL]))
 
-    @staticmethod
-    def _winner(previous: Any, who: str) -> str:
-        return str(previous) if previous else who
+    def let_go(self, deploy_id: str) -> bool:
+        """A stage that found its target busy, nothing of the deploy in its journal,
+        and will try again: until it does, the client may cancel (its wait means
+        what it says). False if the claim is no longer this worker's 'started'."""
+        return bool(self._let_go(keys=[self._k("claim", deploy_id)], args=[RECORD_TTL]))
 
     def claim_with_envelope(self, deploy_id: str) -> tuple[str, dict[str, Any] | None]:
         """The worker's claim ('started' unless the client cancelled first) and the
         deploy's envelope, in one round trip."""
         pipe = self.r.pipeline(transaction=False)
-        pipe.set(self._k("claim", deploy_id), "started", nx=True, get=True, ex=RECORD_TTL)
+        self._claim(keys=[self._k("claim", deploy_id)], args=["started", RECORD_TTL], client=pipe)
         pipe.get(self._k("envelope", deploy_id))
-        previous, raw = pipe.execute()
-        return self._winner(previous, "started"), _loads(raw)
+        claim, raw = pipe.execute()
+        return str(claim), _loads(raw)
 
     def put_envelope(self, deploy_id: str, envelope: dict[str, Any]) -> None:
         self.r.set(self._k("envelope", deploy_id), json.dumps(envelope), ex=ENVELOPE_TTL)

@@ -194,9 +194,12 @@ def _run(task: Task, step: str, address: str, host: str, deploy_id: str,
     except TargetBusy as err:
         budget = rt.cfg.busy_retries
         retries = int(task.request.retries or 0)
+        unstarted = step == "stage" and rt.record(target, deploy_id) is None
         if retries < budget:
+            if unstarted:  # nothing touched: until the next try, its client may still cancel it
+                co.let_go(deploy_id)
             raise task.retry(exc=err, countdown=_backoff(retries), max_retries=budget) from None
-        if step == "stage" and rt.record(target, deploy_id) is None:
+        if unstarted:
             msg = f"cancelled: {err}; still busy after {budget} retries; nothing was touched"
             co.finish_unstarted(deploy_id, "rejected", msg, reason="busy")
             raise Rejected(msg) from None
@@ -346,6 +349,9 @@ def batch(self: Task, *, host: str, batch_id: str, members: list[dict[str, str]]
         budget = rt.cfg.busy_retries
         retries = int(self.request.retries or 0)
         if retries < budget:
+            for name, deploy_id, _ in taken:  # nothing of them touched: their clients may still cancel
+                if _record_of(rt, name, deploy_id) is None:
+                    co.let_go(deploy_id)
             raise self.retry(exc=err, countdown=_backoff(retries), max_retries=budget) from None
         msg = f"cancelled: {err}; still busy after {budget} retries; nothing was touched"
         for name, deploy_id, _ in taken:

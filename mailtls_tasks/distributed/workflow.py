@@ -28,6 +28,10 @@ from .broker import broker_url as resolve_broker_url
 from .broker import queue_for, task_message
 from .coordination import Coordinator
 
+# how long a client whose wait ran out tries to cancel a deploy whose stage is trying
+# its busy target at that moment (each try takes milliseconds; then it lets go)
+CANCEL_GRACE = 5.0
+
 if TYPE_CHECKING:
     from celery import Celery, Signature
 
@@ -55,6 +59,19 @@ class DeployHandle:
     def status(self) -> dict[str, Any] | None:
         return self.coordinator.get_record(self.deploy_id)
 
+    def _cancel(self, grace: float = CANCEL_GRACE) -> bool:
+        """Cancel a deploy that has not started. A stage that finds its target busy
+        holds the claim only while it tries, then lets go until its next try: the
+        cancel is tried again for ``grace`` seconds while the record says queued."""
+        deadline = time.monotonic() + grace
+        while True:
+            if self.coordinator.claim(self.deploy_id, "cancelled") == "cancelled":
+                return True
+            rec = self.coordinator.get_record(self.deploy_id) or {}
+            if rec.get("outcome") or rec.get("phase") != "queued" or time.monotonic() >= deadline:
+                return False
+            time.sleep(0.1)
+
     def get(self, timeout: float = 600.0) -> DeployResult:
         """Wait for the outcome (blocking on the record's ``ended`` message, no polling).
 
@@ -72,7 +89,7 @@ class DeployHandle:
                 raise DeployTimeout(
                     f"deploy {self.deploy_id}: Redis has no record of it after {timeout:g}s (restarted and lost its "
                     f"data?); its host finishes it either way; follow it with: mailtls status {self.deploy_id}")
-            if rec.get("phase") == "queued" and self.coordinator.claim(self.deploy_id, "cancelled") == "cancelled":
+            if rec.get("phase") == "queued" and self._cancel():
                 self.coordinator.finish_unstarted(
                     self.deploy_id, "rejected", "cancelled: it did not start within the client's wait budget; "
                     "nothing was touched", reason="cancelled")

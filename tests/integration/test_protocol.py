@@ -10,8 +10,10 @@ and leave a matching pair that no older set replaced.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -180,6 +182,59 @@ def test_busy_past_the_budget_ends_rejected_busy_and_is_published(tmp_path: Path
         subprocess.run(["pkill", "-KILL", "-f", str(rig.host.reload.path)], check=False)
         local.communicate(timeout=60)
     finally:
+        rig.close()
+
+
+def test_a_wait_that_runs_out_while_the_target_is_busy_cancels_the_deploy(tmp_path: Path, redis_server: RedisServer,
+                                                                          pki: PKI, pipeline: Pipeline) -> None:
+    """A local deploy of ``a`` paused (SIGSTOP) at its reload holds the target; a
+    distributed deploy of it, `--wait 6`, is claimed by its stage, which retries on
+    busy. Before, the client exited "still running (phase queued)" and the deploy
+    ended only after every retry (~5 min). Now: cancelled when the wait runs out,
+    nothing touched, and the retry that comes later refuses to start it."""
+    rig = Rig(tmp_path, "mxwait", redis_server.url, pki, pipeline)
+    local = None
+    try:
+        mine = pki.leaf()
+        (rig.host.root / "c.pem").write_bytes(mine.fullchain_pem)
+        (rig.host.root / "k.pem").write_bytes(mine.key_pem)
+        rig.host.reload.hang_once(60)
+        local = subprocess.Popen(
+            [sys.executable, "-m", "mailtls_tasks.cli", "deploy", "a", "--local", "--cert", "c.pem", "--key", "k.pem",
+             "--json"], cwd=rig.host.root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "MAILTLS_CONFIG": str(rig.host.config_path)}, start_new_session=True)
+        deadline = time.monotonic() + 20
+        while not rig.host.reload.calls and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert rig.host.reload.calls, "the local run never reached its reload"
+        os.killpg(local.pid, signal.SIGSTOP)  # paused on its host, holding the target
+        during = rig.live()
+
+        new = pki.leaf()
+        (rig.host.root / "n.pem").write_bytes(new.fullchain_pem)
+        (rig.host.root / "nk.pem").write_bytes(new.key_pem)
+        t0 = time.monotonic()
+        p = subprocess.run([sys.executable, "-m", "mailtls_tasks.cli", "deploy", "mxwait/a", "--cert", "n.pem",
+                            "--key", "nk.pem", "--wait", "6", "--json", "--broker", redis_server.url],
+                           cwd=rig.host.root, capture_output=True, text=True, timeout=120)
+        took = time.monotonic() - t0
+        assert p.returncode == 1, p.stdout + p.stderr
+        out = json.loads(p.stdout)
+        assert "target busy" in out["error"] and "was cancelled; nothing was touched" in out["error"], out
+        assert took < 6 + 5 + 10, f"the client took {took:.0f}s for a 6 s wait"
+        deploy_id = re.search(r"deploy (\S+) did not start", out["error"]).group(1)  # type: ignore[union-attr]
+        rec = Coordinator(redis_server.url).get_record(deploy_id)
+        assert rec is not None and (rec["outcome"], rec["reason"]) == ("rejected", "cancelled"), rec
+        assert rig.live() == during
+        # the stage's next try (backoff of at most a few seconds) finds it cancelled and starts nothing
+        rig.worker.wait_log(deploy_id, "cancelled by its client before it started", timeout=30)
+        assert rig.record("a", deploy_id) is None and rig.live() == during
+    finally:
+        if local is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(local.pid, signal.SIGCONT)
+            subprocess.run(["pkill", "-KILL", "-f", str(rig.host.reload.path)], check=False)
+            local.communicate(timeout=60)
         rig.close()
 
 
