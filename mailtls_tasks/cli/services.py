@@ -13,7 +13,7 @@ import click
 from ..errors import MailTLSError
 from .common import broker_option, config_option, fail, load_config, read_env_file
 
-FLOWER_COLUMNS = "name,state,args,result,received,started,runtime,worker"
+FLOWER_COLUMNS = "name,state,args,result,exception,received,started,runtime,worker"
 
 
 @click.command("check-config")

@@ -130,11 +130,44 @@ def _published(rt: HostRuntime, rec: DeployRecord) -> None:
                              rolled_back="rollback" in rec.steps)
 
 
+class DeployEnded(MailTLSError):
+    """Raised by the rollback task when the deploy it ends did not deploy: its row in
+    Flower is then a failure whose exception column names the outcome and the reason
+    (not a green "nothing to roll back"). Expected, so logged without a traceback."""
+
+
+def ending(rec: DeployRecord) -> str:
+    """One line: how a deploy ended and why, for Flower's exception column."""
+    failed = next((n for n, st in rec.steps.items() if st.status == "failed" and n != "rollback"), None)
+    why = rec.reason or (f"{failed} failed" if failed else None)
+    return f"{rec.outcome}" + (f" ({why})" if why else "") + (f": {rec.error}" if rec.error else "")
+
+
+def _tell_root(task: Task, rec: DeployRecord | None) -> None:
+    """The deploy has ended: say so on its root ``mailtls.deploy`` row, which went
+    green ("steps sent") long before. A custom ``task-outcome`` event (Celery's way
+    for monitors to learn more of a task) for the root's uuid: Flower's state takes
+    its ``result`` and, for a deploy that did not deploy, its ``exception`` (which the
+    root's own success event, should it come later, does not overwrite)."""
+    root = task.request.root_id
+    if rec is None or not rec.finished or not root or root == task.request.id or not task.request.hostname:
+        return
+    fields: dict[str, Any] = {"result": repr(_summary(rec, "deploy", "ended"))}
+    if rec.outcome not in ("deployed", "unchanged"):
+        fields["exception"] = ending(rec)
+    try:
+        with task.app.events.default_dispatcher(hostname=task.request.hostname) as d:
+            d.send("task-outcome", uuid=root, retry=False, **fields)
+    except Exception as err:  # noqa: BLE001 -- a view, never the deploy's business
+        log.debug("deploy %s: could not tell its root row: %s", rec.deploy_id, err)
+
+
 def _ended(task: Task, rec: DeployRecord | None) -> None:
     """A deploy that ended here stops its chain: an ``unchanged`` one quietly (no four
     no-op steps in Flower), a ``rejected`` one as a failure of this step."""
     if rec is None or not rec.finished:
         return
+    _tell_root(task, rec)
     task.request.chain = None
     if rec.outcome == "rejected":
         raise Rejected(rec.error or "rejected")
@@ -247,7 +280,8 @@ def deploy(self: Task, *, target: str, host: str, deploy_id: str, rollout: str |
 
     chain(step("stage"), step("validate"), step("commit"), step("reload"), step("verify"), app=app).apply_async(
         link_error=step("rollback"))
-    return {"step": "deploy", "target": target, "deploy_id": deploy_id, "rollout": rollout, "note": "steps sent"}
+    return {"step": "deploy", "target": target, "deploy_id": deploy_id, "rollout": rollout,
+            "note": "steps sent; how the deploy ends: its last row (verify, or rollback)"}
 
 
 @app.task(bind=True, base=StepTask, name="mailtls.stage")
@@ -418,33 +452,43 @@ def batch_member(self: Task, *, target: str, host: str, deploy_id: str, batch_id
     return _summary(rec, "batch", f"batch {batch_id}")
 
 
-@app.task(bind=True, base=StepTask, name="mailtls.rollback", max_retries=MAX_RETRIES)
+@app.task(bind=True, base=StepTask, name="mailtls.rollback", max_retries=MAX_RETRIES, throws=(DeployEnded,))
 def rollback(self: Task, *, target: str, host: str, deploy_id: str) -> dict[str, Any]:
     """Compensation, sent by the chain's link_error when any step failed for good.
 
     Restores the old files only if something was committed; for a deploy that never
-    reached this host's journal it makes sure Redis has an outcome.
+    reached this host's journal it makes sure Redis has an outcome. It is the row
+    that ends a deploy that did not deploy: it fails with ``DeployEnded`` naming the
+    outcome and the reason, so Flower's list says how the deploy ended.
     """
     try:
         rt, co, target, rec = _open(target, host, deploy_id)
     except UnknownTarget as err:
-        return _summary(None, "rollback", str(err))
+        raise DeployEnded(f"rejected: {err}") from None
     if rec is None:
-        co.finish_unstarted(deploy_id, "rejected", f"deploy {deploy_id} failed before it reached host {rt.host}; "
-                            "nothing was touched")
-        return _summary(rec, "rollback", "nothing to roll back")
+        why = f"deploy {deploy_id} failed before it reached host {rt.host}; nothing was touched"
+        co.finish_unstarted(deploy_id, "rejected", why)
+        ended = co.get_record(deploy_id) or {}
+        raise DeployEnded(f"{ended.get('outcome') or 'rejected'}"
+                          + (f" ({ended['reason']})" if ended.get("reason") else "")
+                          + f": {ended.get('error') or why}")
     if rec.finished:
         _after(rec)
+    else:
+        try:
+            rec = rt.rollback(target, deploy_id)
+        except TargetBusy as err:  # a step of an overlapping deploy is running: come back
+            raise self.retry(exc=err, countdown=_backoff(int(self.request.retries or 0))) from None
+        _after(rec)
+    _tell_root(self, rec)
+    if rec.outcome in ("deployed", "unchanged"):  # (an errback never ends one so; if it did: say so, green)
         return _summary(rec, "rollback", "nothing to roll back")
-    try:
-        rec = rt.rollback(target, deploy_id)
-    except TargetBusy as err:  # a step of an overlapping deploy is running: come back
-        raise self.retry(exc=err, countdown=_backoff(int(self.request.retries or 0))) from None
-    _after(rec)
-    return _summary(rec, "rollback")
+    raise DeployEnded(ending(rec))
 
 
-@app.task(bind=True, name="mailtls.audit", acks_late=False, ignore_result=False)
+# send_events=False: an audit every audit_interval per host would crowd the deploys out
+# of Flower's list; its results are in `mailtls audit` and the metrics.
+@app.task(bind=True, name="mailtls.audit", acks_late=False, ignore_result=False, send_events=False)
 def audit(self: Task, *, host: str) -> dict[str, Any]:
     """Probe every target of this host and record what it serves (see core/audit.py)."""
     rt = _runtime_for(host)

@@ -128,6 +128,7 @@ def test_rollout_in_waves_halts_when_the_second_wave_fails_verify(ctx: Ctx) -> N
     status = ctx.cli("rollout-status", res.rollout_id)
     assert status.returncode == 3 and "HALTED" in status.stdout and "skipped" in status.stdout
     ctx.rollout_id = res.rollout_id  # type: ignore[attr-defined]
+    ctx.rolled_back_deploy = res.targets["fleet-b/imap"].deploy_id  # type: ignore[attr-defined]
 
 
 def test_running_the_same_rollout_again_resumes_it(ctx: Ctx) -> None:
@@ -205,6 +206,21 @@ def test_flower_task_list_shows_target_deploy_and_outcome(ctx: Ctx, tmp_path: Pa
     root = next(t for t in rows.values() if t["name"] == "mailtls.deploy" and rejected in (t.get("args") or ""))
     info = json.loads(ctx.flower.get(f"/api/task/info/{stage['uuid']}"))
     assert info["root_id"] == root["uuid"]
+
+    # how each deploy ended, readable from the list: the row that ends it (rollback) is
+    # a failure naming outcome and reason, and its root row says it too
+    rolled_back = ctx.rolled_back_deploy  # type: ignore[attr-defined]
+    for deploy_id, outcome, why in ((rejected, "rejected", f"does not cover {MAIL_NAME}"),
+                                    (rolled_back, "rolled_back", "verify")):
+        mine = {t["name"]: t for t in rows.values() if deploy_id in (t.get("args") or "")}
+        ender = mine["mailtls.rollback"]
+        assert ender["state"] == "FAILURE", ender
+        assert f"{outcome}" in (ender.get("exception") or "") and why in ender["exception"], ender
+        assert mine["mailtls.deploy"]["exception"] and outcome in mine["mailtls.deploy"]["exception"], mine
+        assert f"'outcome': '{outcome}'" in (mine["mailtls.deploy"].get("result") or ""), mine["mailtls.deploy"]
+    # the audits (every audit_interval on every host, and `audit --now` above) stay out of the list
+    assert not any(t["name"] == "mailtls.audit" for t in rows.values())
+    assert "Exception" in ctx.flower.get("/tasks")  # the column, beside Result
     shot = ctx.flower.screenshot(tmp_path / "flower-tasks.png")
     assert shot.stat().st_size > 10_000
 

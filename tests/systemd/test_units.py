@@ -26,6 +26,13 @@ from tests.support.services import REPO, require
 pytestmark = pytest.mark.e2e
 
 HOST = "mx13"
+FLOWER_AUTH = "ops:flower-pw"
+FLOWER_TASKS = """
+import base64, json, sys, urllib.request
+req = urllib.request.Request("http://127.0.0.1:5555/api/tasks",
+                             headers={"Authorization": "Basic " + base64.b64encode(sys.argv[1].encode()).decode()})
+print(json.dumps(json.load(urllib.request.urlopen(req, timeout=10))))
+"""
 CLIENT_ENV = {"MAILTLS_BROKER_URL": "redis://127.0.0.1:6379/0", "MAILTLS_PIPELINE": "/etc/mailtls/pipeline.toml"}
 SLOW = "/run/mailtls-test/slow-check"  # while it exists, the smtp target's validate_command takes 6 s
 SLOW_CHECK = f"""#!/bin/sh
@@ -102,10 +109,13 @@ class Host:
                    f'signing_key = "/etc/mailtls/pipeline.key"\n[hosts]\n{HOST} = "{host_pub}"\n', 0o600)
         self.write("/etc/mailtls/targets.toml", TARGETS.format(host=HOST, signer=signer), 0o600)
         self.write("/etc/mailtls/worker.env", f"MAILTLS_BROKER_URL={CLIENT_ENV['MAILTLS_BROKER_URL']}\n", 0o600)
+        self.write("/etc/mailtls/flower.env", f"MAILTLS_BROKER_URL={CLIENT_ENV['MAILTLS_BROKER_URL']}\n"
+                   f"MAILTLS_FLOWER_BASIC_AUTH={FLOWER_AUTH}\n", 0o600)
         for unit in ("mailtls-worker.service", "mailtls-recover.service", "mailtls-audit.service",
-                     "mailtls-audit.timer"):
+                     "mailtls-audit.timer", "mailtls-flower.service"):
             self.write(f"/etc/systemd/system/{unit}", (REPO / "workers" / unit).read_bytes())
-        m.offline("systemctl", "enable", "mailtls-worker.service", "mailtls-recover.service", "mailtls-audit.timer")
+        m.offline("systemctl", "enable", "mailtls-worker.service", "mailtls-recover.service", "mailtls-audit.timer",
+                  "mailtls-flower.service")
         # the root carries them for other tests; this host runs none of them
         m.offline("systemctl", "mask", "unbound.service", "nsd.service")
 
@@ -185,6 +195,41 @@ def test_units_start_and_a_deploy_through_the_worker_reaches_both_daemons(mx13: 
         assert mx13.served(port, proto) == new.fingerprint, (port, proto)
     story = mx13.m.journal("-u", "mailtls-worker.service")
     assert f"{HOST}/smtp" in story and "mailtls.verify" in story and "succeeded" in story, story[-3000:]
+
+
+def test_flower_unit_keeps_its_task_list_across_a_restart_and_a_crash(mx13: Host) -> None:
+    """Flower under its unit (DynamicUser, every sandbox setting): a deploy's rows are
+    in its list with the outcome, and still there after `systemctl restart` (saved at
+    the clean stop) and after a SIGKILL (saved by --state_save_interval before it)."""
+    m = mx13.m
+    mx13.wait_registered()
+    cert, key = mx13.bundle(mx13.pki.leaf())
+    code, out = mx13.mailtls("deploy", f"{HOST}/smtp", "--cert", cert, "--key", key, "--json")
+    assert code == 0, out
+    deploy_id = json.loads(out)["deploy_id"]
+
+    def rows(timeout: float = 60) -> dict[str, dict[str, object]]:
+        deadline = time.monotonic() + timeout
+        while True:
+            got = m.run("/opt/mailtls/bin/python", "-c", FLOWER_TASKS, FLOWER_AUTH, check=False)
+            if got.returncode == 0:
+                tasks = json.loads(got.stdout)
+                mine = {t["name"]: t for t in tasks.values() if deploy_id in str(t.get("args") or "")}
+                if "mailtls.verify" in mine:
+                    return mine
+            assert time.monotonic() < deadline, got.stderr[-1500:] + m.journal("-u", "mailtls-flower.service")[-1500:]
+            time.sleep(1)
+
+    first = rows()
+    assert "'outcome': 'deployed'" in str(first["mailtls.verify"]["result"])
+    assert "'outcome': 'deployed'" in str(first["mailtls.deploy"]["result"])  # the root row says how it ended
+    m.run("systemctl", "restart", "mailtls-flower.service")
+    assert rows()["mailtls.verify"]["uuid"] == first["mailtls.verify"]["uuid"]
+    time.sleep(33)  # past one --state_save_interval (30 s) since it started again
+    m.run("systemctl", "kill", "-s", "KILL", "mailtls-flower.service")
+    time.sleep(12)  # Restart=on-failure, RestartSec=10s
+    assert rows()["mailtls.verify"]["uuid"] == first["mailtls.verify"]["uuid"]
+    assert m.run("systemctl", "show", "-p", "NRestarts", "--value", "mailtls-flower.service").stdout.strip() != "0"
 
 
 def test_systemctl_stop_lets_the_step_finish_and_the_deploy_goes_on_after_start(mx13: Host) -> None:
