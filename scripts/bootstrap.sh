@@ -1,6 +1,9 @@
 #!/bin/sh
 # Install what `make test` (`bootstrap.sh test`, the default) or `make demo`
-# (`bootstrap.sh demo`: the daemons alone) need on a Debian machine, only if missing.
+# (`bootstrap.sh demo`: the daemons alone) need on a Debian machine, only if missing,
+# and say what it installs. The demo: redis-server, postfix, postfix-lmdb,
+# dovecot-imapd, dovecot-pop3d, openssl, procps, util-linux, python3-venv -- nothing
+# the tests alone use (chromium, unbound, nsd, certbot, pebble, podman, ...).
 # Never starts or configures the system's own Postfix/Dovecot/Redis: the tests and
 # the demo run private instances from temporary directories.
 set -eu
@@ -14,8 +17,7 @@ command -v redis-server >/dev/null 2>&1 || need="$need redis-server"
 [ -x /usr/sbin/dovecot ] || need="$need dovecot-imapd dovecot-pop3d"
 [ -x /usr/bin/doveadm ] || case "$need" in *dovecot-imapd*) ;; *) need="$need dovecot-imapd" ;; esac
 command -v openssl >/dev/null 2>&1 || need="$need openssl"
-command -v script >/dev/null 2>&1 || need="$need bsdutils"
-command -v pgrep >/dev/null 2>&1 || need="$need procps"
+command -v pgrep >/dev/null 2>&1 || need="$need procps"  # the demo's stand-in reload commands find their runs
 command -v unshare >/dev/null 2>&1 || need="$need util-linux"  # the fleet (demo, tests): a mount namespace per host
 if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then need="$need python3-venv"; fi
 if [ "$for_what" = test ]; then

@@ -36,10 +36,12 @@ def check_config(config_path: str | None, as_json: bool, for_worker: bool, stric
             _check_worker(cfg)
     except MailTLSError as err:
         fail(str(err), err.exit_code)
+    warnings = _missing_dirs(cfg)
     try:
-        warnings = cross_check(cfg)
+        warnings += cross_check(cfg)
     except Exception as err:  # noqa: BLE001 -- a check that only warns must never stop the worker's unit
-        warnings = [f"could not compare the targets with the daemons' configuration: {type(err).__name__}: {err}"]
+        warnings.append(f"could not compare the targets with the daemons' configuration: {type(err).__name__}: "
+                        f"{err}")
     hints = {n: _listener_hints(t) for n, t in cfg.targets.items()}
     data = {"source": cfg.source, "host": cfg.host, "state_dir": cfg.state_dir,
             "targets": {n: {**t.public_view(), "suggested_endpoints": hints[n]} for n, t in cfg.targets.items()},
@@ -61,6 +63,24 @@ def check_config(config_path: str | None, as_json: bool, for_worker: bool, stric
     for w in warnings:
         click.echo(f"mailtls: {'error' if strict else 'warning'}: {w}", err=True)
     sys.exit(1 if strict and warnings else 0)
+
+
+def _missing_dirs(cfg: Any) -> list[str]:
+    """A target file whose directory does not exist: a --local deploy (root, no
+    sandbox) would create it, the worker's unit cannot (ProtectSystem=strict: only
+    ReadWritePaths= are writable, and a directory is not made there) -- and no daemon
+    reads a file from a directory that is not there."""
+    import os
+
+    out = []
+    for name, t in cfg.targets.items():
+        for role, path in t.files():
+            d = os.path.dirname(path)
+            if not os.path.isdir(d):
+                out.append(f"targets.{name}: the directory of its {role} file {path} does not exist: a --local "
+                           f"deploy would create it, the sandboxed worker unit cannot; create it (e.g. install -d "
+                           f"-m 0755 {d}), or fix the path")
+    return out
 
 
 def _check_worker(cfg: Any) -> None:

@@ -686,15 +686,57 @@ class HostConfig(BaseModel):
             ) from None
 
 
-def _format_validation_error(err: ValidationError) -> str:
+def _format_validation_error(err: ValidationError, model: type[BaseModel], prefix: str = "") -> list[str]:
+    """One line per problem, naming the field (a misspelt one with the closest known
+    name: pydantic alone says "Extra inputs are not permitted")."""
     lines = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"])
-        msg = str(e["msg"]).removeprefix("Value error, ")
-        if loc:
-            msg = msg.removeprefix(f"{loc.rsplit('.', 1)[-1]}: ")
-        lines.append(f"{loc}: {msg}" if loc else msg)
-    return "; ".join(lines)
+        if e["type"] == "extra_forbidden" and e["loc"]:
+            msg = _unknown_field(model, e["loc"])
+        else:
+            msg = str(e["msg"]).removeprefix("Value error, ")
+            if loc:  # validators name their field too: say it once
+                msg = msg.removeprefix(f"{loc.rsplit('.', 1)[-1]}: ")
+        where = ".".join(x for x in (prefix, loc) if x)
+        lines.append(f"{where}: {msg}" if where else msg)
+    return lines
+
+
+def _unknown_field(model: type[BaseModel], loc: tuple[int | str, ...]) -> str:
+    import difflib
+
+    known = sorted(_model_at(model, loc[:-1]).model_fields)
+    given = str(loc[-1])
+    close = difflib.get_close_matches(given, known, n=1, cutoff=0.6)
+    return (f"unknown field {given!r}" + (f"; did you mean {close[0]!r}?" if close else "")
+            + f" (known here: {', '.join(k for k in known if k not in ('name', 'source'))})")
+
+
+def _model_at(model: type[BaseModel], path: tuple[int | str, ...]) -> type[BaseModel]:
+    """The model a location inside ``model`` is a field of (through lists, dicts and
+    optionals of models)."""
+    import typing
+
+    def inner(annotation: Any) -> type[BaseModel] | None:
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            return annotation
+        for arg in typing.get_args(annotation):
+            found = inner(arg)
+            if found is not None:
+                return found
+        return None
+
+    cur = model
+    for part in path:
+        field = cur.model_fields.get(str(part))
+        if field is None:
+            continue  # a list index or a dict key: the same model
+        sub = inner(field.annotation)
+        if sub is None:
+            break
+        cur = sub
+    return cur
 
 
 def parse_config(raw: dict[str, Any], source: str = "<config>") -> HostConfig:
@@ -717,19 +759,13 @@ def parse_config(raw: dict[str, Any], source: str = "<config>") -> HostConfig:
         try:
             targets[name] = Target(name=name, **body)
         except ValidationError as err:
-            for e in err.errors():
-                loc = ".".join(str(p) for p in e["loc"])
-                msg = str(e["msg"]).removeprefix("Value error, ")
-                if loc:  # validators name their field too: say it once
-                    msg = msg.removeprefix(f"{loc.rsplit('.', 1)[-1]}: ")
-                where = f"targets.{name}.{loc}" if loc else f"targets.{name}"
-                problems.append(f"{where}: {msg}")
+            problems += _format_validation_error(err, Target, f"targets.{name}")
         except TypeError as err:  # e.g. non-string keys
             problems.append(f"targets.{name}: {err}")
     try:
         host = HostConfig(targets={}, source=source, **raw)
     except ValidationError as err:
-        problems.append(_format_validation_error(err))
+        problems += _format_validation_error(err, HostConfig)
         host = None
     shared_problems, sharing = _shared_files(targets)
     problems += shared_problems

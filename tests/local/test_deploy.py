@@ -422,6 +422,28 @@ def test_cli_check_config(host: MailHost) -> None:
     assert p.returncode == 1 and "targets.bad.reload_command" in p.stderr
 
 
+def test_check_config_names_a_missing_directory_and_a_misspelt_field(host: MailHost, pki: PKI) -> None:
+    """A target whose directory does not exist passed: a --local deploy would create it,
+    the sandboxed unit cannot. And a misspelt field named with the one meant."""
+    gone = host.root / "no-such-dir"
+    host.add_target("mx", cert_path=str(gone / "cert.pem"), key_path=str(gone / "key.pem"))
+    p = host.cli("check-config", "--json")
+    assert p.returncode == 0, p.stderr  # a warning: the worker's other targets must not stop for it
+    warnings = json.loads(p.stdout)["warnings"]
+    assert any(f"targets.mx: the directory of its key file {gone}/key.pem does not exist" in w
+               and "sandboxed worker unit cannot" in w for w in warnings), warnings
+    assert host.cli("check-config", "--strict").returncode == 1
+    gone.mkdir()
+    assert not any("does not exist" in w for w in json.loads(host.cli("check-config", "--json").stdout)["warnings"])
+
+    host.targets["mx"]["kye_mode"] = "0640"
+    host.write_config()
+    p = host.cli("check-config")
+    assert p.returncode == 1
+    assert "targets.mx.kye_mode: unknown field 'kye_mode'; did you mean 'key_mode'?" in p.stderr, p.stderr
+    assert "Extra inputs" not in p.stderr
+
+
 def test_auto_protocol_on_odd_port_explains_itself(host: MailHost, pki: PKI) -> None:
     host.add_target("mx")
     host.install("mx", pki.leaf())
