@@ -12,6 +12,9 @@ Public API::
                          -> [DeployHandle, ...]   # one batch per host: one validate, one reload
     mailtls_tasks.rollout_many([Certificate(None, cert_pem, key_pem), ...], waves="1,100%")
                          -> RolloutResult         # each to the targets it covers (or names)
+    mailtls_tasks.check(target, cert_pem, key_pem, chain_pem=None) -> CheckReport   # by the target's worker
+    mailtls_tasks.check_local(config, target, cert_pem, key_pem, chain_pem=None) -> CheckReport  # in-process
+                         # every check a deploy runs, what it would change; nothing changed
     mailtls_tasks.load_config(path=None) -> HostConfig
 
 A target is ``HOST/NAME``; a bare ``NAME`` is accepted while exactly one host defines it.
@@ -25,15 +28,18 @@ from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from .core.check import CheckReport
+    from .core.check import check as check_local
     from .core.config import HostConfig, Target, VerifySettings, load_config
     from .core.local import run_local
     from .core.result import DeployResult
     from .distributed.rollout import RolloutResult, rollout, rollout_many
-    from .distributed.workflow import Certificate, DeployHandle, deploy, deploy_many
+    from .distributed.workflow import Certificate, DeployHandle, check, deploy, deploy_many
     from .errors import MailTLSError
 
-__all__ = ["Certificate", "DeployHandle", "DeployResult", "HostConfig", "MailTLSError", "RolloutResult", "Target",
-           "VerifySettings", "deploy", "deploy_many", "load_config", "rollout", "rollout_many", "run_local"]
+__all__ = ["Certificate", "CheckReport", "DeployHandle", "DeployResult", "HostConfig", "MailTLSError", "RolloutResult",
+           "Target", "VerifySettings", "check", "check_local", "deploy", "deploy_many", "load_config", "rollout",
+           "rollout_many", "run_local"]
 __version__ = "0.1.0"
 
 # Everything is imported on first use: `mailtls status` or a pipeline's enqueue must not
@@ -43,11 +49,13 @@ _WHERE = {"HostConfig": ".core.config", "Target": ".core.config", "VerifySetting
           "DeployResult": ".core.result", "deploy": ".distributed.workflow", "DeployHandle": ".distributed.workflow",
           "rollout": ".distributed.rollout", "RolloutResult": ".distributed.rollout",
           "rollout_many": ".distributed.rollout", "deploy_many": ".distributed.workflow",
-          "Certificate": ".distributed.workflow"}
+          "Certificate": ".distributed.workflow", "check": ".distributed.workflow", "CheckReport": ".core.check",
+          "check_local": ".core.check"}
+_NAMED = {"check_local": "check"}  # exported under another name than its module's
 
 
 def __getattr__(name: str) -> Any:
     where = _WHERE.get(name)
     if where is None:
         raise AttributeError(name)
-    return getattr(import_module(where, __name__), name)
+    return getattr(import_module(where, __name__), _NAMED.get(name, name))

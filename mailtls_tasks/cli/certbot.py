@@ -31,9 +31,13 @@ DISTRIBUTED_SPOOL = "/var/lib/mailtls/certbot-spool"
               help="with --distributed: go on without a target whose host has no live worker (listed)")
 @broker_option
 @click.option("--pipeline", "pipeline_path", metavar="FILE", envvar="MAILTLS_PIPELINE", help="pipeline keys")
+@click.option("--check", "check_only", is_flag=True,
+              help="run by hand with RENEWED_LINEAGE set (certbot's --dry-run calls no deploy hook): check the "
+                   "lineage on every target it is for and say what would change; change nothing")
 @env_file_option
 def certbot_hook(config_path: str | None, distributed: bool, spool: bool, deploy_spool: bool, spool_dir: str | None,
-                 waves: str, skip_unreachable: bool, broker: str | None, pipeline_path: str | None) -> None:
+                 waves: str, skip_unreachable: bool, broker: str | None, pipeline_path: str | None,
+                 check_only: bool) -> None:
     """certbot's --deploy-hook: deploy the renewed lineage to every target whose names it covers.
 
     Reads RENEWED_LINEAGE (the live/ directory: fullchain.pem, privkey.pem) and
@@ -50,6 +54,8 @@ def certbot_hook(config_path: str | None, distributed: bool, spool: bool, deploy
     said so, and exits 0."""
     import os
 
+    if check_only and (spool or deploy_spool):
+        raise click.UsageError("--check takes one lineage (RENEWED_LINEAGE), not the spool")
     if deploy_spool:
         d = _spool_dir(config_path, spool_dir, distributed)
         if distributed:
@@ -62,6 +68,9 @@ def certbot_hook(config_path: str | None, distributed: bool, spool: bool, deploy
     if spool:
         _spool(_spool_dir(config_path, spool_dir, distributed), lineage, domains)
     cert, key, leaf = _read_lineage(lineage)
+    if check_only:
+        _check_lineage(config_path, distributed, lineage, cert, key, leaf, domains, skip_unreachable, broker,
+                       pipeline_path)
     if distributed:
         from ..distributed.rollout import NothingSelected
         from ..distributed.rollout import rollout as run_rollout
@@ -96,6 +105,36 @@ def certbot_hook(config_path: str | None, distributed: bool, spool: bool, deploy
         _say(res)
         worst = max(worst, res.exit_code)
     sys.exit(worst)
+
+
+def _check_lineage(config_path: str | None, distributed: bool, lineage: str, cert: bytes, key: bytes, leaf: Any,
+                   domains: list[str], skip_unreachable: bool, broker: str | None,
+                   pipeline_path: str | None) -> NoReturn:
+    """--check: the report (``core.check``) of every target this lineage is for, on
+    this host or (--distributed) across the fleet by each target's worker."""
+    reports: list[Any] = []
+    try:
+        if distributed:
+            from ..distributed.rollout import NothingSelected, rollout_check
+
+            try:
+                reports = rollout_check(cert, key, None, covers=domains or None, broker_url=broker,
+                                        pipeline=pipeline_path, skip_unreachable=skip_unreachable)
+            except NothingSelected as err:
+                click.echo(f"mailtls: {lineage}: no target is for it ({err})")
+                sys.exit(0)
+        else:
+            from ..core.check import check
+
+            cfg = load_config(config_path)
+            reports = [check(cfg, t.name, cert, key, None) for t in _targets_for(cfg, leaf, domains)]
+    except MailTLSError as err:
+        fail(str(err), err.exit_code)
+    if not reports:
+        click.echo(f"mailtls: {lineage}: no target on this host serves names it covers ({', '.join(domains) or '?'})")
+        sys.exit(0)
+    click.echo("\n".join(r.human() for r in reports))
+    sys.exit(max(r.exit_code for r in reports))
 
 
 def _say_rollout(result: Any) -> None:

@@ -55,11 +55,14 @@ if TYPE_CHECKING:
               help="distributed: how long to wait for the outcome (default 600); --local: how long to wait "
                    "for another deploy that owns the target's files (default 300)")
 @click.option("--no-wait", is_flag=True, help="enqueue, print the deploy id and exit (distributed mode)")
+@click.option("--check", "check_only", is_flag=True,
+              help="run every check a deploy would and say what it would change; change nothing (exit 0 "
+                   "would_deploy or unchanged, 2 rejected)")
 @env_file_option
 def deploy(target: str | None, cert_files: tuple[str, ...], key_files: tuple[str, ...],
            batch_path: str | None, chain_files: tuple[str, ...],
            config_path: str | None, local: bool, force: bool, as_json: bool, deploy_id: str | None,
-           broker: str | None, pipeline_path: str | None, wait_s: float, no_wait: bool) -> None:
+           broker: str | None, pipeline_path: str | None, wait_s: float, no_wait: bool, check_only: bool) -> None:
     """Deploy a certificate, key and chain to TARGET (or --batch: many, as one deploy).
 
     With --local, in-process on this host; otherwise enqueued to the target's worker
@@ -68,6 +71,9 @@ def deploy(target: str | None, cert_files: tuple[str, ...], key_files: tuple[str
     exits by its worst member.
     """
     exit_fast()
+    if check_only:
+        run_checks(target, cert_files, key_files, chain_files, batch_path, config_path, local, force, broker,
+                   pipeline_path, 120.0 if wait_s is None else wait_s, as_json)
     if batch_path is not None:
         if target is not None or cert_files or key_files or chain_files:
             raise click.UsageError("--batch names its targets and files itself: give no TARGET, --cert, --key or "
@@ -160,6 +166,50 @@ def read_batch(path: str) -> list[Any]:
         paths = {k: os.path.join(base, v) for k, v in e.items() if k != "target"}
         out.append(Member(e["target"], *files_of(e["target"], paths["cert"], paths["key"], paths.get("chain"))))
     return out
+
+
+def run_checks(target: str | None, cert_files: tuple[str, ...], key_files: tuple[str, ...],
+               chain_files: tuple[str, ...], batch_path: str | None, config_path: str | None, local: bool,
+               force: bool, broker: str | None, pipeline_path: str | None, wait_s: float,
+               as_json: bool) -> NoReturn:
+    """``--check``: a report per target (``core.check``): in-process with --local, else
+    on the target's worker; a batch's members are checked one by one. Nothing changes."""
+    from .early import cancel_early
+
+    cancel_early()  # a deploy's early config test (started before click loaded): check mode runs its own
+    Wanted = tuple[str, bytes, bytes, "bytes | None", "list[tuple[bytes, bytes, bytes | None]] | None"]
+    wanted: list[Wanted]
+    try:
+        if batch_path is not None:
+            if target is not None or cert_files or key_files or chain_files:
+                raise click.UsageError("--batch names its targets and files itself")
+            wanted = [(m.target, m.cert, m.key, m.chain, None) for m in read_batch(batch_path)]
+        elif target is None or not cert_files or not key_files:
+            raise click.UsageError("give TARGET, --cert and --key (or --batch)")
+        else:
+            (cert, key, chain), *also = _read_bundles(cert_files, key_files, chain_files)
+            wanted = [(target, cert, key, chain, also)]
+        reports = []
+        for name, cert, key, chain, more in wanted:
+            if local:
+                from ..core.check import check
+
+                reports.append(check(load_config(config_path), name, cert, key, chain, force=force, also=more))
+            else:
+                from ..distributed.workflow import check as check_remote
+
+                reports.append(check_remote(name, cert, key, chain, force=force, broker_url=broker,
+                                            pipeline=pipeline_path, also=more, timeout=wait_s))
+    except (UnknownTarget, Rejected) as err:
+        fail(str(err), 2, as_json, outcome="rejected")
+    except MailTLSError as err:
+        fail(str(err), err.exit_code, as_json)
+    if as_json:
+        data = [r.model_dump(mode="json") for r in reports]
+        click.echo(json.dumps(data[0] if batch_path is None else data))
+    else:
+        click.echo("\n".join(r.human() for r in reports))
+    sys.exit(max(r.exit_code for r in reports))
 
 
 def deploy_batch(config_path: str | None, batch_path: str, force: bool, deploy_id: str | None, wait_s: float,
@@ -301,12 +351,15 @@ def deploy_local(cfg: Any, target: str, cert: bytes, key: bytes, chain: bytes | 
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
 @broker_option
 @click.option("--pipeline", "pipeline_path", metavar="FILE", envvar="MAILTLS_PIPELINE", help="pipeline keys")
+@click.option("--check", "check_only", is_flag=True,
+              help="check the certificate on every target the rollout would select (each by its worker) and say "
+                   "what would change there; send no deploy")
 @env_file_option
 def rollout(cert_files: tuple[str, ...], key_files: tuple[str, ...], batch_path: str | None,
             chain_files: tuple[str, ...], targets_csv: str | None, label: str | None,
             covers_csv: str | None, waves: str, continue_on_error: bool, skip_unreachable: bool, force: bool,
-            rollout_id: str | None,
-            wait_s: float, as_json: bool, broker: str | None, pipeline_path: str | None) -> None:
+            rollout_id: str | None, wait_s: float, as_json: bool, broker: str | None, pipeline_path: str | None,
+            check_only: bool) -> None:
     """Roll one certificate (or --batch: several) out to every daemon that serves it, in waves.
 
     Exit by the worst outcome: 0 all deployed/unchanged, 2 rejected, 3 rolled back
@@ -319,6 +372,23 @@ def rollout(cert_files: tuple[str, ...], key_files: tuple[str, ...], batch_path:
                                "--targets, --label or --covers with it")
     if batch_path is None and not (cert_files and key_files):
         raise click.UsageError("give --cert and --key (or --batch)")
+    if check_only:
+        if batch_path is not None:
+            raise click.UsageError("--check checks one certificate across its targets; check a --batch with "
+                                   "`mailtls deploy --batch FILE --check`")
+        from ..distributed.rollout import rollout_check
+
+        try:
+            (cert, key, chain), *also = _read_bundles(cert_files, key_files, chain_files)
+            reports = rollout_check(cert, key, chain, targets=split_csv(targets_csv), label=label,
+                                    covers=split_csv(covers_csv), force=force, broker_url=broker,
+                                    pipeline=pipeline_path, timeout=min(wait_s, 120.0), also=also,
+                                    skip_unreachable=skip_unreachable)
+        except MailTLSError as err:
+            fail(str(err), err.exit_code, as_json)
+        click.echo(json.dumps([r.model_dump(mode="json") for r in reports]) if as_json
+                   else "\n".join(r.human() for r in reports))
+        sys.exit(max(r.exit_code for r in reports))
     try:
         if batch_path is not None:
             from ..distributed.workflow import Certificate

@@ -123,6 +123,21 @@ class HostRuntime:
         return self.stage(target, deploy_id, opened.cert, opened.key, opened.chain, force=opened.force,
                           fence=opened.fence, also=list(opened.also))
 
+    def check_envelope(self, target: str, check_id: str, envelope: Any) -> Any:
+        """Check mode through the worker: open the sealed bundle as ``stage_envelope``
+        does (signed by a trusted pipeline for exactly this target, host and id) and
+        run ``core.check`` on it: nothing written, no lock, no journal entry."""
+        from .check import check
+
+        keys = self.security()
+        if envelope is None:
+            raise EnvelopeError(f"check {check_id}: its envelope is gone from Redis (expired, or Redis lost its "
+                                "data)")
+        opened = open_envelope(envelope, target=target, host=self.host, deploy_id=check_id,
+                               host_keys=keys.host_keys, trusted=keys.trusted, max_age=keys.max_age)
+        return check(self.cfg, target, opened.cert, opened.key, opened.chain, force=opened.force,
+                     also=list(opened.also))
+
     def context(self, target: str) -> StepContext:
         self.cfg.target(target)  # UnknownTarget with a clear message
         return self.contexts[target]

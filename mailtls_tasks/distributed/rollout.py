@@ -240,6 +240,29 @@ def rollout(cert_pem: bytes, key_pem: bytes, chain_pem: bytes | None = None, *,
                     force=force, timeout=timeout, continue_on_error=continue_on_error, unreachable=unreachable)
 
 
+def rollout_check(cert_pem: bytes, key_pem: bytes, chain_pem: bytes | None = None, *,
+                  targets: list[str] | None = None, label: str | None = None, covers: list[str] | None = None,
+                  force: bool = False, broker_url: str | None = None, pipeline: Any = None,
+                  timeout: float = 120.0, also: list[tuple[bytes, bytes, bytes | None]] | None = None,
+                  skip_unreachable: bool = False) -> list[Any]:
+    """``rollout --check``: the targets a rollout would select (unreachable ones
+    refused as it refuses them), each checked by its worker (``workflow.check``):
+    one report per target, nothing changed anywhere, no waves."""
+    from .coordination import Coordinator
+    from .workflow import check
+
+    keys, app = _keys_and_app(pipeline, broker_url)
+    co = Coordinator.for_url(str(app.conf.broker_url))
+    fleet = co.fleet()
+    leaf = _leaf(cert_pem, "cert")
+    chosen, _, unreachable = select(fleet, targets=targets, label=label, covers=covers, leaf=leaf)
+    if targets is None:
+        unreachable.update(unregistered(fleet, keys))
+    check_reachable(unreachable, skip_unreachable)
+    return [check(addr, cert_pem, key_pem, chain_pem, force=force, broker_url=str(app.conf.broker_url),
+                  pipeline=keys, also=also, timeout=timeout) for addr in chosen]
+
+
 def rollout_many(certificates: list[Any], *, waves: str = "1,25%,100%", continue_on_error: bool = False,
                  force: bool = False, broker_url: str | None = None, pipeline: Any = None,
                  rollout_id: str | None = None, timeout: float = 600.0,

@@ -471,7 +471,7 @@ def rollback(self: Task, *, target: str, host: str, deploy_id: str) -> dict[str,
         ended = co.get_record(deploy_id) or {}
         raise DeployEnded(f"{ended.get('outcome') or 'rejected'}"
                           + (f" ({ended['reason']})" if ended.get("reason") else "")
-                          + f": {ended.get('error') or why}")
+                          + f": {ended.get('error') or why} [deploy {deploy_id}]")
     if rec.finished:
         _after(rec)
     else:
@@ -483,7 +483,26 @@ def rollback(self: Task, *, target: str, host: str, deploy_id: str) -> dict[str,
     _tell_root(self, rec)
     if rec.outcome in ("deployed", "unchanged"):  # (an errback never ends one so; if it did: say so, green)
         return _summary(rec, "rollback", "nothing to roll back")
-    raise DeployEnded(ending(rec))
+    raise DeployEnded(f"{ending(rec)} [deploy {rec.deploy_id}]")
+
+
+@app.task(bind=True, name="mailtls.check", acks_late=False, ignore_result=False)
+def check(self: Task, *, target: str, host: str, check_id: str) -> dict[str, Any]:
+    """``deploy --check`` on this host: every check a deploy runs, nothing changed
+    (``core.check``). Returns the report (names, keys, chains, listeners; never key
+    material); its envelope is dropped from Redis as soon as it is read."""
+    rt = _runtime_for(host)
+    co = coordinator()
+    envelope = co.get_envelope(check_id)
+    co.drop_envelope(check_id)
+    name = _local_name(target, host)
+    try:
+        report = rt.check_envelope(name, check_id, envelope)
+    except (EnvelopeError, UnknownTarget) as err:
+        from ..core.check import CheckReport
+
+        report = CheckReport(target=target, host=host, outcome="rejected", error=str(err))
+    return dict(report.model_dump(mode="json"))
 
 
 # send_events=False: an audit every audit_interval per host would crowd the deploys out

@@ -344,3 +344,42 @@ def _register(co: Coordinator, envelope: dict[str, Any], app: Celery,
 def readable(address: str, deploy_id: str) -> str:
     """What Flower's args column shows for every task of a deploy."""
     return f"{address} · {deploy_id}"
+
+
+def check(target: str, cert_pem: bytes, key_pem: bytes, chain_pem: bytes | None = None, *, force: bool = False,
+          broker_url: str | None = None, pipeline: PipelineKeys | str | None = None,
+          also: list[tuple[bytes, bytes, bytes | None]] | None = None, timeout: float = 120.0) -> Any:
+    """Check mode through the target's worker (``deploy --check``): the bundle sealed
+    for its host as a deploy's is, a ``mailtls.check`` task that runs every check a
+    deploy would (``core.check``) and changes nothing; returns its ``CheckReport``
+    (no key material in it). No deploy record, lock or fence on the host."""
+    from celery.exceptions import TimeoutError as CeleryTimeout
+
+    from ..core.check import CheckReport
+    from .app import client_app
+
+    keys = pipeline if isinstance(pipeline, PipelineKeys) else load_pipeline(pipeline)
+    co = Coordinator.for_url(resolve_broker_url(broker_url))
+    envelope = _seal(co, keys, target, cert_pem, key_pem, chain_pem, force=force, deploy_id=None, also=also)
+    name, host, check_id, _ = _refs(envelope)
+    with _broker_errors():
+        co.put_envelope(check_id, envelope)
+        app = client_app(co.url)
+        result = app.send_task("mailtls.check", kwargs={"target": f"{host}/{name}", "host": host,
+                                                        "check_id": check_id},
+                               queue=queue_for(host), argsrepr=f"{host}/{name} · check {check_id}", kwargsrepr="",
+                               ignore_result=False)
+    try:
+        data = result.get(timeout=timeout)
+    except CeleryTimeout:
+        with contextlib.suppress(redis.RedisError):
+            co.drop_envelope(check_id)
+        alive = co.host_alive(host)
+        raise DeployTimeout(f"check of {host}/{name}: no answer within {timeout:g}s"
+                            + ("" if alive else f" (no live worker for host {host!r})") + "; nothing was changed"
+                            ) from None
+    except MailTLSError:
+        raise
+    except Exception as err:  # noqa: BLE001 -- the task failed on the host: its error, as the worker gave it
+        raise BrokerError(f"check of {host}/{name} failed on its host: {type(err).__name__}: {err}") from None
+    return CheckReport.model_validate(data)

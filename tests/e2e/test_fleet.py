@@ -451,3 +451,53 @@ def test_a_rollout_by_names_halts_on_a_host_without_a_live_worker(ctx: Ctx) -> N
     res = json.loads(r.stdout)
     assert res["unreachable"] == {} and res["targets"]["fleet-a/smtp"]["outcome"] == "deployed"
     assert res["targets"]["fleet-b/smtp"]["outcome"] == "unchanged"
+
+
+def test_check_mode_through_the_workers_says_what_would_change_and_changes_nothing(ctx: Ctx, tmp_path: Path) -> None:
+    """`deploy --check`, `rollout --check` and `certbot-hook --check --distributed`: each
+    target's worker runs a deploy's checks on copies and reports; no file, reload,
+    record or history entry anywhere."""
+    leaf, www = ctx.leaf(), ctx.leaf("www.fleet.test")
+    for name, issued in (("c", leaf), ("w", www)):
+        (tmp_path / f"{name}.pem").write_bytes(issued.fullchain_pem)
+        (tmp_path / f"{name}.key").write_bytes(issued.key_pem)
+    files = ["--cert", str(tmp_path / "c.pem"), "--key", str(tmp_path / "c.key")]
+    hosts = ctx.fleet.hosts
+    served_before = {h: (ctx.served(h, "smtp"), ctx.served(h, "imap")) for h in HOSTS}
+    disk_before = {h: hosts[h].path("postfix", "key").read_bytes() for h in HOSTS}
+    reloads = {h: (hosts[h].pf_reload.calls, hosts[h].dv_reload.calls) for h in HOSTS}
+    history = {h: ctx.co.history(f"{h}/smtp", 100) for h in HOSTS}
+
+    r = ctx.cli("deploy", "fleet-a/smtp", "--check", "--json", *files)
+    assert r.returncode == 0, r.stdout + r.stderr
+    report = json.loads(r.stdout)
+    assert report["outcome"] == "would_deploy" and report["target"] == "fleet-a/smtp"
+    assert report["slots"][0]["fingerprint"] == leaf.fingerprint
+    assert report["slots"][0]["previous_fingerprint"] == served_before["fleet-a"][0]
+    assert {li["serves_now"] for li in report["listeners"]} == {served_before["fleet-a"][0]}
+    assert {li["would_serve"] for li in report["listeners"]} == {leaf.fingerprint}
+
+    r = ctx.cli("rollout", "--check", "--covers", MAIL_NAME, "--json", *files)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert sorted((x["target"], x["outcome"]) for x in json.loads(r.stdout)) == [
+        (f"{h}/{n}", "would_deploy") for h in HOSTS for n in ("imap", "smtp")]
+
+    r = ctx.cli("deploy", "fleet-b/smtp", "--check", "--json", "--cert", str(tmp_path / "w.pem"), "--key",
+                str(tmp_path / "w.key"))
+    assert r.returncode == 2 and f"does not cover {MAIL_NAME}" in json.loads(r.stdout)["error"], r.stdout
+
+    lineage = tmp_path / "live" / MAIL_NAME
+    lineage.mkdir(parents=True)
+    (lineage / "fullchain.pem").write_bytes(leaf.fullchain_pem)
+    (lineage / "privkey.pem").write_bytes(leaf.key_pem)
+    hook = subprocess.run([sys.executable, "-m", "mailtls_tasks.cli", "certbot-hook", "--check", "--distributed",
+                           "--broker", ctx.redis.url], capture_output=True, text=True, cwd=REPO, timeout=180,
+                          env={**os.environ, "RENEWED_LINEAGE": str(lineage), "RENEWED_DOMAINS": MAIL_NAME})
+    assert hook.returncode == 0, hook.stdout + hook.stderr
+    assert hook.stdout.count("WOULD_DEPLOY") == 2 * len(HOSTS), hook.stdout
+
+    assert {h: (ctx.served(h, "smtp"), ctx.served(h, "imap")) for h in HOSTS} == served_before
+    assert {h: hosts[h].path("postfix", "key").read_bytes() for h in HOSTS} == disk_before
+    assert {h: (hosts[h].pf_reload.calls, hosts[h].dv_reload.calls) for h in HOSTS} == reloads
+    assert {h: ctx.co.history(f"{h}/smtp", 100) for h in HOSTS} == history
+    assert not ctx.co.r.keys("mailtls:envelope:*")  # each check's envelope dropped as it was read

@@ -117,9 +117,11 @@ def _slot_bundles(t: Target, raw: list[RawBundle], now: dt.datetime | None) -> l
     return out
 
 
-def _stage(ctx: StepContext, rec: DeployRecord, raw: list[RawBundle], *, force: bool,
-           now: dt.datetime | None) -> None:
-    t = ctx.target
+def judge_slots(t: Target, raw: list[RawBundle],
+                now: dt.datetime | None) -> tuple[list[tuple[str, str, Bundle]], dict[str, bytes]]:
+    """The material checks of a deploy, touching nothing: each slot's bundle (key,
+    chain, validity, strength), its chain_path, the target's names, the trust path;
+    and the exact bytes of every file. Stage and check mode (``core.check``) both."""
     slots = _slot_bundles(t, raw, now)
     wanted: dict[str, bytes] = {}
     for (prefix, kind, bundle), (_, _, _, _, chain_path, combined) in zip(slots, t.slots(), strict=True):
@@ -133,6 +135,14 @@ def _stage(ctx: StepContext, rec: DeployRecord, raw: list[RawBundle], *, force: 
                                 f"must serve (it covers: {', '.join(leaf_names(bundle.leaf)) or 'no DNS name'})")
         material.check_path(bundle, t.trust_anchors, allow_self_signed=t.allow_self_signed, names=t.names, now=now)
         wanted.update(bundle.file_bytes(chain_path_set=bool(chain_path), combined=bool(combined), prefix=prefix))
+    return slots, wanted
+
+
+def _stage(ctx: StepContext, rec: DeployRecord, raw: list[RawBundle], *, force: bool,
+           now: dt.datetime | None) -> None:
+    t = ctx.target
+    slots, wanted = judge_slots(t, raw, now)
+    for _, kind, bundle in slots:
         rec.leaves[kind] = bundle.fingerprint
         rec.chains[kind] = bundle.chain_fingerprints()
     primary = slots[0][2]
@@ -162,10 +172,9 @@ def _stage(ctx: StepContext, rec: DeployRecord, raw: list[RawBundle], *, force: 
     entries = []
     for role, path in t.files():
         st, _ = current[role]
-        new_mode = _new_mode(t, role, st, rec)
         entries.append(FileEntry(
             role=role, path=path, real=st.path, temp=temp_for(st.path, rec.deploy_id),
-            new_sha256=material.sha256(wanted[role]), new_mode=new_mode,
+            new_sha256=material.sha256(wanted[role]), new_mode=new_mode(t, role, st, rec),
             new_uid=uid_cfg if uid_cfg is not None else st.uid,
             new_gid=gid_cfg if gid_cfg is not None else st.gid,
             existed=st.exists, old_sha256=st.sha256, old_mode=st.mode, old_uid=st.uid, old_gid=st.gid,
@@ -234,7 +243,7 @@ def _stage(ctx: StepContext, rec: DeployRecord, raw: list[RawBundle], *, force: 
     rec.phase = "staged"
 
 
-def _new_mode(t: Target, role: str, st: files.FileState, rec: DeployRecord) -> int:
+def new_mode(t: Target, role: str, st: files.FileState, rec: DeployRecord) -> int:
     """The mode a file is written with. One rule for every file that holds a private
     key (a key file, or a combined key + chain file): ``key_mode`` when set (it cannot
     let others read, nor the group write); else the mode the file has, unless that lets

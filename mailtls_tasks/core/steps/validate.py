@@ -103,7 +103,7 @@ def _local_handshake(ctx: StepContext, rec: DeployRecord) -> None:
                 certfile = made
         try:
             what = f"the staged {kind if kind != 'any' else ''} cert/key".replace("  ", " ")
-            if _handshake_with(certfile, keyfile, what) != expected:
+            if handshake_with(certfile, keyfile, what) != expected:
                 raise ValidationFailed("a local handshake with the staged files served another certificate")
         finally:
             if made:
@@ -111,8 +111,9 @@ def _local_handshake(ctx: StepContext, rec: DeployRecord) -> None:
                     os.unlink(made)
 
 
-def _handshake_with(certfile: str, keyfile: str | None, what: str) -> str:
-    """Load the files into OpenSSL as a server, shake hands in memory: the leaf served."""
+def handshake_with(certfile: str, keyfile: str | None, what: str) -> str:
+    """Load the files into OpenSSL as a server, shake hands in memory: the leaf served
+    (validate's check of the staged files; check mode's of its copies)."""
     server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     try:
         server.load_cert_chain(certfile, keyfile)
@@ -159,7 +160,7 @@ def _check_table(ctx: StepContext, rec: DeployRecord) -> None:
                 served = set()
                 for group in material.key_chains(new[key]):
                     files.write_scratch(scratch, group)
-                    served.add(_handshake_with(scratch, None, f"the table built for {name}: its files"))
+                    served.add(handshake_with(scratch, None, f"the table built for {name}: its files"))
                 if served != want:
                     raise ValidationFailed(f"sni.map: a local handshake with the table built for {name} served "
                                            "another certificate than the staged one")
