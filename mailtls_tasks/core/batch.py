@@ -124,7 +124,15 @@ def run_batch(cfg: HostConfig, members: list[Member], *, deploy_id: str | None =
                      ", ".join(t.name for _, t in chosen), k + 1, round_id)
         _run_round(contexts, chosen, ids, round_id, force=force, lock_timeout=lock_timeout, origin=origin,
                    wait_for_owner=wait_for_owner)
-    return [_result(j, t, ids[t.name]) for t in targets]
+    results = [_result(j, t, ids[t.name]) for t in targets]
+    if origin == "local":  # a worker's batch: its task sends each member's notice (mailtls.notify)
+        from .notices import notify_local
+
+        for t, res in zip(targets, results, strict=True):
+            rec = j.load(t.name, ids[t.name])
+            if rec is not None and rec.finished:
+                res.notes += notify_local(cfg, rec)
+    return results
 
 
 def _rounds(members: list[Member], targets: list[Target]) -> list[list[tuple[Member, Target]]]:

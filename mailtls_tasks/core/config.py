@@ -616,6 +616,38 @@ def _default_host() -> str:
     return socket.gethostname().split(".")[0] or "localhost"
 
 
+class NotifySettings(BaseModel):
+    """``[notify]``: where this host's notices go (Apprise URLs), per kind. ``urls``
+    get every kind; each kind's own list adds to them. The worker sends them as
+    ``mailtls.notify`` tasks (``retries`` with backoff); --local and certbot-hook
+    deploys in-process, ``retries`` tries. A notice never changes a deploy."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    urls: list[str] = Field(default_factory=list)
+    rejected: list[str] = Field(default_factory=list)
+    rolled_back: list[str] = Field(default_factory=list)
+    failed: list[str] = Field(default_factory=list)
+    # a served or on-disk certificate ending within expiring_days (from the audit; once a day per target)
+    expiring: list[str] = Field(default_factory=list)
+    expiring_days: float = Field(default=14.0, ge=0, le=3650)
+    retries: int = Field(default=5, ge=0, le=20)
+
+    @field_validator("urls", "rejected", "rolled_back", "failed", "expiring")
+    @classmethod
+    def _urls(cls, v: list[str], info: Any) -> list[str]:
+        from ..notify import check_urls
+
+        try:
+            check_urls(v, f"notify.{info.field_name}")
+        except ConfigError as err:  # pydantic wants a ValueError; the location is ours already
+            raise ValueError(str(err).removeprefix(f"notify.{info.field_name}: ")) from None
+        return v
+
+    def urls_for(self, kind: str) -> list[str]:
+        return list(dict.fromkeys([*self.urls, *getattr(self, kind, [])]))
+
+
 class HostConfig(BaseModel):
     """The whole targets file of one mail host."""
 
@@ -640,6 +672,7 @@ class HostConfig(BaseModel):
     metrics_port: int | None = Field(default=None, ge=1, le=65535)
     targets: dict[str, Target] = Field(default_factory=dict)
     security: SecuritySettings | None = None
+    notify: NotifySettings = Field(default_factory=NotifySettings)
     source: str = ""
     # Target -> the other targets that share a real file with it (found at load, where
     # every path is resolved anyway): a deploy must not leave one of them half-replaced.

@@ -24,6 +24,7 @@ from ..ids import check_deploy_id, new_deploy_id
 from . import material
 from .config import HostConfig
 from .journal import DeployRecord, Journal, Owner
+from .notices import notify_local
 from .ownership import holding
 from .recovery import recover, recover_deploy
 from .result import DeployResult
@@ -117,16 +118,19 @@ def run_local(cfg: HostConfig, target: str, cert_pem: bytes, key_pem: bytes,
     Waits up to ``lock_timeout`` for another live deploy owning one of the target's
     files to end; then raises TargetBusy (exit 1, nothing touched), naming it."""
     try:
-        return _run(cfg, target, cert_pem, key_pem, chain_pem, force, deploy_id, lock_timeout, journal, also,
-                    early_validate)
+        rec = _run(cfg, target, cert_pem, key_pem, chain_pem, force, deploy_id, lock_timeout, journal, also,
+                   early_validate)
     finally:
         if early_validate is not None:
             early_validate.cancel()
+    result = DeployResult.from_record(rec)
+    result.notes += notify_local(cfg, rec)  # after the deploy has ended: it cannot change it
+    return result
 
 
 def _run(cfg: HostConfig, target: str, cert_pem: bytes, key_pem: bytes, chain_pem: bytes | None, force: bool,
          deploy_id: str | None, lock_timeout: float, journal: Journal | None,
-         also: list[tuple[bytes, bytes, bytes | None]] | None, early_validate: Running | None) -> DeployResult:
+         also: list[tuple[bytes, bytes, bytes | None]] | None, early_validate: Running | None) -> DeployRecord:
     t = cfg.target(target)
     deploy_id = check_deploy_id(deploy_id or new_deploy_id())
     contexts = contexts_for(cfg, journal)
@@ -162,7 +166,7 @@ def _run(cfg: HostConfig, target: str, cert_pem: bytes, key_pem: bytes, chain_pe
             if ctx.journal.load(t.name, deploy_id) is not None:
                 _compensate(ctx, deploy_id, "interrupted by a signal", reason="interrupted")
             raise
-    return DeployResult.from_record(rec)
+    return rec
 
 
 def check_id_reuse(journal: Journal, target: str, deploy_id: str, certs: list[bytes]) -> None:

@@ -21,7 +21,7 @@ from typing import Any
 from celery import Celery
 
 from ..core.config import STEP_SOFT_TIME_LIMIT, STEP_TIME_LIMIT
-from .broker import BROKER_ENV, DEFAULT_BROKER, broker_url, normalize_url, queue_for
+from .broker import BROKER_ENV, DEFAULT_BROKER, broker_url, normalize_url, notify_queue_for, queue_for
 
 __all__ = ["BROKER_ENV", "DEFAULT_BROKER", "app", "broker_url", "client_app", "configure", "normalize_url",
            "queue_for", "route_task", "use_broker"]
@@ -39,7 +39,7 @@ def route_task(name: str, args: Any, kwargs: Any, options: Any, task: Any = None
     fleet registry once, at enqueue), so it survives chaining and errbacks alike.
     """
     if name.startswith("mailtls.") and isinstance(kwargs, dict) and kwargs.get("host"):
-        q = queue_for(str(kwargs["host"]))
+        q = (notify_queue_for if name == "mailtls.notify" else queue_for)(str(kwargs["host"]))
         return {"queue": q, "routing_key": q}
     return None
 

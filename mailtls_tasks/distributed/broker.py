@@ -52,6 +52,11 @@ def queue_for(host: str) -> str:
     return f"mailtls.{host}"
 
 
+def notify_queue_for(host: str) -> str:
+    """The host's notices: a queue of their own, so a step never waits behind a retry."""
+    return f"mailtls.{host}.notify"
+
+
 def task_message(task: str, kwargs: dict[str, Any], queue: str, argsrepr: str,
                  task_id: str | None = None) -> str:
     """The message kombu's Redis transport LPUSHes onto ``queue`` (a list of that name)

@@ -205,6 +205,11 @@ class Coordinator:
         or a busy stage's 'waiting'. Returns the winner."""
         return str(self._claim(keys=[self._k("claim", deploy_id)], args=[who, RECORD_TTL]))
 
+    def once(self, key: str, ttl: int) -> bool:
+        """True the first time ``key`` is asked for within ``ttl`` seconds (a notice
+        that must not repeat every audit)."""
+        return bool(self.r.set(self._k(key), "1", nx=True, ex=ttl))
+
     def let_go(self, deploy_id: str) -> bool:
         """A stage that found its target busy, nothing of the deploy in its journal,
         and will try again: until it does, the client may cancel (its wait means

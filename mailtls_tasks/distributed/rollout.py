@@ -76,6 +76,7 @@ class RolloutResult(BaseModel):
     unused: dict[str, str] = Field(default_factory=dict)
     # selected, but no live worker to take them (skipped on request): address -> why
     unreachable: dict[str, str] = Field(default_factory=dict)
+    notes: list[str] = Field(default_factory=list)
     created: str = Field(default_factory=lambda: dt.datetime.now(dt.UTC).isoformat(timespec="seconds"))
     updated: str | None = None
 
@@ -111,6 +112,7 @@ class RolloutResult(BaseModel):
             lines.append(f"  {'-':<5} {'leaf ' + fp[:16] + '…':<32} {'unused':<12} {'':>7}  {why[:160]}")
         for addr, why in sorted(self.unreachable.items()):
             lines.append(f"  {'-':<5} {addr:<32} {'skipped':<12} {'':>7}  unreachable: {why[:150]}")
+        lines += [f"  note: {n}" for n in self.notes]
         for addr, names in sorted(self.not_covered.items()):
             lines.append(f"  {'-':<5} {addr:<32} {'not covered':<12} {'':>7}  the certificate does not cover "
                          f"{', '.join(names)}")
@@ -371,6 +373,10 @@ def _rollout(co: Any, app: Any, keys: Any, bundles: dict[str, tuple[Any, str]], 
             except ValueError:
                 result.targets[addr] = TargetRun(wave=w)
             result.targets[addr].fingerprint = bundles[addr][1]
+    if keys.notify:  # a typo in the pipeline file's URLs is found before anything is sent
+        from ..notify import check_urls
+
+        check_urls(keys.notify, f"{keys.source}: notify")
     co.put_rollout(result.model_dump(mode="json"))
     try:
         _run_waves(co, app, keys, result, plan, {a: b for a, (b, _) in bundles.items()}, force=force,
@@ -379,8 +385,20 @@ def _rollout(co: Any, app: Any, keys: Any, bundles: dict[str, tuple[Any, str]], 
         if result.state == "running":
             result.state = "halted"
         result.updated = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+        if result.state == "halted" and keys.notify:
+            result.notes += _announce(result, keys.notify)
         co.put_rollout(result.model_dump(mode="json"))
     return result
+
+
+def _announce(result: RolloutResult, urls: list[str]) -> list[str]:
+    """A halted rollout, announced by its client from the pipeline file's URLs."""
+    from ..core.notices import for_rollout
+    from ..notify import deliver_bounded
+
+    got = deliver_bounded(urls, for_rollout(result))
+    return ([f"notified {', '.join(got.sent)}"] if got.sent else []) + (
+        [f"notification failed: {', '.join(got.shown_failed)}"] if got.failed else [])
 
 
 def _run_waves(co: Any, app: Any, keys: Any, result: RolloutResult, plan: list[list[str]], bundles: dict[str, Any],

@@ -31,10 +31,13 @@ from ..core.audit import worst
 from ..core.config import load_config
 from ..core.host import HostRuntime
 from ..core.journal import DeployRecord, process_alive, process_token
+from ..core.notices import for_expiry, for_record
 from ..errors import HostTaken, MailTLSError, Rejected, StepFailed, TargetBusy, Transient, UnknownTarget
+from ..notify import Notice
 from ..security.envelope import EnvelopeError
 from . import metrics
 from .app import MAX_RETRY_BACKOFF, app, queue_for
+from .broker import notify_queue_for
 from .coordination import Coordinator
 from .workflow import readable
 
@@ -48,6 +51,7 @@ MAX_DELIVERIES = 3          # the same message redelivered after a lost worker, 
 HEARTBEAT_INTERVAL = 10.0
 MAX_RETRIES = 10
 OUTBOX_ORPHAN_AGE = 24 * 3600.0
+EXPIRY_NOTICE_EVERY = 24 * 3600  # an expiring certificate is announced once a day per target, not per audit
 
 _state: dict[str, Any] = {}
 
@@ -123,11 +127,26 @@ def _after(rec: DeployRecord | None) -> None:
 
 
 def _published(rt: HostRuntime, rec: DeployRecord) -> None:
-    """Redis has this ending: drop its outbox entry, and count it -- once, whoever
-    published it (a step, a late message, the rollback errback, or recovery)."""
+    """Redis has this ending: drop its outbox entry, count it and send its notice --
+    once, whoever published it (a step, a late message, the rollback errback, or
+    recovery)."""
     if rt.journal.outbox_done(rec.target, rec.deploy_id):
         metrics.deploy_ended(rt.host, rec.target, rec.outcome or "", {n: s.ms / 1000 for n, s in rec.steps.items()},
                              rolled_back="rollback" in rec.steps)
+        _notify(rt, for_record(rec, distributed=True))
+
+
+def _notify(rt: HostRuntime, notice: Notice | None) -> None:
+    """Queue a notice for this host's ``mailtls.notify`` task (its own queue, retried
+    with backoff), when the host's config routes its kind anywhere. Never fails the
+    caller: a notice is not the deploy's business."""
+    if notice is None or not rt.cfg.notify.urls_for(notice.kind):
+        return
+    try:
+        app.send_task("mailtls.notify", kwargs={"host": rt.host, "notice": notice.as_data()},
+                      queue=notify_queue_for(rt.host), argsrepr=notice.title, kwargsrepr="")
+    except Exception as err:  # noqa: BLE001 -- logged; the deploy has ended either way
+        log.warning("could not queue the notice %r: %s", notice.title, err)
 
 
 class DeployEnded(MailTLSError):
@@ -505,6 +524,29 @@ def check(self: Task, *, target: str, host: str, check_id: str) -> dict[str, Any
     return dict(report.model_dump(mode="json"))
 
 
+@app.task(bind=True, name="mailtls.notify", acks_late=True, max_retries=None, time_limit=120, soft_time_limit=100)
+def notify(self: Task, *, host: str, notice: dict[str, Any], only: list[int] | None = None) -> dict[str, Any]:
+    """Deliver a notice of this host's to the URLs its own config routes its kind to
+    (the message names none: it carries the notice and, on a retry, which of the
+    config's URLs still failed). Retried with backoff up to ``notify.retries``."""
+    from ..notify import deliver
+
+    rt = _runtime_for(host)
+    n = Notice.from_data(notice)
+    urls = rt.cfg.notify.urls_for(n.kind)
+    pending = [i for i in (only if only is not None else range(len(urls))) if 0 <= i < len(urls)]
+    got = deliver([urls[i] for i in pending], n)
+    failed = [i for i in pending if urls[i] in got.failed]
+    retries = int(self.request.retries or 0)
+    if failed and retries < rt.cfg.notify.retries:
+        log.warning("notice %r: %d URL(s) failed (%s); retrying", n.title, len(failed), ", ".join(got.shown_failed))
+        raise self.retry(kwargs={"host": host, "notice": notice, "only": failed},
+                         countdown=_backoff(retries + 1), max_retries=rt.cfg.notify.retries)
+    if failed:
+        log.error("notice %r: gave up after %d tries: %s", n.title, retries + 1, ", ".join(got.shown_failed))
+    return {"step": "notify", "kind": n.kind, "sent": got.sent, "failed": got.shown_failed}
+
+
 # send_events=False: an audit every audit_interval per host would crowd the deploys out
 # of Flower's list; its results are in `mailtls audit` and the metrics.
 @app.task(bind=True, name="mailtls.audit", acks_late=False, ignore_result=False, send_events=False)
@@ -515,6 +557,10 @@ def audit(self: Task, *, host: str) -> dict[str, Any]:
     results = rt.audit()
     for a in results:
         co.put_audit(a.target, a.model_dump(mode="json"))
+        expiring = for_expiry(a, rt.cfg.notify.expiring_days)
+        if expiring is not None and rt.cfg.notify.urls_for("expiring") and co.once(f"notified:expiring:{a.target}",
+                                                                                     EXPIRY_NOTICE_EVERY):
+            _notify(rt, expiring)
         expiry = {la.endpoint: _seconds_until(la.served_not_after) for la in a.listeners if la.served_not_after}
         if a.not_after:
             expiry["disk"] = _seconds_until(a.not_after)

@@ -17,6 +17,7 @@ from typing import Any
 from ..core.config import CONFIG_ENV, HOST_ENV, config_path
 from ..errors import BrokerError
 from .app import BROKER_ENV, queue_for, use_broker
+from .broker import notify_queue_for
 
 log = logging.getLogger("mailtls.worker")
 
@@ -26,7 +27,7 @@ def worker_options(host: str, loglevel: str = "INFO", concurrency: int = 1) -> d
     --without-gossip --without-mingle -O fair`` would pass to the worker."""
     from celery.utils.log import mlevel
 
-    return {"queues": [queue_for(host)], "concurrency": concurrency, "task_events": True,
+    return {"queues": [queue_for(host), notify_queue_for(host)], "concurrency": concurrency, "task_events": True,
             "hostname": f"mailtls@{host}", "loglevel": mlevel(loglevel.upper()), "without_gossip": True,
             "without_mingle": True, "optimization": "fair"}
 

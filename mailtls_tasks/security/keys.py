@@ -147,6 +147,7 @@ class PipelineKeys:
     signing_key: Ed25519PrivateKey
     hosts: dict[str, X25519PublicKey] = field(default_factory=dict)
     source: str = ""
+    notify: list[str] = field(default_factory=list)  # where a halted rollout is announced (Apprise URLs)
 
     def __repr__(self) -> str:
         return f"<PipelineKeys signer={encode_public(self.signing_key.public_key())[:20]}… hosts={sorted(self.hosts)}>"
@@ -179,13 +180,19 @@ def load_pipeline(path: str | None = None) -> PipelineKeys:
         ) from None
     except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
         raise ConfigError(f"cannot read pipeline keys {p}: {err}") from None
-    unknown = set(raw) - {"signing_key", "hosts"}
+    unknown = set(raw) - {"signing_key", "hosts", "notify"}
     if unknown:
-        raise ConfigError(f"{p}: unknown keys {sorted(unknown)} (expected signing_key and [hosts])")
+        raise ConfigError(f"{p}: unknown keys {sorted(unknown)} (expected signing_key, [hosts] and [notify])")
     if not isinstance(raw.get("signing_key"), str):
         raise ConfigError(f"{p}: signing_key: path to the pipeline's Ed25519 key is required")
     hosts_raw = raw.get("hosts", {})
     if not isinstance(hosts_raw, dict):
         raise ConfigError(f"{p}: [hosts] must be a table of host = \"x25519:…\"")
     hosts = {h: parse_x25519_public(str(v), f"{p}: hosts.{h}") for h, v in hosts_raw.items()}
-    return PipelineKeys(load_signing_key(raw["signing_key"]), hosts, p)
+    notify = raw.get("notify", {})
+    if not isinstance(notify, dict) or set(notify) - {"halted", "urls"} or not all(
+            isinstance(v, list) and all(isinstance(u, str) for u in v) for v in notify.values()):
+        raise ConfigError(f"{p}: [notify] takes halted = [URL, ...] and urls = [URL, ...] (Apprise URLs: where a "
+                          "halted rollout is announced)")
+    return PipelineKeys(load_signing_key(raw["signing_key"]), hosts, p,
+                        notify=list(dict.fromkeys([*notify.get("urls", []), *notify.get("halted", [])])))

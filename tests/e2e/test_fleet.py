@@ -24,6 +24,7 @@ from mailtls_tasks.errors import AmbiguousTarget, Rejected
 from tests.support.fleet import MAIL_NAME, Fleet
 from tests.support.keys import Pipeline
 from tests.support.pki import PKI, Issued
+from tests.support.receiver import Receiver
 from tests.support.services import REPO, Flower, RedisServer
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
@@ -31,8 +32,9 @@ HOSTS = ["fleet-a", "fleet-b", "fleet-c"]
 
 
 class Ctx:
-    def __init__(self, fleet: Fleet, redis: RedisServer, flower: Flower, pki: PKI) -> None:
+    def __init__(self, fleet: Fleet, redis: RedisServer, flower: Flower, pki: PKI, receiver: Receiver) -> None:
         self.fleet, self.redis, self.flower, self.pki = fleet, redis, flower, pki
+        self.receiver = receiver  # the pipeline file's [notify]: halted rollouts
         self.co = Coordinator(redis.url)
 
     def served(self, host: str, target: str) -> str:
@@ -59,13 +61,16 @@ def ctx(tmp_path_factory: pytest.TempPathFactory, pki: PKI, pipeline: Pipeline) 
     anchors.write_bytes(pki.root.cert_pem)
     redis = RedisServer(root / "redis")
     keys = Pipeline(root / "pipeline")
+    receiver = Receiver().start()
+    keys.notify_to(receiver.url)
     os.environ["MAILTLS_PIPELINE"] = str(keys.path)
     fleet = Fleet(root, pki, keys, HOSTS, trust_anchors=anchors)
     flower = Flower(redis.url, root / "flower.log", auth=None)
     try:
         fleet.start(redis.url)
-        yield Ctx(fleet, redis, flower, pki)
+        yield Ctx(fleet, redis, flower, pki, receiver)
     finally:
+        receiver.stop()
         flower.stop()
         fleet.stop()
         redis.stop()
@@ -127,6 +132,12 @@ def test_rollout_in_waves_halts_when_the_second_wave_fails_verify(ctx: Ctx) -> N
     assert ctx.fleet.hosts["fleet-c"].path("dovecot", "cert").read_bytes() == c_before
     status = ctx.cli("rollout-status", res.rollout_id)
     assert status.returncode == 3 and "HALTED" in status.stdout and "skipped" in status.stdout
+    # the rollout's client announced it, from the pipeline file's [notify] URLs
+    post = ctx.receiver.wait(1)[0]
+    assert post["title"] == f"mailtls: rollout {res.rollout_id} halted (rolled_back)"
+    assert "fleet-b/imap: rolled_back" in post["message"] and f"mailtls rollout-status {res.rollout_id}" in \
+        post["message"]
+    assert any("notified json://" in n for n in res.notes), res.notes
     ctx.rollout_id = res.rollout_id  # type: ignore[attr-defined]
     ctx.rolled_back_deploy = res.targets["fleet-b/imap"].deploy_id  # type: ignore[attr-defined]
 

@@ -16,12 +16,19 @@ class Pipeline:
         self.public = create_signing_key(str(self.key_path))
         self.path = root / "pipeline.toml"
         self.hosts: dict[str, str] = {}
+        self.notify: list[str] = []  # [notify] urls: where a halted rollout is announced
         self._write()
 
     def _write(self) -> None:
         lines = [f'signing_key = "{self.key_path}"', "", "[hosts]"]
         lines += [f'"{h}" = "{pub}"' for h, pub in sorted(self.hosts.items())]
+        if self.notify:
+            lines += ["", "[notify]", "halted = [" + ", ".join(f'"{u}"' for u in self.notify) + "]"]
         self.path.write_text("\n".join(lines) + "\n")
+
+    def notify_to(self, *urls: str) -> None:
+        self.notify = list(urls)
+        self._write()
 
     def enroll(self, host: str, key_dir: Path) -> dict[str, Any]:
         """Create the host's key, pin it here, and return the host's [security] table."""
