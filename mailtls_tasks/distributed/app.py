@@ -21,7 +21,7 @@ from typing import Any
 from celery import Celery
 
 from ..core.config import STEP_SOFT_TIME_LIMIT, STEP_TIME_LIMIT
-from .broker import BROKER_ENV, DEFAULT_BROKER, broker_url, normalize_url, notify_queue_for, queue_for
+from .broker import BROKER_ENV, DEFAULT_BROKER, broker_url, normalize_url, notify_queue_for, queue_for, sentinel_spec
 
 __all__ = ["BROKER_ENV", "DEFAULT_BROKER", "app", "broker_url", "client_app", "configure", "normalize_url",
            "queue_for", "route_task", "use_broker"]
@@ -45,16 +45,34 @@ def route_task(name: str, args: Any, kwargs: Any, options: Any, task: Any = None
 
 
 def configure(app: Celery, url: str) -> None:
-    transport = {
+    """Point ``app`` at ``url``: a Redis (``redis://``, ``rediss://``) or a Redis
+    behind Sentinel (``sentinel://``: kombu's sentinel transport and Celery's sentinel
+    result backend, both told the master's name and how to reach the sentinels)."""
+    transport: dict[str, Any] = {
         "visibility_timeout": VISIBILITY_TIMEOUT,
         "unacked_restore_interval": 60,
         "unacked_restore_throttle": 1,
     }
+    backend: dict[str, Any] = {"retry_policy": {"timeout": 5.0}}
+    spec = sentinel_spec(url)
+    kombu_url = url
+    ssl: dict[str, Any] | None = None
+    if spec is not None:
+        kombu_url = spec.kombu_url()
+        for options in (transport, backend):
+            options.update(master_name=spec.master_name, sentinel_kwargs=spec.sentinel_kwargs())
+        if spec.tls:
+            import ssl as _ssl
+
+            ssl = {**dict(spec.tls), "ssl_cert_reqs": _ssl.CERT_REQUIRED}
     app.conf.update(
-        broker_url=url,
-        result_backend=url,
+        mailtls_url=url,  # as the operator wrote it (what url_of gives the coordination)
+        broker_url=kombu_url,
+        result_backend=kombu_url,
+        broker_use_ssl=ssl,
+        redis_backend_use_ssl=ssl,
         broker_transport_options=transport,
-        result_backend_transport_options={"retry_policy": {"timeout": 5.0}},
+        result_backend_transport_options=backend,
         broker_connection_retry_on_startup=True,
         task_serializer="json",
         result_serializer="json",
@@ -83,6 +101,12 @@ def configure(app: Celery, url: str) -> None:
 
 app = Celery("mailtls", include=["mailtls_tasks.distributed.tasks"])
 configure(app, broker_url())
+
+
+def url_of(app: Celery) -> str:
+    """The broker URL ``app`` was configured with, as written (a Sentinel URL, not
+    kombu's form of it): what ``Coordinator`` takes."""
+    return str(app.conf.get("mailtls_url") or app.conf.broker_url)
 
 
 _clients: dict[str, Celery] = {}

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any, cast
 import redis
 
 from ..errors import AmbiguousTarget, BrokerError, HostTaken, UnknownTarget
+from .broker import sentinel_spec
 
 if TYPE_CHECKING:
     from ..core.journal import DeployRecord
@@ -140,10 +141,38 @@ def _loads(raw: str | None) -> dict[str, Any] | None:
 _coordinators: dict[str, Coordinator] = {}
 
 
+FAILOVER_RETRIES = 40  # 0.1, 0.2, 0.4 ... then 1 s apart: about 35 s of a failover ridden out
+
+
+def _sentinel_master(url: str) -> redis.Redis:  # type: ignore[type-arg]
+    """The master the sentinels name, as a client that asks them again after a
+    failover (redis-py's SentinelConnectionPool: a connection to a demoted master
+    fails and the next one goes to the new master)."""
+    from redis.backoff import ExponentialBackoff
+    from redis.retry import Retry
+    from redis.sentinel import MasterNotFoundError, Sentinel
+
+    spec = sentinel_spec(url)
+    assert spec is not None
+    sentinels = Sentinel(list(spec.sentinels), sentinel_kwargs=spec.sentinel_kwargs(), socket_timeout=10,
+                         socket_connect_timeout=5)
+    # A failover takes seconds (down-after-milliseconds, the vote, the promotion): each
+    # command is tried again meanwhile, up to FAILOVER_WAIT, instead of failing the deploy
+    # or rollout that sent it. What that can repeat is safe to: a fence only has to grow,
+    # and a message sent twice is a duplicate the hosts already take in (claims, journal).
+    retry = Retry(ExponentialBackoff(cap=1.0, base=0.1), retries=FAILOVER_RETRIES)
+    return sentinels.master_for(spec.master_name, socket_timeout=10, socket_connect_timeout=5,
+                                health_check_interval=30, decode_responses=True, retry=retry,
+                                retry_on_error=[redis.ConnectionError, redis.TimeoutError, MasterNotFoundError],
+                                **spec.node_kwargs())
+
+
 class Coordinator:
     def __init__(self, url_or_client: str | redis.Redis) -> None:  # type: ignore[type-arg]
         self.url = url_or_client if isinstance(url_or_client, str) else None
-        if isinstance(url_or_client, str):
+        if isinstance(url_or_client, str) and sentinel_spec(url_or_client) is not None:
+            self.r = _sentinel_master(url_or_client)
+        elif isinstance(url_or_client, str):
             self.r = redis.Redis.from_url(url_or_client, socket_timeout=10, socket_connect_timeout=5,
                                           health_check_interval=30, decode_responses=True)
         else:

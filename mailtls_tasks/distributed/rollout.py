@@ -21,12 +21,14 @@ sends is an ordinary deploy, run, fenced and recovered by its host as any other.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import math
 import time
 from typing import Any, Literal
 
+import redis
 from celery import group
 from pydantic import BaseModel, Field
 
@@ -34,6 +36,7 @@ from ..core import material
 from ..core.names import leaf_names, name_covered, uncovered
 from ..core.result import EXIT_CODES, NEVER_STARTED
 from ..errors import BrokerError, MailTLSError, Rejected
+from .app import url_of
 
 Verdict = Literal["deployed", "unchanged", "rejected", "rolled_back", "failed", "skipped", "timeout", "pending"]
 HALTING = frozenset({"rolled_back", "failed", "timeout"})
@@ -226,7 +229,7 @@ def rollout(cert_pem: bytes, key_pem: bytes, chain_pem: bytes | None = None, *,
     from .workflow import Certificate
 
     keys, app = _keys_and_app(pipeline, broker_url)
-    co = Coordinator.for_url(str(app.conf.broker_url))
+    co = Coordinator.for_url(url_of(app))
     leaf = _leaf(cert_pem, "cert")
     fleet = co.fleet()
     chosen, not_covered, unreachable = select(fleet, targets=targets, label=label, covers=covers, leaf=leaf)
@@ -254,14 +257,14 @@ def rollout_check(cert_pem: bytes, key_pem: bytes, chain_pem: bytes | None = Non
     from .workflow import check
 
     keys, app = _keys_and_app(pipeline, broker_url)
-    co = Coordinator.for_url(str(app.conf.broker_url))
+    co = Coordinator.for_url(url_of(app))
     fleet = co.fleet()
     leaf = _leaf(cert_pem, "cert")
     chosen, _, unreachable = select(fleet, targets=targets, label=label, covers=covers, leaf=leaf)
     if targets is None:
         unreachable.update(unregistered(fleet, keys))
     check_reachable(unreachable, skip_unreachable)
-    return [check(addr, cert_pem, key_pem, chain_pem, force=force, broker_url=str(app.conf.broker_url),
+    return [check(addr, cert_pem, key_pem, chain_pem, force=force, broker_url=url_of(app),
                   pipeline=keys, also=also, timeout=timeout) for addr in chosen]
 
 
@@ -283,7 +286,7 @@ def rollout_many(certificates: list[Any], *, waves: str = "1,25%,100%", continue
     if not certificates:
         raise RolloutError("no certificate to roll out")
     keys, app = _keys_and_app(pipeline, broker_url)
-    co = Coordinator.for_url(str(app.conf.broker_url))
+    co = Coordinator.for_url(url_of(app))
     fleet = co.fleet()
     bundles: dict[str, tuple[Any, str]] = {}
     issued: dict[str, Any] = {}
@@ -381,13 +384,18 @@ def _rollout(co: Any, app: Any, keys: Any, bundles: dict[str, tuple[Any, str]], 
     try:
         _run_waves(co, app, keys, result, plan, {a: b for a, (b, _) in bundles.items()}, force=force,
                    timeout=timeout, continue_on_error=continue_on_error, batches=batches)
+    except redis.RedisError as err:  # past what a failover's retries ride out
+        raise BrokerError(f"lost Redis during rollout {rid}: {err}. The deploys already sent finish on their hosts "
+                          f"either way (`mailtls rollout-status {rid}`); it is safe to retry: the same rollout run "
+                          "again resumes, and a target already serving the certificate ends unchanged") from None
     finally:  # whatever escaped, the record says where the rollout stopped
         if result.state == "running":
             result.state = "halted"
         result.updated = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
         if result.state == "halted" and keys.notify:
             result.notes += _announce(result, keys.notify)
-        co.put_rollout(result.model_dump(mode="json"))
+        with contextlib.suppress(redis.RedisError):  # Redis gone: the error above says so
+            co.put_rollout(result.model_dump(mode="json"))
     return result
 
 

@@ -36,7 +36,7 @@ from ..errors import HostTaken, MailTLSError, Rejected, StepFailed, TargetBusy, 
 from ..notify import Notice
 from ..security.envelope import EnvelopeError
 from . import metrics
-from .app import MAX_RETRY_BACKOFF, app, queue_for
+from .app import MAX_RETRY_BACKOFF, app, queue_for, url_of
 from .broker import notify_queue_for
 from .coordination import Coordinator
 from .workflow import readable
@@ -88,7 +88,7 @@ def _local_name(target: str, host: str) -> str:
 def coordinator() -> Coordinator:
     co = _state.get("coordinator")
     if co is None:
-        co = _state["coordinator"] = Coordinator(str(app.conf.broker_url))
+        co = _state["coordinator"] = Coordinator(url_of(app))
     return co
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from ..core.config import CONFIG_ENV, HOST_ENV, config_path
 from ..errors import BrokerError
-from .app import BROKER_ENV, queue_for, use_broker
+from .app import BROKER_ENV, queue_for, url_of, use_broker
 from .broker import notify_queue_for
 
 log = logging.getLogger("mailtls.worker")
@@ -38,7 +38,7 @@ def run_worker(config: str | None = None, broker: str | None = None, loglevel: s
     if host:
         os.environ[HOST_ENV] = host  # one targets file for the fleet: each worker names its host
     app = use_broker(broker)
-    os.environ[BROKER_ENV] = str(app.conf.broker_url)
+    os.environ[BROKER_ENV] = url_of(app)
     from . import tasks
 
     # Config and keys, loaded once and inherited by the pool's children; fails fast with
