@@ -167,3 +167,26 @@ def test_mailto_through_a_private_postfix_into_a_mailbox(host: MailHost, pki: PK
         assert "Subject: mailtls: mx1/mx rejected" in mail and "To: ops@notify.test" in mail
     finally:
         sink.stop()
+
+
+def test_the_audit_announces_a_certificate_about_to_expire_once(tmp_path: Path, redis_server: RedisServer, pki: PKI,
+                                                                pipeline: Pipeline, receiver: Receiver) -> None:
+    """A leaf ending in 5 days, `expiring_days = 14`: the worker's audit (every 2 s here)
+    sends one notice -- not one per audit."""
+    host = MailHost(tmp_path / "expiry-mx", host="expiry-mx")
+    host.enroll(pipeline)
+    host.settings = {"deploy_lease": 4, "recovery_interval": 1, "audit_interval": 2,
+                     "notify": {"expiring": [receiver.url], "expiring_days": 14}}
+    host.add_target("mx")
+    host.install("mx", pki.leaf(days=5))
+    worker = Worker(host.config_path, redis_server.url, tmp_path / "worker.log")
+    try:
+        post = receiver.wait(1, timeout=60)[0]
+        assert post["title"].startswith("mailtls: expiry-mx/mx expires in ") and post["type"] == "warning", post
+        assert "mailtls audit --now" in post["message"]
+        worker.wait_log("mailtls.audit[", timeout=30)
+        time.sleep(6)  # three more audits
+        assert len(receiver.posts) == 1
+    finally:
+        worker.stop()
+        host.close()
