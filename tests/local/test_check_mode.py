@@ -11,7 +11,8 @@ import tempfile
 from mailtls_tasks.core.journal import Journal
 from tests.local.test_deploy import served
 from tests.support.host import MailHost
-from tests.support.pki import PKI, issue
+from tests.support.pki import PKI, Issued, issue
+from tests.support.tlsserver import TLSServer
 
 
 def _check_dirs() -> set[str]:
@@ -25,13 +26,19 @@ def _untouched(host: MailHost, before: dict[str, tuple[bytes, int, int]], dirs: 
     assert _check_dirs() <= dirs
 
 
+def _listening(host: MailHost, leaf: Issued, **fields: object) -> TLSServer:
+    """Target mx with ``leaf`` installed and served, verified on its SMTP listener."""
+    host.add_target("mx", **fields)
+    host.install("mx", leaf)
+    srv = host.server("mx", "smtp")
+    host.enable_verify("mx", srv.endpoint, protocol="smtp")
+    return srv
+
+
 def test_check_reports_what_would_change_and_changes_nothing(host: MailHost, pki: PKI) -> None:
     old = pki.leaf("mail.example.test")
     new = pki.leaf("mail.example.test", sans=["mail.example.test", "smtp.example.test"])
-    host.add_target("mx", names=["mail.example.test"])
-    host.install("mx", old)
-    srv = host.server("mx", "smtp")
-    host.enable_verify("mx", srv.endpoint, protocol="smtp")
+    srv = _listening(host, old, names=["mail.example.test"])
     before, dirs = host.snapshot(), _check_dirs()
 
     p = host.cli("deploy", "mx", "--local", "--check", "--json", "--cert", "n.pem", "--key", "n.key",
@@ -63,10 +70,7 @@ def test_check_reports_what_would_change_and_changes_nothing(host: MailHost, pki
 
 def test_check_of_what_is_live_is_unchanged_and_bad_material_is_rejected(host: MailHost, pki: PKI) -> None:
     old = pki.leaf()
-    host.add_target("mx")
-    host.install("mx", old)
-    srv = host.server("mx", "smtp")
-    host.enable_verify("mx", srv.endpoint, protocol="smtp")
+    _listening(host, old)
     before, dirs = host.snapshot(), _check_dirs()
 
     same = host.cli("deploy", "mx", "--local", "--check", "--json", "--cert", "o.pem", "--key", "o.key",
