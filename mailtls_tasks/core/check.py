@@ -260,7 +260,8 @@ def _dane(t: Target, slots: list[tuple[str, str, material.Bundle]], report: Chec
                 line = f"{name}: the answer is not DNSSEC-validated; a deploy is refused until it is"
                 problems.append(line)
             elif answer.matches(spki):
-                line = f"{name}: pins the new key already (3 1 1 {spki[:16]}…)"
+                line = (f"{name}: pins the new key already (3 1 1 {spki[:16]}…); a deploy still waits until this "
+                        "host has seen that record for min_age (2 x TTL by default)")
             else:
                 line = (f"{name}: has no record for the new key -- it would break; publish beside the current one "
                         f"and wait 2 x TTL: {dane.record_for(name, spki)}")

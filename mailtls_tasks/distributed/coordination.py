@@ -164,7 +164,30 @@ def _sentinel_master(url: str) -> redis.Redis:  # type: ignore[type-arg]
     return sentinels.master_for(spec.master_name, socket_timeout=10, socket_connect_timeout=5,
                                 health_check_interval=30, decode_responses=True, retry=retry,
                                 retry_on_error=[redis.ConnectionError, redis.TimeoutError, MasterNotFoundError],
-                                **spec.node_kwargs())
+                                connection_class=_failover_connection_class(), **spec.node_kwargs())
+
+
+_FAILOVER_CONNECTION: list[type] = []
+
+
+def _failover_connection_class() -> type:
+    """redis-py's sentinel connection, asking the sentinels for the master on *every*
+    reconnect. redis-py (8.2) reconnects a dropped connection through
+    ``connect_check_health``, which goes back to the address it had -- the dead
+    master -- until every retry is spent (redis/redis-py#3874, open); found by the
+    Sentinel test, which killed the master under a rollout."""
+    if not _FAILOVER_CONNECTION:
+        from redis.sentinel import SentinelManagedConnection
+
+        class FailoverConnection(SentinelManagedConnection):
+            def connect_check_health(self, check_health: bool = True, retry_socket_connect: bool = True) -> None:
+                if not getattr(self, "_sock", None) and self.connection_pool.is_master:
+                    self.host, self.port = self.connection_pool.get_master_address()
+                super().connect_check_health(  # type: ignore[misc]  # (redis-py's stubs lag its code)
+                    check_health=check_health, retry_socket_connect=retry_socket_connect)
+
+        _FAILOVER_CONNECTION.append(FailoverConnection)
+    return _FAILOVER_CONNECTION[0]
 
 
 class Coordinator:

@@ -376,6 +376,8 @@ def _rollout(co: Any, app: Any, keys: Any, bundles: dict[str, tuple[Any, str]], 
             except ValueError:
                 result.targets[addr] = TargetRun(wave=w)
             result.targets[addr].fingerprint = bundles[addr][1]
+    if result.unreachable:
+        _show_skipped(app, result)
     if keys.notify:  # a typo in the pipeline file's URLs is found before anything is sent
         from ..notify import check_urls
 
@@ -397,6 +399,28 @@ def _rollout(co: Any, app: Any, keys: Any, bundles: dict[str, tuple[Any, str]], 
         with contextlib.suppress(redis.RedisError):  # Redis gone: the error above says so
             co.put_rollout(result.model_dump(mode="json"))
     return result
+
+
+def _show_skipped(app: Any, result: RolloutResult) -> None:
+    """A row in Flower for each target skipped as unreachable (no task runs for it:
+    no worker would take it). Celery's monitoring events, as a worker sends them for a
+    task it received and failed: ``mailtls.rollout.skipped``, the target and rollout in
+    its args, why in its exception. Best effort: the rollout record has them anyway."""
+    import uuid
+
+    try:
+        with app.events.default_dispatcher(hostname=f"mailtls-rollout@{result.rollout_id}") as d:
+            for addr, why in sorted(result.unreachable.items()):
+                task_id = str(uuid.uuid4())
+                d.send("task-received", uuid=task_id, name="mailtls.rollout.skipped",
+                       args=f"{addr} · rollout {result.rollout_id}", kwargs="", retries=0, eta=None,
+                       root_id=task_id, parent_id=None, retry=False)
+                d.send("task-failed", uuid=task_id, exception=f"skipped, unreachable: {why}", traceback="",
+                       retry=False)
+    except Exception as err:  # noqa: BLE001 -- a view; the record and the summary list them
+        import logging
+
+        logging.getLogger(__name__).debug("could not show the skipped targets in Flower: %s", err)
 
 
 def _announce(result: RolloutResult, urls: list[str]) -> list[str]:

@@ -107,3 +107,23 @@ def test_the_audit_flags_tlsa_that_no_longer_match_the_served_key(tmp_path: Path
     assert any(f"DANE: {name}: no TLSA 3 1 1 record matches the served key" in i for i in bad.issues), bad.issues
     data = json.loads(bad.model_dump_json())
     assert data["target"] == "mx1/mx"
+
+
+def test_check_mode_names_the_tlsa_record_a_new_key_would_break(tmp_path: Path, world: DnsWorld, pki: PKI) -> None:
+    """`deploy --check` asks the validating resolver as stage would, and says which TLSA
+    name would break and the record to publish; nothing written, the clock not started."""
+    from mailtls_tasks.core.check import check
+
+    host, first, name = _host(tmp_path, world, pki, SIGNED)
+    new = pki.leaf()
+    rep = check(host.config, "mx", new.fullchain_pem, new.key_pem)
+    assert (rep.outcome, rep.reason) == ("rejected", "tlsa_not_ready"), rep
+    assert rep.slots[0].key_changes is True
+    assert any("would break" in t and f"{name}. IN TLSA 3 1 1 {_spki(new)}" in t for t in rep.slots[0].tlsa), rep
+    world.set_tlsa(SIGNED, "_25._tcp.mx", _spki(first), _spki(new))
+    rep = check(host.config, "mx", new.fullchain_pem, new.key_pem)
+    assert rep.outcome == "would_deploy" and "pins the new key already" in rep.slots[0].tlsa[0], rep
+    same = check(host.config, "mx", first.fullchain_pem, first.key_pem)
+    assert same.outcome == "unchanged" and same.slots[0].key_changes is False, same
+    assert host.path("mx", "key").read_bytes() == first.key_pem
+    assert not list((host.state).rglob("record.json"))

@@ -446,6 +446,16 @@ def test_a_rollout_by_names_halts_on_a_host_without_a_live_worker(ctx: Ctx) -> N
         assert ctx.served("fleet-b", "smtp") == leaf.fingerprint
         status = ctx.cli("rollout-status", res["rollout_id"])
         assert status.returncode == 0 and "2 unreachable, skipped" in status.stdout
+        deadline = time.monotonic() + 20  # and in Flower, a row each
+        while True:
+            rows = [t for t in json.loads(ctx.flower.get("/api/tasks")).values()
+                    if t["name"] == "mailtls.rollout.skipped" and res["rollout_id"] in (t.get("args") or "")]
+            if len(rows) == 2 or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert sorted(r["args"].split(" · ")[0] for r in rows) == ["fleet-a/imap", "fleet-a/smtp"], rows
+        assert all(r["state"] == "FAILURE" and "skipped, unreachable: no live worker on host fleet-a" in
+                   (r.get("exception") or "") for r in rows), rows
         assert "fleet-a/smtp" in status.stdout and "unreachable: no live worker on host fleet-a" in status.stdout
 
         assert ctx.cli("forget", "fleet-a").returncode == 0  # the registry no longer knows fleet-a

@@ -85,6 +85,33 @@ def test_a_deploy_goes_through_the_sentinels(ctx: Ctx) -> None:
     assert master.exists(f"mailtls:deploy:{res.deploy_id}")  # on the master the sentinels name
 
 
+def test_a_command_in_flight_when_the_master_dies_goes_on_with_the_new_master(ctx: Ctx) -> None:
+    """A blocking read in flight when the master is SIGKILLed: the coordination's
+    connection asks the sentinels for the master on its reconnect and the command
+    finishes there. (redis-py alone reconnects to the address it had -- the dead
+    master -- until its retries are spent, redis/redis-py#3874: this raised.)"""
+    co = Coordinator(ctx.redis.url)
+    co.ping()
+    out: dict[str, Any] = {}
+
+    def block() -> None:
+        try:
+            out["got"] = co.r.blpop(["mailtls:test:never"], timeout=8)
+        except Exception as err:
+            out["error"] = err
+
+    t = threading.Thread(target=block)
+    t.start()
+    time.sleep(0.5)  # inside BLPOP
+    old = ctx.redis.kill_master()
+    ctx.redis.wait_failover(old)
+    t.join(60)
+    assert not t.is_alive() and "error" not in out, out
+    co.r.set("mailtls:test:after", "1")
+    assert ctx.redis.node(ctx.redis.master_port()).get("mailtls:test:after") == "1"
+    ctx.redis.restart_as_replica(old)  # the old master back, as a replica: the next test kills the new one
+
+
 def test_the_master_killed_mid_rollout_fails_over_and_every_deploy_ends_once(ctx: Ctx) -> None:
     older = ctx.pki.leaf(not_before=dt.datetime.now(dt.UTC) - dt.timedelta(days=1))  # must never replace `leaf`
     leaf = ctx.pki.leaf()
@@ -98,10 +125,11 @@ def test_the_master_killed_mid_rollout_fails_over_and_every_deploy_ends_once(ctx
         except Exception as err:
             out["error"] = err
 
+    reloads = len(ctx.hosts["sent-a"].reload.calls)
     t = threading.Thread(target=run)
     t.start()
     deadline = time.monotonic() + 30
-    while not ctx.hosts["sent-a"].reload.calls:
+    while len(ctx.hosts["sent-a"].reload.calls) == reloads:
         assert time.monotonic() < deadline, "the canary never reached its reload"
         time.sleep(0.05)
     old = ctx.redis.kill_master()

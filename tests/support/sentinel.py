@@ -120,6 +120,20 @@ class SentinelSet:
             assert time.monotonic() < deadline, "no failover within the timeout"
             time.sleep(0.2)
 
+    def restart_as_replica(self, port: int) -> None:
+        """A killed node started again: the sentinels make it a replica of the new master."""
+        self._start(port, [str(self.root / f"node-{port}.conf")])
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                info = self.node(port).info("replication")
+                if info.get("role") == "slave" and info.get("master_link_status") == "up":
+                    return
+            except redis.RedisError:
+                pass
+            assert time.monotonic() < deadline, "the old master never came back as a replica"
+            time.sleep(0.2)
+
     def stop(self) -> None:
         for proc in self.procs.values():
             if proc.poll() is None:
