@@ -30,7 +30,8 @@ typecheck: deps
 	$(BIN)/mypy mailtls_tasks
 
 # Four lanes, each under 10 minutes on 2 cores: the suite on this machine's Debian (12
-# here), the fault matrix's slice (strace-injected kills and errors), the platform suites
+# here), the faults (the matrix's slice of strace-injected kills and errors, a Redis master
+# SIGKILLed under Sentinel, the demo stopped by signals), the platform suites
 # (a real systemd in an nspawn machine, podman containers), then the real-daemon suites
 # on Debian 13 in a cached root (scripts/trixie-root.sh). On a Debian 13 machine the
 # first lane is already that. (test-here with the faults in it took 9:35 on a clean run.)

@@ -187,5 +187,8 @@ def test_a_deploy_from_this_machine_is_verified_and_a_bad_one_rolls_back(stack: 
             break
         time.sleep(1)
     assert f"mx1/smtp · {res['deploy_id']}" in args and f"mx1/imap · {bad['deploy_id']}" in args, args
-    states = {t["name"]: t["state"] for t in tasks.values() if str(bad["deploy_id"]) in str(t.get("args"))}
-    assert states.get("mailtls.rollback") == "SUCCESS" and states.get("mailtls.verify") == "FAILURE", states
+    rows = {t["name"]: t for t in tasks.values() if str(bad["deploy_id"]) in str(t.get("args"))}
+    states = {n: t["state"] for n, t in rows.items()}
+    # the rollback row ends the deploy that did not deploy: a failure naming how it ended
+    assert states.get("mailtls.rollback") == "FAILURE" and states.get("mailtls.verify") == "FAILURE", states
+    assert "rolled_back" in str(rows["mailtls.rollback"].get("exception")), rows["mailtls.rollback"]

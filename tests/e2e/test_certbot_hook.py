@@ -69,6 +69,17 @@ def test_certbot_renewal_through_the_hook_reaches_both_daemons(tmp_path: Path, p
         assert rows[0]["deploy_id"] == recs[-1].deploy_id and rows[0]["outcome"] == "deployed"
         assert rows[0]["fingerprint"] == second and len(rows) == len(recs)
 
+        # --check, run by hand as the README says (certbot's --dry-run calls no deploy hook):
+        # the renewed lineage is live on both daemons already -> UNCHANGED, nothing run
+        live = certbot.live(NAME)
+        checked = subprocess.run([sys.executable, "-m", "mailtls_tasks.cli", "certbot-hook", "--check",
+                                  "--config", str(stack.config_path)], capture_output=True, text=True, cwd=REPO,
+                                 timeout=120, env={**os.environ, "RENEWED_LINEAGE": str(live),
+                                                   "RENEWED_DOMAINS": NAME})
+        assert checked.returncode == 0, checked.stdout + checked.stderr
+        assert checked.stdout.count(": UNCHANGED") == 2 and "certbot-mx/www" not in checked.stdout, checked.stdout
+        assert len(Journal(str(stack.state)).records("smtp")) == len(recs)
+
         # a lineage for another server (a host may have those): said so, exit 0, nothing touched
         other = pki.leaf("other.certbot.test")
         lineage = tmp_path / "live" / "other.certbot.test"
