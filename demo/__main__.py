@@ -163,7 +163,7 @@ def main() -> int:
             print(f"  openssl s_client -connect {fleet.hosts['mx1'].address}:{fleet.smtp_ports[0]} -starttls smtp "
                   f"-servername {MAIL_NAME} -CAfile {root / 'demo-ca.pem'} </dev/null")
             print(f"  Flower: {flower.url} (demo / demo)")
-            print("Ctrl-C stops everything.")
+            print("Ctrl-C stops everything.", flush=True)  # piped (tee, a log file): seen now, not at exit
             try:
                 while True:
                     time.sleep(3600)
