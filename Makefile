@@ -7,7 +7,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: test test-here test-faults test-platforms test-trixie test-trixie-faults test-as-trixie demo lint typecheck deps bootstrap bench bench-sni clean faults model install wheel
+.PHONY: test test-here test-faults test-platforms test-trixie test-as-trixie demo lint typecheck deps bootstrap bench bench-sni clean faults model install wheel
 
 # What the bootstrap installs: everything the tests use, or (make demo) the daemons alone.
 BOOTSTRAP_FOR ?= test
@@ -29,7 +29,7 @@ lint: deps     ## ruff, and the layer contracts of docs/architecture.md (import-
 typecheck: deps
 	$(BIN)/mypy mailtls_tasks
 
-# Five lanes, each under 10 minutes on 2 cores: the suite on this machine's Debian (12
+# Four lanes, each under 10 minutes on 2 cores: the suite on this machine's Debian (12
 # here), the faults (the matrix's slice of strace-injected kills and errors, a Redis master
 # SIGKILLed under Sentinel, the demo stopped by signals), the platform suites
 # (a real systemd in an nspawn machine, podman containers), then the real-daemon suites
@@ -37,7 +37,7 @@ typecheck: deps
 # first lane is already that. (test-here with the faults in it took 9:35 on a clean run.)
 PLATFORM_SUITES := tests/compose tests/systemd
 FAULT_SUITES := tests/faults
-test: lint typecheck test-here test-faults test-platforms test-trixie test-trixie-faults
+test: lint typecheck test-here test-faults test-platforms test-trixie
 
 test-here: deps
 	@$(BIN)/pytest -q -ra --durations=10 tests $(foreach s,$(PLATFORM_SUITES) $(FAULT_SUITES),--ignore=$(s)); \
@@ -58,11 +58,6 @@ test-trixie: deps   ## the Debian 13 lane alone: Postfix 3.10, Dovecot 2.4, Redi
 	@if grep -q '^VERSION_ID="13"' /etc/os-release 2>/dev/null; then \
 	    echo "make test-trixie: this machine is Debian 13, test-here was that lane"; \
 	else sh scripts/trixie-lane.sh; fi
-
-test-trixie-faults: deps   ## the faults on Debian 13 (a lane of its own: with them test-trixie was 9:10)
-	@if grep -q '^VERSION_ID="13"' /etc/os-release 2>/dev/null; then \
-	    echo "make test-trixie-faults: this machine is Debian 13, test-faults was that lane"; \
-	else sh scripts/trixie-lane.sh sh -c 'exec .venv/bin/pytest -q -ra -p no:cacheprovider --durations=5 $(FAULT_SUITES)'; fi
 
 # `make test` as a Debian 13 machine runs it (its bootstrap, both lanes' suites as one, the
 # systemd and compose suites), in a throw-away copy of the trixie root: not part of
