@@ -205,6 +205,21 @@ def unregistered(entries: list[dict[str, Any]], keys: Any) -> dict[str, str]:
             for h in sorted(getattr(keys, "hosts", {}) or {}) if h not in known}
 
 
+def _reachable(fleet: list[dict[str, Any]], keys: Any, targets: list[str] | None, label: str | None,
+               covers: list[str] | None, leaf: Any,
+               skip_unreachable: bool) -> tuple[list[str], dict[str, list[str]], dict[str, str]]:
+    """``select``, with the hosts the pipeline keys pin but the registry lacks (by label
+    or names), halting on what cannot be reached unless told to skip it; refuses a
+    selection left empty by the skipping."""
+    chosen, not_covered, unreachable = select(fleet, targets=targets, label=label, covers=covers, leaf=leaf)
+    if targets is None:
+        unreachable.update(unregistered(fleet, keys))
+    check_reachable(unreachable, skip_unreachable)
+    if not chosen:
+        raise RolloutError("no selected target is reachable: " + "; ".join(unreachable.values()))
+    return chosen, not_covered, unreachable
+
+
 def check_reachable(unreachable: dict[str, str], skip_unreachable: bool) -> None:
     """Halt before anything is sent when a selected target cannot be reached, unless
     the caller chose to go on without it (it is then listed, skipped)."""
@@ -232,12 +247,7 @@ def rollout(cert_pem: bytes, key_pem: bytes, chain_pem: bytes | None = None, *,
     co = Coordinator.for_url(url_of(app))
     leaf = _leaf(cert_pem, "cert")
     fleet = co.fleet()
-    chosen, not_covered, unreachable = select(fleet, targets=targets, label=label, covers=covers, leaf=leaf)
-    if targets is None:
-        unreachable.update(unregistered(fleet, keys))
-    check_reachable(unreachable, skip_unreachable)
-    if not chosen:
-        raise RolloutError("no selected target is reachable: " + "; ".join(unreachable.values()))
+    chosen, not_covered, unreachable = _reachable(fleet, keys, targets, label, covers, leaf, skip_unreachable)
     bundle = Certificate(None, cert_pem, key_pem, chain_pem, tuple(also or ()))
     fp = material.fingerprint(leaf)
     return _rollout(co, app, keys, {a: (bundle, fp) for a in chosen}, not_covered, fp,
@@ -260,10 +270,7 @@ def rollout_check(cert_pem: bytes, key_pem: bytes, chain_pem: bytes | None = Non
     co = Coordinator.for_url(url_of(app))
     fleet = co.fleet()
     leaf = _leaf(cert_pem, "cert")
-    chosen, _, unreachable = select(fleet, targets=targets, label=label, covers=covers, leaf=leaf)
-    if targets is None:
-        unreachable.update(unregistered(fleet, keys))
-    check_reachable(unreachable, skip_unreachable)
+    chosen, _, _ = _reachable(fleet, keys, targets, label, covers, leaf, skip_unreachable)
     return [check(addr, cert_pem, key_pem, chain_pem, force=force, broker_url=url_of(app),
                   pipeline=keys, also=also, timeout=timeout) for addr in chosen]
 

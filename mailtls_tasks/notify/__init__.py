@@ -102,16 +102,8 @@ def deliver_bounded(urls: list[str], notice: Notice, *, attempts: int = 3, backo
             return result
         if attempt + 1 < attempts:
             time.sleep(backoff * 2 ** attempt)
-    result.failed = pending
-    result.shown_failed = [_shown(u) for u in pending]
+    result.failed, result.shown_failed = got.failed, got.shown_failed  # the last try's
     return result
-
-
-def _shown(url: str) -> str:
-    import apprise
-
-    plugin = apprise.Apprise.instantiate(url)
-    return str(plugin.url(privacy=True)) if plugin is not None else "(an unusable URL)"  # type: ignore[no-untyped-call]
 
 
 CONNECT_TIMEOUT, READ_TIMEOUT = 5.0, 10.0
