@@ -7,7 +7,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: test test-here test-faults test-platforms test-trixie test-as-trixie demo lint typecheck deps bootstrap bench bench-sni clean faults model install wheel
+.PHONY: test test-here test-faults test-platforms test-trixie test-exim test-as-trixie demo lint typecheck deps bootstrap bench bench-sni clean faults model install wheel
 
 # What the bootstrap installs: everything the tests use, or (make demo) the daemons alone.
 BOOTSTRAP_FOR ?= test
@@ -29,18 +29,21 @@ lint: deps     ## ruff, and the layer contracts of docs/architecture.md (import-
 typecheck: deps
 	$(BIN)/mypy mailtls_tasks
 
-# Four lanes, each under 10 minutes on 2 cores: the suite on this machine's Debian (12
+# Five lanes, each under 10 minutes on 2 cores: the suite on this machine's Debian (12
 # here), the faults (the matrix's slice of strace-injected kills and errors, a Redis master
 # SIGKILLed under Sentinel, the demo stopped by signals), the platform suites
 # (a real systemd in an nspawn machine, podman containers), then the real-daemon suites
 # on Debian 13 in a cached root (scripts/trixie-root.sh). On a Debian 13 machine the
 # first lane is already that. (test-here with the faults in it took 9:35 on a clean run.)
+# Then Exim (tests/exim): 4.96 and 4.98, each in a Debian root of its own (Exim and Postfix
+# conflict as packages), about a minute each.
 PLATFORM_SUITES := tests/compose tests/systemd
 FAULT_SUITES := tests/faults
-test: lint typecheck test-here test-faults test-platforms test-trixie
+ROOT_SUITES := tests/exim
+test: lint typecheck test-here test-faults test-platforms test-trixie test-exim
 
 test-here: deps
-	@$(BIN)/pytest -q -ra --durations=10 tests $(foreach s,$(PLATFORM_SUITES) $(FAULT_SUITES),--ignore=$(s)); \
+	@$(BIN)/pytest -q -ra --durations=10 tests $(foreach s,$(PLATFORM_SUITES) $(FAULT_SUITES) $(ROOT_SUITES),--ignore=$(s)); \
 	rc=$$?; if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests -- that is a failure here"; exit 1; fi; \
 	exit $$rc
 
@@ -58,6 +61,9 @@ test-trixie: deps   ## the Debian 13 lane alone: Postfix 3.10, Dovecot 2.4, Redi
 	@if grep -q '^VERSION_ID="13"' /etc/os-release 2>/dev/null; then \
 	    echo "make test-trixie: this machine is Debian 13, test-here was that lane"; \
 	else sh scripts/trixie-lane.sh; fi
+
+test-exim: deps   ## Exim 4.96 (Debian 12) and 4.98 (Debian 13), each installed by apt in a root of its own
+	@sh scripts/root-lane.sh --root exim-bookworm && sh scripts/root-lane.sh --root exim-trixie
 
 # `make test` as a Debian 13 machine runs it (its bootstrap, both lanes' suites as one, the
 # systemd and compose suites), in a throw-away copy of the trixie root: not part of

@@ -18,22 +18,27 @@ from .common import fail
               help="a Postfix instance's config directory (what `postconf -c` takes); repeatable")
 @click.option("--dovecot-config", "dovecot_files", multiple=True, metavar="FILE",
               help="a Dovecot instance's config file (what `doveconf -c` takes); repeatable")
+@click.option("--exim-config", "exim_files", multiple=True, metavar="FILE",
+              help="an Exim configuration file (what `exim -C` takes); repeatable")
 @click.option("--host", metavar="NAME", help="this host's routing name in the file (default: the hostname)")
-def discover(postfix_dirs: tuple[str, ...], dovecot_files: tuple[str, ...], host: str | None) -> None:
-    """Print a targets file (TOML, what check-config reads) from what Postfix and
-    Dovecot are configured to serve: one target per instance per set of files, every
-    TLS listener a verify endpoint. Review it before use.
+def discover(postfix_dirs: tuple[str, ...], dovecot_files: tuple[str, ...], exim_files: tuple[str, ...],
+             host: str | None) -> None:
+    """Print a targets file (TOML, what check-config reads) from what Postfix,
+    Dovecot and Exim are configured to serve: one target per instance per set of
+    files, every TLS listener a verify endpoint. Review it before use.
 
-    Without options it reads the system's own daemons (and Postfix's postmulti
-    instances); a daemon that is not installed is left out, saying so."""
+    Without options it reads the system's own daemons (Postfix's postmulti instances,
+    and for Exim Debian's /etc/default/exim4 too); a daemon that is not installed is
+    left out, saying so."""
     from ..core.discover import read, render
     from ..daemons.found import Found
 
     wanted: list[tuple[str, str | None]] = [("postfix", d) for d in postfix_dirs]
     wanted += [("dovecot", f) for f in dovecot_files]
+    wanted += [("exim", f) for f in exim_files]
     explicit = bool(wanted)
     if not explicit:
-        wanted = [("postfix", None), ("dovecot", None)]
+        wanted = [("postfix", None), ("dovecot", None), ("exim", None)]
     found: list[Found] = []
     header = [f"mailtls targets proposed by `mailtls discover` on {socket.gethostname()} at "
               f"{dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC, from each daemon's own configuration.",

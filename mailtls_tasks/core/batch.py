@@ -399,15 +399,15 @@ def _roll_back_alone(ctxs: dict[str, StepContext], ids: dict[str, str], live: li
             files.replace(entry.temp, entry.real)
             for path in entry.scratch:
                 files.remove(path)
-    done: set[tuple[str, str]] = set()
+    done: set[tuple[str, str, str]] = set()
     for n in live:
         t = ctxs[n].target
-        if (t.mode, t.reload_command) in done or not any(ctxs[f].target.mode == t.mode for f in failed):
+        if t.reload_once in done or not any(ctxs[f].target.mode == t.mode for f in failed):
             continue
-        res = t.daemon.reload(t.reload_command, timeout=t.command_timeout)
+        res = t.reload()
         if not res.ok:
             raise StepFailed(f"reload after rolling back {', '.join(sorted(failed))} alone: {res.summary()}")
-        done.add((t.mode, t.reload_command))
+        done.add(t.reload_once)
     for n in live:
         target = ctxs[n].target
         rec = j.load(n, ids[n])

@@ -280,8 +280,9 @@ def _handshakes(t: Target, slots: list[tuple[str, str, material.Bundle]], wanted
                 scratch: str) -> None:
     """The files as the daemon would load them, written to the scratch directory only,
     loaded into OpenSSL and shaken hands with (validate's check, on copies)."""
-    from .steps.validate import handshake_with
+    from .steps.validate import daemon_check, handshake_with
 
+    pairs = []
     for prefix, kind, bundle in slots:
         combined = wanted.get(prefix + "combined")
         if combined is not None:
@@ -294,6 +295,8 @@ def _handshakes(t: Target, slots: list[tuple[str, str, material.Bundle]], wanted
         what = f"the {kind if kind != 'any' else ''} cert/key".replace("  ", " ")
         if handshake_with(certfile, keyfile, what) != bundle.fingerprint:
             raise ValidationFailed("a local handshake with the new files served another certificate")
+        pairs.append((certfile, keyfile))
+    daemon_check(t, pairs)
 
 
 def _listeners(t: Target, report: CheckReport) -> None:

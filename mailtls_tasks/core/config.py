@@ -24,7 +24,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from .. import daemons
-from ..commands import check_command
+from ..commands import CommandResult, check_command
 from ..errors import ConfigError, UnknownTarget
 from ..ids import HOST_NAME_RE, TARGET_NAME_RE
 from .configfile import CONFIG_ENV, DEFAULT_CONFIG_PATH, HOST_ENV, config_path, read_config
@@ -336,6 +336,9 @@ class Target(BaseModel):
     dane: DaneSettings | None = None
     reload_command: str
     validate_command: str = ""
+    # A daemon that reloads by signal (Exim): with reload_command empty, SIGHUP goes to
+    # the pid this file holds.
+    pid_file: str = ""
     post_deploy_verify: VerifySettings = Field(default_factory=VerifySettings)
     command_timeout: float = 60.0
     # None: keep an existing file's mode; new files get 0600 (key) / 0644 (cert, chain).
@@ -376,7 +379,7 @@ class Target(BaseModel):
             )
         return v
 
-    @field_validator("cert_path", "key_path", "chain_path", "combined_path", "instance")
+    @field_validator("cert_path", "key_path", "chain_path", "combined_path", "instance", "pid_file")
     @classmethod
     def _paths(cls, v: str, info: Any) -> str:
         return _check_abs_path(v, info.field_name, allow_empty=True)
@@ -384,9 +387,22 @@ class Target(BaseModel):
     @field_validator("reload_command")
     @classmethod
     def _reload(cls, v: str, info: Any) -> str:
-        if not v.strip():
-            raise ValueError("reload_command: must not be empty")
         return check_command(v, info.field_name)
+
+    @model_validator(mode="after")
+    def _reload_fits_daemon(self) -> Target:
+        d = self.daemon
+        if not self.reload_command.strip() and not d.reload_by_signal:
+            raise ValueError("reload_command: must not be empty")
+        if not self.reload_command.strip() and not self.pid_file:
+            raise ValueError(f"pid_file: mode {self.mode} reloads by SIGHUP to the pid in pid_file when "
+                             "reload_command is empty: name the pid file (or a reload_command)")
+        if self.pid_file and not d.reload_by_signal:
+            raise ValueError(f"pid_file: mode {self.mode} reloads by its reload_command only: leave pid_file unset")
+        if not d.chain_file and any(chain for *_, chain, _ in self.slots()):
+            raise ValueError(f"chain_path: {self.mode} reads the chain from the certificate file (the leaf, then "
+                             "its chain, in cert_path): leave chain_path unset")
+        return self
 
     @field_validator("validate_command")
     @classmethod
@@ -470,6 +486,9 @@ class Target(BaseModel):
     def _sni_fits_daemon(self) -> Target:
         if self.sni is None:
             return self
+        if not self.daemon.sni_files:
+            raise ValueError(f"sni: {self.mode} picks a certificate by SNI through an expanded tls_certificate, "
+                             "which mailtls does not read: give each file set a target of its own, with its names")
         if not self.names:
             raise ValueError("sni: names are required: they are the SNI names this target's certificate is "
                              "served for, and each is verified by its name")
@@ -509,6 +528,21 @@ class Target(BaseModel):
     def daemon(self) -> daemons.Daemon:
         """The daemon this target's files are for: its config test, reload and listeners."""
         return daemons.get(self.mode)
+
+    def reload(self) -> CommandResult:
+        """Make the daemon read its files again: the reload_command, or (empty, a daemon
+        that reloads by signal) SIGHUP to the pid in pid_file."""
+        return self.daemon.reload(self.reload_command, timeout=self.command_timeout, pid_file=self.pid_file)
+
+    @property
+    def reload_once(self) -> tuple[str, str, str]:
+        """Targets with the same one reload: a batch reloads once for all of them."""
+        return self.mode, self.reload_command, "" if self.reload_command.strip() else self.pid_file
+
+    @property
+    def reload_what(self) -> str:
+        """The reload, as an operator reads it in an error."""
+        return "reload_command" if self.reload_command.strip() else f"reload (SIGHUP to the pid in {self.pid_file})"
 
     def layouts(self) -> set[daemons.Layout]:
         """How this target's files are laid out (``daemons.Layout``)."""

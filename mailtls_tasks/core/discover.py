@@ -42,7 +42,7 @@ def propose(found: list[Found]) -> dict[str, dict[str, Any]]:
             while name in out:
                 name += "-2"
             body: dict[str, Any] = {"mode": f.mode, "instance": f.instance, **_layout(served.files),
-                                    "reload_command": f.reload_command, "validate_command": f.validate_command}
+                                    **_commands(f)}
             if served.listeners:
                 body["post_deploy_verify"] = {"enabled": True, "endpoints": [
                     {"endpoint": li.endpoint, "protocol": li.protocol} for li in served.listeners]}
@@ -60,11 +60,20 @@ def propose(found: list[Found]) -> dict[str, dict[str, Any]]:
                 name += "-2"
             body = {"mode": f.mode, "instance": f.instance, **_layout(sni.files), "names": sni.names,
                     "sni": {"map": sni.table} if sni.table else {},
-                    "reload_command": f.reload_command, "validate_command": f.validate_command}
+                    **_commands(f)}
             if listeners:  # every listener, each probed with each of the names as SNI
                 body["post_deploy_verify"] = {"enabled": True, "endpoints": [
                     {"endpoint": li.endpoint, "protocol": li.protocol} for li in listeners]}
             out[name] = body
+    return out
+
+
+def _commands(f: Found) -> dict[str, str]:
+    """The instance's commands; an empty reload_command (Exim: SIGHUP) is left out, its pid file named."""
+    out = {"reload_command": f.reload_command} if f.reload_command else {}
+    out["validate_command"] = f.validate_command
+    if f.pid_file:
+        out["pid_file"] = f.pid_file
     return out
 
 
@@ -147,7 +156,8 @@ def cross_check(cfg: HostConfig) -> list[str]:
         default = instance == _real(daemons.get(mode).default_instance)
         where = f"{mode} instance {instance}"
         try:
-            found = [f for f in read(mode, None if default else instance) if _real(f.instance) == instance]
+            found = [f for f in read(mode, None if default else instance)
+                     if (f.default_instance if default else _real(f.instance) == instance)]
         except ConfigError as err:
             warnings.append(f"cannot ask {where} what it serves: {err}")
             continue
@@ -167,6 +177,10 @@ def cross_check(cfg: HostConfig) -> list[str]:
             unread = [path for role, path in mine if _real(path) not in read_there and not role.endswith("chain")]
             if unread:
                 serving = ", ".join(sorted({p for s in f.served for p in s.files.paths()})) or "no TLS file"
+                if f.undecided:
+                    warnings.append(f"target {t.name!r}: which files {where} serves cannot be read from its "
+                                    f"configuration: {f.undecided}; only a deploy's verify on the wire can tell")
+                    continue
                 warnings.append(f"target {t.name!r}: {where} does not read {', '.join(unread)}; it serves "
                                 f"{serving}: a deploy there would change nothing on the wire")
         for sni in f.sni_served:

@@ -1,4 +1,4 @@
-"""The mail daemons: one module each (``postfix``, ``dovecot``), behind ``Daemon``.
+"""The mail daemons: one module each (``postfix``, ``dovecot``, ``exim``), behind ``Daemon``.
 
 What lives here: everything that differs from one daemon to the next -- the
 contract's default paths and commands, the listeners a daemon usually has and the
@@ -13,13 +13,13 @@ A new daemon is one new module here with a ``DAEMON``, listed in ``_ALL`` below.
 
 from __future__ import annotations
 
-from . import dovecot, postfix
+from . import dovecot, exim, postfix
 from .interface import ALL_LAYOUTS, CommandDaemon, Daemon, Layout, UsualListener
 
 __all__ = ["ALL_LAYOUTS", "DAEMONS", "DEFAULT_MODE", "MODES", "CommandDaemon", "Daemon", "Layout", "UsualListener",
            "get", "port_protocols"]
 
-_ALL: tuple[Daemon, ...] = (postfix.DAEMON, dovecot.DAEMON)
+_ALL: tuple[Daemon, ...] = (postfix.DAEMON, dovecot.DAEMON, exim.DAEMON)
 DAEMONS: dict[str, Daemon] = {d.name: d for d in _ALL}
 MODES: tuple[str, ...] = tuple(DAEMONS)
 DEFAULT_MODE = "postfix"  # the contract: an unset mode means Postfix
@@ -30,7 +30,8 @@ def get(mode: str) -> Daemon:
     try:
         return DAEMONS[mode]
     except (KeyError, TypeError):
-        raise ValueError(f"mode: unknown mode {mode!r} (expected {' or '.join(repr(m) for m in MODES)})") from None
+        raise ValueError(f"mode: unknown mode {mode!r} (expected {', '.join(repr(m) for m in MODES[:-1])} or "
+                         f"{MODES[-1]!r})") from None
 
 
 def port_protocols() -> dict[int, str]:

@@ -100,6 +100,10 @@ class Found:
     notes: list[str] = field(default_factory=list)  # what it could not tell, said plainly
     reload_command: str = ""
     validate_command: str = ""
+    pid_file: str = ""  # Exim: where the daemon's pid is, for a reload by HUP
+    # its files are picked per connection by what the config cannot tell statically (Exim's
+    # expanded tls_certificate): what, said plainly; nothing is proposed, nothing judged unread
+    undecided: str = ""
     # files the daemon reads only for some connections (a local_name, local or remote
     # block, a protocol of its own...): read, so never "not read"; not proposed as targets
     conditional: list[str] = field(default_factory=list)

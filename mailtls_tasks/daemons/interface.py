@@ -3,11 +3,12 @@
 Modelled on certbot's installer contract (one plugin per server, named operations)
 cut down to what a certificate deploy needs: the defaults of the connector contract,
 the listeners a daemon usually has and how each speaks TLS, the file layouts it can
-be given, and two operations, ``config_test`` and ``reload``. Both run the command the
-host's targets file names (never one from a message) through the shared runner. A
-daemon whose reload is not a command (Exim's HUP to a pid file) overrides them here;
-two places then need a look too: ``Target.reload_command`` must be a non-empty
-command today, and a local deploy's early start (``cli/early.py``) runs the
+be given, and three operations, ``config_test``, ``reload`` and ``check_files``. The
+first two run the command the host's targets file names (never one from a message)
+through the shared runner; a daemon whose reload is not a command (Exim's HUP to the
+pid in its pid file, ``reload_by_signal``) does it when the target names none.
+``check_files`` loads staged files with the daemon's own TLS library where that is not
+OpenSSL (Exim's GnuTLS). A local deploy's early start (``cli/early.py``) runs the
 validate_command itself, before any daemon is asked, when the targets file names one.
 
 Plain values in, plain values out: no config model, no journal, no files written.
@@ -73,8 +74,37 @@ class Daemon(Protocol):
         """Run the target's validate_command: does the daemon accept its configuration?"""
         ...
 
-    def reload(self, command: str, *, timeout: float) -> CommandResult:
-        """Run the target's reload_command: make the daemon read its files again."""
+    def reload(self, command: str, *, timeout: float, pid_file: str = "") -> CommandResult:
+        """Run the target's reload_command: make the daemon read its files again (an
+        empty command: the daemon's own way, when ``reload_by_signal``)."""
+        ...
+
+    def check_files(self, pairs: list[tuple[str, str]], *, timeout: float) -> str | None:
+        """Each staged (certificate file, key file) as the daemon's own TLS library
+        loads it: None when it does, else why not. OpenSSL daemons: None (validate's
+        handshake is already OpenSSL's)."""
+        ...
+
+    @property
+    def reload_by_signal(self) -> bool:
+        """An empty reload_command means a signal to the pid in the target's pid_file."""
+        ...
+
+    @property
+    def sni_files(self) -> bool:
+        """The daemon picks a certificate by SNI among files a target can manage (a
+        Postfix table, Dovecot's local_name blocks); Exim's expansion is not that."""
+        ...
+
+    @property
+    def chain_file(self) -> bool:
+        """The daemon can read the chain from a file of its own (chain_path)."""
+        ...
+
+    @property
+    def key_group(self) -> str | None:
+        """The group the daemon reads its key as after giving up root (Debian's Exim:
+        Debian-exim): a key file written anew is 0640 with it, where the host has it."""
         ...
 
     def discover(self, instance: str | None = None) -> list[Found]:
@@ -101,6 +131,10 @@ class CommandDaemon:
     default_instance: str  # the system's own instance: its config directory or file
     layouts: frozenset[Layout] = field(default=ALL_LAYOUTS)
     sni_map: Callable[[str], SniMap] | None = None
+    chain_file: bool = True
+    sni_files: bool = True  # a name's certificate can be files a target manages
+    key_group: str | None = None
+    reload_by_signal: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "defaults", MappingProxyType(dict(self.defaults)))
@@ -108,8 +142,11 @@ class CommandDaemon:
     def config_test(self, command: str, *, timeout: float) -> CommandResult:
         return run_command(command, timeout=timeout, field="validate_command")
 
-    def reload(self, command: str, *, timeout: float) -> CommandResult:
+    def reload(self, command: str, *, timeout: float, pid_file: str = "") -> CommandResult:
         return run_command(command, timeout=timeout, field="reload_command")
+
+    def check_files(self, pairs: list[tuple[str, str]], *, timeout: float) -> str | None:
+        return None
 
     def discover(self, instance: str | None = None) -> list[Found]:
         return self.reader(instance)

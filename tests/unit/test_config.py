@@ -53,8 +53,8 @@ def test_relative_path_rejected(field: str) -> None:
 
 
 def test_unknown_mode_rejected() -> None:
-    with pytest.raises(ConfigError, match=r"targets\.t.*unknown mode 'exim'"):
-        parse_config(cfg(mode="exim"))
+    with pytest.raises(ConfigError, match=r"targets\.t.*unknown mode 'sendmail'"):
+        parse_config(cfg(mode="sendmail"))
 
 
 def test_unknown_field_rejected() -> None:

@@ -20,10 +20,11 @@ CONTRACT_FIELDS = {"cert_path", "key_path", "chain_path", "reload_command", "val
 
 
 def test_every_daemon_gives_the_contract_defaults_and_its_listeners() -> None:
-    assert daemons.MODES == ("postfix", "dovecot") and daemons.DEFAULT_MODE == "postfix"
+    assert daemons.MODES == ("postfix", "dovecot", "exim") and daemons.DEFAULT_MODE == "postfix"
     for mode in daemons.MODES:
         d = daemons.get(mode)
-        assert d.name == mode and set(d.defaults) == CONTRACT_FIELDS
+        # Exim adds its pid file (its reload is a SIGHUP to the pid it holds)
+        assert d.name == mode and set(d.defaults) == CONTRACT_FIELDS | ({"pid_file"} if d.reload_by_signal else set())
         assert d.listeners and d.layouts == daemons.ALL_LAYOUTS
         with pytest.raises(TypeError):
             d.defaults["reload_command"] = "rm"  # type: ignore[index]  # read-only: shared by every target
@@ -46,8 +47,8 @@ def test_two_daemons_disagreeing_on_a_port_are_refused(monkeypatch: pytest.Monke
 
 
 def test_an_unknown_mode_names_the_known_ones() -> None:
-    with pytest.raises(ValueError, match=r"unknown mode 'exim' \(expected 'postfix' or 'dovecot'\)"):
-        daemons.get("exim")
+    with pytest.raises(ValueError, match=r"unknown mode 'sendmail' \(expected 'postfix', 'dovecot' or 'exim'\)"):
+        daemons.get("sendmail")
 
 
 def test_a_layout_the_daemon_cannot_read_is_refused_by_the_config(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -42,7 +42,7 @@ class BatchRun:
     ids: dict[str, str] = field(default_factory=dict)
     batch_id: str | None = None
     verdicts: dict[str, CommandResult] = field(default_factory=dict)
-    reloaded: set[tuple[str, str]] = field(default_factory=set)
+    reloaded: set[tuple[str, str, str]] = field(default_factory=set)
     tables: dict[str, tuple[str, ...]] = field(default_factory=dict)
     tables_read: dict[str, TableRead] = field(default_factory=dict)
     checked: set[str] = field(default_factory=set)  # members whose staged files check_staged loaded

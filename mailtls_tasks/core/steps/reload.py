@@ -17,14 +17,14 @@ def reload(ctx: StepContext, deploy_id: str) -> DeployRecord:
         raise StepFailed(f"deploy {deploy_id} cannot reload from phase {rec.phase!r}")
     with timed(ctx, rec, "reload"):
         t = ctx.target
-        once = (t.mode, t.reload_command)
+        once = t.reload_once
         if ctx.batch is not None and once in ctx.batch.reloaded:
             # every member was committed before the first reload: that one read them all
-            skip(rec, "reload", f"reloaded once for the batch ({t.reload_command})")
+            skip(rec, "reload", f"reloaded once for the batch ({t.reload_command or t.reload_what})")
         else:
-            res = t.daemon.reload(t.reload_command, timeout=t.command_timeout)
+            res = t.reload()
             if not res.ok:
-                raise CommandFailed(f"reload_command failed: {res.summary()}")
+                raise CommandFailed(f"{t.reload_what} failed: {res.summary()}")
             if ctx.batch is not None:
                 ctx.batch.reloaded.add(once)
                 ctx.batch.default_now.clear()  # what was served before is not what is served now

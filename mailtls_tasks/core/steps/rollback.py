@@ -88,7 +88,7 @@ def rollback(ctx: StepContext, deploy_id: str, error: str | None = None,
 def _reload_with_retry(t: Target, attempts: int = 2) -> None:
     for i in range(attempts):
         try:
-            res = t.daemon.reload(t.reload_command, timeout=t.command_timeout)
+            res = t.reload()
         except CommandTimeout:
             if i == attempts - 1:
                 raise

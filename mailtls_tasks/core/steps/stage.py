@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import grp
 import os
 
 from ...errors import ConfigError, MaterialError, Rejected, Superseded, TargetBusy
@@ -176,12 +177,13 @@ def _stage(ctx: StepContext, rec: DeployRecord, raw: list[RawBundle], *, force: 
             role=role, path=path, real=st.path, temp=temp_for(st.path, rec.deploy_id),
             new_sha256=material.sha256(wanted[role]), new_mode=new_mode(t, role, st, rec),
             new_uid=uid_cfg if uid_cfg is not None else st.uid,
-            new_gid=gid_cfg if gid_cfg is not None else st.gid,
+            new_gid=new_gid(t, role, st, gid_cfg),
             existed=st.exists, old_sha256=st.sha256, old_mode=st.mode, old_uid=st.uid, old_gid=st.gid,
         ))
     plan = sni.plan(t, ctx.tables_read) if t.sni is not None else None
     # a key file found readable by others is written again (same bytes, 0600): not "live"
-    files_live = all(e.existed and e.old_sha256 == e.new_sha256 and e.old_mode == e.new_mode for e in entries)
+    files_live = all(e.existed and e.old_sha256 == e.new_sha256 and e.old_mode == e.new_mode
+                     and e.old_gid == e.new_gid for e in entries)
     # An indexed SNI table holds the files' bytes: it is built again unless it already
     # holds, for each of the target's entries, exactly the files' bytes (live ones).
     rebuild = (ctx.batch is None and plan is not None and plan.table.indexed
@@ -248,18 +250,49 @@ def new_mode(t: Target, role: str, st: files.FileState, rec: DeployRecord) -> in
     key (a key file, or a combined key + chain file): ``key_mode`` when set (it cannot
     let others read, nor the group write); else the mode the file has, unless that lets
     others read or the group write it -- then 0600, said so in the deploy's notes; a
-    new file 0600. Certificate files: ``cert_mode``, else kept, else 0644."""
+    new file 0600. Certificate files: ``cert_mode``, else kept, else 0644.
+
+    The one exception: a daemon that reads its key as a group of its own after giving
+    up root (Debian's Exim, ``Debian-exim``) gets 0640 with that group where 0600 would
+    be written -- where this host has the group and the target names none (``key_gid``);
+    0600 root would be a key the daemon cannot read."""
     if not role.endswith(("key", "combined")):
         return t.cert_mode if t.cert_mode is not None else (st.mode if st.exists and st.mode is not None else 0o644)
     if t.key_mode is not None:
         return t.key_mode
+    gid = key_gid(t)
+    fresh = 0o600 if gid is None else 0o640
     if not st.exists or st.mode is None:
-        return 0o600
+        return fresh
     if st.mode & 0o027:
+        how = "0600" if gid is None else f"0640 with group {t.daemon.key_group}, which {t.mode} reads its key as"
         _note(rec, f"{st.path} holds a private key and was mode {st.mode:04o} (readable by others or "
-                         "writable by its group): written 0600 (set key_mode, e.g. \"0640\" with a group, to choose)")
-        return 0o600
+                   f"writable by its group): written {how} (set key_mode, e.g. \"0640\" with a group, to choose)")
+        return fresh
     return st.mode
+
+
+def key_gid(t: Target) -> int | None:
+    """The gid of the group ``t``'s daemon reads its key as (``Daemon.key_group``), when
+    the target names no group of its own and this host has that group; else None."""
+    if t.group is not None or not t.daemon.key_group:
+        return None
+    try:
+        return grp.getgrnam(t.daemon.key_group).gr_gid
+    except KeyError:
+        return None
+
+
+def new_gid(t: Target, role: str, st: files.FileState, configured: int | None) -> int | None:
+    """The group a file is written with: the target's ``group``; else, for a key file
+    written 0640 for its daemon's group (``new_mode``), that group; else the file's own."""
+    if configured is not None:
+        return configured
+    gid = key_gid(t)
+    if gid is not None and role.endswith(("key", "combined")) and (
+            not st.exists or st.mode is None or st.mode & 0o027):
+        return gid
+    return st.gid
 
 
 def _note(rec: DeployRecord, note: str) -> None:

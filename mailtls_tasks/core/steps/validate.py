@@ -1,6 +1,7 @@
 """Step 2, validate: the staged files load into OpenSSL as the daemon will load them
-and a local handshake with them serves the new leaf; then the daemon's own config
-test (the target's ``validate_command``). Failure ends the deploy ``rejected``.
+and a local handshake with them serves the new leaf (and, for a daemon whose TLS
+library is another -- Exim's GnuTLS -- they load into that one too); then the daemon's
+own config test (the target's ``validate_command``). Failure ends the deploy ``rejected``.
 """
 
 from __future__ import annotations
@@ -88,6 +89,7 @@ def _local_handshake(ctx: StepContext, rec: DeployRecord) -> None:
     """Each certificate slot's staged files load into OpenSSL as the daemon will load
     them, and a handshake with them serves that slot's new leaf."""
     by_role = {e.role: (e.real if rec.files_already_live else e.temp) for e in rec.files}
+    pairs = []
     for prefix, kind, *_ in ctx.target.slots():
         expected = rec.leaves.get(kind, rec.fingerprint)
         made = None
@@ -109,6 +111,17 @@ def _local_handshake(ctx: StepContext, rec: DeployRecord) -> None:
             if made:
                 with contextlib.suppress(OSError):
                     os.unlink(made)
+        if not made:  # a daemon that reads a chain file of its own is an OpenSSL one
+            pairs.append((certfile, keyfile))
+    daemon_check(ctx.target, pairs)
+
+
+def daemon_check(t: Target, pairs: list[tuple[str, str]]) -> None:
+    """The staged (certificate, key) files as the daemon's own TLS library loads them,
+    where that is not OpenSSL (``Daemon.check_files``: Exim's GnuTLS)."""
+    why = t.daemon.check_files(pairs, timeout=t.command_timeout)
+    if why:
+        raise ValidationFailed(why)
 
 
 def handshake_with(certfile: str, keyfile: str | None, what: str) -> str:
