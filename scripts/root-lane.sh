@@ -50,7 +50,7 @@ elif [ "$#" -eq 0 ]; then
     # list, looked at in a headless Chromium, is the same page on both lanes: it is looked
     # at in the Debian 12 lane only (Chromium would double the root).
     set -- sh -c 'make -s lint typecheck BOOTSTRAP_FOR=demo && exec .venv/bin/pytest -q -ra -p no:cacheprovider \
-        --durations=5 tests/unit tests/local tests/integration tests/e2e tests/faults \
+        --durations=5 tests/unit tests/local tests/integration tests/e2e \
         --deselect tests/e2e/test_fleet.py::test_flower_task_list_shows_target_deploy_and_outcome'
 fi
 
