@@ -22,6 +22,7 @@ command -v unshare >/dev/null 2>&1 || need="$need util-linux"  # the fleet (demo
 if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then need="$need python3-venv"; fi
 if [ "$for_what" = test ]; then
     command -v strace >/dev/null 2>&1 || need="$need strace"      # the fault matrix injects with it
+    command -v certtool >/dev/null 2>&1 || need="$need gnutls-bin"  # Exim's TLS library: its file check's unit tests
     [ -x /usr/bin/chromium ] || need="$need chromium"              # a screenshot of Flower's task list
     [ -x /usr/sbin/unbound ] || need="$need unbound"               # DANE: a validating resolver ...
     [ -x /usr/sbin/nsd ] || need="$need nsd"                       # ... an authoritative server ...

@@ -154,6 +154,9 @@ def check(cfg: HostConfig, target: str, cert_pem: bytes, key_pem: bytes, chain_p
                 if not res.ok:
                     raise ValidationFailed(f"validate_command failed: {res.summary()}")
                 report.checks.append(f"validate_command ({t.validate_command})")
+            from .steps.validate import reload_ready
+
+            reload_ready(t)
         except MailTLSError as err:
             if isinstance(err, Rejected):
                 report.outcome, report.error = "rejected", str(err)

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 
 from ..commands import CommandResult, run_command
 from .found import FileSet, FileSlot, Found, FoundListener, Served, cert_key_type, loopback_for, run_tool
-from .interface import CommandDaemon, Layout, UsualListener
+from .interface import SMTP_LISTENERS, CommandDaemon, Layout
 
 DEFAULT_PID_FILE = "/run/exim4/exim.pid"
 DEFAULTS_FILE = "/etc/default/exim4"  # what Debian's init script starts the daemon with
@@ -77,22 +77,13 @@ def hup(pid_file: str, timeout: float = 30.0) -> CommandResult:
     def result(code: int, argv: tuple[str, ...], message: str) -> CommandResult:
         return CommandResult(argv, code, message, int((time.monotonic() - start) * 1000))
 
-    shown = ("kill", "-HUP", f"<pid in {pid_file}>")
-    try:
-        with open(pid_file, "rb") as f:
-            text = f.read(64).decode("ascii", "replace").strip()
-    except OSError as err:
-        return result(1, shown, f"cannot read the pid file {pid_file}: {err.strerror or err} (is Exim running? "
-                                "a daemon started with -oX writes one only with -oP)")
-    if not text.isdigit() or int(text) < 2:
-        return result(1, shown, f"{pid_file} holds no pid")
-    pid = int(text)
+    pid, why = _read_pid(pid_file)
+    if pid is None:
+        return result(1, ("kill", "-HUP", f"<pid in {pid_file}>"), why)
     argv = ("kill", "-HUP", str(pid))
-    exe = _program(pid)
-    if exe is None:
-        return result(1, argv, f"no process {pid} (from {pid_file}): Exim is not running")
-    if not exe.startswith("exim"):
-        return result(1, argv, f"process {pid} (from {pid_file}) is {exe}, not Exim: a stale pid file; not signalled")
+    refused = not_the_daemon(pid, pid_file)
+    if refused:
+        return result(1, argv, refused)
     before = _sockets(pid)
     try:
         os.kill(pid, signal.SIGHUP)
@@ -112,10 +103,69 @@ def hup(pid_file: str, timeout: float = 30.0) -> CommandResult:
         now = _sockets(pid)
         if not now and not _program(pid):
             return result(1, argv, f"Exim ({pid}) exited after the HUP: its re-exec failed (see its paniclog)")
-        if now and not now & before:
+        # every listener re-made: as many listening sockets as before, none of the old ones
+        if now and not now & before and len(now) >= len(before):
             return result(0, argv, "")
         time.sleep(0.01)
     return result(1, argv, f"Exim ({pid}) did not re-open its listeners within {timeout:g}s of the HUP")
+
+
+DAEMON_NAMES = ("exim", "exim4")
+
+
+def not_the_daemon(pid: int, pid_file: str) -> str | None:
+    """Why ``pid`` (from ``pid_file``) is not an Exim daemon to HUP; None when it is:
+    the program ``exim``/``exim4`` started with ``-bd`` (its delivery children, the
+    queue runner and exim_tidydb have other command lines: a stale pid file naming one
+    of them must not be signalled)."""
+    exe = _program(pid)
+    if exe is None:
+        return f"no process {pid} (from {pid_file}): Exim is not running"
+    if exe not in DAEMON_NAMES:
+        return f"process {pid} (from {pid_file}) is {exe}, not Exim: a stale pid file; not signalled"
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            args = f.read().split(b"\0")
+    except OSError:
+        return f"no process {pid} (from {pid_file}): Exim is not running"
+    if not any(a.startswith(b"-bd") for a in args):
+        return (f"process {pid} (from {pid_file}) is an Exim, but not its daemon (no -bd): a stale pid file; "
+                "not signalled")
+    return None
+
+
+def daemon_ready(pid_file: str) -> str | None:
+    """Before anything is committed: can the reload find its daemon? None, or why not."""
+    pid, why = _read_pid(pid_file)
+    return why if pid is None else not_the_daemon(pid, pid_file)
+
+
+def _read_pid(pid_file: str) -> tuple[int | None, str]:
+    """(the pid ``pid_file`` holds, "") or (None, why not)."""
+    try:
+        with open(pid_file, "rb") as f:
+            text = f.read(64).decode("ascii", "replace").strip()
+    except OSError as err:
+        return None, (f"cannot read the pid file {pid_file}: {err.strerror or err} (is Exim running? a daemon "
+                      "started with -oX writes one only with -oP)")
+    if not text.isdigit() or int(text) < 2:
+        return None, f"{pid_file} holds no pid"
+    return int(text), ""
+
+
+def _listening() -> set[str]:
+    """The inodes of every listening TCP socket (``/proc/net/tcp``, ``tcp6``), as ``socket:[N]``."""
+    out: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table, encoding="ascii", errors="replace") as f:
+                for line in f.readlines()[1:]:
+                    parts = line.split()
+                    if len(parts) > 9 and parts[3] == "0A":  # TCP_LISTEN
+                        out.add(f"socket:[{parts[9]}]")
+        except OSError:
+            continue
+    return out
 
 
 def _program(pid: int) -> str | None:
@@ -128,8 +178,10 @@ def _program(pid: int) -> str | None:
 
 
 def _sockets(pid: int) -> set[str] | None:
-    """The socket inodes process ``pid`` holds (empty: gone, or no longer Exim); None
-    when they cannot be seen (another user's process, without CAP_SYS_PTRACE)."""
+    """The listening TCP sockets process ``pid`` holds (empty: gone, or no longer
+    Exim); None when they cannot be seen (another user's process, without
+    CAP_SYS_PTRACE). Only listeners: a daemon run in the foreground keeps its
+    stdout/stderr (journald's sockets) across the re-exec."""
     out: set[str] = set()
     if not (_program(pid) or "").startswith("exim"):
         return out
@@ -146,7 +198,7 @@ def _sockets(pid: int) -> set[str] | None:
             continue
         if link.startswith("socket:"):
             out.add(link)
-    return out
+    return out & _listening()
 
 
 # ------------------------------------------------------------ GnuTLS's view of the files
@@ -222,10 +274,11 @@ def _settings(text: str) -> dict[str, str]:
 class ListenerOptions:
     """What the init script adds to the daemon's command line (SMTPLISTENEROPTIONS)."""
 
-    ports: str | None = None  # -oX with port numbers only: replaces daemon_smtp_ports
-    interfaces: str | None = None  # -oX with addresses: replaces local_interfaces
+    ports: str | None = None  # -oX's items that are ports: replace daemon_smtp_ports
+    interfaces: str | None = None  # -oX's items that are addresses: replace local_interfaces
     pid_file: str | None = None  # -oP
     source: str = ""
+    unread: str = ""  # why the value could not be read (a shell variable in it)
 
 
 def listener_options(path: str = DEFAULTS_FILE) -> ListenerOptions:
@@ -235,15 +288,20 @@ def listener_options(path: str = DEFAULTS_FILE) -> ListenerOptions:
             text = f.read()
     except OSError:
         return ListenerOptions()
-    value = ""
+    value, raw = "", ""
     for line in text.splitlines():
         m = re.match(r"\s*(?:export\s+)?SMTPLISTENEROPTIONS=(.*)$", line)
         if m:
+            raw = m.group(1)
             try:
-                words = shlex.split(m.group(1), comments=True)
+                words = shlex.split(raw, comments=True)
             except ValueError:
                 words = []
             value = words[0] if words else ""
+    source = f"{path} SMTPLISTENEROPTIONS"
+    if "$" in raw.split("#")[0] or "`" in raw:  # built by the shell: what it comes to is the shell's to say
+        return ListenerOptions(source=source, unread=f"{source} = {raw.strip()} is built by the shell (a variable "
+                                                     "or a command in it): not read; list its listeners by hand")
     try:
         args = shlex.split(value)
     except ValueError:
@@ -255,10 +313,14 @@ def listener_options(path: str = DEFAULTS_FILE) -> ListenerOptions:
                 opts[flag] = args[i + 1]
             elif a.startswith(flag) and len(a) > len(flag):
                 opts[flag] = a[len(flag):]
-    x = opts.get("-oX")
-    ports = x if x is not None and re.fullmatch(r"[\d\s:]+", x) else None
-    return ListenerOptions(ports=ports, interfaces=x if x is not None and ports is None else None,
-                           pid_file=opts.get("-oP"), source=f"{path} SMTPLISTENEROPTIONS" if value else "")
+    # As Exim's daemon sorts -oX: item by item, one without a dot or a colon is a port,
+    # any other an interface (with or without a port of its own).
+    items = exim_list(opts.get("-oX", ""))
+    ports = [i for i in items if "." not in i and ":" not in i]
+    interfaces = [i for i in items if i not in ports]
+    return ListenerOptions(ports=" : ".join(ports) or None,
+                           interfaces="<; " + " ; ".join(interfaces) if interfaces else None,
+                           pid_file=opts.get("-oP"), source=source if value else "")
 
 
 def _port(name: str) -> int | None:
@@ -297,11 +359,20 @@ def discover(config_file: str | None = None) -> list[Found]:
     found = Found(mode="exim", instance=path, default_instance=default, version=s.get("exim_version", ""),
                   reload_command="", validate_command=f"{exe} -bV" if default else f"{exe} -C {path} -bV",
                   pid_file=pid_file)
+    if extra.unread:
+        found.notes.append(extra.unread)
     if extra.source and (extra.ports or extra.interfaces) and not extra.pid_file:
         found.notes.append(f"{extra.source}: -oX without -oP: Exim writes no pid file then, and a reload by HUP "
                            "cannot find the daemon (add -oP /run/exim4/exim.pid, as README.Debian says)")
     certs, keys = s.get("tls_certificate", ""), s.get("tls_privatekey", "")
-    advertised = bool(exim_list(s.get("tls_advertise_hosts", "")))
+    advertise = exim_list(s.get("tls_advertise_hosts", ""))
+    # STARTTLS is offered to the probe (from the loopback) for `*`; not for none or `!*`;
+    # for any other host list, this cannot tell without evaluating it as Exim would
+    advertised = advertise == ["*"]
+    if advertise and advertise not in (["*"], ["!*"]):
+        found.notes.append(f"tls_advertise_hosts = {s['tls_advertise_hosts']}: whether a connection from the "
+                           "loopback is offered STARTTLS cannot be read from it; STARTTLS listeners are not "
+                           "proposed (list them by hand if the probe's address is offered it)")
     implicit = {p for p in (_port(x) for x in exim_list(s.get("tls_on_connect_ports", ""))) if p}
     ports_value = extra.ports if extra.ports is not None else s.get("daemon_smtp_ports", "smtp")
     interfaces_value = extra.interfaces if extra.interfaces is not None else s.get("local_interfaces", "")
@@ -314,7 +385,8 @@ def discover(config_file: str | None = None) -> list[Found]:
             elif advertised:
                 listeners.append(FoundListener(loopback_for(address), p, "smtp", f"daemon_smtp_ports {p}"))
     if not listeners:
-        found.notes.append("no listener offers TLS (tls_advertise_hosts is empty and no tls_on_connect_ports)")
+        found.notes.append("no listener is seen to offer TLS (no STARTTLS for the loopback by tls_advertise_hosts, "
+                           "and no tls_on_connect_ports)")
         return [found]
     if "$" in certs or "$" in keys:
         found.undecided = f"tls_certificate = {certs} is an expansion, decided per connection (e.g. by $tls_in_sni)"
@@ -360,6 +432,9 @@ class EximDaemon(CommandDaemon):
     def check_files(self, pairs: list[tuple[str, str]], *, timeout: float) -> str | None:
         return check_files(pairs, timeout=timeout)
 
+    def reload_ready(self, command: str, pid_file: str) -> str | None:
+        return None if command.strip() else daemon_ready(pid_file or DEFAULT_PID_FILE)
+
 
 LAYOUTS: frozenset[Layout] = frozenset({"separate", "combined", "dual"})
 
@@ -380,11 +455,7 @@ DAEMON = EximDaemon(
     sni_files=False,
     key_group=KEY_GROUP,
     reload_by_signal=True,
-    listeners=(
-        UsualListener(25, "smtp", "smtp"),
-        UsualListener(465, "smtps", "smtps"),
-        UsualListener(587, "smtp", "submission"),
-    ),
+    listeners=SMTP_LISTENERS,
 )
 
 __all__ = ["DAEMON", "check_files", "discover", "exim_list", "hup", "listener_options"]

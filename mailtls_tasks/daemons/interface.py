@@ -43,6 +43,15 @@ class UsualListener:
     service: str
 
 
+# An MTA's usual listeners (Postfix's and Exim's alike): SMTP with STARTTLS, SMTPS
+# (implicit TLS), submission with STARTTLS.
+SMTP_LISTENERS = (
+    UsualListener(25, "smtp", "smtp"),
+    UsualListener(465, "smtps", "smtps"),
+    UsualListener(587, "smtp", "submission"),
+)
+
+
 class Daemon(Protocol):
     """One mail daemon, as the core sees it."""
 
@@ -83,6 +92,11 @@ class Daemon(Protocol):
         """Each staged (certificate file, key file) as the daemon's own TLS library
         loads it: None when it does, else why not. OpenSSL daemons: None (validate's
         handshake is already OpenSSL's)."""
+        ...
+
+    def reload_ready(self, command: str, pid_file: str) -> str | None:
+        """Before a deploy commits: can its reload reach the daemon? None, or why not
+        (Exim's SIGHUP: the pid file names a running Exim daemon). A command: None."""
         ...
 
     @property
@@ -146,6 +160,9 @@ class CommandDaemon:
         return run_command(command, timeout=timeout, field="reload_command")
 
     def check_files(self, pairs: list[tuple[str, str]], *, timeout: float) -> str | None:
+        return None
+
+    def reload_ready(self, command: str, pid_file: str) -> str | None:
         return None
 
     def discover(self, instance: str | None = None) -> list[Found]:

@@ -30,7 +30,7 @@ from .found import (
     pem_kinds,
     run_tool,
 )
-from .interface import CommandDaemon, UsualListener
+from .interface import SMTP_LISTENERS, CommandDaemon
 from .postfix_sni import name_for_key, parse_map, parse_source
 
 # ------------------------------------------------------------ reading its own config
@@ -272,9 +272,5 @@ DAEMON = CommandDaemon(
     reader=discover,
     default_instance=DEFAULT_CONFIG_DIRECTORY,
     sni_map=parse_map,
-    listeners=(
-        UsualListener(25, "smtp", "smtp"),
-        UsualListener(465, "smtps", "smtps"),
-        UsualListener(587, "smtp", "submission"),
-    ),
+    listeners=SMTP_LISTENERS,
 )

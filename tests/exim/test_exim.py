@@ -336,6 +336,53 @@ def test_exim_and_dovecot_sharing_one_certificate(eh: EximHost) -> None:
     assert served(eh.dovecot.ports["imaps"], "imaps") == served(eh.a.smtp_port, "smtp") == nxt.fingerprint
 
 
+def _listeners_of(pid: int) -> set[str]:
+    from mailtls_tasks.daemons.exim import _listening
+
+    fds = Path(f"/proc/{pid}/fd")
+    return {os.readlink(fd) for fd in fds.iterdir()} & _listening()
+
+
+def test_the_hup_returns_once_exim_listens_anew_and_fails_when_exim_does_not_come_back(eh: EximHost) -> None:
+    """The reload is back only when the daemon has re-exec'd (new listening sockets,
+    as many as before), so verify never talks to the daemon from before the HUP; and a
+    re-exec that fails (a configuration broken since validate) fails the reload."""
+    from mailtls_tasks.daemons import exim as exim_mode
+
+    c = Exim(eh.root / "c", [eh.cert], [eh.key])
+    c.start()
+    try:
+        for _ in range(5):
+            before = _listeners_of(c.pid)
+            res = exim_mode.hup(str(c.pid_file))
+            assert res.ok, res
+            after = _listeners_of(c.pid)
+            assert len(before) == 2 and len(after) == 2 and not before & after
+            assert served(c.smtps_port, "smtps") == served(eh.a.smtps_port, "smtps")  # no refused connection
+        assert c.log().count("SIGHUP received") == 5
+        c.conf.write_text(c.conf.read_text() + "\nthis is not an exim option\n")
+        res = exim_mode.hup(str(c.pid_file))
+        assert not res.ok and "exited after the HUP" in res.output_tail, res
+    finally:
+        c.stop()
+
+
+def test_a_pid_file_that_names_no_exim_daemon_is_rejected_before_anything_changes(eh: EximHost) -> None:
+    """Found out at validate, with nothing committed: not after the files are live, when
+    the reload and then the rollback's reload would both fail (``failed``)."""
+    before = snapshot(eh.cert.resolve(), eh.key.resolve())
+    eh.targets["nopid"] = {**eh.targets["smtp"], "pid_file": str(eh.root / "none.pid")}
+    eh.write_config()
+    try:
+        leaf = eh.pki.leaf()
+        res = run_local(load_config(str(eh.config)), "nopid", leaf.fullchain_pem, leaf.key_pem)
+        assert res.outcome == "rejected" and "cannot read the pid file" in (res.error or ""), res
+        assert snapshot(eh.cert.resolve(), eh.key.resolve()) == before
+    finally:
+        del eh.targets["nopid"]
+        eh.write_config()
+
+
 def _renames(eh: EximHost, args: list[str]) -> int:
     out = eh.root / "renames.txt"
     subprocess.run([require("strace"), "-f", "-qq", "-c", "-o", str(out), "-e", "trace=rename", sys.executable,

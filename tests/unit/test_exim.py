@@ -49,11 +49,21 @@ def test_the_init_scripts_listener_options_are_read_not_run(tmp_path: Path) -> N
     f.write_text("QUEUERUNNER='combined'\n# SMTPLISTENEROPTIONS='-oX 1:2'\nSMTPLISTENEROPTIONS='-oX 465:25:587 "
                  "-oP /run/exim4/exim.pid'\n")
     o = exim.listener_options(str(f))
-    assert (o.ports, o.interfaces, o.pid_file) == ("465:25:587", None, "/run/exim4/exim.pid")
+    assert (o.ports, o.interfaces, o.pid_file) == ("465 : 25 : 587", None, "/run/exim4/exim.pid")
     assert o.source.endswith("exim4 SMTPLISTENEROPTIONS")
     f.write_text('SMTPLISTENEROPTIONS="-oX <;127.0.0.1.25;127.0.0.1.465"\n')
     o = exim.listener_options(str(f))
-    assert (o.ports, o.interfaces, o.pid_file) == (None, "<;127.0.0.1.25;127.0.0.1.465", None)
+    assert (o.ports, o.interfaces, o.pid_file) == (None, "<; 127.0.0.1.25 ; 127.0.0.1.465", None)
+    # sorted item by item, as Exim's daemon does: ports replace daemon_smtp_ports, the rest local_interfaces
+    f.write_text("SMTPLISTENEROPTIONS='-oX <;25;465;127.0.0.1;::1 -oP /run/x.pid'\n")
+    o = exim.listener_options(str(f))
+    assert (o.ports, o.interfaces) == ("25 : 465", "<; 127.0.0.1 ; ::1")
+    f.write_text("SMTPLISTENEROPTIONS='-oX smtp:465'\n")
+    assert exim.listener_options(str(f)).ports == "smtp : 465"
+    # built by the shell: said, not guessed
+    f.write_text("SMTPLISTENEROPTIONS='-oX 25'\nSMTPLISTENEROPTIONS=\"$SMTPLISTENEROPTIONS -oP /run/exim4/exim.pid\"\n")
+    o = exim.listener_options(str(f))
+    assert o.ports is None and "built by the shell" in o.unread
     f.write_text("SMTPLISTENEROPTIONS=''\n")
     assert exim.listener_options(str(f)) == exim.ListenerOptions()
     assert exim.listener_options(str(tmp_path / "missing")) == exim.ListenerOptions()
@@ -155,3 +165,59 @@ def test_the_example_targets_files_exim_block_is_a_valid_target() -> None:
     assert (t.mode, t.cert_path, t.pid_file) == ("exim", "/etc/exim4/exim.crt", "/run/exim4/exim.pid")
     unit = (Path(__file__).resolve().parents[2] / "workers" / "mailtls-worker.service").read_text()
     assert "-/etc/exim4" in unit
+
+
+def _bp(**values: str) -> str:
+    base = {"configure_file": "/etc/exim4/x.conf", "daemon_smtp_ports": "25 : 465", "tls_on_connect_ports": "465",
+            "local_interfaces": "<; 127.0.0.1 ; ::1", "tls_advertise_hosts": "*",
+            "tls_certificate": "/etc/exim4/exim.crt", "tls_privatekey": "/etc/exim4/exim.key",
+            "pid_file_path": "/run/exim4/exim.pid", "exim_version": "4.98"}
+    base.update(values)
+    return base.pop("configure_file") + "\n" + "\n".join(f"{k} = {v}" for k, v in base.items()) + "\n"
+
+
+@pytest.mark.parametrize(("advertise", "expected"), [
+    ("*", {("127.0.0.1:25", "smtp"), ("127.0.0.1:465", "smtps"), ("[::1]:25", "smtp"), ("[::1]:465", "smtps")}),
+    ("!*", {("127.0.0.1:465", "smtps"), ("[::1]:465", "smtps")}),
+    ("", {("127.0.0.1:465", "smtps"), ("[::1]:465", "smtps")}),
+    ("!127.0.0.1 : *", {("127.0.0.1:465", "smtps"), ("[::1]:465", "smtps")}),
+])
+def test_starttls_listeners_only_where_the_loopback_is_seen_to_be_offered_it(
+        monkeypatch: pytest.MonkeyPatch, advertise: str, expected: set[tuple[str, str]]) -> None:
+    """The output of ``exim -bP`` parsed (the real binary is in tests/exim): a host
+    list other than ``*`` / ``!*`` / none is not evaluated here, and said so."""
+    monkeypatch.setattr(exim, "run_tool", lambda argv, what: _bp(tls_advertise_hosts=advertise))
+    (f,) = exim.discover("/etc/exim4/x.conf")
+    got = {(li.endpoint, li.protocol) for s in f.served for li in s.listeners}
+    assert got == expected
+    assert any("cannot be read" in n for n in f.notes) == (advertise == "!127.0.0.1 : *")
+
+
+def test_certtool_finds_a_key_that_is_not_the_certificates_and_a_chain_it_cannot_read(tmp_path: Path) -> None:
+    """GnuTLS's own verdict on staged files (stage's checks catch a mismatched pair
+    first; this is the second library's word, tested on its own)."""
+    import shutil
+
+    from tests.support.pki import make_pki
+
+    if not shutil.which("certtool"):
+        from tests.support.services import unavailable
+
+        unavailable("certtool (gnutls-bin) is not installed (scripts/bootstrap.sh installs it)")
+    pki = make_pki("ec")
+    a, b = pki.leaf(), pki.leaf()
+    cert, key, other = tmp_path / "c.pem", tmp_path / "k.pem", tmp_path / "o.pem"
+    cert.write_bytes(a.fullchain_pem)
+    key.write_bytes(a.key_pem)
+    other.write_bytes(b.key_pem)
+    assert exim.check_files([(str(cert), str(key))]) is None
+    combined = tmp_path / "combined.pem"
+    combined.write_bytes(a.key_pem + a.fullchain_pem)
+    assert exim.check_files([(str(combined), str(combined))]) is None
+    assert "not the staged certificate's" in (exim.check_files([(str(cert), str(other))]) or "")
+    broken = tmp_path / "broken.pem"
+    pem = a.fullchain_pem
+    cut = pem.rindex(b"-----END CERTIFICATE-----")
+    broken.write_bytes(pem[:cut - 40] + pem[cut:])  # the intermediate's body cut short
+    why = exim.check_files([(str(broken), str(key))]) or ""
+    assert "GnuTLS" in why and "PRIVATE" not in why

@@ -183,7 +183,7 @@ def _stage(ctx: StepContext, rec: DeployRecord, raw: list[RawBundle], *, force: 
     plan = sni.plan(t, ctx.tables_read) if t.sni is not None else None
     # a key file found readable by others is written again (same bytes, 0600): not "live"
     files_live = all(e.existed and e.old_sha256 == e.new_sha256 and e.old_mode == e.new_mode
-                     and e.old_gid == e.new_gid for e in entries)
+                     and e.old_uid == e.new_uid and e.old_gid == e.new_gid for e in entries)
     # An indexed SNI table holds the files' bytes: it is built again unless it already
     # holds, for each of the target's entries, exactly the files' bytes (live ones).
     rebuild = (ctx.batch is None and plan is not None and plan.table.indexed

@@ -42,6 +42,7 @@ def validate(ctx: StepContext, deploy_id: str) -> DeployRecord:
                 res = _validate_command(ctx)
                 if not res.ok:
                     raise ValidationFailed(f"validate_command failed: {res.summary()}")
+            reload_ready(ctx.target)
         except Rejected as err:
             remove_temps(rec)
             rec.steps["validate"] = StepRecord(status="failed", detail=str(err))
@@ -114,6 +115,14 @@ def _local_handshake(ctx: StepContext, rec: DeployRecord) -> None:
         if not made:  # a daemon that reads a chain file of its own is an OpenSSL one
             pairs.append((certfile, keyfile))
     daemon_check(ctx.target, pairs)
+
+
+def reload_ready(t: Target) -> None:
+    """The reload can reach the daemon (Exim: its pid file names a running Exim
+    daemon): found out now, with nothing committed, not after the files are live."""
+    why = t.daemon.reload_ready(t.reload_command, t.pid_file)
+    if why:
+        raise ValidationFailed(why)
 
 
 def daemon_check(t: Target, pairs: list[tuple[str, str]]) -> None:
