@@ -194,6 +194,8 @@ def _sockets(pid: int) -> set[str] | None:
     for fd in fds:
         try:
             link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except PermissionError:  # the directory may list while its links do not resolve
+            return None
         except OSError:
             continue
         if link.startswith("socket:"):

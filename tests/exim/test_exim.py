@@ -367,6 +367,22 @@ def test_the_hup_returns_once_exim_listens_anew_and_fails_when_exim_does_not_com
         c.stop()
 
 
+def test_without_cap_sys_ptrace_the_hup_waits_a_settle_instead(eh: EximHost) -> None:
+    """As under the worker's unit (no CAP_SYS_PTRACE in its bounding set): the daemon
+    (Debian-exim's process) cannot be looked into, so the reload cannot see its sockets
+    re-made and waits HUP_SETTLE instead; the daemon is back and serving after it."""
+    script = (f"import time; from mailtls_tasks.daemons import exim; t = time.monotonic(); "
+              f"r = exim.hup({str(eh.a.pid_file)!r}); print(r.returncode, round(time.monotonic() - t, 2))")
+    hups = eh.a.log().count("SIGHUP received")
+    out = subprocess.run([require("setpriv"), "--bounding-set=-sys_ptrace", "--inh-caps=-sys_ptrace", sys.executable,
+                          "-c", script], capture_output=True, text=True, timeout=60, cwd=REPO,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    code, took = out.stdout.split()
+    assert code == "0" and float(took) >= 1.0, out.stdout + out.stderr
+    assert eh.a.log().count("SIGHUP received") == hups + 1
+    assert served(eh.a.smtps_port, "smtps") == served(eh.a.smtp_port, "smtp")
+
+
 def test_a_pid_file_that_names_no_exim_daemon_is_rejected_before_anything_changes(eh: EximHost) -> None:
     """Found out at validate, with nothing committed: not after the files are live, when
     the reload and then the rollback's reload would both fail (``failed``)."""
