@@ -232,7 +232,8 @@ def test_recovery_runs_before_the_mail_daemons() -> None:
     u = parse("mailtls-recover.service")
     before = values(u, "Unit", "Before")
     # postfix@-.service: the real Postfix on Debian/Ubuntu, postfix.service only wraps it
-    for daemon in ("postfix.service", "postfix@-.service", "dovecot.service", "mailtls-worker.service"):
+    for daemon in ("postfix.service", "postfix@-.service", "dovecot.service", "exim4.service",
+                   "mailtls-worker.service"):
         assert daemon in before, daemon
     assert one(u, "Service", "Type") == "oneshot"
     assert one(u, "Service", "ExecStart") == f"{MAILTLS} recover --boot"  # no probe, a daemon not up is fine
