@@ -20,6 +20,8 @@ case "$KIND" in
         ROOT=${MAILTLS_TRIXIE_ROOT:-/var/cache/mailtls-tests/trixie}
         PKGS=postfix,postfix-lmdb,dovecot-imapd,dovecot-pop3d,redis-server,python3,python3-venv,openssl,ca-certificates
         PKGS=$PKGS,strace,procps,util-linux,bsdutils,git,make,unbound,nsd,ldnsutils,certbot,pebble
+        # certtool: the unit tests of Exim's GnuTLS file check
+        PKGS=$PKGS,gnutls-bin
         # debootstrap resolves no virtual packages: what certbot's python3-cryptography needs, by name
         PKGS=$PKGS,python3-cffi-backend
         # systemd as PID 1 under systemd-nspawn (the systemd lane)
