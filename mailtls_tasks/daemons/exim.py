@@ -41,7 +41,7 @@ from dataclasses import dataclass
 
 from ..commands import CommandResult, run_command
 from .found import FileSet, FileSlot, Found, FoundListener, Served, cert_key_type, loopback_for, run_tool
-from .interface import SMTP_LISTENERS, CommandDaemon, Layout
+from .interface import SMTP_LISTENERS, CommandDaemon
 
 DEFAULT_PID_FILE = "/run/exim4/exim.pid"
 DEFAULTS_FILE = "/etc/default/exim4"  # what Debian's init script starts the daemon with
@@ -438,8 +438,6 @@ class EximDaemon(CommandDaemon):
         return None if command.strip() else daemon_ready(pid_file or DEFAULT_PID_FILE)
 
 
-LAYOUTS: frozenset[Layout] = frozenset({"separate", "combined", "dual"})
-
 DAEMON = EximDaemon(
     name="exim",
     defaults={
@@ -452,7 +450,6 @@ DAEMON = EximDaemon(
     },
     reader=discover,
     default_instance=SYSTEM_CONFIGS[-1],
-    layouts=LAYOUTS,
     chain_file=False,
     sni_files=False,
     key_group=KEY_GROUP,

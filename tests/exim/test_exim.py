@@ -32,6 +32,7 @@ from mailtls_tasks.core.local import run_local
 from mailtls_tasks.core.material import fingerprint, key_matches_cert, leaf_of_file
 from mailtls_tasks.core.result import DeployResult
 from mailtls_tasks.distributed.workflow import deploy
+from tests.faults.harness import Case, count_calls, strace_prefix
 from tests.support.daemons import Dovecot
 from tests.support.exim import Exim, exim_ids, exim_version, need_exim_root, place_key
 from tests.support.keys import Pipeline
@@ -399,18 +400,6 @@ def test_a_pid_file_that_names_no_exim_daemon_is_rejected_before_anything_change
         eh.write_config()
 
 
-def _renames(eh: EximHost, args: list[str]) -> int:
-    out = eh.root / "renames.txt"
-    subprocess.run([require("strace"), "-f", "-qq", "-c", "-o", str(out), "-e", "trace=rename", sys.executable,
-                    "-m", "mailtls_tasks.cli", *args], capture_output=True, timeout=120, cwd=REPO,
-                   env={**os.environ, "MAILTLS_CONFIG": str(eh.config), "PYTHONPATH": str(REPO)})
-    for line in out.read_text().splitlines():
-        parts = line.split()
-        if parts and parts[-1] == "rename":
-            return int(parts[3])
-    return 0
-
-
 @pytest.mark.parametrize("fault", ["rename:signal=KILL", "write:error=ENOSPC"])
 def test_a_fault_at_any_point_leaves_a_pair_exim_serves(eh: EximHost, fault: str) -> None:
     """A slice of the fault matrix against the real Exim: the deploy killed at each
@@ -424,8 +413,9 @@ def test_a_fault_at_any_point_leaves_a_pair_exim_serves(eh: EximHost, fault: str
         counting = eh.pki.leaf()
         (eh.root / "count.pem").write_bytes(counting.fullchain_pem)
         (eh.root / "count.key").write_bytes(counting.key_pem)
-        total = _renames(eh, ["deploy", "smtp", "--local", "--cert", str(eh.root / "count.pem"), "--key",
-                              str(eh.root / "count.key"), "--deploy-id", f"count-{time.time_ns()}"])
+        total = count_calls(["deploy", "smtp", "--local", "--cert", str(eh.root / "count.pem"), "--key",
+                             str(eh.root / "count.key"), "--deploy-id", f"count-{time.time_ns()}"], "rename",
+                            {**os.environ, "MAILTLS_CONFIG": str(eh.config), "PYTHONPATH": str(REPO)}, eh.root)
         assert total >= 3, total
         points = list(range(1, total + 1))
     for n in points:
@@ -437,8 +427,7 @@ def test_a_fault_at_any_point_leaves_a_pair_exim_serves(eh: EximHost, fault: str
         did = f"fault-{syscall}-{n}-{time.time_ns()}"
         eh.cli("deploy", "smtp", "--local", "--cert", str(eh.root / "new.pem"), "--key", str(eh.root / "new.key"),
                "--deploy-id", did, "--json",
-               prefix=[require("strace"), "-f", "-qq", "-o", "/dev/null", "-e", f"trace={syscall}",
-                       "-e", f"inject={syscall}:{action}:when={n}"])
+               prefix=strace_prefix(Case("local", "deploy", syscall, action, action, n)))
         after = eh.cli("recover")
         assert after.returncode in (0, 4), after.stdout + after.stderr
         cert, key = (shared / "cert.pem").read_bytes(), (shared / "key.pem").read_bytes()

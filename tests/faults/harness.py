@@ -194,10 +194,16 @@ def strace_prefix(case: Case) -> list[str]:
 
 def count_syscalls(host: FaultHost, args: list[str], syscall: str) -> int:
     """How many times ``mailtls ARGS`` makes ``syscall`` (all processes), fault-free."""
-    out = host.root / f"count-{syscall}.txt"
+    return count_calls(args, syscall, host.env(), host.root)
+
+
+def count_calls(args: list[str], syscall: str, env: dict[str, str], cwd: Path) -> int:
+    """How many times ``mailtls ARGS``, run in ``cwd`` with ``env``, makes ``syscall``
+    (all processes), fault-free: the N a sweep of injected faults goes up to."""
+    out = cwd / f"count-{syscall}.txt"
     p = subprocess.run([require("strace"), "-f", "--seccomp-bpf", "-qq", "-c", "-o", str(out), "-e",
                         f"trace={syscall}", PY, "-m", "mailtls_tasks.cli", *args],
-                       capture_output=True, text=True, env=host.env(), cwd=host.root, timeout=90)
+                       capture_output=True, text=True, env=env, cwd=cwd, timeout=90)
     if p.returncode not in (0, 3):
         raise RuntimeError(f"counting run failed ({p.returncode}): {p.stdout}{p.stderr}")
     for line in out.read_text().splitlines():
